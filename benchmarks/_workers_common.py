@@ -1,0 +1,114 @@
+"""Shared by the worker benchmarks: worker processes, RSS, counting events on the feeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+
+from eventcore import EventLog
+
+HERE = Path(__file__).parent
+BIN = Path(sys.executable).parent
+
+
+def spawn(args: list[str], env: dict[str, str], *, pipe: bool = False
+          ) -> subprocess.Popen[str]:
+    """A process in this directory; ``pipe``: its stdout is read (else discarded, so a chatty
+    process never blocks on a full pipe)."""
+    return subprocess.Popen(args, cwd=HERE, env={**os.environ, **env}, text=True,
+                            stdout=subprocess.PIPE if pipe else subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def worker_env(log: EventLog, **extra: str) -> dict[str, str]:
+    s = log.settings
+    return {"EVENTCORE_REDIS_URL": str(s.redis_url), "EVENTCORE_NAMESPACE": s.namespace,
+            "EVENTCORE_SHARDS": str(s.shards), **extra}
+
+
+def eventcore_worker(log: EventLog, *args: str, **env: str) -> subprocess.Popen[str]:
+    return spawn([str(BIN / "eventcore"), "worker", "_worker_agents:app", "--log-level",
+                  "WARNING", *args], worker_env(log, **env), pipe=True)
+
+
+async def ready(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """Wait for the worker's JSON ``ready`` line."""
+    assert proc.stdout is not None
+    out = proc.stdout
+
+    def wait() -> dict[str, Any]:
+        for line in out:
+            data = json.loads(line)
+            if data.get("event") == "ready":
+                return dict(data)
+        raise RuntimeError("the worker exited before it was ready")
+
+    return await anyio.to_thread.run_sync(wait)
+
+
+async def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    await anyio.to_thread.run_sync(proc.wait)
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the process's peak resident set size."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return rss_mb(pid)
+
+
+class FeedCounter:
+    """Reads every shard feed of a log from the start and calls ``on`` for each entry
+    ``(session_id, type, arrival time)``; one blocking XREAD over all shards."""
+
+    def __init__(self, log: EventLog, on: Callable[[str, str, float], None]) -> None:
+        self.log = log
+        self.on = on
+
+    async def run(self, until: Callable[[], bool]) -> None:
+        keys = self.log.keys
+        last: dict[Any, Any] = {keys.feed(s): "0-0" for s in keys.all_shards()}
+        while not until():
+            got = await self.log.redis.xread(last, count=5000, block=200)
+            now = time.time()
+            for stream, entries in got or ():
+                for _eid, fields in entries:
+                    self.on(fields[b"sid"].decode(), fields[b"t"].decode(), now)
+                last[stream.decode() if isinstance(stream, bytes) else stream] = entries[-1][0]
+
+
+async def create_many(log: EventLog, agent: str, n: int, *, parallel: int = 256,
+                      input: Any = None, labels: dict[str, str] | None = None) -> list[str]:
+    sids: list[str] = [""] * n
+    lock = anyio.Semaphore(parallel)
+
+    async def one(i: int) -> None:
+        async with lock:
+            sids[i] = (await log.create_session(agent, input=input, labels=labels)).session_id
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, i)
+    return sids
+
+
+def median(values: Iterable[float]) -> float:
+    import statistics
+
+    return statistics.median(list(values))

@@ -1,0 +1,362 @@
+"""Dispatch throughput of one worker process, against taskiq and arq, plus recovery time.
+
+Run: ``.venv/bin/python benchmarks/dispatch.py [--jobs 3000] [--runs 3] [--concurrency 1000]
+[--recovery-runs 5]``. Spawns its own redis-server (no AOF) and, in one run, side by side on it:
+
+``eventcore``  sessions started -> first event recorded: N sessions of an agent that emits one
+               event and ends. Each session is a ``session.created`` append that writes the
+               dispatch entry atomically; one ``eventcore worker`` process claims it (lease and
+               epoch in Lua), reads its history, records ``session.started``, runs the handler,
+               which appends a ``message``, then records ``session.ended`` and acknowledges.
+``taskiq``     no-op jobs on taskiq-redis's stream broker (``RedisStreamBroker``), one
+               ``taskiq worker --workers 1`` process; a job records its completion with one XADD.
+``arq``        no-op jobs, one ``arq`` worker process; a job records its completion with one XADD.
+
+Each system runs in two modes, all with the same concurrency (in-flight limit):
+
+``backlog``    N jobs are queued first, then the worker process starts: completions per second
+               between the first and the last completion (the worker's own throughput)
+``live``       the worker runs while N jobs are submitted as fast as one client can: completions
+               per second from the first submission, and latency submit -> completion (p50/p99)
+
+Completion is observed the same way for all (XREAD of a stream in this process). Then the
+recovery time after SIGKILL: a worker hosting sessions in the middle of a run is killed; a second
+worker takes them over once their leases (TTL 2 s) expire. Reported: the time from the kill
+until every session has recorded an event from the new worker (median of several runs), and the
+same after SIGTERM (drain hands the sessions back at once, no lease wait).
+
+Prints JSON: medians of ``--runs`` runs and the ratios eventcore / baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import psutil
+import redis.asyncio as aioredis
+from _workers_common import (
+    BIN,
+    FeedCounter,
+    eventcore_worker,
+    median,
+    ready,
+    spawn,
+    stop,
+)
+
+from eventcore import EventLog, load_settings
+from eventcore.testing._server import RedisServer
+
+Result = dict[str, float]
+
+
+def summarize(submit: dict[Any, float], done: dict[Any, float], n: int, t_start: float
+              ) -> Result:
+    ends = sorted(done.values())
+    lat = sorted(done[k] - submit[k] for k in done if k in submit)
+    return {
+        "jobs_per_s": round((n - 1) / (ends[-1] - ends[0]), 1) if len(ends) > 1 else 0.0,
+        "jobs_per_s_from_first_submit": round(n / (ends[-1] - t_start), 1),
+        "latency_p50_ms": round(1000 * lat[len(lat) // 2], 1) if lat else 0.0,
+        "latency_p99_ms": round(1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1)
+        if lat else 0.0,
+    }
+
+
+async def watch_done(url: str, n: int, done: dict[Any, float]) -> None:
+    """Completions of the baselines: entries ``{i, sent, at}`` on ``bench:done``."""
+    r = aioredis.Redis.from_url(url)
+    last = "0-0"
+    try:
+        while len(done) < n:
+            got = await r.xread({"bench:done": last}, count=5000, block=200)
+            now = time.time()
+            for _, entries in got or ():
+                for eid, fields in entries:
+                    done[int(fields[b"i"])] = now
+                    last = eid
+    finally:
+        await r.aclose()
+
+
+async def limited(n: int, parallel: int, fn: Callable[[int], Awaitable[None]]) -> None:
+    sem = anyio.Semaphore(parallel)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await fn(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, i)
+
+
+class System:
+    """One contender: how to submit job ``i``, start a worker process, and see completions."""
+
+    name = ""
+
+    async def setup(self, url: str, run: int, mode: str) -> None: ...
+    async def submit(self, i: int) -> None: ...
+    def start_worker(self, conc: int) -> Any: ...
+    async def watch(self, want: int, done: dict[Any, float]) -> None: ...
+    async def teardown(self, proc: Any) -> None: ...
+
+    def key(self, i: int) -> Any:
+        return i
+
+
+class Eventcore(System):
+    name = "eventcore"
+
+    async def setup(self, url: str, run: int, mode: str) -> None:
+        self.log = EventLog(load_settings(redis_url=url, namespace=f"d{mode}{run}", shards=16))
+        await self.log.start()
+
+    def key(self, i: int) -> Any:
+        return f"b{i}"
+
+    async def submit(self, i: int) -> None:
+        await self.log.create_session("first", session_id=self.key(i))
+
+    def start_worker(self, conc: int) -> Any:
+        return eventcore_worker(self.log, "-c", str(conc), "--lease-ttl", "15")
+
+    async def watch(self, want: int, done: dict[Any, float]) -> None:
+        def on(sid: str, typ: str, now: float) -> None:
+            if typ == "message":
+                done.setdefault(sid, now)
+
+        await FeedCounter(self.log, on).run(lambda: len(done) >= want)
+
+    async def teardown(self, proc: Any) -> None:
+        if proc is not None:
+            await stop(proc)
+        await self.log.aclose()
+
+
+class Taskiq(System):
+    name = "taskiq"
+
+    async def setup(self, url: str, run: int, mode: str) -> None:
+        os.environ["BENCH_REDIS_URL"] = self.url = url
+        import _taskiq_app
+
+        self.broker, self.task = _taskiq_app.broker, _taskiq_app.noop
+        await self.broker.startup()
+
+    async def submit(self, i: int) -> None:
+        await self.task.kiq(i, time.time())
+
+    def start_worker(self, conc: int) -> Any:
+        return spawn([str(BIN / "taskiq"), "worker", "_taskiq_app:broker", "--workers", "1",
+                      "--max-async-tasks", str(conc), "--log-level", "WARNING"],
+                     {"BENCH_REDIS_URL": self.url})
+
+    async def watch(self, want: int, done: dict[Any, float]) -> None:
+        await watch_done(self.url, want, done)
+
+    async def teardown(self, proc: Any) -> None:
+        if proc is not None:
+            # SIGINT is taskiq's graceful stop; a SIGTERM on top of it can wedge its shutdown
+            proc.send_signal(signal.SIGINT)
+            try:
+                await anyio.to_thread.run_sync(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await anyio.to_thread.run_sync(proc.wait)
+        await self.broker.shutdown()
+
+
+class Arq(System):
+    name = "arq"
+
+    async def setup(self, url: str, run: int, mode: str) -> None:
+        from arq import create_pool
+        from arq.connections import RedisSettings
+
+        self.url, self.tag = url, f"{run}{mode}"
+        self.pool = await create_pool(RedisSettings.from_dsn(url))
+
+    async def submit(self, i: int) -> None:
+        await self.pool.enqueue_job("noop", i, time.time(), _job_id=f"{self.tag}-{i}")
+
+    def start_worker(self, conc: int) -> Any:
+        return spawn([str(BIN / "arq"), "_arq_app.WorkerSettings"],
+                     {"BENCH_REDIS_URL": self.url, "BENCH_CONCURRENCY": str(conc)})
+
+    async def watch(self, want: int, done: dict[Any, float]) -> None:
+        await watch_done(self.url, want, done)
+
+    async def teardown(self, proc: Any) -> None:
+        await self.pool.aclose()
+        if proc is not None:
+            await stop(proc)
+
+
+REDIS_PID = [0]
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+async def run_one(system: System, url: str, n: int, conc: int, mode: str, run: int) -> Result:
+    await system.setup(url, run, mode)
+    submit: dict[Any, float] = {}
+    done: dict[Any, float] = {}
+
+    async def submit_one(i: int) -> None:
+        submit[system.key(i)] = time.time()
+        await system.submit(i)
+
+    proc = None
+    try:
+        if mode == "backlog":
+            await limited(n, 256, submit_one)
+            proc = system.start_worker(conc)
+            t_start = time.time()
+            await system.watch(n, done)
+        else:
+            proc = system.start_worker(conc)
+            # warm up: the worker process is up and consuming before the clock starts
+            await submit_one(n)
+            await system.watch(1, done)
+            done.clear()
+            t_start = time.time()
+            cpu0 = (tree_cpu_s(proc.pid), tree_cpu_s(REDIS_PID[0]), time.process_time())
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(system.watch, n + 1, done)
+                await limited(n, 256, submit_one)
+            cpu1 = (tree_cpu_s(proc.pid), tree_cpu_s(REDIS_PID[0]), time.process_time())
+            done.pop(system.key(n), None)
+            res = summarize(submit, done, n, t_start)
+            # CPU per job: what the throughput would be on a machine of its own
+            for name, a, b in zip(("worker", "redis", "client"), cpu0, cpu1, strict=True):
+                res[f"{name}_cpu_ms_per_job"] = round(1000 * (b - a) / n, 3)
+            return res
+        return summarize(submit, done, n, t_start)
+    finally:
+        await system.teardown(proc)
+
+
+# -- recovery ----------------------------------------------------------------------------------
+async def recovery_run(url: str, m: int, ttl: float, run: int, how: str) -> float:
+    settings = load_settings(redis_url=url, namespace=f"rec{how}{run}", shards=16)
+    async with EventLog(settings) as log:
+        a = eventcore_worker(log, "--lease-ttl", str(ttl), "--drain-timeout", "0",
+                             BENCH_HOLD_S="600")
+        b = None
+        try:
+            await ready(a)
+            replied: set[str] = set()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(FeedCounter(log, lambda s, t, _: replied.add(s)
+                                          if t == "message" else None).run,
+                              lambda: len(replied) >= m)
+                for i in range(m):
+                    await log.create_session("hold", session_id=f"h{i}", input="x")
+            b = eventcore_worker(log, "--lease-ttl", str(ttl))
+            await ready(b)
+            recovered: dict[str, float] = {}
+
+            def on(sid: str, typ: str, now: float) -> None:
+                if typ == "progress":
+                    recovered.setdefault(sid, now)
+
+            t0 = time.time()
+            if how == "sigkill":
+                a.kill()
+            else:
+                a.terminate()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(FeedCounter(log, on).run, lambda: len(recovered) >= m)
+            return max(recovered.values()) - t0
+        finally:
+            a.kill()
+            await stop(a)
+            if b is not None:
+                await stop(b)
+
+
+async def flush(url: str) -> None:
+    r = aioredis.Redis.from_url(url)
+    await r.flushall()
+    await r.aclose()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--jobs", type=int, default=3000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=1000)
+    ap.add_argument("--recovery-runs", type=int, default=5)
+    ap.add_argument("--recovery-sessions", type=int, default=50)
+    ap.add_argument("--lease-ttl", type=float, default=2.0)
+    args = ap.parse_args()
+    systems: dict[str, System] = {"eventcore": Eventcore(), "taskiq": Taskiq(), "arq": Arq()}
+    raw: dict[str, dict[str, list[Result]]] = {s: {"backlog": [], "live": []} for s in systems}
+    recovery: dict[str, list[float]] = {"sigkill": [], "sigterm": []}
+    with RedisServer(appendonly=False) as server:
+        assert server.proc is not None
+        REDIS_PID[0] = server.proc.pid
+        for run in range(args.runs):
+            for mode in ("backlog", "live"):
+                for name, system in systems.items():
+                    await flush(server.url)
+                    res = await run_one(system, server.url, args.jobs, args.concurrency, mode,
+                                        run)
+                    raw[name][mode].append(res)
+                    print(json.dumps({"run": run, "system": name, "mode": mode, **res}),
+                          file=sys.stderr)
+        for run in range(args.recovery_runs):
+            for how in recovery:
+                await flush(server.url)
+                took = await recovery_run(server.url, args.recovery_sessions, args.lease_ttl,
+                                          run, how)
+                recovery[how].append(round(took, 3))
+                print(json.dumps({"recovery": how, "run": run, "s": took}), file=sys.stderr)
+    out: dict[str, Any] = {"benchmark": "dispatch", "jobs": args.jobs, "runs": args.runs,
+                           "concurrency": args.concurrency, "cpus": os.cpu_count()}
+    for name in systems:
+        out[name] = {mode: {k: median(r[k] for r in results) for k in results[0]}
+                     for mode, results in raw[name].items()}
+    for base in ("taskiq", "arq"):
+        out[f"ratio_eventcore_vs_{base}"] = {
+            mode: round(out["eventcore"][mode]["jobs_per_s"] / out[base][mode]["jobs_per_s"], 2)
+            for mode in ("backlog", "live")}
+    out["recovery"] = {
+        "sessions": args.recovery_sessions, "lease_ttl_s": args.lease_ttl,
+        "after_sigkill_s_median": statistics.median(recovery["sigkill"]),
+        "after_sigkill_s_runs": recovery["sigkill"],
+        "after_sigterm_handback_s_median": statistics.median(recovery["sigterm"]),
+        "after_sigterm_handback_s_runs": recovery["sigterm"],
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    anyio.run(main)

@@ -1,0 +1,340 @@
+"""SSE fan-out: many concurrent clients on one API server process, append -> client latency and
+delivered events/s, for the hub's two live paths and a baseline, side by side in one run.
+
+    .venv/bin/python benchmarks/sse.py [--clients 100,1000,5000] [--duration 5] [--repeat 1]
+
+Modes (each its own server process on its own port, same redis-server):
+
+- ``pubsub``:   eventcore's app, hub live path = the append script's pub/sub notifications
+- ``xread``:    eventcore's app, hub live path = one multiplexed XREAD over watched streams
+- ``baseline``: a plain sse-starlette endpoint doing one blocking XREAD per client
+
+Load: ``clients / per_session`` sessions, ``per_session`` clients on each, every session gets
+``rate`` events/s (appended through EventLog, group-committed), so each client should receive
+``rate`` events/s. Each event's payload carries its append wall-clock time; a client records
+``receive time - append time``. Clients are raw HTTP/1.0 sockets (no chunking) in this process,
+next to the appender; the server and redis-server are separate processes. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+API_KEY = "bench-api-key-" + "k" * 24
+_T = re.compile(rb'"t":([0-9.]+)')
+
+
+# -- server side (runs in a subprocess) ----------------------------------------------------------
+def run_server(mode: str, port: int, redis_url: str, namespace: str) -> None:
+    from eventcore import load_settings
+    from eventcore._http import serve
+
+    if mode in ("pubsub", "xread"):
+        from eventcore._http import create_app
+
+        settings = load_settings(redis_url=redis_url, namespace=namespace, shards=16,
+                                 api_key=API_KEY, sse_live=mode, pool_size=256)
+        app = create_app(settings)
+    else:
+        app = baseline_app(redis_url, namespace)
+    # every mode runs under the same serve() (uvicorn settings, GC thresholds)
+    serve(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+          backlog=8192)
+
+
+def baseline_app(redis_url: str, namespace: str) -> Any:
+    """The obvious implementation: one blocking XREAD per client, formatted per client."""
+    import redis.asyncio as aioredis
+    from fastapi import FastAPI
+    from sse_starlette import EventSourceResponse, ServerSentEvent
+
+    from eventcore import Keys
+
+    keys = Keys(namespace, 16)
+    pool = aioredis.ConnectionPool.from_url(redis_url, max_connections=20000)
+    r = aioredis.Redis(connection_pool=pool)
+    app = FastAPI()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/sessions/{sid}/events")
+    async def events(sid: str) -> EventSourceResponse:
+        key = keys.session(sid).stream
+
+        async def gen() -> Any:
+            last = "0-0"
+            while True:
+                got = await r.xread({key: last}, count=100, block=5000)
+                for _, entries in got or ():
+                    for eid, f in entries:
+                        last = eid.decode()
+                        yield ServerSentEvent(data=f[b"d"].decode(), id=last.split("-")[1],
+                                              event=f[b"t"].decode())
+
+        return EventSourceResponse(gen(), ping=15)
+
+    return app
+
+
+# -- client side ---------------------------------------------------------------------------------
+class Stats:
+    def __init__(self) -> None:
+        self.events = 0
+        self.latencies: list[float] = []
+        self.recording = False
+        self.connected = 0
+        self.errors = 0
+
+
+class Client(asyncio.Protocol):
+    def __init__(self, request: bytes, stats: Stats, ready: asyncio.Future[bool]) -> None:
+        self.request = request
+        self.stats = stats
+        self.ready = ready
+        self.head = b""
+        self.body = False
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.body:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, _, data = self.head.partition(b"\r\n\r\n")
+            self.body = True
+            ok = head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200")
+            if ok:
+                self.stats.connected += 1
+            else:
+                self.stats.errors += 1
+            if not self.ready.done():
+                self.ready.set_result(ok)
+        # events can straddle reads: only look at complete lines
+        data = self.tail + data
+        cut = data.rfind(b"\n")
+        self.tail = data[cut + 1:]
+        data = data[: cut + 1]
+        if not self.stats.recording:
+            return
+        now = time.time()
+        found = _T.findall(data)
+        self.stats.events += len(found)
+        self.stats.latencies += [now - float(t) for t in found]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.stats.errors += 1
+            self.ready.set_result(False)
+
+
+async def connect_all(port: int, paths: list[str], stats: Stats) -> list[asyncio.Transport]:
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(200)
+    transports: list[asyncio.Transport] = []
+
+    async def one(path: str) -> None:
+        async with sem:
+            fut: asyncio.Future[bool] = loop.create_future()
+            req = (f"GET {path} HTTP/1.0\r\nHost: b\r\nAuthorization: Bearer {API_KEY}\r\n"
+                   "Accept: text/event-stream\r\n\r\n").encode()
+            try:
+                t, _ = await loop.create_connection(lambda: Client(req, stats, fut),
+                                                    "127.0.0.1", port)
+                transports.append(t)  # type: ignore[arg-type]
+                await asyncio.wait_for(fut, 30)
+            except (OSError, TimeoutError):
+                stats.errors += 1
+
+    await asyncio.gather(*(one(p) for p in paths))
+    return transports
+
+
+async def append_load(log: Any, sessions: list[str], rate: float, stop: asyncio.Event) -> int:
+    """Every session gets ``rate`` events/s, spread evenly over 10 ms ticks."""
+    from eventcore import Envelope
+
+    tick = 0.01
+    per_tick = len(sessions) * rate * tick
+    owed = 0.0
+    i = 0
+    sent = 0
+    next_at = time.monotonic()
+    while not stop.is_set():
+        owed += per_tick
+        batch = []
+        while owed >= 1:
+            owed -= 1
+            batch.append(sessions[i % len(sessions)])
+            i += 1
+        if batch:
+            now = time.time()
+            await asyncio.gather(*(log.append(Envelope(type="tick", session_id=s,
+                                                       payload={"t": now})) for s in batch))
+            sent += len(batch)
+        next_at += tick
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+    return sent
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def scenario(mode: str, redis_url: str, clients: int, per_session: int, rate: float,
+                   warmup: float, duration: float) -> dict[str, Any]:
+    import psutil
+
+    from eventcore import EventLog, load_settings
+    from eventcore.testing._server import free_port
+
+    namespace = f"b{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - before any load; startup is not measured
+        [sys.executable, __file__, "--serve", mode, str(port), redis_url, namespace],
+        stdin=subprocess.DEVNULL)
+    ps = psutil.Process(proc.pid)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)  # noqa: ASYNC210
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.05)
+        settings = load_settings(redis_url=redis_url, namespace=namespace, shards=16)
+        async with EventLog(settings) as log:
+            n_sessions = max(1, clients // per_session)
+            sessions = [(await log.create_session(None)).session_id for _ in range(n_sessions)]
+            stats = Stats()
+            paths = [f"/v1/sessions/{sessions[i % n_sessions]}/events?after=1"
+                     for i in range(clients)]
+            t0 = time.monotonic()
+            transports = await connect_all(port, paths, stats)
+            connect_s = time.monotonic() - t0
+            stop = asyncio.Event()
+            load = asyncio.create_task(append_load(log, sessions, rate, stop))
+            await asyncio.sleep(warmup)
+            cpu0 = sum(ps.cpu_times()[:2])
+            me = psutil.Process()
+            my0 = sum(me.cpu_times()[:2])
+            stats.recording = True
+            t1 = time.monotonic()
+            await asyncio.sleep(duration)
+            stats.recording = False
+            elapsed = time.monotonic() - t1
+            cpu = sum(ps.cpu_times()[:2]) - cpu0
+            my_cpu = sum(me.cpu_times()[:2]) - my0
+            stop.set()
+            await load
+            for t in transports:
+                t.close()
+        lat = stats.latencies
+        return {
+            "clients": clients, "connected": stats.connected, "errors": stats.errors,
+            "sessions": n_sessions, "expected_events_per_s": round(clients * rate),
+            "delivered_events_per_s": round(stats.events / elapsed),
+            "p50_ms": round(pct(lat, 0.50) * 1000, 2), "p99_ms": round(pct(lat, 0.99) * 1000, 2),
+            "max_ms": round(max(lat) * 1000, 2) if lat else None,
+            "server_cpu_s_per_s": round(cpu / elapsed, 2),
+            "client_cpu_s_per_s": round(my_cpu / elapsed, 2), "connect_s": round(connect_s, 2),
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = dict(runs[0])
+    for key in ("delivered_events_per_s", "p50_ms", "p99_ms", "max_ms", "server_cpu_s_per_s",
+                "client_cpu_s_per_s", "connect_s", "connected", "errors"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.median(vals) if vals else None
+    out["runs"] = len(runs)
+    return out
+
+
+async def main(args: argparse.Namespace) -> None:
+    from eventcore.testing._server import RedisServer
+
+    modes = args.modes.split(",")
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count()}, "rate_per_client": args.rate,
+        "clients_per_session": args.per_session, "duration_s": args.duration,
+        "repeat": args.repeat, "scenarios": [],
+    }
+    with RedisServer(appendonly=False, extra=("--maxclients", "20000")) as redis:
+        for n in [int(x) for x in args.clients.split(",")]:
+            row: dict[str, Any] = {"clients": n}
+            for mode in modes:
+                runs = [await scenario(mode, redis.url, n, args.per_session, args.rate,
+                                       args.warmup, args.duration) for _ in range(args.repeat)]
+                row[mode] = median_of(runs)
+                print(f"# {n} clients {mode}: {json.dumps(row[mode])}", file=sys.stderr)
+            base = row.get("baseline")
+            for mode in modes:
+                if mode == "baseline" or not base:
+                    continue
+                m = row[mode]
+                row[f"{mode}_vs_baseline"] = {
+                    "delivered_ratio": round(m["delivered_events_per_s"]
+                                             / max(1, base["delivered_events_per_s"]), 2),
+                    "p99_ratio": round(m["p99_ms"] / base["p99_ms"], 3)
+                    if base["p99_ms"] and base["p99_ms"] == base["p99_ms"] else None,
+                }
+            results["scenarios"].append(row)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        if os.environ.get("SSE_BENCH_PROFILE"):  # where does the server's time go?
+            import cProfile
+
+            # uvicorn re-raises the signal it stopped for; make that a no-op so stats get saved
+            signal.signal(signal.SIGTERM, lambda *_: None)
+            cProfile.run("run_server(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])",
+                         os.environ["SSE_BENCH_PROFILE"] + f".{sys.argv[2]}")
+        else:
+            run_server(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+        raise SystemExit(0)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", default="100,1000,5000")
+    p.add_argument("--modes", default="pubsub,xread,baseline")
+    p.add_argument("--rate", type=float, default=10.0, help="events/s per session")
+    p.add_argument("--per-session", type=int, default=10, help="clients per session")
+    p.add_argument("--warmup", type=float, default=1.5)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--repeat", type=int, default=1)
+    asyncio.run(main(p.parse_args()))

@@ -1,0 +1,182 @@
+"""Subscriber throughput: the projector and persistence against a bare consumer-group loop.
+
+Run: ``.venv/bin/python benchmarks/subscribers.py [--sessions S] [--events E] [--runs R]
+[--no-postgres]``.
+
+Spawns its own redis-server (no AOF: this measures the consumers, not the disk), preloads S
+sessions of E envelopes (messages, runs, tool calls and signals), then, in each run and in this
+one process, consumes the whole feed once per mode, each mode with a fresh consumer group:
+
+``bare_xreadgroup_xack``   XREADGROUP over every shard feed (COUNT per shard as below) and XACK
+                           of what came back; no decoding, no work: the ceiling
+``projector``              ``SubscriberRunner`` + ``Projector``: decode, in-order exactly-once
+                           per session (positions, duplicate and gap checks), fold, CAS write
+                           of each session's view, ack (views deleted before each run)
+``persistence_sqlite``     ``SubscriberRunner`` + ``Persistence`` into a new SQLite file
+``persistence_postgres``   the same into the local PostgreSQL (db ``test``; own tables, dropped)
+
+Prints JSON: every run's events/s per mode, the medians, and each mode's ratio to the bare
+loop's median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+# This file is named like the package it measures: keep its own folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+from eventcore import Envelope, EventLog, load_settings  # noqa: E402
+from eventcore.testing._server import RedisServer  # noqa: E402
+from subscribers import Persistence, Projector, SubscriberRunner  # noqa: E402
+
+BATCH = 256
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+def _events(sid: str, n: int) -> list[Envelope]:
+    out: list[Envelope] = []
+    for i in range(n):
+        k = i % 10
+        if k == 0:
+            out.append(Envelope(type="run.started", session_id=sid, run_id=f"r{i}",
+                                payload={"name": "answer"}))
+        elif k == 1:
+            out.append(Envelope(type="tool.started", session_id=sid, run_id=f"r{i - 1}",
+                                payload={"tool": "search", "call_id": f"c{i}", "args": {"q": i}}))
+        elif k == 2:
+            out.append(Envelope(type="tool.ended", session_id=sid, run_id=f"r{i - 2}",
+                                payload={"tool": "search", "call_id": f"c{i - 1}",
+                                         "result": [1, 2, 3], "duration_ms": 3.5}))
+        elif k == 3:
+            out.append(Envelope(type="signal", session_id=sid,
+                                payload={"key": "status", "value": f"step {i}"}))
+        elif k == 9:
+            out.append(Envelope(type="run.completed", session_id=sid, run_id=f"r{i - 9}",
+                                payload={"name": "answer"}))
+        else:
+            out.append(Envelope(type="message", session_id=sid, run_id=f"r{i - k}",
+                                payload={"text": "hello from the benchmark", "n": i}))
+    return out
+
+
+async def preload(log: EventLog, sessions: int, events: int) -> tuple[list[str], int]:
+    sids = []
+    for _ in range(sessions):
+        s = await log.create_session("bench")
+        sids.append(s.session_id)
+        batch = _events(s.session_id, events)
+        for i in range(0, len(batch), 500):
+            await log.append_many(batch[i : i + 500])
+    return sids, sessions * (events + 1)
+
+
+async def bare(log: EventLog, group: str) -> int:
+    redis, keys = log.redis, log.keys
+    feeds = [keys.feed(s) for s in keys.all_shards()]
+    for feed in feeds:
+        await redis.xgroup_create(feed, group, id="0")
+    done = 0
+    while True:
+        got = await redis.xreadgroup(group, "bare", dict.fromkeys(feeds, ">"), count=BATCH)
+        if not got:
+            return done
+        async with redis.pipeline(transaction=False) as pipe:
+            for stream, entries in got:
+                pipe.xack(stream, group, *[eid for eid, _ in entries])
+                done += len(entries)
+            await pipe.execute()
+
+
+async def run_subscriber(log: EventLog, sub: Any, group: str) -> int:
+    runner = SubscriberRunner(log, sub, group=group, batch=BATCH, metrics_interval_s=3600)
+    return await runner.drain()
+
+
+async def timed(total: int, coro: Any) -> float:
+    start = time.perf_counter()
+    n = await coro
+    elapsed = time.perf_counter() - start
+    if n != total:
+        raise RuntimeError(f"consumed {n} of {total} entries")
+    return round(total / elapsed)
+
+
+async def postgres_ok() -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", 5432), 2)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def main(sessions: int, events: int, runs: int, use_pg: bool) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="eventcore-bench-"))
+    use_pg = use_pg and await postgres_ok()
+    modes = ["bare_xreadgroup_xack", "projector", "persistence_sqlite"]
+    if use_pg:
+        modes.append("persistence_postgres")
+    results: dict[str, list[float]] = {m: [] for m in modes}
+    try:
+        with RedisServer(appendonly=False) as server:
+            settings = load_settings(redis_url=server.url, namespace="bench")
+            async with EventLog(settings) as log:
+                sids, total = await preload(log, sessions, events)
+                for r in range(runs):
+                    results["bare_xreadgroup_xack"].append(
+                        await timed(total, bare(log, f"bare{r}")))
+                    await log.redis.delete(*[log.keys.view(s) for s in sids])
+                    results["projector"].append(
+                        await timed(total, run_subscriber(log, Projector(log), f"proj{r}")))
+                    url = f"sqlite+aiosqlite:///{tmp / f'run{r}.sqlite3'}"
+                    async with Persistence(log, url) as store:
+                        results["persistence_sqlite"].append(
+                            await timed(total, run_subscriber(log, store, f"sqlite{r}")))
+                    if use_pg:
+                        prefix = f"bench{uuid.uuid4().hex[:8]}_"
+                        async with Persistence(log, PG_URL, prefix=prefix) as store:
+                            try:
+                                results["persistence_postgres"].append(
+                                    await timed(total, run_subscriber(log, store, f"pg{r}")))
+                            finally:
+                                await store.drop_tables()
+                version = server.version
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    medians = {m: statistics.median(v) for m, v in results.items()}
+    base = medians["bare_xreadgroup_xack"]
+    return {
+        "benchmark": "subscribers",
+        "redis": version,
+        "shards": settings.shards,
+        "batch_per_shard": BATCH,
+        "sessions": sessions,
+        "entries": total,
+        "runs": runs,
+        "events_per_s": results,
+        "median_events_per_s": medians,
+        "ratio_to_bare": {m: round(v / base, 3) for m, v in medians.items()},
+    }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", type=int, default=100)
+    ap.add_argument("--events", type=int, default=200)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--no-postgres", action="store_true")
+    a = ap.parse_args()
+    out = asyncio.run(main(a.sessions, a.events, a.runs, not a.no_postgres))
+    json.dump(out, sys.stdout, indent=2)
+    print()

@@ -1,0 +1,354 @@
+"""Append: turning envelopes into script arguments, and the group-commit batcher.
+
+Concurrent appends in one process are queued per shard; a flush task started for the shard
+runs on the next event-loop tick and sends everything queued so far in one EVALSHA. While that
+round trip is in flight, new appends queue up for the next one. One flush in flight per shard
+keeps each shard's submissions in order. The appender sends on connections of its own (at most
+one per shard, 16 at most), so appends neither wait for nor starve the shared pool.
+
+Every batch carries a token; the script stores its results under it for a few minutes, so when
+redis-py resends a batch whose reply was lost (dropped connection, restart) the resend gets the
+first answer instead of appending twice. That is what makes generated event keys safe without
+writing them to the dedupe map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from redis.exceptions import NoScriptError
+
+from ._coalesce import ShardCoalescer
+from ._codec import encode
+from ._envelope import Envelope
+from ._keys import Keys, SessionKeys, validate_key, validate_session_id
+from ._redis import _SCRIPT_LOADS, Redis, redis_errors
+from .errors import (
+    CorruptEntry,
+    EventcoreError,
+    PayloadTooLarge,
+    SessionEnded,
+    SessionNotFound,
+    StaleHost,
+    ValidationError,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio.connection import AbstractConnection as Connection
+    from redis.commands.core import AsyncScript
+
+__all__ = ["AppendResult", "Appender", "PreparedAppend"]
+
+APPEND_LUA = resources.files("eventcore").joinpath("_lua/append.lua").read_text()
+
+_STALE, _MISSING, _ENDED = "2", "3", "4"
+_BLOB_PREFIX = "sha256:"
+_KEY_CACHE = 65536
+_KEYED = frozenset({"signal", "effect"})
+_KNOWN_TYPES = frozenset({
+    "session.created", "session.started", "session.ended", "run.started", "run.completed",
+    "run.failed", "run.cancelled", "run.timed_out", "tool.started", "tool.ended", "input",
+    "signal", "effect", "message", "log",
+})
+
+
+class _Ids:
+    """Generated event keys and batch tokens: a random per-process prefix and a counter, unique
+    across processes and ~20x cheaper than uuid4 per event. A forked child gets a new prefix (a
+    token shared with its parent would answer the child's batch with the parent's results)."""
+
+    def __init__(self) -> None:
+        self.counter = itertools.count(1)
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = "g" + os.urandom(9).hex() + "-"
+
+
+_ids = _Ids()
+os.register_at_fork(after_in_child=_ids.reseed)
+
+
+class AppendResult(msgspec.Struct, frozen=True, gc=False):
+    """Where an append landed. ``duplicate`` means the event key was already in the log and
+    ``seq`` is the first envelope's."""
+
+    session_id: str
+    seq: int
+    event_key: str
+    duplicate: bool = False
+
+
+class PreparedAppend(msgspec.Struct, frozen=True, gc=False):
+    """An envelope encoded for the append script (``_lua/append.lua`` describes the fields)."""
+
+    keys: SessionKeys
+    type: str
+    wire_key: str  # '' when generated (the script then skips the dedupe map)
+    event_key: str
+    body: bytes  # the envelope JSON without seq and without its opening brace
+    extra: bytes  # b'' or flags NUL server_data NUL aux
+    blob: tuple[str, bytes] | None
+    epoch: int | None
+
+
+class Appender:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        inline_limit: int,
+        max_payload: int,
+        max_batch: int,
+        token_ttl_s: int = 60,
+        max_connections: int = 16,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._inline_limit = inline_limit
+        self._max_payload = max_payload
+        self._max_batch = max_batch
+        self._token_ttl_s = token_ttl_s
+        self._script: AsyncScript = redis.register_script(APPEND_LUA)
+        self._commit: ShardCoalescer[PreparedAppend, AppendResult] = ShardCoalescer(
+            lambda _shard, items: self._send(items), max_batch=max_batch)
+        self._session_keys: dict[str, SessionKeys] = {}
+        self._idle: list[Connection] = []
+        self._conn_slots = asyncio.Semaphore(max(1, min(keys.shards, max_connections)))
+        self.round_trips = 0
+
+    def session_keys(self, session_id: str) -> SessionKeys:
+        """Validated, cached key names of a session (the hot path builds them once)."""
+        keys = self._session_keys.get(session_id) if type(session_id) is str else None
+        if keys is None:
+            validate_session_id(session_id)
+            if len(self._session_keys) >= _KEY_CACHE:
+                self._session_keys.clear()
+            keys = self._session_keys[session_id] = self._keys.session(session_id)
+        return keys
+
+    # -- preparing -----------------------------------------------------------------------------
+    def prepare(self, env: Envelope, epoch: int | None = None, aux: str = "") -> PreparedAppend:
+        keys = self.session_keys(env.session_id)
+        typ = env.type
+        if type(typ) is not str or (
+            typ not in _KNOWN_TYPES and (not typ or len(typ) > 128 or not typ.isprintable())
+        ):
+            raise ValidationError(f"invalid envelope type {typ!r:.80}")
+        if epoch is not None and (not isinstance(epoch, int) or epoch < 0):
+            raise ValidationError(f"epoch must be a non-negative int, got {epoch!r:.40}")
+        if typ in _KEYED:
+            aux = validate_key(aux, f"{typ} key") if aux else _payload_key(env)
+        elif typ == "session.created":
+            if not aux:
+                raise ValidationError("create sessions with EventLog.create_session()")
+        else:
+            aux = ""  # only signal, effect and session.created use it
+        generated = env.event_key == ""
+        event_key = (
+            f"{_ids.prefix}{next(_ids.counter)}"
+            if generated
+            else validate_key(env.event_key, "event_key")
+        )
+        try:
+            if env.seq == 0 and env.server_data is None and env.payload_ref is None:
+                body = encode(env)
+                if generated:
+                    # omit_defaults left event_key out: splice it in (the key is plain ASCII)
+                    body = b'"event_key":"' + event_key.encode() + b'",' + body[1:]
+                else:
+                    body = body[1:]
+            else:
+                body = encode(msgspec.structs.replace(
+                    env, seq=0, server_data=None, event_key=event_key, payload_ref=None
+                ))[1:]
+            server_data = b"" if env.server_data is None else encode(env.server_data)
+        except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:
+            raise ValidationError(f"envelope is not JSON-encodable: {exc}") from exc
+        blob = None
+        if len(body) >= self._inline_limit:
+            payload = encode(env.payload)
+            if len(payload) > self._max_payload:
+                raise PayloadTooLarge(
+                    f"payload is {len(payload)} bytes; the limit is {self._max_payload}"
+                )
+            digest = hashlib.sha256(payload).hexdigest()
+            blob = (self._keys.blob(keys.shard, digest), payload)
+            body = encode(
+                msgspec.structs.replace(
+                    env, seq=0, server_data=None, event_key=event_key,
+                    payload=None, payload_ref=_BLOB_PREFIX + digest,
+                )
+            )[1:]
+            if len(body) >= self._inline_limit:
+                raise PayloadTooLarge(
+                    f"envelope is {len(body) + 1} bytes without its payload; "
+                    f"the inline limit is {self._inline_limit}"
+                )
+        if len(server_data) > self._max_payload:
+            raise PayloadTooLarge(f"server_data is {len(server_data)} bytes")
+        if server_data or blob or aux:
+            extra = (b"r" if blob else b"") + b"\0" + server_data + b"\0" + aux.encode()
+        else:
+            extra = b""
+        return PreparedAppend(
+            keys, typ, "" if generated else event_key, event_key, body, extra, blob, epoch
+        )
+
+    # -- submitting ----------------------------------------------------------------------------
+    async def append(self, item: PreparedAppend) -> AppendResult:
+        return await self._commit.submit(item.keys.shard, item)
+
+    async def append_many(self, items: Sequence[PreparedAppend]) -> list[AppendResult]:
+        """Direct batch: one script call per shard and chunk, bypassing the tick batcher."""
+        by_shard: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            by_shard.setdefault(item.keys.shard, []).append(i)
+        results: list[AppendResult | EventcoreError | None] = [None] * len(items)
+        for group in by_shard.values():
+            for start in range(0, len(group), self._max_batch):
+                chunk = group[start : start + self._max_batch]
+                sent = await self._send([items[i] for i in chunk])
+                for i, res in zip(chunk, sent, strict=True):
+                    results[i] = res
+        out: list[AppendResult] = []
+        for got in results:
+            if isinstance(got, EventcoreError):
+                raise got
+            assert got is not None
+            out.append(got)
+        return out
+
+    async def aclose(self) -> None:
+        """Wait for the batches already queued to be sent (their callers are waiting)."""
+        await self._commit.aclose()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
+
+    async def _acquire(self) -> Connection:
+        """A connection of the appender's own (a pool checkout costs more than the Python side
+        of a whole batch, and appends should neither starve nor be starved by readers)."""
+        await self._conn_slots.acquire()
+        try:
+            if self._idle:
+                return self._idle.pop()
+            conn: Connection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            return conn
+        except BaseException:
+            self._conn_slots.release()
+            raise
+
+    def _release(self, conn: Connection) -> None:
+        self._idle.append(conn)
+        self._conn_slots.release()
+
+    async def _send(
+        self, batch: Sequence[PreparedAppend], token: str | None = None
+    ) -> list[AppendResult | EventcoreError]:
+        first = batch[0].keys
+        token = token or f"{_ids.prefix}b{next(_ids.counter)}"
+        keys: list[str] = [first.feed, first.dispatch, self._keys.batch(first.shard, token)]
+        sids: list[str] = []
+        events: list[Any] = []
+        slot: dict[str, int] = {}
+        blobs: dict[str, bytes] = {}
+        for item in batch:
+            k = item.keys
+            idx = slot.get(k.session_id)
+            if idx is None:
+                idx = slot[k.session_id] = len(slot) + 1
+                keys += (k.stream, k.meta, k.dedupe, k.signals, k.effects)
+                sids.append(k.session_id)
+            if item.blob is not None:
+                blobs[item.blob[0]] = item.blob[1]
+            events += (
+                idx, item.type, item.wire_key, item.body,
+                "" if item.epoch is None else item.epoch, item.extra,
+            )
+        args = [len(batch), int(time.time() * 1000), first.notify, self._token_ttl_s, len(sids),
+                *sids, *events]
+        with redis_errors("append"):
+            if blobs:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, data in blobs.items():
+                        pipe.set(key, data, nx=True)
+                    await pipe.execute()
+            conn = await self._acquire()
+            try:
+                raw = await self._evalsha(conn, keys, args)
+            finally:
+                self._release(conn)
+        self.round_trips += 1
+        if len(raw) != len(batch):
+            raise CorruptEntry(f"append script answered {len(raw)} results for {len(batch)}")
+        return [
+            AppendResult(item.keys.session_id, value, item.event_key)
+            if type(value) is int and value > 0
+            else _result(item, value)
+            for item, value in zip(batch, raw, strict=True)
+        ]
+
+
+    async def _evalsha(self, conn: Connection, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA on ``conn``, loading the script on NOSCRIPT. Transient errors are retried
+        with the client's policy; resending is safe because the batch token makes the script
+        idempotent."""
+        script = self._script
+
+        async def once() -> Any:
+            await conn.send_command(
+                "EVALSHA", script.sha, len(keys), *keys, *args, check_health=False
+            )
+            return await conn.read_response()
+
+        async def fail(error: BaseException) -> None:
+            await conn.disconnect()
+
+        for _ in range(_SCRIPT_LOADS):
+            try:
+                return await conn.retry.call_with_retry(once, fail)
+            except NoScriptError:
+                # the server lost its script cache (restart, SCRIPT FLUSH): nothing ran. Around
+                # a restart the load may reach the stopping server: so try a few times
+                script.sha = await self._redis.script_load(script.script)
+            except BaseException:
+                # cancelled or failed mid-command: the reply may still be on the wire
+                await conn.disconnect()
+                raise
+        raise CorruptEntry("the append script kept vanishing while it was being loaded")
+
+
+def _result(item: PreparedAppend, value: Any) -> AppendResult | EventcoreError:
+    sid = item.keys.session_id
+    if isinstance(value, int):
+        if value > 0:
+            return AppendResult(sid, value, item.event_key)
+        return AppendResult(sid, -value, item.event_key, duplicate=True)
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    code, _, detail = text.partition(":")
+    if code == _STALE:
+        return StaleHost(sid, item.epoch or 0, int(detail))
+    if code == _MISSING:
+        return SessionNotFound(sid)
+    if code == _ENDED:
+        return SessionEnded(sid, f"session {sid!r} has ended; it accepts no more events")
+    return CorruptEntry(f"session {sid!r}: {detail or text}")
+
+
+def _payload_key(env: Envelope) -> str:
+    """The signal/effect key of a ``signal``/``effect`` envelope's payload."""
+    payload = env.payload
+    key = payload.get("key") if isinstance(payload, dict) else getattr(payload, "key", None)
+    if not isinstance(key, str):
+        raise ValidationError(f"a {env.type!r} envelope needs a payload with a string 'key'")
+    return validate_key(key, f"{env.type} key")

@@ -1,0 +1,99 @@
+"""The ``eventcore`` command line."""
+
+from __future__ import annotations
+
+import anyio
+import typer
+from rich.console import Console
+
+from workers._cli import worker as _worker_command
+
+from .errors import EventcoreError
+
+app = typer.Typer(help="eventcore: event-sourced streaming sessions on Redis Streams.",
+                  no_args_is_help=True)
+console = Console()
+app.command("worker")(_worker_command)
+
+
+@app.callback()
+def _root() -> None:
+    """eventcore: event-sourced streaming sessions on Redis Streams."""
+
+
+@app.command()
+def demo(
+    host: str = typer.Option("127.0.0.1", help="Interface the API listens on."),
+    port: int = typer.Option(8000, help="API port (a free one is picked if it is taken)."),
+    exit_after: float | None = typer.Option(None, "--exit-after", min=0,
+                                            help="Stop by itself after this many seconds."),
+) -> None:
+    """Run the whole system on the embedded Redis with the sample echo agent."""
+    from ._demo import run_demo
+
+    try:
+        anyio.run(lambda: run_demo(host=host, port=port, exit_after=exit_after, console=console))
+    except KeyboardInterrupt:
+        console.print("demo stopped")
+
+
+@app.command()
+def serve(
+    agents: str | None = typer.Argument(None, metavar="[APP]",
+                                        help="module:attribute of a workers.App; restricts "
+                                        "POST /v1/sessions to its agents."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    subscribers: bool = typer.Option(True, help="Run the projector, persistence and retention "
+                                     "in this process."),
+    log_level: str = typer.Option("info", help="debug, info, warning, error."),
+    log_format: str = typer.Option("json", help="json or text."),
+) -> None:
+    """Serve the HTTP API, SSE hub, WebRTC and /ui (plus the built-in subscribers)."""
+    from .http import serve as run_server
+    from .http import service_app
+
+    app_obj = None
+    if agents:
+        from workers._cli import load_app
+
+        app_obj = load_app(agents)
+    run_server(service_app(app_obj, subscribers=subscribers), host=host, port=port,
+               log_level=log_level, log_format="text" if log_format == "text" else "json")
+
+
+@app.command()
+def tail(
+    session: str = typer.Argument(..., help="The session id to follow."),
+    after: int = typer.Option(0, "--after", min=0, help="Start after this seq (0: from the "
+                              "beginning)."),
+    url: str | None = typer.Option(None, "--url", envvar="EVENTCORE_URL", help="Follow through "
+                                   "this server's SSE endpoint instead of reading Redis."),
+    token: str | None = typer.Option(None, "--token", envvar=["EVENTCORE_TOKEN",
+                                     "EVENTCORE_API_KEY"], show_default=False,
+                                     help="Session token or API key for --url."),
+    types: str | None = typer.Option(None, "--types", help="Only these envelope types "
+                                     "(comma-separated)."),
+    as_json: bool = typer.Option(False, "--json", help="Print raw envelope JSON lines; status "
+                                 "goes to stderr."),
+) -> None:
+    """Follow a session live until it ends, resuming after Redis or server restarts."""
+    from ._tail import Renderer, TailError, run_tail
+
+    wanted = frozenset(t.strip() for t in types.split(",") if t.strip()) if types else None
+    renderer = Renderer(session, raw=as_json, types=wanted)
+    try:
+        with renderer:
+            anyio.run(lambda: run_tail(session, after=after, url=url, token=token,
+                                       renderer=renderer))
+    except KeyboardInterrupt:
+        renderer.interrupted()
+        raise typer.Exit(130) from None
+    except (TailError, EventcoreError) as exc:
+        renderer.err.print(f"eventcore tail: error: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+
+def main() -> None:
+    app()

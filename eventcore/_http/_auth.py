@@ -1,0 +1,137 @@
+"""Credentials: the API key (admin, every session) and signed, expiring session tokens.
+
+Session tokens are JWTs (HS256, PyJWT) with claims ``sid`` (the one session they open), ``scope``
+(``rw``: read and write; ``read``: read only), ``iat`` and ``exp``, audience
+``eventcore:session``. The signing secret is ``EVENTCORE_TOKEN_SECRET`` or, unset, an HMAC of
+the API key — so every API process with the same key accepts the same tokens.
+
+Where credentials may come from:
+
+- ``Authorization: Bearer <api key | session token>`` on every endpoint.
+- ``?access_token=<token>`` on GET requests only, and only a **read-scoped** session token
+  (``POST /v1/sessions/{id}/tokens``), because a browser ``EventSource`` cannot set headers.
+  URLs end up in logs and histories, so the query token can read one session and nothing else,
+  expires soon, is redacted from access logs (:class:`AccessLogRedactor`), and responses carry
+  ``Referrer-Policy: no-referrer``. The API key is never accepted in a URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import jwt
+
+from ..errors import ConfigError
+from ._problems import Problem
+
+__all__ = ["AccessLogRedactor", "Auth", "Principal", "Scope", "redact"]
+
+Scope = Literal["rw", "read"]
+_AUDIENCE = "eventcore:session"
+_ALGORITHM = "HS256"
+_MAX_CREDENTIAL = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the admin (API key) or the holder of one session's token."""
+
+    admin: bool
+    session_id: str | None = None
+    scope: Scope = "rw"
+    expires_at: int | None = None
+
+    def may(self, session_id: str, *, write: bool) -> bool:
+        if self.admin:
+            return True
+        return self.session_id == session_id and (self.scope == "rw" or not write)
+
+
+class Auth:
+    """Verifies credentials and mints session tokens."""
+
+    def __init__(
+        self, api_key: str | None, *, secret: str | None = None, token_ttl_s: int = 24 * 3600
+    ) -> None:
+        self.generated_key = api_key is None
+        self.api_key = api_key if api_key is not None else secrets.token_urlsafe(32)
+        if len(self.api_key) < 16:
+            raise ConfigError("EVENTCORE_API_KEY must be at least 16 characters")
+        key_material = (secret or self.api_key).encode()
+        self._secret = hmac.new(key_material, b"eventcore session tokens v1",
+                                hashlib.sha256).digest()
+        self.token_ttl_s = token_ttl_s
+
+    def mint(self, session_id: str, *, scope: Scope = "rw", ttl_s: int | None = None) -> str:
+        now = int(time.time())
+        claims = {"sid": session_id, "scope": scope, "iat": now,
+                  "exp": now + (self.token_ttl_s if ttl_s is None else ttl_s), "aud": _AUDIENCE}
+        return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
+
+    def verify(self, credential: str, *, from_query: bool = False) -> Principal:
+        """The principal behind ``credential`` or a 401 :class:`Problem`."""
+        if len(credential) > _MAX_CREDENTIAL:
+            raise _unauthorized("the credential is too long")
+        if hmac.compare_digest(credential.encode(), self.api_key.encode()):
+            if from_query:
+                raise _unauthorized("the API key is not accepted in a URL; use the "
+                                    "Authorization header")
+            return Principal(admin=True)
+        try:
+            claims = jwt.decode(
+                credential, self._secret, algorithms=[_ALGORITHM], audience=_AUDIENCE,
+                options={"require": ["sid", "scope", "exp", "iat", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Problem(401, "token-expired", "the session token has expired",
+                          headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
+                          ) from None
+        except jwt.PyJWTError:
+            raise _unauthorized("the credential is neither the API key nor a valid "
+                                "session token") from None
+        sid, scope = claims.get("sid"), claims.get("scope")
+        if not isinstance(sid, str) or scope not in ("rw", "read"):
+            raise _unauthorized("the session token's claims are malformed")
+        if from_query and scope != "read":
+            raise _unauthorized("only read-scoped tokens (POST /v1/sessions/{id}/tokens) are "
+                                "accepted in a URL")
+        return Principal(admin=False, session_id=sid, scope=scope,
+                         expires_at=int(claims["exp"]))
+
+    def from_header(self, authorization: str | None) -> Principal | None:
+        if authorization is None:
+            return None
+        scheme, _, credential = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise _unauthorized("use `Authorization: Bearer <credential>`")
+        return self.verify(credential.strip())
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+_TOKEN_IN_QUERY = re.compile(r"(?i)(access_token=)[^&\s\"]*")
+
+
+def redact(text: str) -> str:
+    """Hide ``access_token`` values in a URL or log line."""
+    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+
+
+class AccessLogRedactor(logging.Filter):
+    """Installed on ``uvicorn.access`` (and anything else) so URLs are logged without tokens."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        return True

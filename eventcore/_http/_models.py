@@ -1,0 +1,130 @@
+"""Request and response bodies of the /v1 API (pydantic: validated at the edge, documented in
+the OpenAPI schema). Envelopes are sent as the log stores them and documented by
+:class:`EnvelopeModel`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "CancelIn",
+    "CreateSessionIn",
+    "CreateSessionOut",
+    "EnvelopeModel",
+    "EventsPage",
+    "InputIn",
+    "SeqOut",
+    "SessionOut",
+    "SignalIn",
+    "SignalsOut",
+    "TokenIn",
+    "TokenOut",
+]
+
+Key = Annotated[str, Field(min_length=1, max_length=500)]
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class CreateSessionIn(BaseModel):
+    model_config = _STRICT
+
+    agent: Key
+    input: Any = None
+    metadata: dict[Annotated[str, Field(max_length=128)],
+                   Annotated[str, Field(max_length=1024)]] | None = Field(
+        default=None, max_length=64, description="String labels stored with the session.")
+    ttl_s: int | None = Field(default=None, ge=0, le=365 * 24 * 3600,
+                              description="Seconds the session is kept after it ends.")
+    idempotency_key: Key | None = Field(
+        default=None, description="Creating again with the same key returns the same session.")
+
+
+class CreateSessionOut(BaseModel):
+    session_id: str
+    stream: str
+    token: str
+
+
+class InputIn(BaseModel):
+    model_config = _STRICT
+
+    payload: Any = Field(description="Any JSON value.")
+    idempotency_key: Key | None = Field(
+        default=None, description="Repeating a key returns the first input's seq and appends "
+        "nothing.")
+
+
+class SignalIn(BaseModel):
+    model_config = _STRICT
+
+    key: Key
+    value: Any = None
+
+
+class CancelIn(BaseModel):
+    model_config = _STRICT
+
+    run_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    reason: Annotated[str, Field(max_length=500)] | None = None
+
+
+class TokenIn(BaseModel):
+    model_config = _STRICT
+
+    scope: Literal["read", "rw"] = "read"
+    ttl_s: int = Field(default=300, ge=1, le=24 * 3600)
+
+
+class TokenOut(BaseModel):
+    token: str
+    scope: Literal["read", "rw"]
+    expires_in: int
+
+
+class SeqOut(BaseModel):
+    seq: int
+    duplicate: bool = False
+
+
+class EnvelopeModel(BaseModel):
+    """An envelope as clients see it (``server_data`` is never included)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    seq: int
+    type: str
+    session_id: str
+    run_id: str | None = None
+    event_key: str | None = None
+    ts: _dt.datetime
+    payload: Any = None
+    payload_ref: str | None = None
+    trace: str | None = None
+    v: int | None = None
+
+
+class EventsPage(BaseModel):
+    events: list[EnvelopeModel]
+    next_after: int
+
+
+class SignalsOut(BaseModel):
+    signals: list[EnvelopeModel]
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    stream: str
+    state: Literal["created", "active", "idle", "ended"]
+    agent: str | None
+    labels: dict[str, str]
+    last_seq: int
+    created_at: _dt.datetime | None
+    updated_at: _dt.datetime | None
+    ended_at: _dt.datetime | None
+    projection: dict[str, Any] | None = Field(
+        description="The projector's read model of the session, once it has one.")
+

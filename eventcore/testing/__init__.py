@@ -1,0 +1,1 @@
+"""Helpers for testing code built on eventcore: real Redis, strategies, invariants."""

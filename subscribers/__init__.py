@@ -1,0 +1,64 @@
+"""Subscribers: the consumer-group runtime over the shard feeds, and the built-in subscribers.
+
+- :class:`SubscriberRunner` runs any :class:`Subscriber` (XREADGROUP batches, ack after
+  success, fenced reclaim of idle entries, dead-letter after ``max_deliveries``, NOGROUP
+  recovery from the checkpoint, graceful stop, metrics).
+- :class:`OrderedSubscriber` turns at-least-once deliveries into in-order, exactly-once
+  application per session; :class:`Projector` (the read model, :func:`read_view`) and
+  :class:`Persistence` (SQLite/PostgreSQL history, the archive for tiered replay) build on it.
+- :class:`SinkSubscriber` runs any sink off the hot path; :class:`Retention` trims Redis.
+"""
+
+from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
+from ._groups import GroupState
+from ._metrics import SubscriberMetrics
+from ._ordered import ApplyConflict, OrderedStats, OrderedSubscriber, Run
+from ._persistence import SCHEMA_VERSION, Persistence, is_unavailable
+from ._projector import Projector, read_view
+from ._retention import Retention, RetentionReport
+from ._runtime import SubscriberRunner, default_consumer_name, is_transient
+from ._sink import SinkSubscriber
+from ._view import (
+    MAX_RECENT_TOOL_CALLS,
+    MAX_RUNS,
+    EffectView,
+    RunView,
+    SessionView,
+    SignalView,
+    ToolCallView,
+    apply_event,
+    fold,
+)
+
+__all__ = [
+    "MAX_RECENT_TOOL_CALLS",
+    "MAX_RUNS",
+    "SCHEMA_VERSION",
+    "ApplyConflict",
+    "CheckpointStore",
+    "Delivery",
+    "EffectView",
+    "GroupState",
+    "OrderedStats",
+    "OrderedSubscriber",
+    "Persistence",
+    "Projector",
+    "Retention",
+    "RetentionReport",
+    "Run",
+    "RunView",
+    "SessionView",
+    "SignalView",
+    "SinkSubscriber",
+    "Subscriber",
+    "SubscriberMetrics",
+    "SubscriberRunner",
+    "ToolCallView",
+    "apply_event",
+    "decode_feed_entry",
+    "default_consumer_name",
+    "fold",
+    "is_transient",
+    "is_unavailable",
+    "read_view",
+]

@@ -1,0 +1,78 @@
+"""What a subscriber receives, the plug points of the runtime, and feed-entry decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from eventcore import CorruptEntry, Envelope
+from eventcore._codec import decode_entry
+
+__all__ = ["CheckpointStore", "Delivery", "Subscriber", "decode_feed_entry"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One feed entry handed to a subscriber: the envelope, where it came from, and how many
+    times it has been delivered (1 the first time; more after a retry or a reclaim)."""
+
+    entry_id: str
+    shard: int
+    envelope: Envelope
+    attempt: int = 1
+
+    @property
+    def session_id(self) -> str:
+        return self.envelope.session_id
+
+    @property
+    def seq(self) -> int:
+        return self.envelope.seq
+
+
+@runtime_checkable
+class Subscriber(Protocol):
+    """A consumer-group subscriber. ``name`` is its default group name.
+
+    ``handle`` gets a batch (entries from several shards and sessions, in feed order per shard)
+    and must raise if any of it failed; the runtime then retries the entries one by one, so one
+    poison entry does not hold back the rest. Deliveries are at least once: use
+    :class:`~subscribers.OrderedSubscriber` for in-order, exactly-once application per session.
+    """
+
+    name: str
+
+    async def handle(self, deliveries: Sequence[Delivery]) -> None: ...
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """Somewhere outside Redis to keep each group's checkpoint per shard (the feed entry id
+    below which everything was acknowledged), so a group lost with Redis's data is recreated
+    from there rather than from ``$``."""
+
+    async def load_checkpoint(self, group: str, shard: int) -> str | None: ...
+
+    async def save_checkpoint(self, group: str, shard: int, entry_id: str) -> None: ...
+
+
+def decode_feed_entry(fields: Mapping[bytes, bytes], where: str) -> Envelope:
+    """The envelope of a feed entry, checked against its ``sid`` and ``seq`` fields."""
+    sid, seq = fields.get(b"sid"), fields.get(b"seq")
+    if sid is None or seq is None or not seq.isdigit():
+        raise CorruptEntry(f"feed entry {where} has no valid 'sid'/'seq' fields")
+    env = decode_entry(fields, where=where)
+    if env.session_id != sid.decode(errors="replace") or env.seq != int(seq):
+        raise CorruptEntry(
+            f"feed entry {where}: envelope says {env.session_id!r}/{env.seq}, "
+            f"fields say {sid!r}/{seq!r}"
+        )
+    return env
+
+
+def entry_ids(deliveries: Sequence[Delivery]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for d in deliveries:
+        out.setdefault(d.shard, []).append(d.entry_id)
+    return out

@@ -1,0 +1,602 @@
+"""The SSE hub: one per API process, copying each watched session's events to all its clients.
+
+Not a consumer group (a group would split events between clients instead of copying them).
+
+- **Catch-up** is a client's own XRANGE from its cursor (``EventLog.read`` when a page needs the
+  archive or blob hydration), so a client resuming from seq 0 never slows anyone else.
+- **Live** is one path for the whole process: either one multiplexed XREAD over all watched
+  streams (the default), or the pub/sub notifications the append script publishes
+  (``"<sid> <last_seq>"`` on each shard's ``notify`` channel), after which the hub XRANGEs every
+  dirty session once in one pipelined round trip. ``benchmarks/sse.py`` measures both: equal up
+  to 1,000 clients, XREAD ahead beyond (pub/sub pays a second round trip per event, and
+  redis-py's pub/sub parsing). A session watched while the XREAD blocks joins on the next call
+  (at most ``xread_block_ms``); its clients catch up by themselves meanwhile.
+- **The seam is exact** because everything is a seq cursor: a client takes an event only if it
+  is exactly ``cursor + 1``. Anything at or below the cursor is a duplicate and dropped;
+  anything above ``cursor + 1`` is a gap (a missed notification, a trimmed page, a buffer
+  overflow) and sends the client back to catch-up reads from its cursor.
+- **Missed notifications** (pub/sub is at most once) are recovered by re-reading every watched
+  session after the notification connection (re)subscribes, and by a periodic sweep comparing
+  each watched session's ``seq`` with the hub's cursor.
+- **Slow clients**: each client has a bounded buffer. Fan-out never waits: a client whose buffer
+  is full is marked lagged, its buffer dropped, and it continues with catch-up reads at its own
+  pace. A client that accepts no bytes at all is closed by the transport's send timeout.
+
+The hub is transport-neutral: SSE and the WebRTC data channel both iterate
+:meth:`Subscription.batches` and format :class:`HubEvent` themselves.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime as _dt
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import anyio
+import msgspec
+import redis.exceptions as rexc
+from anyio.abc import TaskGroup, TaskStatus
+
+from eventcore import Envelope, EventLog, HistoryGone, SessionNotFound, client_json
+from eventcore._codec import decode_entry
+from eventcore._redis import redis_errors
+from eventcore.errors import EventcoreError
+
+__all__ = ["Hub", "HubClosed", "HubEvent", "HubStats", "StreamReset", "Subscription"]
+
+log_ = logging.getLogger("eventcore.hub")
+
+LiveMode = Literal["pubsub", "xread"]
+
+
+class HubClosed(EventcoreError):
+    """The hub is shutting down; resume elsewhere (or later) from your last seq."""
+
+
+class _Ts(msgspec.Struct):
+    ts: _dt.datetime
+
+
+_ts_decoder = msgspec.json.Decoder(_Ts)
+_envelope_decoder = msgspec.json.Decoder(Envelope)
+
+
+class HubEvent:
+    """One envelope as clients see it: seq, type, and the client JSON (no ``server_data``).
+
+    Shared by every client of the session, so transports cache their framing on it (``sse``).
+    """
+
+    __slots__ = ("data", "seq", "sse", "type")
+
+    def __init__(self, seq: int, type: str, data: bytes) -> None:
+        self.seq = seq
+        self.type = type
+        self.data = data
+        self.sse: bytes | None = None
+
+    def ts(self) -> _dt.datetime:
+        return _ts_decoder.decode(self.data).ts
+
+    def __repr__(self) -> str:
+        return f"HubEvent(seq={self.seq}, type={self.type!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """History after ``after`` is gone everywhere; the stream continues after ``resume_after``."""
+
+    session_id: str
+    after: int
+    first_available: int
+
+    @property
+    def resume_after(self) -> int:
+        return self.first_available - 1
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Counters for metrics (the hub itself does not depend on a metrics library)."""
+
+    notifications: int = 0
+    fetches: int = 0
+    fetched_events: int = 0
+    lagged_clients: int = 0
+    resyncs: int = 0
+    missed: int = 0
+
+
+class _Client:
+    __slots__ = ("buf", "closed", "gone", "lagged", "limit", "waiter")
+
+    def __init__(self, limit: int) -> None:
+        self.buf: collections.deque[HubEvent] = collections.deque()
+        self.limit = limit
+        self.lagged = False
+        self.gone = False
+        self.closed = False
+        self.waiter: anyio.Event | None = None
+
+    def push(self, events: Sequence[HubEvent]) -> bool:
+        """Queue without ever waiting; False if the client overflowed (it then catches up)."""
+        if self.lagged:
+            return True
+        if len(self.buf) + len(events) > self.limit:
+            self.buf.clear()
+            self.lagged = True
+            self.wake()
+            return False
+        self.buf.extend(events)
+        self.wake()
+        return True
+
+    def wake(self) -> None:
+        if self.waiter is not None:
+            self.waiter.set()
+            self.waiter = None
+
+
+@dataclass(slots=True, eq=False)
+class _Watch:
+    session_id: str
+    stream: str
+    meta: str
+    clients: set[_Client] = field(default_factory=set)
+    cursor: int | None = None  # last seq the live path fetched; None until initialised
+    head: int = 0  # highest seq announced by a notification
+
+
+class Subscription:
+    """One client's view of one session: iterate :meth:`batches`."""
+
+    def __init__(
+        self, hub: Hub, watch: _Watch, client: _Client, after: int,
+        types: Collection[str] | None, until_ended: bool,
+    ) -> None:
+        self._hub = hub
+        self._watch = watch
+        self._client = client
+        self.session_id = watch.session_id
+        self.cursor = after
+        self.types = frozenset(types) if types else None
+        self.until_ended = until_ended
+
+    def _match(self, ev: HubEvent) -> bool:
+        return self.types is None or ev.type in self.types
+
+    async def batches(self) -> AsyncIterator[list[HubEvent] | StreamReset]:
+        """Lists of events in seq order (each non-empty, filtered by ``types``), or a
+        :class:`StreamReset` where history is gone. Ends after ``session.ended`` (with
+        ``until_ended``); raises :class:`SessionNotFound` if the session is deleted and
+        :class:`HubClosed` when the hub shuts down. ``self.cursor`` is the last seq covered."""
+        hub, client = self._hub, self._client
+        if self._watch.cursor is None:
+            # The live path fans out only after the watch's cursor. Setting it before this
+            # client's first catch-up read makes that read cover everything up to it; left to
+            # the fetch loop, an append landing between this client's catch-up and the cursor's
+            # initialisation reached neither path.
+            with redis_errors("hub init"):
+                await hub._init_cursors([self._watch])
+        catchup = True
+        while True:
+            if client.closed or hub.closed:
+                raise HubClosed("the event hub is shutting down")
+            if catchup or client.lagged:
+                client.lagged = False
+                client.buf.clear()
+                try:
+                    page, caught_up = await hub.read_page(self.session_id, self.cursor)
+                except HistoryGone as exc:
+                    reset = StreamReset(self.session_id, exc.after, exc.first_available)
+                    self.cursor = reset.resume_after
+                    yield reset
+                    continue
+                out, ended = self._take(page)
+                if out:
+                    yield out
+                if ended:
+                    return
+                catchup = not caught_up
+                continue
+            if not client.buf:
+                if client.gone:
+                    raise SessionNotFound(self.session_id)
+                waiter = client.waiter = anyio.Event()
+                await waiter.wait()
+                continue
+            items = list(client.buf)
+            client.buf.clear()
+            out, ended = self._take(items)
+            if out:
+                yield out
+            if ended:
+                return
+            if items and items[-1].seq > self.cursor:
+                catchup = True  # a gap: read it from the log
+
+    def _take(self, items: Sequence[HubEvent]) -> tuple[list[HubEvent], bool]:
+        out: list[HubEvent] = []
+        for ev in items:
+            if ev.seq <= self.cursor:
+                continue
+            if ev.seq != self.cursor + 1:
+                break
+            self.cursor = ev.seq
+            if self._match(ev):
+                out.append(ev)
+            if self.until_ended and ev.type == "session.ended":
+                return out, True
+        return out, False
+
+
+class Hub:
+    """One per process: ``async with Hub(log) as hub:`` then ``async with hub.subscribe(...)``."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        live: LiveMode = "xread",
+        buffer: int = 1024,
+        page: int = 500,
+        fetch_batch: int = 256,
+        resync_s: float = 5.0,
+        xread_block_ms: int = 100,
+        on_lag: Callable[[float], None] | None = None,
+    ) -> None:
+        if live not in ("pubsub", "xread"):
+            raise ValueError(f"live must be 'pubsub' or 'xread', not {live!r}")
+        self.log = log
+        self.live: LiveMode = live
+        self.buffer = buffer
+        self.page = page
+        self.fetch_batch = fetch_batch
+        self.resync_s = resync_s
+        self.xread_block_ms = xread_block_ms
+        self.on_lag = on_lag
+        self.stats = HubStats()
+        self.closed = False
+        self.live_connected = False
+        self._watches: dict[str, _Watch] = {}
+        self._dirty: dict[str, _Watch] = {}
+        self._dirty_event = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._exit: contextlib.AsyncExitStack | None = None
+
+    # -- lifetime ----------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            if self.live == "pubsub":
+                await self._tg.start(self._pubsub_loop)
+                await self._tg.start(self._fetch_loop)
+            else:
+                await self._tg.start(self._xread_loop)
+            await self._tg.start(self._sweep_loop)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._exit = stack
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the live path and end every subscription with :class:`HubClosed`."""
+        self.drain()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        if self._exit is not None:
+            stack, self._exit = self._exit, None
+            await stack.aclose()
+
+    @property
+    def clients(self) -> int:
+        return sum(len(w.clients) for w in self._watches.values())
+
+    @property
+    def watched(self) -> int:
+        return len(self._watches)
+
+    # -- subscribing -------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, session_id: str, after: int = 0, *, types: Collection[str] | None = None,
+        until_ended: bool = True,
+    ) -> AsyncIterator[Subscription]:
+        """Watch ``session_id`` from seq ``after``. Registration happens before the first
+        catch-up read, so nothing appended meanwhile can fall between the two."""
+        if self.closed:
+            raise HubClosed("the event hub is shutting down")
+        if after < 0:
+            raise ValueError("after must be >= 0")
+        keys = self.log.keys.session(session_id)
+        w = self._watches.get(session_id)
+        if w is None:
+            w = self._watches[session_id] = _Watch(session_id, keys.stream, keys.meta)
+            self._mark(w)  # initialise its cursor on the live path
+        client = _Client(self.buffer)
+        w.clients.add(client)
+        try:
+            yield Subscription(self, w, client, after, types, until_ended)
+        finally:
+            client.closed = True
+            w.clients.discard(client)
+            if not w.clients and self._watches.get(session_id) is w:
+                del self._watches[session_id]
+                self._dirty.pop(session_id, None)
+
+    async def read_page(
+        self, session_id: str, after: int, limit: int | None = None
+    ) -> tuple[list[HubEvent], bool]:
+        """One catch-up page after ``after`` and whether it reached the end of the log. Raw
+        entries are forwarded without decoding; pages needing the archive or blob hydration go
+        through :meth:`EventLog.read` (which raises :class:`HistoryGone` where history is
+        gone everywhere)."""
+        limit = limit or self.page
+        keys = self.log.keys.session(session_id)
+        with redis_errors("hub read"):
+            entries = await self.log.redis.xrange(
+                keys.stream, f"({_sid(after)}", "+", count=limit
+            )
+        if entries and _seq(entries[0][0]) == after + 1 and not any(
+            b"r" in f for _, f in entries
+        ):
+            return [_event(i, f) for i, f in entries], len(entries) < limit
+        envs = await self.log.read(session_id, after, limit)
+        events = [HubEvent(e.seq, e.type, client_json(e)) for e in envs]
+        # A page from the archive stops where Redis starts, however short: only an empty read
+        # says this is the end of the log.
+        return events, not events
+
+    async def follow(self, session_id: str, after: int = 0) -> AsyncIterator[Envelope]:
+        """Every envelope after ``after``, then live, as :class:`Envelope` objects (the
+        ``EnvelopeSource`` protocol of WebRTC and other followers). Raises
+        :class:`HistoryGone` where history is gone everywhere."""
+        async with self.subscribe(session_id, after) as sub:
+            async for batch in sub.batches():
+                if isinstance(batch, StreamReset):
+                    raise HistoryGone(session_id, batch.after, batch.first_available)
+                for ev in batch:
+                    yield _envelope_decoder.decode(ev.data)
+
+    def drain(self) -> None:
+        """Shutting down: refuse new subscriptions and end every current one with
+        :class:`HubClosed` (the live path keeps running until :meth:`aclose`)."""
+        self.closed = True
+        for w in self._watches.values():
+            for c in w.clients:
+                c.closed = True
+                c.wake()
+
+    # -- live path: common -------------------------------------------------------------------
+    def _mark(self, w: _Watch) -> None:
+        if w.session_id not in self._dirty:
+            self._dirty[w.session_id] = w
+            self._dirty_event.set()
+
+    def _resync_all(self) -> None:
+        self.stats.resyncs += 1
+        for w in self._watches.values():
+            self._mark(w)
+
+    def _fan_out(self, w: _Watch, events: list[HubEvent]) -> None:
+        if not events:
+            return
+        w.cursor = events[-1].seq
+        self.stats.fetched_events += len(events)
+        if self.on_lag is not None:
+            with contextlib.suppress(msgspec.DecodeError):
+                self.on_lag(time.time() - events[-1].ts().timestamp())
+        for c in w.clients:
+            if not c.push(events):
+                self.stats.lagged_clients += 1
+
+    async def _events_of(self, entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]],
+                         where: str) -> list[HubEvent]:
+        if not any(b"r" in f for _, f in entries):
+            return [_event(i, f) for i, f in entries]
+        envs = await self.log.hydrate(
+            [decode_entry(f, where=f"{where} {i!r}") for i, f in entries]
+        )
+        return [HubEvent(e.seq, e.type, client_json(e)) for e in envs]
+
+    async def _init_cursors(self, watches: Sequence[_Watch]) -> None:
+        async with self.log.redis.pipeline(transaction=False) as pipe:
+            for w in watches:
+                pipe.hget(w.meta, "seq")
+            seqs = await pipe.execute()
+        for w, raw in zip(watches, seqs, strict=True):
+            if w.cursor is None:
+                w.cursor = int(raw) if raw is not None else 0
+                if w.head > w.cursor:
+                    self._mark(w)
+
+    async def _sweep_loop(self, *, task_status: TaskStatus[None]) -> None:
+        """Catch notifications that never arrived: compare each watch's seq with its cursor."""
+        task_status.started()
+        while True:
+            await anyio.sleep(self.resync_s)
+            watches = [w for w in self._watches.values() if w.cursor is not None]
+            for start in range(0, len(watches), 1000):
+                chunk = watches[start : start + 1000]
+                try:
+                    async with self.log.redis.pipeline(transaction=False) as pipe:
+                        for w in chunk:
+                            pipe.hget(w.meta, "seq")
+                        seqs = await pipe.execute()
+                except (rexc.RedisError, OSError) as exc:
+                    log_.warning("hub sweep failed: %s", exc)
+                    break
+                for w, raw in zip(chunk, seqs, strict=True):
+                    if raw is None:
+                        self._gone(w)
+                    elif w.cursor is not None and int(raw) > w.cursor:
+                        self.stats.missed += 1
+                        self._mark(w)
+
+    def _gone(self, w: _Watch) -> None:
+        for c in w.clients:
+            c.gone = True
+            c.wake()
+
+    # -- live path: pub/sub notifications ------------------------------------------------------
+    async def _pubsub_loop(self, *, task_status: TaskStatus[None]) -> None:
+        channels = [self.log.keys.notify(s) for s in self.log.keys.all_shards()]
+        started = False
+        delay = 0.05
+        while True:
+            pubsub = self.log.redis.pubsub()
+            try:
+                await pubsub.subscribe(*channels)
+                async for msg in pubsub.listen():
+                    kind = msg["type"]
+                    if kind == "message":
+                        self._on_notify(msg["data"])
+                    elif kind == "subscribe" and msg["data"] == len(channels):
+                        # (re)subscribed: whatever was published meanwhile is lost
+                        self.live_connected = True
+                        delay = 0.05
+                        self._resync_all()
+                        if not started:
+                            started = True
+                            task_status.started()
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+                self.live_connected = False
+                log_.warning("hub notifications lost (%s); reconnecting", exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _on_notify(self, data: bytes) -> None:
+        self.stats.notifications += 1
+        sid, _, seq = data.partition(b" ")
+        w = self._watches.get(sid.decode())
+        if w is None:
+            return
+        n = int(seq)
+        if n > w.head:
+            w.head = n
+        if w.cursor is None or n > w.cursor:
+            self._mark(w)
+
+    async def _fetch_loop(self, *, task_status: TaskStatus[None]) -> None:
+        """XRANGE every dirty session after its cursor, many per round trip."""
+        task_status.started()
+        while True:
+            if not self._dirty:
+                self._dirty_event = anyio.Event()
+                await self._dirty_event.wait()
+            batch: list[_Watch] = []
+            while self._dirty and len(batch) < self.fetch_batch:
+                _, w = self._dirty.popitem()
+                if self._watches.get(w.session_id) is w:
+                    batch.append(w)
+            try:
+                await self._fetch(batch)
+            except (EventcoreError, rexc.RedisError, OSError) as exc:
+                log_.warning("hub fetch failed (%s); retrying", exc)
+                for w in batch:
+                    self._mark(w)
+                await anyio.sleep(0.1)
+
+    async def _fetch(self, batch: list[_Watch]) -> None:
+        fresh = [w for w in batch if w.cursor is None]
+        if fresh:
+            with redis_errors("hub init"):
+                await self._init_cursors(fresh)
+        # a fresh watch starts live from its current seq; its clients catch up by themselves
+        ready = [w for w in batch if w.cursor is not None and w not in set(fresh)]
+        if not ready:
+            return
+        with redis_errors("hub fetch"):
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                for w in ready:
+                    pipe.xrange(w.stream, f"({_sid(w.cursor or 0)}", "+", count=self.page)
+                results = await pipe.execute()
+        self.stats.fetches += 1
+        for w, entries in zip(ready, results, strict=True):
+            if not entries:
+                if w.head > (w.cursor or 0):
+                    await self._check_gone(w)
+                continue
+            self._fan_out(w, await self._events_of(entries, w.stream))
+            if len(entries) == self.page or w.head > (w.cursor or 0):
+                self._mark(w)
+
+    async def _check_gone(self, w: _Watch) -> None:
+        with redis_errors("hub exists"):
+            exists = await self.log.redis.exists(w.meta)
+        if not exists:
+            self._gone(w)
+        else:
+            w.head = w.cursor or 0
+
+    # -- live path: one multiplexed XREAD ------------------------------------------------------
+    async def _xread_loop(self, *, task_status: TaskStatus[None]) -> None:
+        """One blocking XREAD over every watched stream. A session watched while it blocks joins
+        on the next call (its clients catch up by themselves meanwhile)."""
+        self.live_connected = True
+        task_status.started()
+        while True:
+            try:
+                fresh = [w for w in self._watches.values() if w.cursor is None]
+                if fresh:
+                    with redis_errors("hub init"):
+                        await self._init_cursors(fresh)
+                self._dirty.clear()
+                streams: dict[Any, Any] = {
+                    w.stream: _sid(w.cursor) for w in self._watches.values()
+                    if w.cursor is not None
+                }
+                if not streams:
+                    self._dirty_event = anyio.Event()
+                    with anyio.move_on_after(self.xread_block_ms / 1000):
+                        await self._dirty_event.wait()
+                    continue
+                by_stream = {w.stream: w for w in self._watches.values()}
+                with redis_errors("hub xread"):
+                    got = await self.log.redis.xread(
+                        streams, count=self.page, block=self.xread_block_ms
+                    )
+                self.live_connected = True
+                self.stats.fetches += 1
+                for key, entries in got or ():
+                    w = by_stream.get(key.decode() if isinstance(key, bytes) else key)
+                    if w is None or w.cursor is None or not entries:
+                        continue
+                    events = [e for e in await self._events_of(entries, w.stream)
+                              if e.seq > w.cursor]
+                    self._fan_out(w, events)
+            except (EventcoreError, rexc.RedisError, OSError) as exc:
+                self.live_connected = False
+                log_.warning("hub xread failed (%s); retrying", exc)
+                await anyio.sleep(0.1)
+
+
+def _event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> HubEvent:
+    return HubEvent(_seq(entry_id), fields[b"t"].decode(), fields[b"d"])
+
+
+def _sid(seq: int | None) -> str:
+    return f"0-{seq or 0}"
+
+
+def _seq(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.partition("-")[2])
+

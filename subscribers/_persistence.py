@@ -1,0 +1,381 @@
+"""Persistence: every envelope into SQLite (default) or PostgreSQL, with SQLAlchemy Core async.
+
+Tables (``prefix`` defaults to ``eventcore_``; PostgreSQL may also take a ``schema``):
+
+``<prefix>events``       (session_id, seq) primary key; type, run_id, event_key, ts_ms, the client
+                         envelope JSON (``envelope``) and ``server_data`` JSON, kept apart as in
+                         Redis. Inserted with ON CONFLICT DO NOTHING: idempotent.
+``<prefix>sessions``     session_id -> last_seq: every seq up to it is stored (the watermark
+                         retention trims Redis below). Raised in the same transaction as the
+                         rows, never lowered.
+``<prefix>checkpoints``  (group, shard) -> feed entry id, for NOGROUP recovery without Redis.
+``<prefix>schema``       the schema version; created at start, refused when newer than ours.
+
+It is also the :class:`~eventcore.HistoryArchive` for tiered replay: give it to the log as
+``EventLog(archive=persistence)`` (or set ``log.archive``) and reads of trimmed history come
+from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+import anyio
+import sqlalchemy as sa
+import sqlalchemy.exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from eventcore import ConfigError, Envelope, EventLog, client_json, load_settings
+from eventcore._codec import decode_entry, encode
+
+from ._ordered import OrderedSubscriber, Run
+
+__all__ = ["SCHEMA_VERSION", "Persistence", "is_unavailable"]
+
+SCHEMA_VERSION: Final = 1
+log_ = logging.getLogger("eventcore.persistence")
+T = TypeVar("T")
+_CHUNK = 500
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database is down, restarting or unreachable (as opposed to refusing the data)."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (OSError, sa_exc.OperationalError, sa_exc.InterfaceError,
+                            sa_exc.TimeoutError))
+
+
+def _tables(prefix: str, schema: str | None) -> tuple[sa.MetaData, dict[str, sa.Table]]:
+    md = sa.MetaData(schema=schema)
+    t = {
+        "events": sa.Table(
+            f"{prefix}events", md,
+            sa.Column("session_id", sa.String(128), primary_key=True),
+            sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("type", sa.String(128), nullable=False),
+            sa.Column("run_id", sa.Text),
+            sa.Column("event_key", sa.Text, nullable=False),
+            sa.Column("ts_ms", sa.BigInteger, nullable=False),
+            sa.Column("envelope", sa.Text, nullable=False),
+            sa.Column("server_data", sa.Text),
+        ),
+        "sessions": sa.Table(
+            f"{prefix}sessions", md,
+            sa.Column("session_id", sa.String(128), primary_key=True),
+            sa.Column("last_seq", sa.BigInteger, nullable=False),
+            sa.Column("updated_ms", sa.BigInteger, nullable=False),
+        ),
+        "checkpoints": sa.Table(
+            f"{prefix}checkpoints", md,
+            sa.Column("group_name", sa.String(200), primary_key=True),
+            sa.Column("shard", sa.Integer, primary_key=True, autoincrement=False),
+            sa.Column("entry_id", sa.String(64), nullable=False),
+        ),
+        "schema": sa.Table(
+            f"{prefix}schema", md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+            sa.Column("version", sa.Integer, nullable=False),
+        ),
+    }
+    return md, t
+
+
+def _chunks(items: Sequence[T], n: int = _CHUNK) -> list[Sequence[T]]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+class Persistence(OrderedSubscriber):
+    """Stores every envelope, in order and exactly once per (session_id, seq).
+
+    ``url``: a SQLAlchemy async URL (``postgresql+asyncpg://...``, ``sqlite+aiosqlite:///...``);
+    default ``EVENTCORE_DATABASE_URL``, else SQLite at ``<data_dir>/history.sqlite3``. While
+    the database is unreachable, writes back off (up to ``backoff_s[1]`` between tries) and
+    retry for as long as it takes, holding their entries pending; nothing is dead-lettered
+    for an outage. Archive reads give up after ``read_budget_s``.
+    """
+
+    name = "persistence"
+
+    def __init__(
+        self,
+        log: EventLog | None = None,
+        url: str | None = None,
+        *,
+        prefix: str = "eventcore_",
+        schema: str | None = None,
+        backoff_s: tuple[float, float] = (0.1, 5.0),
+        read_budget_s: float = 10.0,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(log)  # without a log: a read-only archive
+        settings = log.settings if log is not None else load_settings()
+        if url is None:
+            url = settings.database_url
+        if url is None:
+            path = Path(settings.data_dir) / "history.sqlite3"
+            url = f"sqlite+aiosqlite:///{path}"
+        self.url = url
+        self.prefix = prefix
+        self.schema = schema
+        self.backoff_s = backoff_s
+        self.read_budget_s = read_budget_s
+        self.engine_options = dict(engine_options or {})
+        self.metadata, self.tables = _tables(prefix, schema)
+        self.db_retries = 0
+        self._engine: AsyncEngine | None = None
+        self._dialect = sa.engine.make_url(url).get_backend_name()
+        if self._dialect not in ("sqlite", "postgresql"):
+            raise ConfigError(f"database URL {url!r}: use postgresql+asyncpg:// or sqlite+aiosqlite://")
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("Persistence is not started: use `async with Persistence(...)`")
+        return self._engine
+
+    async def start(self) -> None:
+        """Connect, create the tables if missing and check the schema version (retrying while
+        the database is unreachable, up to ``read_budget_s``)."""
+        opts: dict[str, Any] = {"pool_pre_ping": True, **self.engine_options}
+        if self._dialect == "sqlite":
+            path = sa.engine.make_url(self.url).database
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            opts.setdefault("connect_args", {"timeout": 10, "command_timeout": 60})
+        self._engine = create_async_engine(self.url, **opts)
+        if self._dialect == "sqlite":
+            sa.event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
+        try:
+            await self._retrying(self._create_schema, budget_s=self.read_budget_s)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _create_schema(self) -> None:
+        async with self.engine.begin() as conn:
+            if self._dialect == "postgresql":  # concurrent starts: one creates, others wait
+                lock = zlib.crc32(f"{self.schema}.{self.prefix}".encode())
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock})
+            await conn.run_sync(self.metadata.create_all)
+            t = self.tables["schema"]
+            found = (await conn.execute(sa.select(t.c.version).where(t.c.id == 1))).scalar()
+            if found is None:
+                await conn.execute(t.insert().values(id=1, version=SCHEMA_VERSION))
+            elif found > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"the history database ({self.prefix}schema) is at schema version {found}; "
+                    f"this eventcore knows up to {SCHEMA_VERSION}: upgrade eventcore"
+                )
+
+    async def aclose(self) -> None:
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            with anyio.CancelScope(shield=True):  # closing must finish even when cancelled
+                await engine.dispose()
+
+    async def drop_tables(self) -> None:
+        """Drop the tables (tests and teardown)."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(self.metadata.drop_all)
+
+    # -- retrying ------------------------------------------------------------------------------
+    async def _retrying(
+        self, fn: Callable[[], Awaitable[T]], *, budget_s: float | None = None
+    ) -> T:
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                attempt += 1
+                self.db_retries += 1
+                base, cap = self.backoff_s
+                delay = random.uniform(0.5, 1.0) * min(cap, base * 2 ** min(attempt - 1, 20))
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise
+                log_.warning("persistence: database unavailable (%s); retry %d in %.2fs",
+                             type(exc).__name__, attempt, delay)
+                await anyio.sleep(delay)
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self._dialect == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
+            return postgresql.insert(table)
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert(table)
+
+    # -- the subscriber ------------------------------------------------------------------------
+    async def positions(self, session_ids: Collection[str]) -> Mapping[str, int]:
+        return await self._retrying(lambda: self._positions(list(session_ids)))
+
+    async def _positions(self, session_ids: Sequence[str]) -> dict[str, int]:
+        t = self.tables["sessions"]
+        out: dict[str, int] = {}
+        async with self.engine.connect() as conn:
+            for chunk in _chunks(session_ids):
+                rows = await conn.execute(
+                    sa.select(t.c.session_id, t.c.last_seq).where(t.c.session_id.in_(chunk))
+                )
+                out.update({sid: int(seq) for sid, seq in rows})
+        return out
+
+    async def apply(self, runs: Sequence[Run]) -> Collection[str]:
+        rows = [_row(e) for run in runs for e in run.envelopes]
+        now = int(time.time() * 1000)
+        marks = [{"session_id": r.session_id, "last_seq": r.last, "updated_ms": now} for r in runs]
+        await self._retrying(lambda: self._write(rows, marks))
+        return ()  # rows are idempotent and the watermark only rises: no conflicts
+
+    async def _write(self, rows: list[dict[str, Any]], marks: list[dict[str, Any]]) -> None:
+        events, sessions = self.tables["events"], self.tables["sessions"]
+        async with self.engine.begin() as conn:
+            if rows:
+                stmt = self._insert(events).on_conflict_do_nothing(
+                    index_elements=["session_id", "seq"]
+                )
+                for chunk in _chunks(rows):
+                    await conn.execute(stmt, list(chunk))
+            up = self._insert(sessions)
+            up = up.on_conflict_do_update(
+                index_elements=["session_id"],
+                set_={
+                    "last_seq": sa.case(
+                        (up.excluded.last_seq > sessions.c.last_seq, up.excluded.last_seq),
+                        else_=sessions.c.last_seq,
+                    ),
+                    "updated_ms": up.excluded.updated_ms,
+                },
+            )
+            for chunk in _chunks(marks):
+                await conn.execute(up, list(chunk))
+
+    # -- the archive (tiered replay) -----------------------------------------------------------
+    async def read(self, session_id: str, after: int, limit: int) -> Sequence[Envelope]:
+        """Stored envelopes of a session with seq > ``after``, in order (HistoryArchive)."""
+        t = self.tables["events"]
+        query = (
+            sa.select(t.c.envelope, t.c.server_data)
+            .where(t.c.session_id == session_id, t.c.seq > after)
+            .order_by(t.c.seq)
+            .limit(limit)
+        )
+
+        async def go() -> list[Envelope]:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+            return [_envelope(session_id, d, sd) for d, sd in rows]
+
+        return await self._retrying(go, budget_s=self.read_budget_s)
+
+    async def watermarks(self, session_ids: Collection[str]) -> Mapping[str, int]:
+        """Per session, the seq up to which everything is stored."""
+        return await self.positions(session_ids)
+
+    async def stored_before(
+        self, session_ids: Collection[str], cutoff_ms: int
+    ) -> Mapping[str, int]:
+        """Per session, the highest stored seq at or below its watermark whose envelope was
+        published before ``cutoff_ms`` (epoch ms): what a hot window of history may drop."""
+        e, s = self.tables["events"], self.tables["sessions"]
+
+        async def go() -> dict[str, int]:
+            out: dict[str, int] = {}
+            async with self.engine.connect() as conn:
+                for chunk in _chunks(list(session_ids)):
+                    rows = await conn.execute(
+                        sa.select(e.c.session_id, sa.func.max(e.c.seq))
+                        .join(s, s.c.session_id == e.c.session_id)
+                        .where(e.c.session_id.in_(chunk), e.c.ts_ms < cutoff_ms,
+                               e.c.seq <= s.c.last_seq)
+                        .group_by(e.c.session_id)
+                    )
+                    out.update({sid: int(seq) for sid, seq in rows if seq is not None})
+            return out
+
+        return await self._retrying(go, budget_s=self.read_budget_s)
+
+    async def count(self, session_id: str | None = None) -> int:
+        """How many envelopes are stored (for one session, or all)."""
+        t = self.tables["events"]
+        q = sa.select(sa.func.count()).select_from(t)
+        if session_id is not None:
+            q = q.where(t.c.session_id == session_id)
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(q)).scalar_one())
+
+    # -- checkpoints (CheckpointStore) ---------------------------------------------------------
+    async def load_checkpoint(self, group: str, shard: int) -> str | None:
+        t = self.tables["checkpoints"]
+
+        async def go() -> str | None:
+            async with self.engine.connect() as conn:
+                return (await conn.execute(
+                    sa.select(t.c.entry_id).where(t.c.group_name == group, t.c.shard == shard)
+                )).scalar()
+
+        return await self._retrying(go, budget_s=self.read_budget_s)
+
+    async def save_checkpoint(self, group: str, shard: int, entry_id: str) -> None:
+        t = self.tables["checkpoints"]
+        stmt = self._insert(t).values(group_name=group, shard=shard, entry_id=entry_id)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["group_name", "shard"], set_={"entry_id": stmt.excluded.entry_id}
+        )
+
+        async def go() -> None:
+            async with self.engine.begin() as conn:
+                await conn.execute(stmt)
+
+        await self._retrying(go, budget_s=self.read_budget_s)
+
+
+def _row(env: Envelope) -> dict[str, Any]:
+    return {
+        "session_id": env.session_id,
+        "seq": env.seq,
+        "type": env.type,
+        "run_id": env.run_id,
+        "event_key": env.event_key,
+        "ts_ms": int(env.ts.timestamp() * 1000),
+        "envelope": client_json(env).decode(),
+        "server_data": None if env.server_data is None else encode(env.server_data).decode(),
+    }
+
+
+def _envelope(session_id: str, d: str, sd: str | None) -> Envelope:
+    fields = {b"d": d.encode()}
+    if sd is not None:
+        fields[b"sd"] = sd.encode()
+    return decode_entry(fields, where=f"archive {session_id!r}")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets archive reads run while the subscriber writes; NORMAL is durable at checkpoints.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

@@ -1,0 +1,475 @@
+"""The consumer-group runtime: one runner drives one subscriber over every shard feed.
+
+One loop per runner, so a batch is handled, acknowledged and only then is the next one read:
+
+1. retries that are due (entries whose handling failed, after a backoff);
+2. every ``claim_interval_ms``: a fenced XAUTOCLAIM pass (``_lua/reclaim.lua``) taking entries
+   idle for ``claim_idle_ms`` from dead or stuck consumers; entries delivered more than
+   ``max_deliveries`` times go to the dead-letter stream instead;
+3. XREADGROUP over all shard feeds (up to ``batch`` per shard), blocking at most until the next
+   retry or reclaim is due.
+
+Beside the loop, a heartbeat keeps the entries this runner holds (in hand or waiting to retry)
+from looking idle, and a maintenance task refreshes the metrics and raises the checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
+
+from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
+from ._groups import Claimed, FeedGroup, is_nogroup
+from ._metrics import SubscriberMetrics
+
+__all__ = ["SubscriberRunner", "default_consumer_name", "is_transient"]
+
+log_ = logging.getLogger("eventcore.subscribers")
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Failures of a backend rather than of the entry: retried with backoff for as long as it
+    takes, without counting towards ``max_deliveries`` (a Redis or database outage must not
+    dead-letter good entries)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_transient(e) for e in exc.exceptions)
+    return isinstance(exc, (RedisUnavailable, OSError))
+
+
+@dataclass(slots=True)
+class _Item:
+    delivery: Delivery
+    fields: Mapping[bytes, bytes]
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.delivery.shard, self.delivery.entry_id
+
+
+@dataclass(slots=True)
+class _Retry:
+    due: float
+    item: _Item
+
+
+class SubscriberRunner:
+    """Runs one :class:`Subscriber` as consumer ``consumer`` of group ``group`` (default: the
+    subscriber's ``name``) on every shard feed (or ``shards``).
+
+    Use it as ``async with SubscriberRunner(log, sub) as runner:`` (started, groups ensured,
+    stopped gracefully on exit), or ``await tg.start(runner.run)`` and later
+    ``await runner.aclose()``. ``await runner.drain()`` instead processes everything available
+    now (due retries and reclaimable entries included) and returns: the burst mode for tests
+    and batch jobs.
+
+    Guarantees: an entry is acknowledged only after ``handle`` returned for it (at least once);
+    a group lost with Redis's data (NOGROUP) is recreated from the checkpoint, never from ``$``;
+    a failing entry is retried with exponential backoff and after ``max_deliveries`` deliveries
+    moved to the shard's dead-letter stream with the error, while everything else keeps flowing.
+    Backend outages (:func:`is_transient`) are retried without limit instead.
+    """
+
+    def __init__(
+        self,
+        log: EventLog,
+        subscriber: Subscriber,
+        *,
+        group: str | None = None,
+        consumer: str | None = None,
+        shards: Sequence[int] | None = None,
+        batch: int = 256,
+        block_ms: int = 2000,
+        claim_idle_ms: int = 30_000,
+        claim_interval_ms: int | None = None,
+        max_deliveries: int = 8,
+        backoff_s: tuple[float, float] = (0.05, 30.0),
+        checkpoints: CheckpointStore | None = None,
+        start_id: str = "0",
+        metrics_interval_s: float = 5.0,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        if batch < 1 or max_deliveries < 1 or claim_idle_ms < 1:
+            raise ValueError("batch, max_deliveries and claim_idle_ms must be positive")
+        if start_id == "$":
+            raise ValueError("start_id '$' would skip entries appended before the group exists")
+        self.log = log
+        self.subscriber = subscriber
+        self.group = group or subscriber.name
+        self.consumer = consumer or default_consumer_name()
+        self.shards = list(log.keys.all_shards() if shards is None else shards)
+        self.batch = batch
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.claim_interval_s = (claim_interval_ms or max(claim_idle_ms // 2, 10)) / 1000
+        self.lease_ms = max(int(self.claim_interval_s * 3000), 1000)
+        self.max_deliveries = max_deliveries
+        self.backoff_s = backoff_s
+        self.checkpoints = checkpoints
+        self.start_id = start_id
+        self.metrics_interval_s = metrics_interval_s
+        self.drain_timeout_s = drain_timeout_s
+        self.metrics = SubscriberMetrics(self.group, self.consumer)
+        self._fg: FeedGroup | None = None
+        self._retry: dict[tuple[int, str], _Retry] = {}
+        self._inflight: dict[tuple[int, str], _Item] = {}
+        self._cursor = dict.fromkeys(self.shards, "0-0")
+        self._next_reclaim = 0.0
+        self._outage_streak = 0  # consecutive Redis failures of the loop itself
+        self._backend_streak = 0  # consecutive batches failed by a backend outage
+        self._stopping = False
+        self._read_scope: anyio.CancelScope | None = None
+        self._run_scope: anyio.CancelScope | None = None
+        self._running = False
+        self._done = anyio.Event()
+        self._progress = anyio.Event()
+        self._tg: TaskGroup | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._tg.start(self.run)
+        except BaseException as exc:
+            await self._tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+        if self._tg is not None:
+            tg, self._tg = self._tg, None
+            await tg.__aexit__(et, e, tb)
+
+    @property
+    def group_ops(self) -> FeedGroup:
+        if self._fg is None:
+            self._fg = FeedGroup(self.log.redis, self.log.keys, self.group, self.consumer,
+                                 self.shards, store=self.checkpoints)
+        return self._fg
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every shard feed where it is missing (at the checkpoint, else
+        at ``start_id``)."""
+        await self.group_ops.ensure(self.start_id)
+
+    def stop(self) -> None:
+        """Ask the runner to stop: the batch in hand is finished and acknowledged; nothing new
+        is read; entries waiting for a retry stay pending for another consumer."""
+        self._stopping = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    async def aclose(self) -> None:
+        """Stop gracefully; after ``drain_timeout_s`` the batch in hand is abandoned (its
+        entries stay pending and are reclaimed by another consumer)."""
+        self.stop()
+        if not self._running:
+            return
+        with anyio.move_on_after(self.drain_timeout_s, shield=True):
+            await self._done.wait()
+        if self._running and self._run_scope is not None:
+            self._run_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await self._done.wait()
+
+    async def run(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED, burst: bool = False
+    ) -> None:
+        """Ensure the groups, report ready, then consume until stopped (or, with ``burst``,
+        until nothing is left to do now)."""
+        if self._running:
+            raise RuntimeError("this runner is already running")
+        self._running, self._stopping, self._done = True, False, anyio.Event()
+        try:
+            with anyio.CancelScope() as self._run_scope:
+                await self.ensure_groups()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._heartbeat)
+                    if not burst:
+                        tg.start_soon(self._maintenance)
+                    task_status.started()
+                    await self._loop(burst)
+                    if burst:  # leave the checkpoint where the drain got to
+                        await self.refresh_metrics()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._running = False
+            self._run_scope = None
+            with anyio.CancelScope(shield=True):
+                await self._release_leases()
+            self._done.set()
+            self._notify()
+
+    async def drain(self) -> int:
+        """Process what is there now (new entries, due retries, reclaimable entries), waiting
+        out retry backoffs, and return how many deliveries were handled."""
+        before = self.metrics.delivered
+        await self.run(burst=True)
+        return self.metrics.delivered - before
+
+    async def _release_leases(self) -> None:
+        if self._fg is None:
+            return
+        try:
+            with anyio.move_on_after(2):
+                await self._fg.release()
+        except RedisError:
+            pass  # they expire anyway
+
+    # -- observing -------------------------------------------------------------------------------
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = anyio.Event()
+
+    async def wait_until(self, predicate: Callable[[SubscriberMetrics], bool]) -> None:
+        """Return once ``predicate(self.metrics)`` holds, checked after every batch (bound the
+        wait with ``anyio.fail_after``)."""
+        while not predicate(self.metrics):
+            if self._done.is_set() and not self._running:
+                raise RuntimeError("the runner stopped before the condition held")
+            await self._progress.wait()
+
+    async def refresh_metrics(self) -> SubscriberMetrics:
+        """Query the group's lag and pending counts now (and raise the checkpoints)."""
+        states = await self.group_ops.state()
+        self.metrics.lag = sum(s.lag or 0 for s in states if s.exists)
+        self.metrics.pending = sum(s.pending for s in states if s.exists)
+        self.metrics.retry_queue = len(self._retry)
+        await self.group_ops.save_checkpoints(states)
+        return self.metrics
+
+    async def _maintenance(self) -> None:
+        ticks = 0
+        while True:
+            await anyio.sleep(self.metrics_interval_s)
+            ticks += 1
+            try:
+                await self.refresh_metrics()
+                if ticks % 60 == 0:
+                    await self.group_ops.forget_idle_consumers(max(self.claim_idle_ms * 10,
+                                                                   3_600_000))
+            except Exception as exc:  # Redis or the checkpoint store: try again next tick
+                log_.warning("subscriber %s: metrics/checkpoint refresh failed: %r",
+                             self.group, exc)
+            self._notify()
+
+    async def _heartbeat(self) -> None:
+        every = max(self.claim_idle_ms / 3000, 0.02)
+        while True:
+            await anyio.sleep(every)
+            held: dict[int, list[str]] = {}
+            for shard, entry_id in [*self._inflight, *self._retry]:
+                held.setdefault(shard, []).append(entry_id)
+            if held:
+                try:
+                    await self.group_ops.touch(held)
+                except RedisError as exc:
+                    log_.debug("subscriber %s: heartbeat failed: %s", self.group, exc)
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def _loop(self, burst: bool) -> None:
+        while not self._stopping:
+            try:
+                more = await self._step(burst)
+                self._outage_streak = 0
+            except RedisError as exc:
+                if is_nogroup(exc):
+                    await self._recover_groups()
+                    continue
+                if "UNBLOCKED" in str(exc):  # the feed was deleted under a blocked read
+                    continue
+                self.metrics.redis_outages += 1
+                self._outage_streak += 1
+                log_.warning("subscriber %s: Redis failed (%s); retrying", self.group, exc)
+                await anyio.sleep(self._backoff(self._outage_streak))
+                continue
+            if not more:
+                return
+
+    async def _recover_groups(self) -> None:
+        created = await self.group_ops.ensure(self.start_id)
+        self._cursor = dict.fromkeys(self.shards, "0-0")
+        self.metrics.nogroup_recoveries += 1
+        log_.warning("subscriber %s: consumer group was gone on shards %s; recreated from "
+                     "the checkpoint", self.group, created)
+
+    async def _step(self, burst: bool) -> bool:
+        """One round; False when the runner should stop (stop requested, or burst is done)."""
+        now = time.monotonic()
+        due = [r.item for r in self._retry.values() if r.due <= now]
+        if due:
+            for item in due:
+                del self._retry[item.key]
+            self.metrics.redeliveries += len(due)
+            await self._process(due)
+            return True
+        if burst or now >= self._next_reclaim:
+            self._next_reclaim = now + self.claim_interval_s
+            claimed = await self._reclaim_pass()
+            if claimed:
+                await self._process(claimed)
+                return True
+        block: int | None = None
+        if not burst:
+            wake = min([self._next_reclaim, *(r.due for r in self._retry.values())])
+            block = max(1, min(self.block_ms, math.ceil((wake - time.monotonic()) * 1000)))
+        with anyio.CancelScope() as scope:
+            self._read_scope = scope
+            if self._stopping:
+                scope.cancel()
+            raw = await self.group_ops.read(self.batch, block)
+        self._read_scope = None
+        if scope.cancelled_caught:
+            return False
+        if raw:
+            items = await self._decode([(s, i, f, 1) for s, i, f in raw])
+            if items:
+                await self._process(items)
+            return True
+        if burst:
+            if not self._retry:
+                return False
+            await anyio.sleep(max(0.0, min(r.due for r in self._retry.values()) - now))
+        return True
+
+    async def _reclaim_pass(self) -> list[_Item]:
+        found: list[tuple[int, Claimed]] = []
+        for shard in self.shards:
+            _, cursor, claimed, dead = await self.group_ops.reclaim(
+                shard, cursor=self._cursor[shard], min_idle_ms=self.claim_idle_ms,
+                count=self.batch, lease_ms=self.lease_ms, max_deliveries=self.max_deliveries,
+            )
+            self._cursor[shard] = cursor
+            self.metrics.dead_lettered += dead
+            found += [(shard, c) for c in claimed if (shard, c.entry_id) not in self._retry]
+        if not found:
+            return []
+        self.metrics.reclaimed += len(found)
+        self.metrics.redeliveries += len(found)
+        return await self._decode([(s, c.entry_id, c.fields, c.deliveries) for s, c in found])
+
+    async def _decode(self, raw: Sequence[tuple[int, str, Any, int]]) -> list[_Item]:
+        """Feed entries to deliveries; an entry that is not an envelope is dead-lettered at once
+        (no retry can fix it)."""
+        items: list[_Item] = []
+        feeds = self.group_ops.feed_names
+        for shard, entry_id, fields, attempt in raw:
+            try:
+                env = decode_feed_entry(fields, f"{feeds[shard]} {entry_id}")
+            except CorruptEntry as exc:
+                await self._dead_letter(shard, entry_id, fields, attempt, exc)
+                continue
+            items.append(_Item(Delivery(entry_id, shard, env, attempt), fields))
+        refs = [i for i in items if b"r" in i.fields]
+        if refs:
+            items = [i for i in items if b"r" not in i.fields]
+            for item in refs:  # rare (large payloads): one by one, so a missing blob is isolated
+                try:
+                    (env,) = await self.log.hydrate([item.delivery.envelope])
+                except CorruptEntry as exc:
+                    d = item.delivery
+                    await self._dead_letter(d.shard, d.entry_id, item.fields, d.attempt, exc)
+                    continue
+                d = item.delivery
+                items.append(_Item(Delivery(d.entry_id, d.shard, env, d.attempt), item.fields))
+        return items
+
+    # -- handling --------------------------------------------------------------------------------
+    async def _process(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        for item in items:
+            self._inflight[item.key] = item
+        try:
+            self.metrics.delivered += len(items)
+            ok, failed = await self._handle(items)
+            acks: dict[int, list[str]] = {}
+            for item in ok:
+                acks.setdefault(item.delivery.shard, []).append(item.delivery.entry_id)
+            await self.group_ops.ack(acks)
+            self.metrics.acked += len(ok)
+            outage = bool(failed) and all(is_transient(exc) for _, exc in failed)
+            self._backend_streak = self._backend_streak + 1 if outage else 0
+            for item, exc in failed:
+                await self._failed(item, exc)
+            if outage:
+                exc = failed[0][1]
+                log_.warning("subscriber %s: backend unavailable (%s: %s); %d entries wait to "
+                             "be retried", self.group, type(exc).__name__, exc, len(failed))
+        finally:
+            for item in items:
+                self._inflight.pop(item.key, None)
+        self.metrics.retry_queue = len(self._retry)
+        self.metrics.record_batch((time.perf_counter() - started) * 1000)
+        self._notify()
+
+    async def _handle(
+        self, items: list[_Item]
+    ) -> tuple[list[_Item], list[tuple[_Item, Exception]]]:
+        try:
+            await self.subscriber.handle([i.delivery for i in items])
+            return items, []
+        except Exception as exc:
+            if len(items) == 1 or is_transient(exc):
+                return [], [(i, exc) for i in items]
+        # Something in the batch failed: one by one, so the rest is not held back by it.
+        ok, failed = [], []
+        for item in items:
+            try:
+                await self.subscriber.handle([item.delivery])
+                ok.append(item)
+            except Exception as exc:
+                failed.append((item, exc))
+        return ok, failed
+
+    def _backoff(self, attempt: int) -> float:
+        base, cap = self.backoff_s
+        return random.uniform(0.5, 1.0) * min(cap, base * 2.0 ** min(max(0, attempt - 1), 30))
+
+    async def _failed(self, item: _Item, exc: Exception) -> None:
+        d = item.delivery
+        if is_transient(exc):
+            self.metrics.transient_failures += 1
+            due = time.monotonic() + self._backoff(self._backend_streak)
+            self._retry[item.key] = _Retry(due, item)
+            return
+        self.metrics.failures += 1
+        if d.attempt >= self.max_deliveries:
+            log_.error("subscriber %s: entry %s (session %s seq %d) failed %d times; "
+                       "dead-lettered: %r", self.group, d.entry_id, d.session_id, d.seq,
+                       d.attempt, exc)
+            await self._dead_letter(d.shard, d.entry_id, item.fields, d.attempt, exc)
+            return
+        nxt = Delivery(d.entry_id, d.shard, d.envelope, d.attempt + 1)
+        self._retry[item.key] = _Retry(time.monotonic() + self._backoff(d.attempt),
+                                       _Item(nxt, item.fields))
+
+    async def _dead_letter(
+        self, shard: int, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int,
+        exc: BaseException,
+    ) -> None:
+        info = ErrorInfo.from_exception(exc)
+        if isinstance(exc, CorruptEntry):
+            info = ErrorInfo(type=info.type, message=info.message, retryable=False)
+        await self.group_ops.dead_letter(shard, entry_id, fields, deliveries, info)
+        self.metrics.dead_lettered += 1

@@ -1,0 +1,1 @@
+"""Shared fixtures come from the eventcore pytest plugin (eventcore.testing._plugin)."""

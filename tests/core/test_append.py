@@ -1,0 +1,208 @@
+"""Append: seq, dedupe, fencing, refusals, batches, large payloads, NOSCRIPT."""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+import pytest
+
+from eventcore import (
+    Envelope,
+    EventLog,
+    PayloadTooLarge,
+    SessionEnded,
+    SessionNotFound,
+    StaleHost,
+    ValidationError,
+)
+from eventcore.testing.invariants import check_log, read_all
+
+
+def env(sid: str, n: int = 0, *, key: str = "", type: str = "message") -> Envelope:
+    return Envelope(type=type, session_id=sid, payload={"n": n}, event_key=key)
+
+
+async def test_seq_is_gap_free_from_one(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    results = [await event_log.append(env(s.session_id, i)) for i in range(5)]
+    assert [r.seq for r in results] == [2, 3, 4, 5, 6]
+    assert not any(r.duplicate for r in results)
+    log = await read_all(event_log, s.session_id)
+    check_log(log)
+    assert [e.payload for e in log[1:]] == [{"n": i} for i in range(5)]
+    assert (await event_log.get_session(s.session_id)).last_seq == 6
+
+
+async def test_duplicate_event_key_returns_first_seq(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    first = await event_log.append(env(s.session_id, 1, key="k1"))
+    await event_log.append(env(s.session_id, 2))
+    again = await event_log.append(env(s.session_id, 3, key="k1"))
+    assert (first.seq, first.duplicate) == (2, False)
+    assert (again.seq, again.duplicate) == (2, True)
+    log = await read_all(event_log, s.session_id)
+    assert [e.seq for e in log] == [1, 2, 3]
+    assert log[1].payload == {"n": 1}  # the first envelope stands
+
+
+async def test_duplicate_keys_inside_one_batch(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    sid = s.session_id
+    res = await event_log.append_many(
+        [env(sid, 1, key="a"), env(sid, 2, key="b"), env(sid, 3, key="a"), env(sid, 4)]
+    )
+    assert [(r.seq, r.duplicate) for r in res] == [(2, False), (3, False), (2, True), (4, False)]
+    # and across concurrent group-committed appends
+    results: list[int] = []
+
+    async def one() -> None:
+        results.append((await event_log.append(env(sid, 9, key="same"))).seq)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(one)
+    assert set(results) == {5}
+    check_log(await read_all(event_log, sid))
+
+
+async def test_generated_keys_are_unique_and_returned(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    res = await event_log.append_many([env(s.session_id, i) for i in range(50)])
+    keys = [r.event_key for r in res]
+    assert len(set(keys)) == 50 and all(keys)
+    log = await read_all(event_log, s.session_id)
+    assert [e.event_key for e in log[1:]] == keys
+
+
+async def test_unknown_session_and_ended_session(event_log: EventLog) -> None:
+    with pytest.raises(SessionNotFound):
+        await event_log.append(env("nope"))
+    s = await event_log.create_session()
+    await event_log.end_session(s.session_id)
+    with pytest.raises(SessionEnded):
+        await event_log.append(env(s.session_id))
+    with pytest.raises(SessionEnded):
+        await event_log.signal(s.session_id, "k", 1)
+
+
+async def test_fencing_refuses_stale_epoch(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    sid = s.session_id
+    ok = await event_log.append(env(sid), epoch=0)  # a fresh session is at epoch 0
+    assert ok.seq == 2
+    # a worker re-hosts the session: the epoch moves on (as the workers' claim script does)
+    await event_log.redis.hincrby(event_log.keys.session(sid).meta, "epoch", 3)
+    with pytest.raises(StaleHost) as info:
+        await event_log.append(env(sid), epoch=0)
+    assert (info.value.epoch, info.value.current) == (0, 3)
+    assert (await event_log.append(env(sid), epoch=3)).seq == 3
+    assert (await event_log.append(env(sid))).seq == 4  # unfenced appends are not refused
+    assert await event_log.last_seq(sid) == 4
+
+
+async def test_refusal_in_a_batch_does_not_stop_other_sessions(event_log: EventLog) -> None:
+    a = (await event_log.create_session()).session_id
+    ended = (await event_log.create_session()).session_id
+    await event_log.end_session(ended)
+    with pytest.raises(SessionEnded):
+        await event_log.append_many([env(a, 1), env(ended, 2), env("missing-one", 3), env(a, 4)])
+    assert [e.payload for e in await event_log.read(a)][1:] == [{"n": 1}, {"n": 4}]
+
+
+async def test_large_payload_is_a_shared_blob(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    t = await event_log.create_session()
+    big = {"text": "x" * (event_log.settings.inline_limit + 10)}
+    await event_log.append(Envelope(type="message", session_id=s.session_id, payload=big))
+    await event_log.append(Envelope(type="message", session_id=s.session_id, payload=big))
+    await event_log.append(Envelope(type="message", session_id=t.session_id, payload=big))
+    got = (await event_log.read(s.session_id))[1:]
+    assert [e.payload for e in got] == [big, big]
+    assert got[0].payload_ref is not None and got[0].payload_ref.startswith("sha256:")
+    assert got[0].payload_ref == got[1].payload_ref
+    # one blob for the content, whatever the number of events (and the stream holds no copy)
+    blob_keys = [k async for k in event_log.redis.scan_iter(f"{event_log.keys.namespace}:*blob*")]
+    if event_log.keys.shard_of(s.session_id) == event_log.keys.shard_of(t.session_id):
+        assert len(blob_keys) == 1
+    else:
+        assert len(blob_keys) == 2  # stored once per shard (a blob lives in its shard's slot)
+    raw = await event_log.redis.xrange(event_log.keys.session(s.session_id).stream)
+    assert all(len(fields[b"d"]) < 1000 for _, fields in raw)
+    assert (await event_log.read(t.session_id))[1].payload == big
+
+
+async def test_payload_limits(redis_url: str) -> None:
+    async with EventLog(redis_url=redis_url, namespace="tlimits", inline_limit=256,
+                        max_payload=2048) as log:
+        s = await log.create_session()
+        with pytest.raises(PayloadTooLarge):
+            await log.append(Envelope(type="m", session_id=s.session_id, payload="x" * 5000))
+        with pytest.raises(PayloadTooLarge):
+            await log.append(Envelope(type="m", session_id=s.session_id, payload=1,
+                                      server_data="y" * 5000))
+        assert await log.last_seq(s.session_id) == 1  # nothing was written
+
+
+async def test_noscript_reload(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    await event_log.redis.script_flush()
+    assert (await event_log.append(env(s.session_id))).seq == 2
+    await event_log.redis.script_flush()
+    res = await event_log.append_many([env(s.session_id, i) for i in range(3)])
+    assert [r.seq for r in res] == [3, 4, 5]
+    await event_log.redis.script_flush()
+    assert await event_log.effect(s.session_id, "e", _one) == 1
+
+
+async def _one() -> int:
+    return 1
+
+
+async def test_append_rejects_bad_envelopes(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    sid = s.session_id
+    with pytest.raises(ValidationError):
+        await event_log.append(Envelope(type="", session_id=sid))
+    with pytest.raises(ValidationError):
+        await event_log.append(Envelope(type="a\nb", session_id=sid))
+    with pytest.raises(ValidationError):
+        await event_log.append(Envelope(type="session.created", session_id=sid))
+    with pytest.raises(ValidationError):
+        await event_log.append(Envelope(type="signal", session_id=sid, payload={"no": "key"}))
+    with pytest.raises(ValidationError):
+        await event_log.append(Envelope(type="m", session_id=sid, payload=object()))
+    with pytest.raises(ValidationError):
+        await event_log.append(env(sid), epoch=-1)
+    assert await event_log.last_seq(sid) == 1
+
+
+async def test_user_payload_ref_cannot_point_at_blobs(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    await event_log.append(Envelope(type="m", session_id=s.session_id, payload=1,
+                                    payload_ref="sha256:" + "0" * 64))
+    got = (await event_log.read(s.session_id))[1]
+    assert (got.payload, got.payload_ref) == (1, None)
+
+
+async def test_signal_and_effect_envelopes_through_append(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    await event_log.append(Envelope(type="signal", session_id=s.session_id,
+                                    payload={"key": "mood", "value": "ok"}))
+    latest = await event_log.latest_signals(s.session_id)
+    assert latest["mood"].payload == {"key": "mood", "value": "ok"}
+
+
+def test_forked_child_generates_other_keys_and_tokens() -> None:
+    from eventcore._append import _ids
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its prefix and leave at once
+        os.write(w, _ids.prefix.encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 100).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert child.startswith("g") and child != _ids.prefix

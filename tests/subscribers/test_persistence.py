@@ -1,0 +1,178 @@
+"""Persistence into SQLite and PostgreSQL, the archive behind tiered replay."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+from subscriber_helpers import all_keys, fast, populate
+
+from eventcore import ConfigError, Envelope, EventLog, HistoryGone
+from eventcore.testing.invariants import assert_replay_suffixes, check_log, read_all
+from subscribers import SCHEMA_VERSION, Delivery, Persistence, SubscriberRunner
+
+
+async def stored(p: Persistence, sid: str) -> list[Envelope]:
+    return list(await p.read(sid, 0, 10_000))
+
+
+async def test_every_envelope_stored_once_with_server_data(
+    event_log: EventLog, persistence: Persistence
+) -> None:
+    last = await populate(event_log, 4, 15)
+    s = await event_log.create_session("a")
+    await event_log.signal(s.session_id, "big", "x" * 10_000)  # summarized: value in server_data
+    await event_log.append(Envelope(type="message", session_id=s.session_id, payload={"k": 1},
+                                    server_data={"secret": [1, 2]}))
+    runner = SubscriberRunner(event_log, persistence, **fast())
+    await runner.drain()
+    assert await persistence.count() == len(all_keys(last)) + 3
+    for sid in [*last, s.session_id]:
+        assert await stored(persistence, sid) == await read_all(event_log, sid)
+    got = await stored(persistence, s.session_id)
+    assert got[1].server_data == {"value": "x" * 10_000}
+    assert got[1].payload["summary"]["size"] == 10_002
+    assert got[2].server_data == {"secret": [1, 2]}
+    # Redelivered (another group, or the same entries again): still once each.
+    await SubscriberRunner(event_log, persistence, group="persistence-2", **fast()).drain()
+    log = await read_all(event_log, s.session_id)
+    await persistence.handle([Delivery("0-1", 0, e) for e in reversed(log)])
+    assert await persistence.count() == len(all_keys(last)) + 3
+    assert await persistence.watermarks([*last, "nope"]) == last
+    assert persistence.stats.duplicates > 0
+
+
+async def test_gap_is_filled_from_the_log(event_log: EventLog, persistence: Persistence) -> None:
+    (sid, _top), = (await populate(event_log, 1, 9)).items()
+    log = await read_all(event_log, sid)
+    await persistence.handle([Delivery("0-1", 0, log[6])])  # only seq 7 arrives (so far)
+    assert [e.seq for e in await stored(persistence, sid)] == list(range(1, 8))
+    assert persistence.stats.gaps_filled == 6
+    assert await persistence.watermarks([sid]) == {sid: 7}
+
+
+async def test_schema_is_versioned(event_log: EventLog, db_url: str, table_prefix: str) -> None:
+    p = Persistence(event_log, db_url, prefix=table_prefix)
+    async with p, p.engine.begin() as conn:
+        t = p.tables["schema"]
+        assert (await conn.execute(sa.select(t.c.version))).scalar() == SCHEMA_VERSION
+        await conn.execute(t.update().values(version=SCHEMA_VERSION + 1))
+    try:
+        with pytest.raises(ConfigError, match="schema version 2"):
+            async with Persistence(event_log, db_url, prefix=table_prefix):
+                pass
+        async with Persistence(event_log, db_url, prefix=table_prefix + "x") as other:
+            await other.drop_tables()  # another prefix is another set of tables: fine
+    finally:
+        engine = create_async_engine(db_url)
+        async with engine.begin() as conn:
+            await conn.run_sync(p.metadata.drop_all)
+        await engine.dispose()
+
+
+async def test_checkpoints_round_trip(persistence: Persistence) -> None:
+    assert await persistence.load_checkpoint("g", 3) is None
+    await persistence.save_checkpoint("g", 3, "5-1")
+    await persistence.save_checkpoint("g", 3, "7-0")
+    await persistence.save_checkpoint("h", 3, "1-0")
+    assert await persistence.load_checkpoint("g", 3) == "7-0"
+    assert await persistence.load_checkpoint("h", 3) == "1-0"
+
+
+def test_default_is_sqlite_under_the_data_dir(tmp_path: object) -> None:
+    log = EventLog(redis_url="redis://127.0.0.1:1", data_dir=str(tmp_path))
+    assert Persistence(log).url == f"sqlite+aiosqlite:///{tmp_path}/history.sqlite3"
+    with pytest.raises(ConfigError, match="postgresql"):
+        Persistence(log, "mysql+aiomysql://x/y")
+
+
+# -- tiered replay ---------------------------------------------------------------------------
+
+async def test_read_continues_from_the_archive_after_a_trim(
+    event_log: EventLog, persistence: Persistence
+) -> None:
+    (sid, _top), = (await populate(event_log, 1, 40)).items()
+    await event_log.signal(sid, "status", "a")
+    await event_log.signal(sid, "status", "b")
+    full = await read_all(event_log, sid)
+    await SubscriberRunner(event_log, persistence, **fast()).drain()
+    stream = event_log.keys.session(sid).stream
+    # seqs 1..30 leave Redis
+    assert await event_log.redis.xtrim(stream, minid="0-31", approximate=False) == 30
+    event_log.archive = persistence
+    try:
+        assert await read_all(event_log, sid) == full
+        assert await event_log.read(sid, 10, 5) == full[10:15]  # wholly in the archive
+        assert await event_log.read(sid, 28, 5) == full[28:30]  # archive page; next from Redis
+        await assert_replay_suffixes(event_log, sid, [0, 1, 29, 30, 31, len(full)])
+        signals = await event_log.replay_signals(sid, 0)
+        assert [e.payload["value"] for e in signals] == ["a", "b"]
+        tail = [e async for e in _take(event_log.tail(sid, 25, until_ended=False), 8)]
+        assert [e.seq for e in tail] == list(range(26, 34))
+    finally:
+        event_log.archive = None
+
+
+async def _take(it: object, n: int) -> object:
+    out = 0
+    async for e in it:  # type: ignore[attr-defined]
+        yield e
+        out += 1
+        if out == n:
+            break
+
+
+async def test_history_gone_everywhere_is_explicit(
+    event_log: EventLog, persistence: Persistence
+) -> None:
+    (sid, top), = (await populate(event_log, 1, 20)).items()
+    await persistence.handle([Delivery("0-1", 0, e) for e in (await read_all(event_log, sid))[:5]])
+    stream = event_log.keys.session(sid).stream
+    # 1..10 trimmed; only 1..5 archived
+    await event_log.redis.xtrim(stream, minid="0-11", approximate=False)
+    event_log.archive = persistence
+    try:
+        assert [e.seq for e in await event_log.read(sid, 0, 5)] == [1, 2, 3, 4, 5]
+        with pytest.raises(HistoryGone) as caught:
+            await event_log.read(sid, 5, 100)
+        assert (caught.value.after, caught.value.first_available) == (5, 11)
+        with pytest.raises(HistoryGone):
+            async for _ in event_log.tail(sid, 3, until_ended=False):
+                pass
+        assert [e.seq for e in await event_log.read(sid, 10, 100)] == list(range(11, top + 1))
+    finally:
+        event_log.archive = None
+    with pytest.raises(HistoryGone):  # no archive at all
+        await event_log.read(sid, 0, 10)
+
+
+async def test_deleted_session_is_read_from_the_archive(
+    event_log: EventLog, persistence: Persistence
+) -> None:
+    (sid, top), = (await populate(event_log, 1, 6)).items()
+    await event_log.delete_session(sid)
+    await SubscriberRunner(event_log, persistence, **fast()).drain()
+    assert await event_log.read(sid) == []  # without an archive: gone from Redis
+    event_log.archive = persistence
+    try:
+        got = await read_all(event_log, sid)
+    finally:
+        event_log.archive = None
+    check_log(got)
+    assert got[-1].type == "session.ended" and len(got) == top + 1
+
+
+async def test_read_only_archive_for_an_api_process(
+    event_log: EventLog, persistence: Persistence, db_url: str, table_prefix: str
+) -> None:
+    (sid, top), = (await populate(event_log, 1, 8)).items()
+    full = await read_all(event_log, sid)
+    await SubscriberRunner(event_log, persistence, **fast()).drain()
+    await event_log.redis.xtrim(event_log.keys.session(sid).stream, minid="0-6",
+                                approximate=False)
+    async with Persistence(None, db_url, prefix=table_prefix) as archive:
+        async with EventLog(event_log.settings, archive=archive) as api_log:
+            assert await read_all(api_log, sid) == full
+        with pytest.raises(RuntimeError, match="without a log"):
+            await archive.handle([Delivery("0-1", 0, full[-1])])
+    assert top == len(full)

@@ -1,0 +1,123 @@
+"""Retention: session streams only below the persisted watermark and past the hot window;
+feeds only below what every group acknowledged. Nothing unacknowledged is ever trimmed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+from subscriber_helpers import Recorder, all_keys, fast, populate
+
+from eventcore import Envelope, EventLog
+from eventcore.testing.invariants import check_log, read_all
+from subscribers import Delivery, Persistence, Retention, SubscriberRunner
+
+
+async def stream_seqs(log: EventLog, sid: str) -> list[int]:
+    entries = await log.redis.xrange(log.keys.session(sid).stream)
+    return [int(eid.decode().split("-")[1]) for eid, _ in entries]
+
+
+async def feed_ids(log: EventLog) -> set[tuple[int, str]]:
+    out = set()
+    for shard in log.keys.all_shards():
+        out |= {(shard, eid.decode()) for eid, _ in await log.redis.xrange(log.keys.feed(shard))}
+    return out
+
+
+async def test_sessions_trimmed_only_below_the_watermark_after_the_hot_window(
+    event_log: EventLog, sqlite_url: str
+) -> None:
+    async with Persistence(event_log, sqlite_url) as p:
+        last = await populate(event_log, 3, 10)
+        sid = next(iter(last))
+        await SubscriberRunner(event_log, p, **fast()).drain()
+        # More events for one session that persistence has not stored yet.
+        await event_log.append_many([Envelope(type="message", session_id=sid, payload=i)
+                                     for i in range(5)])
+        full = await read_all(event_log, sid)
+
+        hot = await Retention(event_log, p, hot_window_s=3600).run_once()
+        assert hot.session_entries_trimmed == 0  # everything is younger than the window
+        assert await stream_seqs(event_log, sid) == list(range(1, len(full) + 1))
+
+        report = await Retention(event_log, p, hot_window_s=0).run_once()
+        assert report.sessions_scanned == 3
+        assert report.session_entries_trimmed == sum(last.values())
+        # Only what persistence holds left Redis; the unpersisted tail stays.
+        assert await stream_seqs(event_log, sid) == list(range(last[sid] + 1, len(full) + 1))
+        for other in set(last) - {sid}:
+            assert await stream_seqs(event_log, other) == []
+        event_log.archive = p
+        try:
+            assert await read_all(event_log, sid) == full  # tiered replay covers the trim
+            check_log(full)
+        finally:
+            event_log.archive = None
+
+
+async def test_feed_trimmed_only_below_what_every_group_acked(
+    event_log: EventLog, tmp_path: Path
+) -> None:
+    fast_group = SubscriberRunner(event_log, Recorder("fast"), **fast())
+    slow_group = SubscriberRunner(event_log, Recorder("slow"), **fast())
+    await fast_group.ensure_groups()
+    await slow_group.ensure_groups()
+    last = await populate(event_log, 4, 6)
+    await fast_group.drain()
+    # "slow" takes everything but acknowledges nothing yet.
+    pending: dict[int, list[str]] = {}
+    for shard in event_log.keys.all_shards():
+        got = await event_log.redis.xreadgroup("slow", "c", {event_log.keys.feed(shard): ">"},
+                                               count=1000)
+        pending[shard] = [eid.decode() for _, es in got for eid, _ in es]
+    before = await feed_ids(event_log)
+    assert len(before) == len(all_keys(last))
+
+    async with Persistence(event_log, f"sqlite+aiosqlite:///{tmp_path / 'h.db'}") as p:
+        retention = Retention(event_log, p, hot_window_s=0)
+        report = await retention.run_once()
+        assert report.feed_entries_trimmed == 0
+        assert await feed_ids(event_log) == before  # every pending entry is still there
+        # "slow" acks the first half of each shard's entries.
+        for shard, ids in pending.items():
+            if ids:
+                await event_log.redis.xack(event_log.keys.feed(shard), "slow",
+                                           *ids[: len(ids) // 2])
+        report = await retention.run_once()
+        left = await feed_ids(event_log)
+        still_pending = {(s, i) for s, ids in pending.items() for i in ids[len(ids) // 2:]}
+        assert still_pending <= left  # nothing unacknowledged was trimmed
+        assert report.feed_entries_trimmed == len(before) - len(left) > 0
+        # A group that must see everything but does not exist yet blocks trimming.
+        strict = Retention(event_log, p, hot_window_s=0, groups=["fast", "slow", "audit"])
+        for shard, ids in pending.items():
+            if ids:
+                await event_log.redis.xack(event_log.keys.feed(shard), "slow", *ids)
+        report = await strict.run_once()
+        assert report.feed_entries_trimmed == 0
+        assert sorted(report.feeds_skipped) == list(event_log.keys.all_shards())
+        report = await retention.run_once()
+        assert len(await feed_ids(event_log)) <= len(event_log.keys.all_shards())
+
+
+async def test_feed_without_groups_is_left_alone(event_log: EventLog, sqlite_url: str) -> None:
+    await populate(event_log, 2, 3)
+    before = await feed_ids(event_log)
+    async with Persistence(event_log, sqlite_url) as p:
+        report = await Retention(event_log, p, hot_window_s=0).run_once()
+    assert report.feed_entries_trimmed == 0 and await feed_ids(event_log) == before
+
+
+async def test_retention_runs_periodically_as_a_task(event_log: EventLog, sqlite_url: str) -> None:
+    async with Persistence(event_log, sqlite_url) as p:
+        (sid, top), = (await populate(event_log, 1, 5)).items()
+        log = await read_all(event_log, sid)
+        await p.handle([Delivery("0-1", 0, e) for e in log])
+        async with Retention(event_log, p, hot_window_s=0, interval_s=0.01) as r:
+            with anyio.fail_after(10):
+                first = await r.next_pass()
+                second = await r.next_pass()
+        assert first.session_entries_trimmed == top == len(log)
+        assert second.session_entries_trimmed == 0
+        assert await stream_seqs(event_log, sid) == []

@@ -1,0 +1,112 @@
+-- Claim sessions for a worker: lease + host epoch bump + meta state, per dispatch entry; and
+-- record the hosting's `session.started` in the same step (one append script call and round
+-- trip less per session).
+--
+-- KEYS[1] shard dispatch stream, KEYS[2] shard dead-letter stream, KEYS[3] shard feed, then 4
+--   keys per item: session meta, session lease, session stream, session dedupe
+-- ARGV[1] worker id, ARGV[2] lease ttl (ms), ARGV[3] consumer group, ARGV[4] most deliveries
+--   of one entry, ARGV[5] now (ms), ARGV[6] notify channel, ARGV[7] the tail of the
+--   session.started body after the agent, then 3 args per item: dispatch entry id, session id,
+--   the session.started body up to the agent (as the append script gets it: the envelope JSON
+--   without seq and without its opening brace; its event key is 'session.started')
+-- Returns one array per item:
+--   {'ok', epoch, agent, attempt, dead, error, created_at, labels, seq, started}   the caller
+--                        now hosts it (seq: the session's last seq at the claim, read
+--                        atomically with it, before session.started); started: the seq of
+--                        session.started recorded now, -seq when an earlier hosting recorded
+--                        it (event key dedupe, as an append would answer), 0 when not recorded
+--                        here (dead, or anything unusual: the caller appends it itself and gets
+--                        the append script's answer); dead = '1': the session is dead-lettered
+--                        (by a previous host, or now: its entry was delivered more than ARGV[4]
+--                        times -- each host died with it, a crash loop), and the caller only
+--                        records its end
+--   {'held', holder}     another worker holds a live lease: leave the entry alone (its host
+--                        renews it, or it was reclaimed from a host that came back)
+--   {'gone'}             the entry is no longer pending to this worker (another worker took
+--                        it over while it waited here): nothing done
+--   {'ended'} / {'missing'} / {'corrupt', text}   nothing to host: the entry is acknowledged
+local dispatch, deadstream, feed, me, ttl, group = KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2],
+  ARGV[3]
+local max_deliveries, now, notify, tail = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local ft = redis.call('TYPE', feed).ok
+local feed_ok = ft == 'none' or ft == 'stream'
+local STARTED = 'session.started'
+
+-- session.started exactly as the append script writes it (entry t, d with seq spliced in
+-- first; feed entry sid, seq, t, d; dedupe event key -> seq; notify "<sid> <seq>"). Returns the
+-- seq, -seq of a duplicate, or 0 to leave it to the caller's append.
+local function started(kmeta, kstream, kdedupe, sid, head, agent, seq0)
+  -- the agent is spliced into the body as is: only when JSON needs no escaping of it
+  if not feed_ok or not seq0 or string.find(agent, '[^ -~]') or string.find(agent, '["\\]')
+  then
+    return 0
+  end
+  local d = redis.pcall('HGET', kdedupe, STARTED)
+  if type(d) == 'table' and d.err then return 0 end
+  if d then
+    local first = tonumber(d)
+    if first then return -first end
+    return 0
+  end
+  local sseq = tostring(seq0 + 1)
+  local body = '{"seq":' .. sseq .. ',' .. head .. agent .. tail
+  local x = redis.pcall('XADD', kstream, '0-' .. sseq, 't', STARTED, 'd', body)
+  if x.err then return 0 end
+  redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 't', STARTED, 'd', body)
+  redis.call('HSET', kdedupe, STARTED, sseq)
+  redis.call('HSET', kmeta, 'seq', sseq, 'updated_at', now)
+  redis.call('PUBLISH', notify, sid .. ' ' .. sseq)
+  return seq0 + 1
+end
+
+local function claim(kmeta, klease, kstream, kdedupe, id, sid, head)
+  local mine = redis.call('XPENDING', dispatch, group, id, id, 1, me)
+  if #mine == 0 then return {'gone'} end
+  local m = redis.pcall('HMGET', kmeta, 'state', 'agent', 'attempt', 'dead', 'error',
+    'created_at', 'labels', 'seq')
+  if m.err then
+    redis.call('XACK', dispatch, group, id)
+    return {'corrupt', m.err}
+  end
+  if not m[1] then
+    redis.call('XACK', dispatch, group, id)
+    return {'missing'}
+  end
+  if m[1] == 'ended' then
+    redis.call('XACK', dispatch, group, id)
+    redis.call('HDEL', kmeta, 'dispatched')
+    return {'ended'}
+  end
+  local holder = redis.pcall('GET', klease)
+  if type(holder) == 'table' and holder.err then
+    redis.call('XACK', dispatch, group, id)
+    return {'corrupt', holder.err}
+  end
+  if holder and holder ~= me then return {'held', holder} end
+  local epoch = redis.call('HINCRBY', kmeta, 'epoch', 1)
+  redis.call('SET', klease, me, 'PX', ttl)
+  redis.call('HSET', kmeta, 'state', 'active', 'host', me, 'dispatched', '1')
+  local dead, err = m[4] or '', m[5] or ''
+  if dead ~= '1' and tonumber(mine[1][4]) > max_deliveries then
+    dead = '1'
+    err = cjson.encode({type = 'CrashLoop', retryable = false, message =
+      'dispatched ' .. mine[1][4] .. ' times without finishing: its hosts kept dying'})
+    redis.call('XADD', deadstream, '*', 'sid', sid, 'agent', m[2] or '', 'attempts',
+      m[3] or '1', 'error', err, 'worker', me, 'at', now, 'entry', id)
+    redis.call('HSET', kmeta, 'dead', '1', 'error', err)
+  end
+  local rec = 0
+  if dead ~= '1' then
+    rec = started(kmeta, kstream, kdedupe, sid, head, m[2] or '', tonumber(m[8]))
+  end
+  return {'ok', epoch, m[2] or '', m[3] or '1', dead, err, m[6] or '', m[7] or '{}',
+    m[8] or '0', rec}
+end
+
+local out = {}
+for i = 1, (#KEYS - 3) / 4 do
+  local k, a = 4 * i, 5 + 3 * i
+  out[i] = claim(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a], ARGV[a + 1],
+    ARGV[a + 2])
+end
+return out

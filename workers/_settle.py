@@ -1,0 +1,168 @@
+"""Running one hosted session's handler and settling how it ended.
+
+Outcomes and what is recorded:
+
+==========  ==================================================================================
+completed   the handler returned: ``session.ended`` (completed), entry acknowledged
+ended       the session was ended from outside (``session.ended`` in its stream): acknowledged
+cancel      a ``control.cancel`` for the session: ``session.ended`` (cancelled), acknowledged
+timeout     the session timeout passed: ``session.ended`` (timed_out), acknowledged
+failed      the handler raised: retried through the delayed set, or after the last attempt (or
+            a terminal error) dead-lettered and ``session.ended`` (failed, with the error)
+unload      idle: already released by the unload script; nothing recorded
+handback    drain: already re-dispatched by the handback script; nothing recorded
+lost        another host took over (fencing): this worker writes nothing more
+==========  ==================================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+import msgspec
+
+from eventcore import Envelope, ErrorInfo
+from eventcore._codec import encode
+from eventcore.errors import SessionEnded, StaleHost
+
+from ._session import Session
+
+if TYPE_CHECKING:
+    from ._worker import Worker
+
+__all__ = ["settle", "started_body"]
+
+log = logging.getLogger("workers")
+_QUIET = ("lost", "handback", "unload")
+_STARTED = "session.started"  # its event key too: a re-hosting dedupes to the first one
+_AGENT = b'{"agent":"'
+
+
+def started_body(session_id: str) -> tuple[bytes, bytes]:
+    """The ``session.started`` envelope as the append script takes it (encoded as the appender
+    encodes it, without seq and opening brace), split where the claim script splices in the
+    agent, which only it reads: (head, tail)."""
+    body = encode(Envelope(type=_STARTED, session_id=session_id, payload={"agent": ""},
+                           event_key=_STARTED))[1:]
+    cut = body.rindex(_AGENT + b'"') + len(_AGENT)
+    return body[:cut], body[cut:]
+
+
+async def settle(w: Worker, s: Session, dead: bool, error: str, *, fresh: bool = False,
+                 started: bool = False) -> None:
+    """``started``: the claim recorded (or found) ``session.started`` already."""
+    if not fresh:  # (a fresh session's history is known: only session.created)
+        w.feed.mark(s)  # read the session's history: its inputs and control events
+    if dead:
+        # a previous host dead-lettered the session but died before recording its end
+        info = _decode_error(error)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(w.lease_ttl_s):
+            if await _end(w, s, "failed", info):
+                await _ack(w, s)
+        return
+    outcome, exc = await _run(s, started)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(w.lease_ttl_s):
+        await _finish(w, s, outcome, exc)
+
+
+async def _run(s: Session, started: bool) -> tuple[str, Exception | None]:
+    result: tuple[str, Exception | None] | None = None
+    with anyio.CancelScope(deadline=s._deadline) as scope:
+        s._scope = scope
+        if s._stop_reason is not None:
+            scope.cancel()
+        try:
+            if not started:
+                await s._append(_STARTED, {"agent": s.agent}, _STARTED)
+            await s.spec.handler(s)
+            result = ("completed", None)
+        except StaleHost:
+            result = ("lost", None)
+        except SessionEnded:
+            result = ("ended", None)
+        except Exception as exc:
+            result = ("failed", exc)
+    reason = s.stop_reason
+    if reason in _QUIET:
+        return reason, None
+    if result is None:  # the host cancelled the handler
+        return reason or "lost", None
+    if result[0] == "failed" and reason in ("cancel", "timeout", "ended"):
+        return reason, None
+    return result
+
+
+async def _finish(w: Worker, s: Session, outcome: str, exc: Exception | None) -> None:
+    m = w.metrics
+    if outcome == "completed":
+        if await _end(w, s, "completed", None) and await _ack(w, s):
+            m.completed += 1
+    elif outcome == "ended":
+        await _ack(w, s)
+    elif outcome == "cancel":
+        if await _end(w, s, "cancelled", None) and await _ack(w, s):
+            m.cancelled += 1
+    elif outcome == "timeout":
+        info = ErrorInfo(type="SessionTimedOut", message="the session exceeded its timeout",
+                         retryable=False)
+        if await _end(w, s, "timed_out", info) and await _ack(w, s):
+            m.timed_out += 1
+    elif outcome == "failed":
+        assert exc is not None
+        await _failed(w, s, exc)
+
+
+async def _failed(w: Worker, s: Session, exc: Exception) -> None:
+    policy = s.spec.retry or w.retry
+    info = ErrorInfo.from_exception(exc)
+    if not info.message:
+        info = ErrorInfo(type=info.type, message=repr(exc)[:2000], retryable=info.retryable)
+    if info.retryable and s.attempt < policy.max_attempts:
+        delay = policy.delay_s(s.attempt)
+        log.warning("session %s attempt %d failed (%s: %s); retrying in %.2f s", s.id,
+                    s.attempt, info.type, info.message, delay)
+        due = int((time.time() + delay) * 1000)
+        if await w.release(s, "retry", due, s.attempt + 1) == "ok":
+            w.metrics.retries += 1
+        else:
+            w.fenced(s)
+        return
+    log.error("session %s failed for good after %d attempt(s): %s: %s", s.id, s.attempt,
+              info.type, info.message)
+    if await w.release(s, "dead", encode(info).decode(), s.agent) != "ok":
+        w.fenced(s)
+        return
+    if await _end(w, s, "failed", info) and await _ack(w, s):
+        w.metrics.dead_lettered += 1
+
+
+async def _end(w: Worker, s: Session, reason: str, error: ErrorInfo | None) -> bool:
+    s.inflight += 1  # an own append: not read back (see Session.defer_read)
+    seq = None
+    try:
+        seq = (await w.log.end_session(s.id, reason, error=error, epoch=s.epoch)).seq
+    except StaleHost:
+        w.fenced(s)
+        return False
+    except SessionEnded:
+        pass  # ended meanwhile (from outside): nothing to add
+    finally:
+        s._landed(seq)
+    return True
+
+
+async def _ack(w: Worker, s: Session) -> bool:
+    if await w.release(s, "ack") == "ok":
+        return True
+    w.fenced(s)
+    return False
+
+
+def _decode_error(raw: str) -> ErrorInfo:
+    try:
+        return msgspec.json.decode(raw or "{}", type=ErrorInfo)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ErrorInfo(type="Error", message=raw[:2000] or "unknown", retryable=False)

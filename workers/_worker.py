@@ -1,0 +1,613 @@
+"""The Worker: reads the dispatch streams, claims sessions and hosts their handlers.
+
+Lifecycle of a hosted session (see the README's workers section for the whole picture)::
+
+    dispatch entry --XREADGROUP/XAUTOCLAIM--> claim.lua (lease, epoch+1, state active,
+                                                          session.started)
+      -> handler runs as a task in the sessions task group, fed by the Feed
+      -> it returns / fails / is cancelled / times out / idles out / is handed back
+      -> _settle(): session.ended and release.lua (ack, retry, dead-letter, unload, handback)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup, TaskStatus
+
+from eventcore import EventLog, validate_session_id
+from eventcore._redis import redis_errors, run_script
+from eventcore.errors import (
+    EventcoreError,
+    NoSuchAgent,
+    RedisError,
+    ValidationError,
+    WorkerFailed,
+)
+
+from ._app import AgentSpec, App, RetryPolicy
+from ._feed import Feed
+from ._heartbeat import Heartbeat, LeaseRec
+from ._metrics import WorkerMetrics
+from ._scripts import GROUP, Coalescer, load_script
+from ._session import Session
+from ._settle import settle, started_body
+from ._supervisor import Supervisor
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("workers")
+CLAIM_LUA = load_script("claim")
+RELEASE_LUA = load_script("release")
+DELAYED_LUA = load_script("delayed")
+REQUEUE_LUA = load_script("requeue")
+
+
+async def _no_handler(session: Session) -> None:
+    raise NoSuchAgent(f"no agent named {session.agent!r} is registered in this worker's app")
+
+
+class Worker:
+    """Hosts sessions of ``app``'s agents from the dispatch streams of ``log``.
+
+    ``await tg.start(worker.run)`` returns once the consumer groups exist and the worker is
+    consuming; :meth:`run_burst` returns when there is nothing left to do. ``concurrency`` is
+    ``max_concurrent_sessions``; ``lease_ttl_s`` is how long a dead worker's sessions wait
+    before another worker takes them over.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        log: EventLog,
+        *,
+        concurrency: int = 1000,
+        lease_ttl_s: float = 15.0,
+        drain_timeout_s: float = 30.0,
+        worker_id: str | None = None,
+        idle_timeout_s: float = 300.0,
+        run_timeout_s: float | None = None,
+        session_timeout_s: float | None = None,
+        retry: RetryPolicy | None = None,
+        heartbeat_interval_s: float | None = None,
+        reclaim_interval_s: float | None = None,
+        poll_interval_s: float = 5.0,
+        block_ms: int = 1000,
+        max_consecutive_failures: int = 5,
+        read_batch: int = 256,
+        trim_interval_s: float = 30.0,
+        max_deliveries: int = 10,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if lease_ttl_s <= 0.1:
+            raise ValueError("lease_ttl_s must be > 0.1")
+        self.app = app
+        self.log = log
+        self.concurrency = concurrency
+        self.lease_ttl_s = lease_ttl_s
+        self.drain_timeout_s = drain_timeout_s
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.idle_timeout_s = idle_timeout_s
+        self.run_timeout_s = run_timeout_s
+        self.session_timeout_s = session_timeout_s
+        self.retry = retry or RetryPolicy()
+        self.heartbeat_interval_s = heartbeat_interval_s or lease_ttl_s / 3
+        self.reclaim_interval_s = reclaim_interval_s or lease_ttl_s / 4
+        self.block_ms = block_ms
+        self.read_batch = read_batch
+        self.trim_interval_s = trim_interval_s
+        #: a dispatch entry delivered more often than this (every host died with it: a crash
+        #: loop) dead-letters its session instead of taking another worker down
+        self.max_deliveries = max_deliveries
+        self.metrics = WorkerMetrics(self.id, concurrency)
+        self.supervisor = Supervisor(max_consecutive_failures, self.metrics, self._give_up)
+        self._hosts: dict[str, Session] = {}
+        self._leases: dict[str, LeaseRec] = {}
+        self._lease_lock = threading.Lock()
+        self._active = 0
+        self._reserved = 0
+        self._backlog: deque[tuple[int, str, Any]] = deque()
+        self._slot = anyio.Event()
+        self._draining = False
+        self._drain_now = anyio.Event()
+        self._stopped = anyio.Event()
+        self._running = False
+        self._fatal: tuple[str, BaseException] | None = None
+        self._tg: TaskGroup | None = None
+        self._sessions: TaskGroup | None = None
+        self.feed = Feed(log, self._hosts, poll_interval_s=poll_interval_s,
+                         on_failure=self.supervisor.failed, on_success=self.supervisor.ok)
+        self._release: Coalescer | None = None
+
+    # -- lifetime ------------------------------------------------------------------------------
+    async def __aenter__(self) -> Worker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop now: running sessions are handed back at once (no drain timeout)."""
+        if self._running:
+            self.drain(now=True)
+            await self._stopped.wait()
+
+    def drain(self, *, now: bool = False) -> None:
+        """Stop taking sessions; running ones get ``drain_timeout_s`` to finish, then the rest
+        are handed back (``now=True``: at once). :meth:`run` returns when done."""
+        self._draining = True
+        self._slot.set()
+        for s in list(self._hosts.values()):
+            s.wake()  # sessions waiting for input unload now
+        if now:
+            self._drain_now.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Host sessions until drained (:meth:`drain`, SIGTERM in the CLI) or cancelled.
+        Raises :class:`WorkerFailed` when the supervisor gives up."""
+        await self._serve(False, task_status)
+
+    async def run_burst(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Host sessions until the dispatch streams and the delayed sets are empty and every
+        hosted session has ended or unloaded, then return."""
+        await self._serve(True, task_status)
+
+    async def _serve(self, burst: bool, task_status: TaskStatus[None]) -> None:
+        if self._running:
+            raise RuntimeError("this worker is already running")
+        self._running = True
+        redis = self.log.redis
+        keys = self.log.keys
+        self._release = Coalescer(redis, RELEASE_LUA, lambda shard: (
+            [keys.dispatch(shard), keys.delayed(shard), keys.dead(shard)],
+            [self.id, GROUP, int(time.time() * 1000)]))
+        self._claim_script = redis.register_script(CLAIM_LUA)
+        self._delayed_script = redis.register_script(DELAYED_LUA)
+        self._requeue_script = redis.register_script(REQUEUE_LUA)
+        heartbeat = Heartbeat(
+            redis=redis, keys=keys, worker_id=self.id, lease_ttl_s=self.lease_ttl_s,
+            interval_s=self.heartbeat_interval_s, leases=self._lease_snapshot,
+            on_lost=self._on_lost, on_fatal=lambda exc: self._give_up("heartbeat", exc),
+            status=self._status, metrics=self.metrics, loop=asyncio.get_running_loop(),
+            max_failures=self.supervisor.limit,
+        )
+        try:
+            await self._ensure_groups()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self.feed.run)
+                heartbeat.start()
+                tg.start_soon(self._maintain)
+                async with anyio.create_task_group() as sessions:
+                    self._sessions = sessions
+                    task_status.started()
+                    await self._consume(burst)
+                    await self._drain_sessions()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                try:
+                    if self._hosts:
+                        await self._handback(list(self._hosts.values()))
+                    if self._backlog:
+                        await self._requeue_backlog()
+                except EventcoreError as exc:  # Redis is gone: the leases lapse instead
+                    log.warning("worker %s could not hand sessions back: %s", self.id, exc)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(heartbeat.stop)
+                self._running = False
+                self._stopped.set()
+        if self._fatal is not None:
+            component, cause = self._fatal
+            raise WorkerFailed(
+                f"worker {self.id}: {component} failed {self.supervisor.limit} times in a row: "
+                f"{type(cause).__name__}: {cause}") from cause
+
+    def _give_up(self, component: str, exc: BaseException) -> None:
+        if self._fatal is None:
+            self._fatal = (component, exc)
+            log.error("worker %s gives up: %s failed %d times in a row", self.id, component,
+                      self.supervisor.limit)
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    def _status(self) -> dict[str, Any]:
+        return {"active": self._active, "max": self.concurrency,
+                "load": round(self.metrics.load, 4),
+                "state": "draining" if self._draining else "running"}
+
+    async def _ensure_groups(self) -> None:
+        redis = self.log.redis
+        for shard in self.log.keys.all_shards():
+            try:
+                with redis_errors("xgroup create"):
+                    await redis.xgroup_create(self.log.keys.dispatch(shard), GROUP, id="0",
+                                              mkstream=True)
+            except RedisError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # -- taking sessions -------------------------------------------------------------------------
+    def _free(self) -> int:
+        return self.concurrency - self._active - self._reserved
+
+    async def _consume(self, burst: bool) -> None:
+        keys = self.log.keys
+        streams: dict[Any, Any] = {keys.dispatch(shard): ">" for shard in keys.all_shards()}
+        shard_of = {name: shard for shard, name in enumerate(streams)}
+        while not self._draining:
+            free = self._free()
+            if free <= 0:
+                self._slot = anyio.Event()
+                if self._free() <= 0 and not self._draining:
+                    await self._slot.wait()
+                continue
+            want = min(free, self.read_batch)
+            self._reserved += want
+            try:
+                if self._backlog:
+                    take = [self._backlog.popleft()
+                            for _ in range(min(want, len(self._backlog)))]
+                    await self._claim(take, reclaimed=False)
+                    continue
+                # XREADGROUP's COUNT is per stream: ask each shard for a share, and keep what
+                # comes beyond ``want`` for later (claimed in order as slots free up).
+                per_stream = max(1, -(-want // len(streams)))
+                try:
+                    with redis_errors("xreadgroup"):
+                        got = await self.log.redis.xreadgroup(
+                            GROUP, self.id, streams, count=per_stream,
+                            block=100 if burst else self.block_ms)
+                    self.supervisor.ok("dispatch")
+                except RedisError as exc:
+                    if "NOGROUP" in str(exc):
+                        await self._ensure_groups()
+                    self.supervisor.failed("dispatch", exc)
+                    await anyio.sleep(self.supervisor.backoff_s("dispatch"))
+                    continue
+                entries = [(shard_of[_text(name)], _text(eid), fields)
+                           for name, items in got or () for eid, fields in items]
+                self._backlog.extend(entries[want:])
+                if entries:
+                    await self._claim(entries[:want], reclaimed=False)
+            finally:
+                self._reserved -= want
+            if burst and not entries and await self._burst_done():
+                return
+        await self._requeue_backlog()
+
+    async def _requeue_backlog(self) -> None:
+        """Entries read but never claimed go back to the stream for other workers."""
+        by_shard: dict[int, list[str]] = {}
+        while self._backlog:
+            shard, eid, fields = self._backlog.popleft()
+            by_shard.setdefault(shard, []).extend((eid, _text(fields.get(b"sid", b""))))
+        for shard, args in by_shard.items():
+            with redis_errors("requeue"):
+                await run_script(self._requeue_script, [self.log.keys.dispatch(shard)],
+                                 [GROUP, self.id, *args])
+
+    async def _burst_done(self) -> bool:
+        if self._active or self._reserved or self._backlog:
+            return False
+        keys = self.log.keys
+        with redis_errors("burst check"):
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                for shard in keys.all_shards():
+                    pipe.zcard(keys.delayed(shard))
+                sizes = await pipe.execute()
+        return not any(sizes)
+
+    async def _claim(self, entries: Sequence[tuple[int, str, Any]], *, reclaimed: bool) -> None:
+        by_shard: dict[int, list[tuple[str, str]]] = {}
+        for shard, eid, fields in entries:
+            sid = _text(fields.get(b"sid", b""))
+            try:
+                validate_session_id(sid)
+            except ValidationError:
+                log.error("dispatch entry %s holds no valid session id: %r", eid, fields)
+                await self._ack_malformed(shard, eid)
+                continue
+            by_shard.setdefault(shard, []).append((sid, eid))
+
+        async def one(shard: int, items: list[tuple[str, str]]) -> None:
+            lk = self.log.keys
+            keys = [lk.dispatch(shard), lk.dead(shard), lk.feed(shard)]
+            args: list[Any] = [self.id, int(self.lease_ttl_s * 1000), GROUP,
+                               self.max_deliveries, int(time.time() * 1000), lk.notify(shard),
+                               b""]
+            for sid, eid in items:
+                sk = lk.session(sid)
+                keys += (sk.meta, sk.lease, sk.stream, sk.dedupe)
+                head, args[6] = started_body(sid)  # (the tail is the same for all)
+                args += (eid, sid, head)
+            with redis_errors("claim"):
+                results = await run_script(self._claim_script, keys, args)
+            for (sid, eid), res in zip(items, results, strict=True):
+                verdict = _text(res[0])
+                if verdict == "ok":
+                    self._start(shard, sid, eid, res, reclaimed)
+                elif verdict == "corrupt":
+                    log.error("dispatch entry %s of session %r: %s", eid, sid, _text(res[1]))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for shard, items in by_shard.items():
+                    tg.start_soon(one, shard, items)
+        except* EventcoreError as group:
+            # unclaimed entries stay pending and are reclaimed after the lease TTL
+            self.supervisor.failed("dispatch", group.exceptions[0])
+
+    async def _ack_malformed(self, shard: int, eid: str) -> None:
+        with redis_errors("ack"):
+            await self.log.redis.xack(self.log.keys.dispatch(shard), GROUP, eid)
+
+    def _start(self, shard: int, sid: str, eid: str, res: Sequence[Any], reclaimed: bool
+               ) -> None:
+        epoch, agent, attempt = int(res[1]), _text(res[2]), int(_text(res[3]) or 1)
+        dead, error, created_at = _text(res[4]), _text(res[5]), _text(res[6])
+        labels = msgspec.json.decode(res[7] or b"{}")
+        spec = self.app.get(agent) or AgentSpec(agent, _no_handler)
+        old = self._hosts.get(sid)
+        if old is not None:  # our own entry came back to us: that hosting is superseded
+            old._stop("lost")
+        deadline = math.inf
+        session_timeout = spec.session_timeout_s or self.session_timeout_s
+        if session_timeout and created_at:
+            left = int(created_at) / 1000 + session_timeout - time.time()
+            deadline = anyio.current_time() + left
+        s = Session(self, sid, spec, epoch=epoch, attempt=attempt, entry_id=eid, shard=shard,
+                    labels=labels if isinstance(labels, dict) else {}, deadline=deadline,
+                    run_timeout_s=spec.run_timeout_s or self.run_timeout_s,
+                    idle_timeout_s=spec.idle_timeout_s or self.idle_timeout_s)
+        self._hosts[sid] = s
+        with self._lease_lock:
+            self._leases[sid] = LeaseRec(sid, shard, epoch, eid)
+        self._active += 1
+        self.metrics.active = self._active
+        self.metrics.claims += 1
+        if reclaimed:
+            self.metrics.reclaims += 1
+        assert self._sessions is not None
+        # the claim recorded session.started (> 0: its seq, own: not read back) or found an
+        # earlier hosting's (< 0); 0: the handler's task appends it
+        started = int(res[9]) if len(res) > 9 else 0
+        if started > 0:
+            s._own_seq(started)
+        # a brand-new session's stream held only session.created: skip reading it back
+        fresh = old is None and dead != "1" and len(res) > 8 and _text(res[8]) == "1"
+        if fresh:
+            self.feed.adopt(s, 1)
+        self._sessions.start_soon(self._host, s, dead == "1", error, fresh, started != 0)
+
+    async def _host(self, s: Session, dead: bool, error: str, fresh: bool, started: bool
+                    ) -> None:
+        try:
+            await settle(self, s, dead, error, fresh=fresh, started=started)
+        except anyio.get_cancelled_exc_class():
+            raise  # the worker is stopping: run()'s finally hands the session back
+        except Exception as exc:
+            # our machinery (not the handler) failed, e.g. Redis stayed down: the lease lapses
+            # and another worker (or this one) takes the session over
+            log.exception("session %s: hosting failed", s.id)
+            self.supervisor.failed("session", exc)
+            self._forget(s)
+        else:
+            self.supervisor.ok("session")
+            self._forget(s)
+        finally:
+            self._active -= 1
+            self.metrics.active = self._active
+            self._slot.set()
+
+    # -- what sessions call back -------------------------------------------------------------
+    async def unload(self, s: Session) -> None:
+        res = await self.release(s, "unload", s.cursor)
+        if res == "ok":
+            self._forget(s)
+            self.metrics.unloaded += 1
+            s._stop("unload")
+        elif res == "busy":
+            self.feed.mark(s)
+        else:
+            self.fenced(s)
+
+    def written(self, s: Session) -> None:
+        # a read deferred while the session's own appends were in flight is due now
+        if (s.refetch or s.known > s.cursor) and self._hosts.get(s.id) is s:
+            self.feed.mark(s, s.known)
+
+    def fenced(self, s: Session) -> None:
+        if s.stop_reason != "lost":
+            self.metrics.fenced_writes += 1
+            self.metrics.lost += 1
+        self._forget(s)
+        s._stop("lost")
+
+    async def release(self, s: Session, mode: str, a: Any = "", b: Any = "") -> str:
+        assert self._release is not None
+        sk = self.log.keys.session(s.id)
+        # stop renewing first: a heartbeat racing the script would see the lease gone and
+        # report the session lost
+        with self._lease_lock:
+            rec = self._leases.pop(s.id, None)
+        try:
+            res = _text(await self._release.call(s.shard, (sk.meta, sk.lease),
+                                                 (mode, s.id, s.epoch, s.entry_id, a, b)))
+        except BaseException:
+            res = "error"
+            raise
+        finally:
+            if rec is not None and res in ("busy", "error") and self._hosts.get(s.id) is s:
+                with self._lease_lock:
+                    self._leases.setdefault(s.id, rec)
+        return res
+
+    def _forget(self, s: Session) -> None:
+        if self._hosts.get(s.id) is s:
+            del self._hosts[s.id]
+        with self._lease_lock:
+            rec = self._leases.get(s.id)
+            if rec is not None and rec.epoch == s.epoch:
+                del self._leases[s.id]
+
+    def _lease_snapshot(self) -> list[LeaseRec]:
+        with self._lease_lock:
+            return list(self._leases.values())
+
+    def _on_lost(self, recs: list[LeaseRec]) -> None:
+        for rec in recs:
+            s = self._hosts.get(rec.session_id)
+            with self._lease_lock:
+                renewing = self._leases.get(rec.session_id) == rec
+            if s is not None and s.epoch == rec.epoch and renewing:
+                self.metrics.lost += 1
+                self._forget(s)
+                s._stop("lost")
+
+    # -- drain -------------------------------------------------------------------------------
+    async def _drain_sessions(self) -> None:
+        if self._active:
+            log.info("worker %s draining %d sessions (up to %.1f s)", self.id, self._active,
+                     self.drain_timeout_s)
+            with anyio.move_on_after(self.drain_timeout_s):
+                async with anyio.create_task_group() as tg:
+                    async def now() -> None:
+                        await self._drain_now.wait()
+                        tg.cancel_scope.cancel()
+                    tg.start_soon(now)
+                    while self._active:
+                        self._slot = anyio.Event()
+                        if self._active:
+                            await self._slot.wait()
+                    tg.cancel_scope.cancel()
+        if self._hosts:
+            await self._handback(list(self._hosts.values()))
+
+    async def _handback(self, sessions: list[Session]) -> None:
+        """Re-dispatch and acknowledge in one script per shard, so another worker takes the
+        sessions at once instead of after the lease TTL."""
+        assert self._release is not None
+        by_shard: dict[int, list[Session]] = {}
+        for s in sessions:
+            s._stop("handback")
+            self._forget(s)
+            by_shard.setdefault(s.shard, []).append(s)
+        for shard, group in by_shard.items():
+            items = []
+            for s in group:
+                sk = self.log.keys.session(s.id)
+                items.append(((sk.meta, sk.lease), ("handback", s.id, s.epoch, s.entry_id, "", "")))
+            results = await self._release.run_batch(shard, items)
+            self.metrics.handed_back += sum(1 for r in results if _text(r) == "ok")
+
+    # -- background: retries due, reclaiming from dead workers ---------------------------------
+    async def _maintain(self) -> None:
+        tick = min(0.25, self.reclaim_interval_s)
+        next_reclaim = anyio.current_time() + self.reclaim_interval_s
+        next_trim = anyio.current_time() + self.trim_interval_s
+        while True:
+            await anyio.sleep(tick)
+            try:
+                await self._move_delayed()
+                if anyio.current_time() >= next_trim:
+                    next_trim = anyio.current_time() + self.trim_interval_s
+                    await self._trim()
+                if self._backlog and self._free() <= 0:
+                    # full: let other workers have what we read beyond our share
+                    await self._requeue_backlog()
+                if anyio.current_time() >= next_reclaim and not self._draining:
+                    next_reclaim = anyio.current_time() + self.reclaim_interval_s
+                    await self._reclaim()
+                self.supervisor.ok("maintenance")
+            except EventcoreError as exc:
+                self.supervisor.failed("maintenance", exc)
+
+    async def _trim(self) -> None:
+        """Drop dispatch entries that are delivered and acknowledged: below both the group's
+        last-delivered id and its oldest pending entry (exact MINID: never an unacknowledged
+        or undelivered entry)."""
+        keys = self.log.keys
+        redis: Any = self.log.redis
+        for shard in keys.all_shards():
+            stream = keys.dispatch(shard)
+            with redis_errors("trim"):
+                groups = await redis.xinfo_groups(stream)
+                group = next((g for g in groups if _text(g["name"]) == GROUP), None)
+                if group is None or len(groups) != 1:
+                    continue  # another group reads this stream: leave it alone
+                floor = _text(group["last-delivered-id"])
+                summary = await redis.xpending(stream, GROUP)
+                if summary["pending"]:
+                    oldest = _text(summary["min"])
+                    floor = min(floor, oldest, key=_id_key)
+                if floor not in ("0-0", ""):
+                    await redis.xtrim(stream, minid=floor, approximate=False)
+
+    async def _move_delayed(self) -> None:
+        keys = self.log.keys
+        now = int(time.time() * 1000)
+        with redis_errors("delayed"):
+            for shard in keys.all_shards():
+                await run_script(self._delayed_script, [keys.delayed(shard), keys.dispatch(shard)],
+                                 [now, 100])
+
+    async def _reclaim(self) -> None:
+        """Take over dispatch entries nobody has renewed for a lease TTL (their worker died
+        or stalled). XAUTOCLAIM scans the pending list a window at a time: follow its cursor
+        round the whole list, as long as this worker has room."""
+        keys = self.log.keys
+        for shard in keys.all_shards():
+            start = "0-0"
+            while (free := min(self._free(), 100)) > 0:
+                self._reserved += free
+                try:
+                    with redis_errors("xautoclaim"):
+                        res = await self.log.redis.xautoclaim(
+                            keys.dispatch(shard), GROUP, self.id,
+                            min_idle_time=int(self.lease_ttl_s * 1000), start_id=start,
+                            count=free)
+                    entries = [(shard, _text(eid), fields) for eid, fields in res[1] if fields]
+                    if entries:
+                        await self._claim(entries, reclaimed=True)
+                finally:
+                    self._reserved -= free
+                start = _text(res[0])
+                if start in ("0-0", "0"):
+                    break
+            if self._free() <= 0:
+                return
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
