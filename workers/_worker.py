@@ -265,39 +265,45 @@ class Worker:
                 if self._free() <= 0 and not self._draining:
                     await self._slot.wait()
                 continue
+            if self._backlog:
+                n = min(free, self.read_batch, len(self._backlog))
+                await self._claim_now([self._backlog.popleft() for _ in range(n)])
+                continue
+            # No slots are reserved while the read blocks: reclaiming (which may take them
+            # meanwhile) must not starve behind an idle read. What the read brings beyond the
+            # room left when it returns waits in the backlog, claimed in order as slots free.
             want = min(free, self.read_batch)
-            self._reserved += want
+            # XREADGROUP's COUNT is per stream: ask each shard for a share
+            per_stream = max(1, -(-want // len(streams)))
             try:
-                if self._backlog:
-                    take = [self._backlog.popleft()
-                            for _ in range(min(want, len(self._backlog)))]
-                    await self._claim(take, reclaimed=False)
-                    continue
-                # XREADGROUP's COUNT is per stream: ask each shard for a share, and keep what
-                # comes beyond ``want`` for later (claimed in order as slots free up).
-                per_stream = max(1, -(-want // len(streams)))
-                try:
-                    with redis_errors("xreadgroup"):
-                        got = await self.log.redis.xreadgroup(
-                            GROUP, self.id, streams, count=per_stream,
-                            block=100 if burst else self.block_ms)
-                    self.supervisor.ok("dispatch")
-                except RedisError as exc:
-                    if "NOGROUP" in str(exc):
-                        await self._ensure_groups()
-                    self.supervisor.failed("dispatch", exc)
-                    await anyio.sleep(self.supervisor.backoff_s("dispatch"))
-                    continue
-                entries = [(shard_of[_text(name)], _text(eid), fields)
-                           for name, items in got or () for eid, fields in items]
-                self._backlog.extend(entries[want:])
-                if entries:
-                    await self._claim(entries[:want], reclaimed=False)
-            finally:
-                self._reserved -= want
+                with redis_errors("xreadgroup"):
+                    got = await self.log.redis.xreadgroup(
+                        GROUP, self.id, streams, count=per_stream,
+                        block=100 if burst else self.block_ms)
+                self.supervisor.ok("dispatch")
+            except RedisError as exc:
+                if "NOGROUP" in str(exc):
+                    await self._ensure_groups()
+                self.supervisor.failed("dispatch", exc)
+                await anyio.sleep(self.supervisor.backoff_s("dispatch"))
+                continue
+            entries = [(shard_of[_text(name)], _text(eid), fields)
+                       for name, items in got or () for eid, fields in items]
+            room = max(0, min(want, self._free()))
+            self._backlog.extend(entries[room:])
+            if room and entries:
+                await self._claim_now(entries[:room])
             if burst and not entries and await self._burst_done():
                 return
         await self._requeue_backlog()
+
+    async def _claim_now(self, entries: Sequence[tuple[int, str, Any]]) -> None:
+        """Claim with the slots these entries need reserved until they are hosted."""
+        self._reserved += len(entries)
+        try:
+            await self._claim(entries, reclaimed=False)
+        finally:
+            self._reserved -= len(entries)
 
     async def _requeue_backlog(self) -> None:
         """Entries read but never claimed go back to the stream for other workers."""

@@ -163,7 +163,12 @@ class WorkerProc:
     async def wait(self, within: float = SAFETY_S) -> int:
         assert self.proc is not None
         proc = self.proc
-        code = await anyio.to_thread.run_sync(lambda: proc.wait(within))
+        try:
+            code = await anyio.to_thread.run_sync(lambda: proc.wait(within))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker still running after {within} s; stderr:\n{''.join(self.stderr)}"
+            ) from None
         return int(code)
 
     async def stop(self) -> dict[str, Any]:

@@ -20,8 +20,9 @@
 --                        (by a previous host, or now: its entry was delivered more than ARGV[4]
 --                        times -- each host died with it, a crash loop), and the caller only
 --                        records its end
---   {'held', holder}     another worker holds a live lease: leave the entry alone (its host
---                        renews it, or it was reclaimed from a host that came back)
+--   {'held', holder}     another worker holds a live lease: the entry goes back to it, its
+--                        delivery count as before (its host renews it, or it was reclaimed
+--                        from a host that came back)
 --   {'gone'}             the entry is no longer pending to this worker (another worker took
 --                        it over while it waited here): nothing done
 --   {'ended'} / {'missing'} / {'corrupt', text}   nothing to host: the entry is acknowledged
@@ -82,7 +83,15 @@ local function claim(kmeta, klease, kstream, kdedupe, id, sid, head)
     redis.call('XACK', dispatch, group, id)
     return {'corrupt', holder.err}
   end
-  if holder and holder ~= me then return {'held', holder} end
+  if holder and holder ~= me then
+    -- not a delivery: XAUTOCLAIM took the entry (and counted it) while its host's lease still
+    -- lives. Give it back to that host with the count it had, so the crash-loop limit counts
+    -- only hostings that died; if the host is dead, its lease lapses and the entry is idle
+    -- again one TTL later.
+    redis.call('XCLAIM', dispatch, group, holder, 0, id, 'RETRYCOUNT',
+      math.max(tonumber(mine[1][4]) - 1, 0), 'JUSTID')
+    return {'held', holder}
+  end
   local epoch = redis.call('HINCRBY', kmeta, 'epoch', 1)
   redis.call('SET', klease, me, 'PX', ttl)
   redis.call('HSET', kmeta, 'state', 'active', 'host', me, 'dispatched', '1')
