@@ -316,15 +316,20 @@ async def main() -> None:
     ap.add_argument("--recovery-runs", type=int, default=5)
     ap.add_argument("--recovery-sessions", type=int, default=50)
     ap.add_argument("--lease-ttl", type=float, default=2.0)
+    ap.add_argument("--modes", default="backlog,live", help="comma-separated: backlog,live")
+    ap.add_argument("--systems", default="eventcore,taskiq,arq",
+                    help="comma-separated: eventcore,taskiq,arq")
     args = ap.parse_args()
-    systems: dict[str, System] = {"eventcore": Eventcore(), "taskiq": Taskiq(), "arq": Arq()}
-    raw: dict[str, dict[str, list[Result]]] = {s: {"backlog": [], "live": []} for s in systems}
+    modes = args.modes.split(",")
+    every: dict[str, System] = {"eventcore": Eventcore(), "taskiq": Taskiq(), "arq": Arq()}
+    systems = {name: every[name] for name in args.systems.split(",")}
+    raw: dict[str, dict[str, list[Result]]] = {s: {m: [] for m in modes} for s in systems}
     recovery: dict[str, list[float]] = {"sigkill": [], "sigterm": []}
     with RedisServer(appendonly=False) as server:
         assert server.proc is not None
         REDIS_PID[0] = server.proc.pid
         for run in range(args.runs):
-            for mode in ("backlog", "live"):
+            for mode in modes:
                 for name, system in systems.items():
                     await flush(server.url)
                     res = await run_one(system, server.url, args.jobs, args.concurrency, mode,
@@ -345,16 +350,19 @@ async def main() -> None:
         out[name] = {mode: {k: median(r[k] for r in results) for k in results[0]}
                      for mode, results in raw[name].items()}
     for base in ("taskiq", "arq"):
-        out[f"ratio_eventcore_vs_{base}"] = {
-            mode: round(out["eventcore"][mode]["jobs_per_s"] / out[base][mode]["jobs_per_s"], 2)
-            for mode in ("backlog", "live")}
-    out["recovery"] = {
-        "sessions": args.recovery_sessions, "lease_ttl_s": args.lease_ttl,
-        "after_sigkill_s_median": statistics.median(recovery["sigkill"]),
-        "after_sigkill_s_runs": recovery["sigkill"],
-        "after_sigterm_handback_s_median": statistics.median(recovery["sigterm"]),
-        "after_sigterm_handback_s_runs": recovery["sigterm"],
-    }
+        if "eventcore" in systems and base in systems:
+            out[f"ratio_eventcore_vs_{base}"] = {
+                mode: round(out["eventcore"][mode]["jobs_per_s"]
+                            / out[base][mode]["jobs_per_s"], 2)
+                for mode in modes}
+    if args.recovery_runs:
+        out["recovery"] = {
+            "sessions": args.recovery_sessions, "lease_ttl_s": args.lease_ttl,
+            "after_sigkill_s_median": statistics.median(recovery["sigkill"]),
+            "after_sigkill_s_runs": recovery["sigkill"],
+            "after_sigterm_handback_s_median": statistics.median(recovery["sigterm"]),
+            "after_sigterm_handback_s_runs": recovery["sigterm"],
+        }
     print(json.dumps(out, indent=2))
 
 

@@ -275,8 +275,8 @@ class Appender:
                 idx, item.type, item.wire_key, item.body,
                 "" if item.epoch is None else item.epoch, item.extra,
             )
-        args = [len(batch), int(time.time() * 1000), first.notify, self._token_ttl_s, len(sids),
-                *sids, *events]
+        args = [len(batch), int(time.time() * 1000), first.notify, first.wake,
+                self._token_ttl_s, len(sids), *sids, *events]
         with redis_errors("append"):
             if blobs:
                 async with self._redis.pipeline(transaction=False) as pipe:

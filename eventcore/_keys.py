@@ -17,6 +17,9 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
     ns:{N}:batch:<token>     string: an append batch's results (minutes), so a resent batch is
                              answered from it instead of appending twice
     ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
+    ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
+                             epoch (inputs, signals, control, ends from outside): what a host
+                             must react to, without hearing of its own writes
 
 The shard hash tag puts every key of a session, its shard's feed and its shard's dispatch stream
 in one Redis Cluster slot, so one Lua script may touch them all atomically. The namespace is
@@ -84,6 +87,7 @@ class SessionKeys:
     feed: str
     dispatch: str
     notify: str
+    wake: str
 
     @property
     def per_session(self) -> tuple[str, ...]:
@@ -127,6 +131,7 @@ class Keys:
             feed=f"{t}:feed",
             dispatch=f"{t}:dispatch",
             notify=f"{t}:notify",
+            wake=f"{t}:wake",
         )
 
     def view(self, session_id: str) -> str:
@@ -147,6 +152,9 @@ class Keys:
 
     def notify(self, shard: int) -> str:
         return f"{self._tag(shard)}:notify"
+
+    def wake(self, shard: int) -> str:
+        return f"{self._tag(shard)}:wake"
 
     def blob(self, shard: int, digest: str) -> str:
         return f"{self._tag(shard)}:blob:{digest}"

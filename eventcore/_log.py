@@ -26,7 +26,7 @@ from ._envelope import (
 )
 from ._keys import validate_key, validate_session_id
 from ._redis import Redis, connect_redis, redis_errors
-from ._sessions import SessionInfo, session_info
+from ._sessions import SessionInfo, ms_datetime, session_info
 from ._settings import Settings, load_settings
 from .errors import CorruptEntry, HistoryGone, SessionNotFound, ValidationError
 
@@ -340,14 +340,25 @@ class EventLog:
             type="session.created", session_id=session_id, event_key="session.created",
             payload=SessionCreatedPayload(agent=agent, labels=labels, input=input),
         )
-        aux = encode({"agent": agent or "", "labels": encode(labels).decode(), "ttl": ttl})
+        # the metadata's created_at is the envelope's ts, so what this returns for a new
+        # session is exactly what get_session reads back (at the moment of creation)
+        at = int(created.ts.timestamp() * 1000)
+        aux = encode({"agent": agent or "", "labels": encode(labels).decode(), "ttl": ttl,
+                      "at": at})
         items = [self.appender.prepare(created, None, aux.decode())]
         if input is not None:
             first = Envelope(type="input", session_id=session_id, event_key="session.input",
                              payload=input)
             items.append(self.appender.prepare(first))
-        await self.appender.append_many(items)
-        return await self.get_session(session_id)
+        results = await self.appender.append_many(items)
+        if results[0].duplicate:  # it existed: its state now, not ours
+            return await self.get_session(session_id)
+        when = ms_datetime(at)
+        return SessionInfo(
+            session_id=session_id, state="created", agent=agent, labels=labels,
+            last_seq=results[-1].seq, epoch=0, host=None, created_at=when, updated_at=when,
+            ended_at=None, ttl_s=ttl,
+        )
 
     async def get_session(self, session_id: str) -> SessionInfo:
         keys = self.keys.session(validate_session_id(session_id))

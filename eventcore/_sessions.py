@@ -34,10 +34,14 @@ class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
         return f"session/{self.session_id}"
 
 
+def ms_datetime(ms: int) -> _dt.datetime:
+    return _dt.datetime.fromtimestamp(ms / 1000, _dt.UTC)
+
+
 def _ts(raw: bytes | None) -> _dt.datetime | None:
     if not raw:
         return None
-    return _dt.datetime.fromtimestamp(int(raw) / 1000, _dt.UTC)
+    return ms_datetime(int(raw))
 
 
 def session_info(session_id: str, raw: Mapping[bytes, bytes]) -> SessionInfo:

@@ -1,7 +1,9 @@
 """The worker's reader: every hosted session's stream over a few connections.
 
 No connection or blocking read per session. One pub/sub connection receives the append
-script's ``"<session> <seq>"`` notifications for all shards; a session whose seq moved past its
+script's ``"<session> <seq>"`` wake-ups for all shards (sent for appends made without a host
+epoch: inputs, signals, control and ends from outside; a host never hears of its own writes,
+whose seqs it learns from their replies); a session whose seq moved past its
 read cursor is marked dirty, and one fetch loop reads the dirty sessions' new entries with
 pipelined XRANGEs (hundreds of sessions per round trip). Pub/sub may drop messages (a
 reconnect, a slow client), so after every (re)subscription all sessions are re-checked, and a
@@ -93,7 +95,7 @@ class Feed:
     # -- notifications ---------------------------------------------------------------------
     async def _listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         keys = self._log.keys
-        channels = [keys.notify(shard) for shard in keys.all_shards()]
+        channels = [keys.wake(shard) for shard in keys.all_shards()]
         started = False
         delay = 0.05
         while True:

@@ -2,8 +2,9 @@
 --
 -- KEYS[1] shard feed, KEYS[2] shard dispatch, KEYS[3] this batch's token key, then 5 keys per
 --   session in the batch: stream, meta, dedupe, signals, effects
--- ARGV[1] event count, ARGV[2] now (ms), ARGV[3] notify channel, ARGV[4] token ttl (s),
---   ARGV[5] session count S, ARGV[6 .. 5+S] the session ids, then 6 args per event:
+-- ARGV[1] event count, ARGV[2] now (ms), ARGV[3] notify channel, ARGV[4] wake channel,
+--   ARGV[5] token ttl (s), ARGV[6] session count S, ARGV[7 .. 6+S] the session ids, then 6 args
+--   per event:
 --   session index (1-based), type, event key ('' when the client generated it), body (the
 --   envelope JSON without seq and without its opening brace), host epoch or '', extra
 -- extra is '' or flags NUL server_data-JSON NUL aux, where flags has 'r' when the payload is a
@@ -21,7 +22,7 @@
 local prev = redis.call('GET', KEYS[3])
 if prev then return cmsgpack.unpack(prev) end
 
-local n, now, nsess = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[5])
+local n, now, nsess = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[6])
 local feed, dispatch = KEYS[1], KEYS[2]
 for _, k in ipairs({feed, dispatch}) do
   local t = redis.call('TYPE', k).ok
@@ -29,7 +30,7 @@ for _, k in ipairs({feed, dispatch}) do
     return redis.error_reply('WRONGTYPE shard stream ' .. k .. ' holds a ' .. t)
   end
 end
-local E0 = 6 + nsess  -- first event arg
+local E0 = 7 + nsess  -- first event arg
 
 local function typed(key, want)
   local t = redis.call('TYPE', key).ok
@@ -54,7 +55,7 @@ local sessions = {}
 local order = {}
 local function load(sidx)
   local kb = 3 + (sidx - 1) * 5
-  local m = {sid = ARGV[5 + sidx], kb = kb}
+  local m = {sid = ARGV[6 + sidx], kb = kb}
   sessions[sidx] = m
   order[#order + 1] = m
   local r = redis.pcall('HMGET', KEYS[kb + 2], 'seq', 'state', 'epoch', 'dispatched', 'ttl')
@@ -144,6 +145,7 @@ for i = 1, n do
     else
       m.seq = seq
       m.dirty = true
+      if epoch == '' then m.outside = true end
       if ek ~= '' then
         if m.seen == nil then m.seen = {} end
         m.seen[ek] = seq
@@ -159,7 +161,7 @@ for i = 1, n do
         m.ttl = tonumber(created.ttl)
         local agent = created.agent or ''
         set.state, set.agent, set.labels = 'created', agent, created.labels or '{}'
-        set.created_at, set.ttl, set.epoch = now, created.ttl or 0, 0
+        set.created_at, set.ttl, set.epoch = tonumber(created.at) or now, created.ttl or 0, 0
         if agent ~= '' then
           redis.call('XADD', dispatch, '*', 'sid', sid, 'reason', 'created')
           set.dispatched = '1'
@@ -205,11 +207,13 @@ for _, m in ipairs(order) do
         redis.call('HSET', KEYS[kb + 3], unpack(nk, j, math.min(j + 399, #nk)))
       end
     end
-    redis.call('PUBLISH', ARGV[3], m.sid .. ' ' .. m.seq)
+    local note = m.sid .. ' ' .. m.seq
+    redis.call('PUBLISH', ARGV[3], note)
+    if m.outside then redis.call('PUBLISH', ARGV[4], note) end
     if m.ended and m.ttl and m.ttl > 0 then
       for j = 1, 5 do redis.call('EXPIRE', KEYS[kb + j], m.ttl) end
     end
   end
 end
-if any then redis.call('SET', KEYS[3], cmsgpack.pack(out), 'EX', ARGV[4]) end
+if any then redis.call('SET', KEYS[3], cmsgpack.pack(out), 'EX', ARGV[5]) end
 return out

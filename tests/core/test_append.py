@@ -206,3 +206,29 @@ def test_forked_child_generates_other_keys_and_tokens() -> None:
     os.close(r)
     os.waitpid(pid, 0)
     assert child.startswith("g") and child != _ids.prefix
+
+
+async def test_every_append_notifies_but_only_outside_writes_wake_hosts(
+    event_log: EventLog,
+) -> None:
+    """``notify`` hears every append; ``wake`` only those made without a host epoch (what a
+    hosting worker must react to: it learns its own writes' seqs from their replies)."""
+    log = event_log
+    s = await log.create_session()
+    sk = log.keys.session(s.session_id)
+    heard: dict[str, list[str]] = {sk.notify: [], sk.wake: []}
+    async with log.redis.pubsub() as ps:
+        await ps.subscribe(sk.notify, sk.wake)
+        for _ in range(2):  # both subscriptions confirmed before anything is appended
+            await ps.get_message(timeout=5)
+        await log.append(Envelope(type="message", session_id=s.session_id), epoch=0)
+        await log.append(Envelope(type="input", session_id=s.session_id, payload="hi"))
+        await log.append_many([Envelope(type="message", session_id=s.session_id)] * 2,
+                              epoch=0)
+        with anyio.fail_after(5):
+            while len(heard[sk.notify]) < 3:
+                msg = await ps.get_message(timeout=5)
+                if msg and msg["type"] == "message":
+                    heard[msg["channel"].decode()].append(msg["data"].decode())
+    sid = s.session_id
+    assert heard == {sk.notify: [f"{sid} 2", f"{sid} 3", f"{sid} 5"], sk.wake: [f"{sid} 3"]}

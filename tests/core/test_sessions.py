@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import anyio
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -158,3 +159,12 @@ async def test_create_validation(event_log: EventLog) -> None:
     for ttl in (-1, 1.5, "10"):
         with pytest.raises(ValidationError):
             await event_log.create_session(ttl_s=ttl)  # type: ignore[arg-type]
+
+
+async def test_create_returns_what_get_reads_back(event_log: EventLog) -> None:
+    for input in (None, {"q": "hi"}):
+        made = await event_log.create_session("a", labels={"k": "v"}, input=input, ttl_s=30)
+        got = await event_log.get_session(made.session_id)
+        assert made == msgspec.structs.replace(got, updated_at=made.updated_at)
+        again = await event_log.create_session("a", session_id=made.session_id)
+        assert again == got  # an existing session: its stored state
