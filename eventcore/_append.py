@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 from redis.exceptions import NoScriptError
@@ -85,6 +85,19 @@ class AppendResult(msgspec.Struct, frozen=True, gc=False):
     seq: int
     event_key: str
     duplicate: bool = False
+
+
+class HostingAck(NamedTuple):
+    """Releases a worker's hosting of a session together with the append of its end: the
+    dispatch entry ``entry_id`` is acknowledged in consumer group ``group`` and the lease of
+    ``host`` dropped, atomically with ``session.ended``."""
+
+    group: str
+    entry_id: str
+    host: str
+
+    def aux(self) -> str:
+        return "\0".join(self)
 
 
 class PreparedAppend(msgspec.Struct, frozen=True, gc=False):
@@ -151,8 +164,8 @@ class Appender:
         elif typ == "session.created":
             if not aux:
                 raise ValidationError("create sessions with EventLog.create_session()")
-        else:
-            aux = ""  # only signal, effect and session.created use it
+        elif typ != "session.ended" or epoch is None:
+            aux = ""  # only signal, effect, session.created and a host's end use it
         generated = env.event_key == ""
         event_key = (
             f"{_ids.prefix}{next(_ids.counter)}"
@@ -267,7 +280,7 @@ class Appender:
             idx = slot.get(k.session_id)
             if idx is None:
                 idx = slot[k.session_id] = len(slot) + 1
-                keys += (k.stream, k.meta, k.dedupe, k.signals, k.effects)
+                keys += (k.stream, k.meta, k.dedupe, k.signals, k.effects, k.lease)
                 sids.append(k.session_id)
             if item.blob is not None:
                 blobs[item.blob[0]] = item.blob[1]

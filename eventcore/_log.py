@@ -13,7 +13,7 @@ import anyio
 import msgspec
 
 from . import _effects
-from ._append import Appender, AppendResult
+from ._append import Appender, AppendResult, HostingAck
 from ._codec import decode_entry, decode_json, encode
 from ._embedded import EmbeddedRedis
 from ._envelope import (
@@ -375,13 +375,17 @@ class EventLog:
         *,
         error: ErrorInfo | None = None,
         epoch: int | None = None,
+        ack: HostingAck | None = None,
     ) -> AppendResult:
         """Append ``session.ended`` (once: ending twice returns the first). The session's keys
-        then expire after its TTL."""
+        then expire after its TTL. A host passes its ``epoch`` and ``ack`` to release its
+        hosting in the same step (the result is then not a duplicate)."""
+        if ack is not None and epoch is None:
+            raise ValidationError("releasing a hosting (ack) needs the host's epoch")
         return await self.append(
             Envelope(type="session.ended", session_id=session_id, event_key="session.ended",
                      payload=SessionEndedPayload(reason=reason, error=error)),
-            epoch=epoch,
+            epoch=epoch, aux=ack.aux() if ack is not None else "",
         )
 
     async def delete_session(self, session_id: str) -> bool:

@@ -25,9 +25,11 @@ import anyio
 import msgspec
 
 from eventcore import Envelope, ErrorInfo
+from eventcore._append import HostingAck
 from eventcore._codec import encode
 from eventcore.errors import SessionEnded, StaleHost
 
+from ._scripts import GROUP
 from ._session import Session
 
 if TYPE_CHECKING:
@@ -60,8 +62,7 @@ async def settle(w: Worker, s: Session, dead: bool, error: str, *, fresh: bool =
         # a previous host dead-lettered the session but died before recording its end
         info = _decode_error(error)
         with anyio.CancelScope(shield=True), anyio.move_on_after(w.lease_ttl_s):
-            if await _end(w, s, "failed", info):
-                await _ack(w, s)
+            await _end_and_ack(w, s, "failed", info)
         return
     outcome, exc = await _run(s, started)
     with anyio.CancelScope(shield=True), anyio.move_on_after(w.lease_ttl_s):
@@ -98,17 +99,17 @@ async def _run(s: Session, started: bool) -> tuple[str, Exception | None]:
 async def _finish(w: Worker, s: Session, outcome: str, exc: Exception | None) -> None:
     m = w.metrics
     if outcome == "completed":
-        if await _end(w, s, "completed", None) and await _ack(w, s):
+        if await _end_and_ack(w, s, "completed", None):
             m.completed += 1
     elif outcome == "ended":
         await _ack(w, s)
     elif outcome == "cancel":
-        if await _end(w, s, "cancelled", None) and await _ack(w, s):
+        if await _end_and_ack(w, s, "cancelled", None):
             m.cancelled += 1
     elif outcome == "timeout":
         info = ErrorInfo(type="SessionTimedOut", message="the session exceeded its timeout",
                          retryable=False)
-        if await _end(w, s, "timed_out", info) and await _ack(w, s):
+        if await _end_and_ack(w, s, "timed_out", info):
             m.timed_out += 1
     elif outcome == "failed":
         assert exc is not None
@@ -135,23 +136,39 @@ async def _failed(w: Worker, s: Session, exc: Exception) -> None:
     if await w.release(s, "dead", encode(info).decode(), s.agent) != "ok":
         w.fenced(s)
         return
-    if await _end(w, s, "failed", info) and await _ack(w, s):
+    if await _end_and_ack(w, s, "failed", info):
         w.metrics.dead_lettered += 1
 
 
-async def _end(w: Worker, s: Session, reason: str, error: ErrorInfo | None) -> bool:
+async def _end_and_ack(w: Worker, s: Session, reason: str, error: ErrorInfo | None) -> bool:
+    """Record the session's end and release the hosting, in one step when the end is new."""
+    acked = False
+    with w.releasing(s) as release:
+        res = await _end(w, s, reason, error, HostingAck(GROUP, s.entry_id, w.id))
+        if res is None:
+            return False
+        acked = res is True
+        release(acked)
+    return acked or await _ack(w, s)
+
+
+async def _end(w: Worker, s: Session, reason: str, error: ErrorInfo | None,
+               ack: HostingAck | None = None) -> bool | None:
+    """None: fenced. True: recorded now (and released, with ``ack``). False: recorded
+    earlier, or ended from outside meanwhile (nothing added, nothing released)."""
     s.inflight += 1  # an own append: not read back (see Session.defer_read)
     seq = None
     try:
-        seq = (await w.log.end_session(s.id, reason, error=error, epoch=s.epoch)).seq
+        res = await w.log.end_session(s.id, reason, error=error, epoch=s.epoch, ack=ack)
+        seq = res.seq
+        return not res.duplicate
     except StaleHost:
         w.fenced(s)
-        return False
+        return None
     except SessionEnded:
-        pass  # ended meanwhile (from outside): nothing to add
+        return False
     finally:
         s._landed(seq)
-    return True
 
 
 async def _ack(w: Worker, s: Session) -> bool:

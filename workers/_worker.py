@@ -12,6 +12,7 @@ Lifecycle of a hosted session (see the README's workers section for the whole pi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -456,21 +457,31 @@ class Worker:
     async def release(self, s: Session, mode: str, a: Any = "", b: Any = "") -> str:
         assert self._release is not None
         sk = self.log.keys.session(s.id)
-        # stop renewing first: a heartbeat racing the script would see the lease gone and
-        # report the session lost
-        with self._lease_lock:
-            rec = self._leases.pop(s.id, None)
-        try:
+        with self.releasing(s) as released:
             res = _text(await self._release.call(s.shard, (sk.meta, sk.lease),
                                                  (mode, s.id, s.epoch, s.entry_id, a, b)))
-        except BaseException:
-            res = "error"
-            raise
+            released(res != "busy")
+        return res
+
+    @contextlib.contextmanager
+    def releasing(self, s: Session) -> Iterator[Callable[[bool], None]]:
+        """Around a script that may release the session's hosting: its lease is not renewed
+        meanwhile (a heartbeat racing the script would see the lease gone and report the
+        session lost), and renewed again after, unless ``released(True)`` was called."""
+        with self._lease_lock:
+            rec = self._leases.pop(s.id, None)
+        done = False
+
+        def released(ok: bool) -> None:
+            nonlocal done
+            done = ok
+
+        try:
+            yield released
         finally:
-            if rec is not None and res in ("busy", "error") and self._hosts.get(s.id) is s:
+            if rec is not None and not done and self._hosts.get(s.id) is s:
                 with self._lease_lock:
                     self._leases.setdefault(s.id, rec)
-        return res
 
     def _forget(self, s: Session) -> None:
         if self._hosts.get(s.id) is s:

@@ -1,15 +1,17 @@
 -- Append a batch of envelopes atomically: dedupe, seq, session stream + shard feed, metadata.
 --
--- KEYS[1] shard feed, KEYS[2] shard dispatch, KEYS[3] this batch's token key, then 5 keys per
---   session in the batch: stream, meta, dedupe, signals, effects
+-- KEYS[1] shard feed, KEYS[2] shard dispatch, KEYS[3] this batch's token key, then 6 keys per
+--   session in the batch: stream, meta, dedupe, signals, effects, lease
 -- ARGV[1] event count, ARGV[2] now (ms), ARGV[3] notify channel, ARGV[4] wake channel,
 --   ARGV[5] token ttl (s), ARGV[6] session count S, ARGV[7 .. 6+S] the session ids, then 6 args
 --   per event:
 --   session index (1-based), type, event key ('' when the client generated it), body (the
 --   envelope JSON without seq and without its opening brace), host epoch or '', extra
 -- extra is '' or flags NUL server_data-JSON NUL aux, where flags has 'r' when the payload is a
---   blob reference, and aux is for session.created a JSON {agent, labels, ttl} and for
---   signal/effect the signal/effect key.
+--   blob reference, and aux is for session.created a JSON {agent, labels, ttl, at}, for
+--   signal/effect the signal/effect key, and for a host's session.ended (with its epoch)
+--   'group NUL dispatch entry id NUL host': the hosting is released in the same step (entry
+--   acknowledged, the host's lease dropped), as the worker's release script does on 'ack'.
 -- A generated event key is already inside the body and nobody can retry with it except a resend
 -- of this very batch, which the token catches: so generated keys skip the dedupe map, saving
 -- its commands and memory. Caller-chosen keys are looked up with one HMGET per session.
@@ -54,7 +56,7 @@ end
 local sessions = {}
 local order = {}
 local function load(sidx)
-  local kb = 3 + (sidx - 1) * 5
+  local kb = 3 + (sidx - 1) * 6
   local m = {sid = ARGV[6 + sidx], kb = kb}
   sessions[sidx] = m
   order[#order + 1] = m
@@ -172,6 +174,17 @@ for i = 1, n do
         m.ended = true
         if m.set == nil then m.set = {} end
         m.set.state, m.set.ended_at = 'ended', now
+        if aux ~= '' and epoch ~= '' then
+          local q1 = string.find(aux, '\0', 1, true)
+          local q2 = q1 and string.find(aux, '\0', q1 + 1, true)
+          if q2 then
+            local host = string.sub(aux, q2 + 1)
+            redis.call('XACK', dispatch, string.sub(aux, 1, q1 - 1), string.sub(aux, q1 + 1, q2 - 1))
+            if redis.call('GET', KEYS[kb + 6]) == host then redis.call('DEL', KEYS[kb + 6]) end
+            redis.call('HDEL', KEYS[kb + 2], 'dispatched')
+            m.set.host = ''
+          end
+        end
       elseif typ == 'signal' then
         redis.call('HSET', KEYS[kb + 4], aux, d)
       elseif typ == 'effect' then

@@ -168,3 +168,38 @@ async def test_create_returns_what_get_reads_back(event_log: EventLog) -> None:
         assert made == msgspec.structs.replace(got, updated_at=made.updated_at)
         again = await event_log.create_session("a", session_id=made.session_id)
         assert again == got  # an existing session: its stored state
+
+
+async def test_a_hosts_end_releases_its_hosting_in_the_same_step(event_log: EventLog) -> None:
+    from eventcore._append import HostingAck
+    from eventcore.errors import StaleHost
+
+    log = event_log
+    s = await log.create_session("a")
+    sk = log.keys.session(s.session_id)
+    await log.redis.xgroup_create(sk.dispatch, "g", id="0")
+    ((_, ((eid, _),)),) = await log.redis.xreadgroup("g", "w1", {sk.dispatch: ">"})
+    await log.redis.hset(sk.meta, mapping={"host": "w1", "epoch": 3})
+    await log.redis.set(sk.lease, "w1")
+    with pytest.raises(StaleHost):  # a fenced host releases nothing
+        await log.end_session(s.session_id, epoch=2, ack=HostingAck("g", eid.decode(), "w1"))
+    assert (await log.redis.xpending(sk.dispatch, "g"))["pending"] == 1
+    with pytest.raises(ValidationError):
+        await log.end_session(s.session_id, ack=HostingAck("g", eid.decode(), "w1"))
+    res = await log.end_session(s.session_id, epoch=3, ack=HostingAck("g", eid.decode(), "w1"))
+    assert res.seq == 2 and not res.duplicate
+    assert (await log.redis.xpending(sk.dispatch, "g"))["pending"] == 0
+    assert await log.redis.exists(sk.lease) == 0
+    meta = await log.redis.hgetall(sk.meta)
+    assert meta[b"host"] == b"" and b"dispatched" not in meta and meta[b"state"] == b"ended"
+
+
+async def test_a_hosts_end_leaves_another_hosts_lease_alone(event_log: EventLog) -> None:
+    from eventcore._append import HostingAck
+
+    log = event_log
+    s = await log.create_session("a")
+    sk = log.keys.session(s.session_id)
+    await log.redis.set(sk.lease, "w2")
+    await log.end_session(s.session_id, epoch=0, ack=HostingAck("g", "1-0", "w1"))
+    assert await log.redis.get(sk.lease) == b"w2"
