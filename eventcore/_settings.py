@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     sse_send_timeout_s: float = pydantic.Field(
         default=30.0, gt=0, description="A client that accepts no bytes for this long is closed."
     )
+    metrics_auth: bool = pydantic.Field(
+        default=False, description="Require the API key (Authorization: Bearer) on /metrics. "
+        "Off: /metrics is open, as Prometheus scrapers expect by default.",
+    )
     sse_live: Literal["pubsub", "xread"] = pydantic.Field(
         default="xread", description="The SSE hub's live path (measured: benchmarks/sse.py)."
     )

@@ -8,11 +8,12 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from ._context import ReadyCheck, ServiceContext, get_context
 from ._metrics import CONTENT_TYPE_LATEST
+from ._problems import Problem
 
 __all__ = ["GroupSpec", "builtin_checks", "router"]
 
@@ -49,7 +50,14 @@ async def readyz(ctx: Ctx) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
-async def metrics(ctx: Ctx) -> Response:
+async def metrics(ctx: Ctx, request: Request) -> Response:
+    if ctx.settings.metrics_auth:  # (the query-string token is never accepted here)
+        principal = ctx.auth.from_header(request.headers.get("authorization"))
+        if principal is None:
+            raise Problem(401, "unauthorized", "/metrics needs `Authorization: Bearer <api "
+                          "key>` (EVENTCORE_METRICS_AUTH)", headers={"WWW-Authenticate": "Bearer"})
+        if not principal.admin:
+            raise Problem(403, "forbidden", "/metrics needs the API key")
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

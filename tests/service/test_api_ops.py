@@ -155,3 +155,24 @@ async def test_redis_outage_readiness_and_stream_resume(
             assert seen == [1, 2, 3, 4]
     finally:
         svc.api.stop()
+
+
+async def test_metrics_can_require_the_api_key(service_env: dict[str, str],
+                                               tmp_path: Any) -> None:
+    svc = Service({**service_env, "EVENTCORE_METRICS_AUTH": "true"}, tmp_path)
+    svc.api.start()
+    try:
+        _, token = await svc.create("echo")
+        async with svc.client(None) as anonymous, svc.client(token) as session, \
+                svc.client() as admin:
+            denied = await anonymous.get("/metrics")
+            assert denied.status_code == 401
+            assert denied.headers["content-type"] == "application/problem+json"
+            assert (await session.get("/metrics")).status_code == 403
+            assert (await anonymous.get("/metrics", params={"access_token": token})
+                    ).status_code == 401
+            ok = await admin.get("/metrics")
+            assert ok.status_code == 200 and "eventcore_http_requests_total" in ok.text
+            assert (await anonymous.get("/healthz")).status_code == 200
+    finally:
+        svc.api.stop()
