@@ -56,7 +56,7 @@ _KEYED = frozenset({"signal", "effect"})
 _KNOWN_TYPES = frozenset({
     "session.created", "session.started", "session.ended", "run.started", "run.completed",
     "run.failed", "run.cancelled", "run.timed_out", "tool.started", "tool.ended", "input",
-    "signal", "effect", "message", "log",
+    "signal", "effect", "message", "log", "session.checkpoint",
 })
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "Envelope",
     "ErrorInfo",
     "RunPayload",
+    "SessionCheckpointPayload",
     "SessionCreatedPayload",
     "SessionEndedPayload",
     "SignalPayload",
@@ -80,6 +81,13 @@ class SessionEndedPayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaul
     error: ErrorInfo | None = None
 
 
+class SessionCheckpointPayload(msgspec.Struct, frozen=True, kw_only=True):
+    """A handler's checkpoint: every input up to seq ``after`` is accounted for in the state
+    it saved (kept in the envelope's ``server_data``, never sent to clients)."""
+
+    after: int
+
+
 class SignalSummary(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Stands in for a large or sensitive signal value."""
 
@@ -121,6 +129,7 @@ class RunPayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 _TYPED: dict[str, type[msgspec.Struct]] = {
     "session.created": SessionCreatedPayload,
     "session.ended": SessionEndedPayload,
+    "session.checkpoint": SessionCheckpointPayload,
     "signal": SignalPayload,
     "effect": EffectPayload,
     "tool.started": ToolPayload,

@@ -25,7 +25,9 @@ from eventcore import (
     ErrorInfo,
     EventLog,
     RunPayload,
+    SessionCheckpointPayload,
     ToolPayload,
+    decode_payload,
 )
 from eventcore.errors import EffectFailed, RunTimedOut, SessionEnded, StaleHost
 
@@ -70,9 +72,10 @@ class Session:
 
     __slots__ = (
         "__weakref__", "_counts", "_ctx", "_cursor", "_deadline", "_ended", "_finished_runs",
-        "_idle_timeout_s", "_inputs", "_own", "_position", "_run_cancels", "_run_timeout_s",
-        "_runs", "_scope", "_stop_reason", "_wake", "agent", "attempt", "entry_id", "epoch",
-        "fetching", "id", "inflight", "known", "labels", "refetch", "shard", "spec",
+        "_idle_timeout_s", "_inputs", "_last_input", "_own", "_position", "_restored",
+        "_run_cancels", "_run_timeout_s", "_runs", "_scope", "_stop_reason", "_wake", "agent",
+        "attempt", "checkpoint_seq", "entry_id", "epoch", "fetching", "id", "inflight", "known",
+        "labels", "refetch", "shard", "spec",
     )
 
     def __init__(
@@ -124,6 +127,11 @@ class Session:
         self._finished_runs: set[str] = set()
         self._position = "i0"
         self._counts: dict[str, int] = {}
+        #: the seq of the handler's last checkpoint (from the claim), its state, and the last
+        #: input handed to the handler (what a checkpoint taken now covers)
+        self.checkpoint_seq = 0
+        self._restored: Any = None
+        self._last_input = 0
 
     # -- the handler's API -------------------------------------------------------------------
     @property
@@ -138,6 +146,7 @@ class Session:
         while True:
             if self._inputs:
                 env = self._inputs.popleft()
+                self._last_input = env.seq
                 self._position = f"i{env.seq}"
                 self._counts = {}
                 yield env
@@ -155,6 +164,36 @@ class Session:
             if idle.cancelled_caught and not self._inputs and not self._ended:
                 await self._ctx.unload(self)
                 await anyio.lowlevel.checkpoint()
+
+    @property
+    def restored(self) -> Any:
+        """The state of the handler's last :meth:`checkpoint` (``None`` if it has none): a
+        re-hosted handler starts from it, and :meth:`inputs` resumes after the last input that
+        checkpoint covers instead of replaying the session from its first input."""
+        return self._restored
+
+    async def checkpoint(self, state: Any) -> AppendResult:
+        """Save ``state`` (any JSON-encodable value) as covering every input :meth:`inputs`
+        has given so far. Take it when an input is fully handled (after its run): a later
+        hosting restores it (:attr:`restored`) and is given only the inputs after it, so
+        waking a long session costs what happened since its last checkpoint, not its whole
+        history. Recorded as a ``session.checkpoint`` envelope (payload ``{"after": seq}``);
+        the state travels in its ``server_data``, never sent to clients."""
+        key = f"{self._position}/checkpoint:{self._next('checkpoint')}"
+        return await self._append("session.checkpoint",
+                                  SessionCheckpointPayload(after=self._last_input), key,
+                                  server_data=state)
+
+    def _restore(self, env: Envelope) -> None:
+        """Before the handler starts: take the state of checkpoint ``env`` and read the history
+        only after the last input it covers."""
+        after = decode_payload(env).after
+        self._restored = env.server_data
+        self._last_input = after
+        if after > self._cursor:
+            self._cursor = after
+            self._own = {q for q in self._own if q > after}
+            self._advance()
 
     def run(self, name: str, *, timeout_s: float | None = None) -> Run:
         """``async with session.run("name") as run:`` records ``run.started`` and then

@@ -27,7 +27,7 @@ import msgspec
 from eventcore import Envelope, ErrorInfo
 from eventcore._append import HostingAck
 from eventcore._codec import encode
-from eventcore.errors import SessionEnded, StaleHost
+from eventcore.errors import HistoryGone, SessionEnded, StaleHost
 
 from ._scripts import GROUP
 from ._session import Session
@@ -40,6 +40,7 @@ __all__ = ["settle", "started_body"]
 log = logging.getLogger("workers")
 _QUIET = ("lost", "handback", "unload")
 _STARTED = "session.started"  # its event key too: a re-hosting dedupes to the first one
+_CHECKPOINT = "session.checkpoint"
 _AGENT = b'{"agent":"'
 
 
@@ -56,6 +57,8 @@ def started_body(session_id: str) -> tuple[bytes, bytes]:
 async def settle(w: Worker, s: Session, dead: bool, error: str, *, fresh: bool = False,
                  started: bool = False) -> None:
     """``started``: the claim recorded (or found) ``session.started`` already."""
+    if s.checkpoint_seq and not dead:
+        await _restore(w, s)
     if not fresh:  # (a fresh session's history is known: only session.created)
         w.feed.mark(s)  # read the session's history: its inputs and control events
     if dead:
@@ -67,6 +70,20 @@ async def settle(w: Worker, s: Session, dead: bool, error: str, *, fresh: bool =
     outcome, exc = await _run(s, started)
     with anyio.CancelScope(shield=True), anyio.move_on_after(w.lease_ttl_s):
         await _finish(w, s, outcome, exc)
+
+
+async def _restore(w: Worker, s: Session) -> None:
+    """Start from the handler's last checkpoint: its state, and the history read from the
+    last input it covers (through the archive if Redis has trimmed it)."""
+    try:
+        page = await w.log.read(s.id, s.checkpoint_seq - 1, 1)
+    except HistoryGone:
+        page = []
+    if not page or page[0].seq != s.checkpoint_seq or page[0].type != _CHECKPOINT:
+        log.warning("session %s: checkpoint at seq %d not found; replaying from the start",
+                    s.id, s.checkpoint_seq)
+        return
+    s._restore(page[0])
 
 
 async def _run(s: Session, started: bool) -> tuple[str, Exception | None]:

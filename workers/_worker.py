@@ -404,6 +404,7 @@ class Worker:
         started = int(res[9]) if len(res) > 9 else 0
         if started > 0:
             s._own_seq(started)
+        s.checkpoint_seq = int(_text(res[10]) or 0) if len(res) > 10 else 0
         # a brand-new session's stream held only session.created: skip reading it back
         fresh = old is None and dead != "1" and len(res) > 8 and _text(res[8]) == "1"
         if fresh:

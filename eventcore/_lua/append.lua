@@ -185,6 +185,9 @@ for i = 1, n do
             m.set.host = ''
           end
         end
+      elseif typ == 'session.checkpoint' then
+        if m.set == nil then m.set = {} end
+        m.set.checkpoint = seq
       elseif typ == 'signal' then
         redis.call('HSET', KEYS[kb + 4], aux, d)
       elseif typ == 'effect' then

@@ -299,3 +299,34 @@ async def test_a_session_that_keeps_killing_its_workers_is_dead_lettered(
     assert ended.reason == "failed" and ended.error == dead.error
     assert final["claims"] == 1 and final["reclaims"] == 1
     check_log(await read_all(log, sid))
+
+
+async def test_after_sigkill_the_new_host_resumes_from_the_checkpoint(
+    event_log: EventLog, tmp_path: Path
+) -> None:
+    log, effects = event_log, tmp_path / "effects"
+    env = {"EC_TEST_EFFECTS": str(effects)}
+    a = WorkerProc(log, "--lease-ttl", "1", env=env).start()
+    b = WorkerProc(log, "--lease-ttl", "1", env=env)
+    try:
+        await a.ready()
+        async with watching(log) as feed:
+            sid = (await log.create_session("tally", input=1)).session_id
+            await log.append(Envelope(type="input", session_id=sid, payload=2))
+            await feed.until(lambda: feed.count(sid, "session.checkpoint") == 2)
+            a.kill()
+            await log.append(Envelope(type="input", session_id=sid, payload=3))
+            await b.start().ready()
+            await feed.until(lambda: feed.count(sid, "message") == 3)
+        events = await read_all(log, sid)
+        check_log(events)
+        inputs = [e.seq for e in events if e.type == "input"]
+        assert [e.payload["total"] for e in events if e.type == "message"] == [1, 3, 6]
+        # A was given inputs 1 and 2; B, restored from A's checkpoint, only input 3
+        assert effect_lines(effects) == [f"{a.pid} {sid} {inputs[0]}",
+                                         f"{a.pid} {sid} {inputs[1]}",
+                                         f"{b.pid} {sid} {inputs[2]}"]
+        assert (await log.get_session(sid)).host == b.id
+    finally:
+        a.kill()
+        b.kill()

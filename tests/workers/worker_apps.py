@@ -135,3 +135,16 @@ async def crasher(session: Session) -> None:
     """Takes its whole worker process down (as a segfault or the OOM killer would)."""
     await session.emit("message", {"pid": os.getpid()})
     os._exit(3)
+
+
+@app.agent("tally")
+async def tally(session: Session) -> None:
+    """Sums integer inputs, checkpointing after each; logs ``<pid> <session> <seq>`` to
+    ``EC_TEST_EFFECTS`` for every input it is given (re-hosting included)."""
+    state = session.restored or {"total": 0}
+    async for msg in session.inputs():
+        _append_line("EC_TEST_EFFECTS", f"{os.getpid()} {session.id} {msg.seq}")
+        async with session.run("add") as run:
+            state = {"total": state["total"] + int(msg.payload)}
+            await run.emit("message", state)
+        await session.checkpoint(state)

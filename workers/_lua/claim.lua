@@ -10,8 +10,8 @@
 --   the session.started body up to the agent (as the append script gets it: the envelope JSON
 --   without seq and without its opening brace; its event key is 'session.started')
 -- Returns one array per item:
---   {'ok', epoch, agent, attempt, dead, error, created_at, labels, seq, started}   the caller
---                        now hosts it (seq: the session's last seq at the claim, read
+--   {'ok', epoch, agent, attempt, dead, error, created_at, labels, seq, started, checkpoint}
+--                        the caller now hosts it (seq: the session's last seq at the claim, read
 --                        atomically with it, before session.started); started: the seq of
 --                        session.started recorded now, -seq when an earlier hosting recorded
 --                        it (event key dedupe, as an append would answer), 0 when not recorded
@@ -19,7 +19,8 @@
 --                        the append script's answer); dead = '1': the session is dead-lettered
 --                        (by a previous host, or now: its entry was delivered more than ARGV[4]
 --                        times -- each host died with it, a crash loop), and the caller only
---                        records its end
+--                        records its end; checkpoint: the seq of the handler's last
+--                        session.checkpoint ('' when none)
 --   {'held', holder}     another worker holds a live lease: the entry goes back to it, its
 --                        delivery count as before (its host renews it, or it was reclaimed
 --                        from a host that came back)
@@ -64,7 +65,7 @@ local function claim(kmeta, klease, kstream, kdedupe, id, sid, head)
   local mine = redis.call('XPENDING', dispatch, group, id, id, 1, me)
   if #mine == 0 then return {'gone'} end
   local m = redis.pcall('HMGET', kmeta, 'state', 'agent', 'attempt', 'dead', 'error',
-    'created_at', 'labels', 'seq')
+    'created_at', 'labels', 'seq', 'checkpoint')
   if m.err then
     redis.call('XACK', dispatch, group, id)
     return {'corrupt', m.err}
@@ -109,7 +110,7 @@ local function claim(kmeta, klease, kstream, kdedupe, id, sid, head)
     rec = started(kmeta, kstream, kdedupe, sid, head, m[2] or '', tonumber(m[8]))
   end
   return {'ok', epoch, m[2] or '', m[3] or '1', dead, err, m[6] or '', m[7] or '{}',
-    m[8] or '0', rec}
+    m[8] or '0', rec, m[9] or ''}
 end
 
 local out = {}
