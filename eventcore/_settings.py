@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     session_ttl_s: int = pydantic.Field(
         default=7 * 24 * 3600, ge=0, description="Seconds an ended session stays in Redis."
     )
+    dead_letter_ttl_s: int = pydantic.Field(
+        default=30 * 24 * 3600, ge=0,
+        description="Seconds dead letters are kept (trimmed by retention; 0: forever).",
+    )
+    dead_letter_maxlen: int = pydantic.Field(
+        default=100_000, ge=0,
+        description="Most dead letters kept per shard, the newest (0: no limit).",
+    )
     retry_budget_s: float = pydantic.Field(
         default=15.0, gt=0, description="How long transient Redis errors are retried."
     )

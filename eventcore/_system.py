@@ -34,7 +34,9 @@ async def builtin_subscribers(
             async with (
                 SubscriberRunner(log, Projector(log)),
                 SubscriberRunner(log, store, checkpoints=store),
-                Retention(log, store, hot_window_s=hot_window_s),
+                Retention(log, store, hot_window_s=hot_window_s,
+                          dead_letter_max_age_s=log.settings.dead_letter_ttl_s or None,
+                          dead_letter_maxlen=log.settings.dead_letter_maxlen or None),
             ):
                 yield
         finally:

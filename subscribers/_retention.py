@@ -41,6 +41,7 @@ class RetentionReport:
     session_entries_trimmed: int = 0
     feed_entries_trimmed: int = 0
     feeds_skipped: list[int] = field(default_factory=list)
+    dead_letters_trimmed: int = 0
 
 
 class Retention:
@@ -49,6 +50,8 @@ class Retention:
     ``hot_window_s``: how long envelopes stay in Redis after publication even when archived
     (live readers and SSE catch-up stay on Redis). ``groups``: consumer groups that must exist
     on a feed before it is trimmed (default: whichever exist, and never a feed with none).
+    ``dead_letter_max_age_s`` / ``dead_letter_maxlen``: each shard's dead-letter stream keeps
+    the entries of that age and at most that many (the newest); ``None`` keeps them all.
     """
 
     def __init__(
@@ -60,8 +63,12 @@ class Retention:
         interval_s: float = 60.0,
         groups: Sequence[str] | None = None,
         scan_count: int = 500,
+        dead_letter_max_age_s: float | None = 30 * 24 * 3600.0,
+        dead_letter_maxlen: int | None = 100_000,
     ) -> None:
         self.log = log
+        self.dead_letter_max_age_s = dead_letter_max_age_s
+        self.dead_letter_maxlen = dead_letter_maxlen
         self.archive = archive
         self.hot_window_s = hot_window_s
         self.interval_s = interval_s
@@ -109,7 +116,24 @@ class Retention:
         report = RetentionReport()
         await self.trim_sessions(report)
         await self.trim_feeds(report)
+        await self.trim_dead_letters(report)
         return report
+
+    async def trim_dead_letters(self, report: RetentionReport) -> None:
+        """Dead letters are for people to look at: keep them for a while, not forever."""
+        keys, redis = self.log.keys, self.log.redis
+        with redis_errors("retention trim dead letters"):
+            async with redis.pipeline(transaction=False) as pipe:
+                for shard in keys.all_shards():
+                    if self.dead_letter_max_age_s is not None:
+                        floor = int((time.time() - self.dead_letter_max_age_s) * 1000)
+                        pipe.xtrim(keys.dead(shard), minid=f"{max(floor, 0)}-0",
+                                   approximate=False)
+                    if self.dead_letter_maxlen is not None:
+                        pipe.xtrim(keys.dead(shard), maxlen=self.dead_letter_maxlen,
+                                   approximate=False)
+                trimmed = await pipe.execute()
+        report.dead_letters_trimmed += sum(int(n) for n in trimmed)
 
     async def trim_sessions(self, report: RetentionReport) -> None:
         keys, redis = self.log.keys, self.log.redis

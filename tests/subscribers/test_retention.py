@@ -3,6 +3,7 @@ feeds only below what every group acknowledged. Nothing unacknowledged is ever t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anyio
@@ -121,3 +122,26 @@ async def test_retention_runs_periodically_as_a_task(event_log: EventLog, sqlite
         assert first.session_entries_trimmed == top == len(log)
         assert second.session_entries_trimmed == 0
         assert await stream_seqs(event_log, sid) == []
+
+
+async def test_dead_letters_are_kept_for_a_while_and_up_to_a_count(
+    event_log: EventLog, sqlite_url: str
+) -> None:
+    log = event_log
+    dead = log.keys.dead(0)
+    now_ms = int(time.time() * 1000)
+    old = [f"{now_ms - 3_600_000 - i}-0" for i in (3, 2, 1)]  # an hour old (oldest first)
+    new = [f"{now_ms - 1000 + i}-0" for i in range(5)]
+    for eid in old + new:
+        await log.redis.xadd(dead, {"sid": "s", "error": "{}"}, id=eid)
+    other = log.keys.dead(1)
+    await log.redis.xadd(other, {"sid": "t", "error": "{}"}, id=new[0])
+    async with Persistence(log, sqlite_url) as p:
+        keep_all = Retention(log, p, dead_letter_max_age_s=None, dead_letter_maxlen=None)
+        assert (await keep_all.run_once()).dead_letters_trimmed == 0
+        report = await Retention(log, p, dead_letter_max_age_s=1800,
+                                 dead_letter_maxlen=3).run_once()
+    left = [eid.decode() for eid, _ in await log.redis.xrange(dead)]
+    assert left == new[-3:]  # the hour-old ones by age, then the oldest beyond 3 by count
+    assert report.dead_letters_trimmed == 5
+    assert await log.redis.xlen(other) == 1
