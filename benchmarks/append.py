@@ -176,8 +176,10 @@ async def bench_naive(url: str, events: int, producers: int) -> dict[str, Any]:
         elapsed, lat = await _producers(1, n, seq_step)
         sequential = _report(n, elapsed, lat, await cpu.stop())
 
+        # timeout=None: producers queue for a connection as long as it takes (the default
+        # 20 s wait fails the baseline outright on a slow or busy machine)
         pool = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=64))
+            url, max_connections=64, timeout=None))
         per = events // producers
 
         async def conc_step(p: int, i: int) -> int:
