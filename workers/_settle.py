@@ -159,20 +159,18 @@ async def _failed(w: Worker, s: Session, exc: Exception) -> None:
 
 async def _end_and_ack(w: Worker, s: Session, reason: str, error: ErrorInfo | None) -> bool:
     """Record the session's end and release the hosting, in one step when the end is new."""
-    acked = False
-    with w.releasing(s) as release:
-        res = await _end(w, s, reason, error, HostingAck(GROUP, s.entry_id, w.id))
-        if res is None:
+    with w.releasing(s) as released:
+        recorded = await _end(w, s, reason, error, HostingAck(GROUP, s.entry_id, w.id))
+        if recorded is None:
             return False
-        acked = res is True
-        release(acked)
-    return acked or await _ack(w, s)
+        released(recorded)
+    return recorded or await _ack(w, s)
 
 
 async def _end(w: Worker, s: Session, reason: str, error: ErrorInfo | None,
-               ack: HostingAck | None = None) -> bool | None:
-    """None: fenced. True: recorded now (and released, with ``ack``). False: recorded
-    earlier, or ended from outside meanwhile (nothing added, nothing released)."""
+               ack: HostingAck) -> bool | None:
+    """None: fenced. True: recorded now, and the hosting released. False: recorded earlier,
+    or ended from outside meanwhile (nothing added, nothing released)."""
     s.inflight += 1  # an own append: not read back (see Session.defer_read)
     seq = None
     try:
