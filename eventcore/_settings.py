@@ -90,7 +90,8 @@ class Settings(BaseSettings):
         "its live buffer, or one catch-up page (which always holds at least one event).",
     )
     sse_send_timeout_s: float = pydantic.Field(
-        default=30.0, gt=0, description="A client whose send has been pending this long is disconnected."
+        default=30.0, gt=0,
+        description="A client whose send has been pending this long is disconnected.",
     )
     metrics_auth: bool = pydantic.Field(
         default=False, description="Require the API key (Authorization: Bearer) on /metrics. "
