@@ -4,8 +4,9 @@ Not a consumer group (a group would split events between clients instead of copy
 
 - **Catch-up** is a client's own paged read from its cursor (``EventLog.read`` when a page
   needs the archive), so a client resuming from seq 0 never slows anyone else. A page is
-  bounded in entries (``page``) and in bytes (``buffer_bytes``, by ``_lua/page.lua``; at most
-  one blob-backed event, hydrated), so what a client holds never grows with the history.
+  bounded in entries (``page``) and in bytes (``buffer_bytes`` past its first event, by
+  ``_lua/page.lua``; a blob-backed event is a page of its own), so what a client holds never
+  grows with the history.
 - **Live** is one path for the whole process: either one multiplexed XREAD over all watched
   streams (the default), or the pub/sub notifications the append script publishes
   (``"<sid> <last_seq>"`` on each shard's ``notify`` channel), after which the hub XRANGEs every

@@ -3,9 +3,9 @@
 --
 -- KEYS[1] stream; ARGV[1] exclusive start ("(0-N"), ARGV[2] most entries, ARGV[3] most bytes
 -- (field names and values; the first entry is always taken, whatever its size). A blob-backed
--- entry (field "r") ends the page: what it costs is only known once hydrated, so a page holds
--- at most one. Reads in slices sized from what it has seen, so a page of large entries never
--- makes Redis copy much more than it returns.
+-- entry (field "r") is a page of its own: what it costs is only known once hydrated. Reads in
+-- slices sized from what it has seen, so a page of large entries never makes Redis copy much
+-- more than it returns.
 --
 -- Returns {complete, entries}: complete is 1 when the stream ended before either bound.
 local key, start = KEYS[1], ARGV[1]
@@ -20,7 +20,7 @@ while true do
       size = size + #fields[i] + #fields[i + 1]
       if fields[i] == 'r' then blob = true end
     end
-    if #out > 0 and used + size > budget then return {0, out} end
+    if #out > 0 and (blob or used + size > budget) then return {0, out} end
     out[#out + 1] = entry
     used = used + size
     if blob or #out == count then return {0, out} end
