@@ -15,9 +15,9 @@ sse-starlette races the stream against the client's disconnect, the heartbeat an
 shutdown in one task group. A client whose send has been pending longer than the send timeout
 (one that stopped reading) is disconnected at the transport (:mod:`._transport`): an ordinary
 close would wait forever for its unsent bytes to drain. What a client holds is bounded by the
-hub's ``buffer_bytes`` (one catch-up page or its live buffer), one frame of it at a time in
-flight. On shutdown the stream ends with ``server.shutdown``; the client resumes with
-``Last-Event-ID`` on any server.
+hub's ``buffer_bytes`` (one catch-up page or its live buffer), handed to the server in sends
+of about ``_CHUNK_BYTES``. On shutdown the stream ends with ``server.shutdown``; the client
+resumes with ``Last-Event-ID`` on any server.
 
 A session that has ended and whose last event the client has seen answers 204, which tells an
 ``EventSource`` to stop reconnecting.
