@@ -85,8 +85,13 @@ class Settings(BaseSettings):
         default=1024, ge=8, description="Events buffered per SSE client before it falls back "
         "to catch-up reads.",
     )
+    sse_buffer_bytes: int = pydantic.Field(
+        default=512 * 1024, ge=4096, description="Bytes of events one SSE client holds at most: "
+        "its live buffer, or one catch-up page (which always holds at least one event).",
+    )
     sse_send_timeout_s: float = pydantic.Field(
-        default=30.0, gt=0, description="A client that accepts no bytes for this long is closed."
+        default=30.0, gt=0,
+        description="A client whose send has been pending this long is disconnected.",
     )
     metrics_auth: bool = pydantic.Field(
         default=False, description="Require the API key (Authorization: Bearer) on /metrics. "

@@ -11,7 +11,9 @@ its task group. Wire protocol (every message is one UTF-8 JSON text unless noted
     ``gap`` (history trimmed everywhere; the stream continues at ``first_available``) and
     ``chunk`` — an envelope too large for one message arrives as ``{"control": "chunk",
     "seq": N, "parts": K, "size": B}`` followed by K binary messages whose bytes, joined, are
-    the envelope's JSON.
+    the envelope's JSON — and ``token_expired`` (``{"control": "token_expired", "last_seq":
+    N}``: the credential that opened the peer has expired; the peer closes, and the client
+    offers again with a fresh one, resuming after N).
 ``inputs`` channel
     ``{"type": "input", "payload": ..., "idempotency_key": "..."?, "id": ..?}`` or
     ``{"type": "signal", "key": "...", "value": ..., "id": ..?}``. Each gets
@@ -19,7 +21,9 @@ its task group. Wire protocol (every message is one UTF-8 JSON text unless noted
     "status": 4xx|5xx, "error": code, "detail": text}``; a rejected message writes nothing.
 
 Only host candidates are gathered (no STUN/TURN); a peer that disappears is noticed by ICE
-consent freshness (RFC 7675) and closed, which frees its tasks.
+consent freshness (RFC 7675) and closed, which frees its tasks. A peer that stays but stops
+reading is closed once a send has waited ``send_timeout_s`` for room below the channel's
+high-water mark: what it holds is that buffer and its follower's (bounded) hub buffer.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from ._webrtc_wire import (
     Closed,
     InputMsg,
     Resume,
+    Stalled,
     WebRTCLimits,
     check_offer,
     control,
@@ -87,6 +92,7 @@ class WebRTCStats:
     events_sent: int = 0
     inputs_accepted: int = 0
     inputs_rejected: int = 0
+    slow_closed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +112,8 @@ class Peer:
     writable: bool = True
     created_at: float = field(default_factory=time.time)
     closed: anyio.Event = field(default_factory=anyio.Event)
+    expired: bool = False  # closing because its credential expired
+    _scope: anyio.CancelScope | None = None  # its tasks: cancelled to close it
 
 
 class WebRTCGateway:
@@ -240,6 +248,7 @@ class WebRTCGateway:
                 task_status.started(WebRTCAnswer(peer_id=peer.peer_id, sdp=local.sdp))
                 try:
                     async with anyio.create_task_group() as tg:
+                        peer._scope = tg.cancel_scope
                         tg.start_soon(self._watch, peer, state_recv, expires_at, tg.cancel_scope,
                                       name=f"webrtc {peer.peer_id} watch")
                         async for ch in chan_recv:
@@ -269,12 +278,20 @@ class WebRTCGateway:
         """Cancel the peer's tasks when it fails, closes, never connects, or its credential
         expires (a live connection must not outlive the token that opened it)."""
         budget = math.inf if expires_at is None else max(0.0, expires_at - time.time())
-        with anyio.move_on_after(budget):
+        with anyio.move_on_after(budget) as expiry:
             if await self._connected(peer, states):
                 async for state in states:
                     if state in ("failed", "closed"):
                         break
+        peer.expired = expiry.cancelled_caught
         scope.cancel()
+
+    def _stalled(self, peer: Peer, ch: Channel) -> None:
+        self.stats.slow_closed += 1
+        logger.info("webrtc peer %s stopped reading its %s channel: closing it", peer.peer_id,
+                    ch.label)
+        if peer._scope is not None:
+            peer._scope.cancel()
 
     async def _connected(self, peer: Peer, states: MemoryObjectReceiveStream[str]) -> bool:
         with anyio.move_on_after(self.limits.connect_timeout_s):
@@ -351,6 +368,13 @@ class WebRTCGateway:
             ch.send_now(control("end", last_seq=last))
         except Closed:
             pass
+        except Stalled:
+            self._stalled(peer, ch)
+        except anyio.get_cancelled_exc_class():
+            if peer.expired and not ch.mid_message:
+                with contextlib.suppress(Closed):
+                    ch.send_now(control("token_expired", last_seq=last))
+            raise
         except EventcoreError as exc:
             # the session deleted, the hub shutting down, Redis gone for good, ...
             code = STREAM_ERRORS.get(type(exc).__name__, "unavailable")
@@ -360,7 +384,7 @@ class WebRTCGateway:
 
     # -- inputs ----------------------------------------------------------------------------------
     async def _inputs(self, peer: Peer, ch: Channel) -> None:
-        with contextlib.suppress(Closed):
+        try:
             async for raw in ch.messages():
                 accepted, reply = await self._handle_input(peer, raw)
                 if accepted:
@@ -368,6 +392,10 @@ class WebRTCGateway:
                 else:
                     self.stats.inputs_rejected += 1
                 await ch.send(reply)
+        except Closed:
+            pass
+        except Stalled:
+            self._stalled(peer, ch)
 
     async def _handle_input(self, peer: Peer, raw: str | bytes) -> tuple[bool, str]:
         """Append one inbound message; whether it was accepted, and the reply."""

@@ -47,7 +47,10 @@ async def webrtc_service(
     ctx: ServiceContext, *, limits: WebRTCLimits | None = None
 ) -> AsyncIterator[WebRTCGateway]:
     """The gateway for one API process (a ``create_app(services=...)`` factory): followers
-    share the SSE hub; peers close on exit. ``functools.partial`` sets other ``limits``."""
+    share the SSE hub; peers close on exit. ``functools.partial`` sets other ``limits``; by
+    default a peer that stops reading is closed after the SSE send timeout."""
+    if limits is None:
+        limits = WebRTCLimits(send_timeout_s=ctx.settings.sse_send_timeout_s)
     async with WebRTCGateway(ctx.log, source=HubSource(ctx.hub), limits=limits) as gateway:
         gauges = _bind_metrics(ctx, gateway)
         ctx.extras[EXTRA_KEY] = gateway
@@ -73,6 +76,8 @@ def _bind_metrics(ctx: ServiceContext, gateway: WebRTCGateway) -> list[Gauge]:
          lambda: float(stats.inputs_accepted)),
         ("eventcore_webrtc_inputs_rejected", "WebRTC input messages refused, in total",
          lambda: float(stats.inputs_rejected)),
+        ("eventcore_webrtc_slow_closed", "WebRTC peers closed because they stopped reading, "
+         "in total", lambda: float(stats.slow_closed)),
     ]
     gauges = []
     for name, doc, read in specs:

@@ -19,7 +19,7 @@ from .errors import ValidationError
 if TYPE_CHECKING:
     from aiortc import RTCDataChannel
 
-__all__ = ["STREAM_ERRORS", "Channel", "Closed", "InputMsg", "Resume", "SignalMsg",
+__all__ = ["STREAM_ERRORS", "Channel", "Closed", "InputMsg", "Resume", "SignalMsg", "Stalled",
            "WebRTCLimits", "check_offer", "control", "inbound_decoder", "input_event_key",
            "probe_id", "refused", "reply", "resume_decoder"]
 
@@ -44,6 +44,7 @@ class WebRTCLimits:
     max_message_bytes: int = 64 * 1024  # RFC 8841's default max-message-size
     chunk_bytes: int = 16 * 1024  # the size every implementation interoperates at
     high_water_bytes: int = 1024 * 1024  # stop reading the log while this much is unsent
+    send_timeout_s: float = 30.0  # a send waiting this long for room closes the peer
     connect_timeout_s: float = 30.0
 
 
@@ -78,6 +79,11 @@ class Closed(Exception):
     """The data channel closed under us."""
 
 
+class Stalled(Exception):
+    """The peer took nothing off the channel's buffer for the send timeout: it stopped reading
+    (ICE consent alone would keep it open for good)."""
+
+
 class Channel:
     """An RTCDataChannel seen through anyio: a bounded inbox and flow-controlled sends."""
 
@@ -89,6 +95,7 @@ class Channel:
         self._send, self.inbox = anyio.create_memory_object_stream[str | bytes](limits.inbox)
         self._low = anyio.Event()
         self._lock = anyio.Lock()
+        self.mid_message = False  # between the parts of a chunked envelope
         channel.bufferedAmountLowThreshold = limits.high_water_bytes // 2
         channel.on("message", lambda m: self._receive(m, on_overflow))
         channel.on("bufferedamountlow", self._wake)
@@ -142,7 +149,11 @@ class Channel:
             if not self.open:
                 raise Closed
             self._low = anyio.Event()
-            await self._low.wait()
+            # a cancel scope only while blocked: a peer that reads costs none
+            with anyio.move_on_after(self._limits.send_timeout_s) as waited:
+                await self._low.wait()
+            if waited.cancelled_caught:
+                raise Stalled
         self.send_now(data)
 
     async def send_json(self, seq: int, body: bytes) -> None:
@@ -156,8 +167,10 @@ class Channel:
             parts = math.ceil(len(body) / size)
             await self._send_when_drained(encode({"control": "chunk", "seq": seq,
                                                   "parts": parts, "size": len(body)}).decode())
+            self.mid_message = True
             for i in range(parts):
                 await self._send_when_drained(body[i * size:(i + 1) * size])
+            self.mid_message = False
 
     async def flushed(self) -> None:
         """Return once everything sent has left (or the channel closed)."""

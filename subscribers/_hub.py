@@ -2,8 +2,13 @@
 
 Not a consumer group (a group would split events between clients instead of copying them).
 
-- **Catch-up** is a client's own XRANGE from its cursor (``EventLog.read`` when a page needs the
-  archive or blob hydration), so a client resuming from seq 0 never slows anyone else.
+- **Catch-up** is a client's own XRANGE pages from its cursor (``EventLog.read`` when a page
+  needs the archive), so a client resuming from seq 0 never slows anyone else. A page is
+  bounded in entries (``page``) and in bytes (``buffer_bytes`` past its first event; a
+  blob-backed event is a page of its own, hydrated): what a client holds never grows with the
+  history. XRANGE bounds only a count, so each read asks for as many entries as the largest
+  entry of the session's last read says fit, and the page is cut at the budget before
+  anything awaits (a Lua script that stops at the budget cost twice Redis' CPU per page).
 - **Live** is one path for the whole process: either one multiplexed XREAD over all watched
   streams (the default), or the pub/sub notifications the append script publishes
   (``"<sid> <last_seq>"`` on each shard's ``notify`` channel), after which the hub XRANGEs every
@@ -18,9 +23,11 @@ Not a consumer group (a group would split events between clients instead of copy
 - **Missed notifications** (pub/sub is at most once) are recovered by re-reading every watched
   session after the notification connection (re)subscribes, and by a periodic sweep comparing
   each watched session's ``seq`` with the hub's cursor.
-- **Slow clients**: each client has a bounded buffer. Fan-out never waits: a client whose buffer
-  is full is marked lagged, its buffer dropped, and it continues with catch-up reads at its own
-  pace. A client that accepts no bytes at all is closed by the transport's send timeout.
+- **Slow clients**: each client has a bounded buffer (``buffer`` events and ``buffer_bytes``;
+  an empty buffer takes one fan-out batch whatever its size, as those events are shared).
+  Fan-out never waits: a client whose buffer is full is marked lagged, its buffer dropped, and
+  it continues with catch-up reads at its own pace. A client that accepts no bytes at all is
+  closed by the transport's send timeout.
 
 The hub is transport-neutral: SSE and the WebRTC data channel both iterate
 :meth:`Subscription.batches` and format :class:`HubEvent` themselves.
@@ -51,6 +58,9 @@ from eventcore.errors import EventcoreError
 __all__ = ["Hub", "HubClosed", "HubEvent", "HubStats", "StreamReset", "Subscription"]
 
 log_ = logging.getLogger("eventcore.hub")
+
+_FIRST_READ = 64  # entries a session's first catch-up read asks for, before sizes are known
+_FIT_SESSIONS = 10_000
 
 LiveMode = Literal["pubsub", "xread"]
 
@@ -114,28 +124,36 @@ class HubStats:
 
 
 class _Client:
-    __slots__ = ("buf", "closed", "gone", "lagged", "limit", "waiter")
+    __slots__ = ("buf", "closed", "gone", "lagged", "limit", "limit_bytes", "size", "waiter")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, limit_bytes: int) -> None:
         self.buf: collections.deque[HubEvent] = collections.deque()
+        self.size = 0  # bytes of client JSON in buf
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self.lagged = False
         self.gone = False
         self.closed = False
         self.waiter: anyio.Event | None = None
 
-    def push(self, events: Sequence[HubEvent]) -> bool:
+    def push(self, events: Sequence[HubEvent], size: int) -> bool:
         """Queue without ever waiting; False if the client overflowed (it then catches up)."""
         if self.lagged:
             return True
-        if len(self.buf) + len(events) > self.limit:
-            self.buf.clear()
+        if self.buf and (len(self.buf) + len(events) > self.limit
+                         or self.size + size > self.limit_bytes):
+            self.clear()
             self.lagged = True
             self.wake()
             return False
         self.buf.extend(events)
+        self.size += size
         self.wake()
         return True
+
+    def clear(self) -> None:
+        self.buf.clear()
+        self.size = 0
 
     def wake(self) -> None:
         if self.waiter is not None:
@@ -190,7 +208,7 @@ class Subscription:
                 raise HubClosed("the event hub is shutting down")
             if catchup or client.lagged:
                 client.lagged = False
-                client.buf.clear()
+                client.clear()
                 try:
                     page, caught_up = await hub.read_page(self.session_id, self.cursor)
                 except HistoryGone as exc:
@@ -212,7 +230,7 @@ class Subscription:
                 await waiter.wait()
                 continue
             items = list(client.buf)
-            client.buf.clear()
+            client.clear()
             out, ended = self._take(items)
             if out:
                 yield out
@@ -245,7 +263,9 @@ class Hub:
         *,
         live: LiveMode = "xread",
         buffer: int = 1024,
+        buffer_bytes: int = 512 * 1024,
         page: int = 500,
+        archive_page: int = 64,
         fetch_batch: int = 256,
         resync_s: float = 5.0,
         xread_block_ms: int = 100,
@@ -256,7 +276,9 @@ class Hub:
         self.log = log
         self.live: LiveMode = live
         self.buffer = buffer
+        self.buffer_bytes = buffer_bytes
         self.page = page
+        self.archive_page = archive_page
         self.fetch_batch = fetch_batch
         self.resync_s = resync_s
         self.xread_block_ms = xread_block_ms
@@ -269,6 +291,8 @@ class Hub:
         self._dirty_event = anyio.Event()
         self._tg: TaskGroup | None = None
         self._exit: contextlib.AsyncExitStack | None = None
+        # per session: how many entries of the size its last read had fit in buffer_bytes
+        self._fit: dict[str, int] = {}
 
     # -- lifetime ----------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -327,7 +351,7 @@ class Hub:
         if w is None:
             w = self._watches[session_id] = _Watch(session_id, keys.stream, keys.meta)
             self._mark(w)  # initialise its cursor on the live path
-        client = _Client(self.buffer)
+        client = _Client(self.buffer, self.buffer_bytes)
         w.clients.add(client)
         try:
             yield Subscription(self, w, client, after, types, until_ended)
@@ -341,25 +365,46 @@ class Hub:
     async def read_page(
         self, session_id: str, after: int, limit: int | None = None
     ) -> tuple[list[HubEvent], bool]:
-        """One catch-up page after ``after`` and whether it reached the end of the log. Raw
-        entries are forwarded without decoding; pages needing the archive or blob hydration go
-        through :meth:`EventLog.read` (which raises :class:`HistoryGone` where history is
-        gone everywhere)."""
+        """One catch-up page after ``after`` (at most ``limit`` events and, past the first,
+        ``buffer_bytes``) and whether it reached the end of the log. Raw entries are
+        forwarded without decoding; pages needing the archive go through
+        :meth:`EventLog.read`, ``archive_page`` events at a time (it raises
+        :class:`HistoryGone` where history is gone everywhere)."""
         limit = limit or self.page
         keys = self.log.keys.session(session_id)
+        count = min(limit, self._fit.get(session_id, _FIRST_READ))
         with redis_errors("hub read"):
             entries = await self.log.redis.xrange(
-                keys.stream, f"({_sid(after)}", "+", count=limit
+                keys.stream, f"({_sid(after)}", "+", count=count
             )
-        if entries and _seq(entries[0][0]) == after + 1 and not any(
-            b"r" in f for _, f in entries
-        ):
-            return [_event(i, f) for i, f in entries], len(entries) < limit
-        envs = await self.log.read(session_id, after, limit)
+        if entries and _seq(entries[0][0]) == after + 1:
+            page, largest = self._cut(entries)
+            if len(self._fit) >= _FIT_SESSIONS:
+                self._fit.clear()  # a hint, not state: forgetting costs one small read each
+            self._fit[session_id] = max(1, self.buffer_bytes // largest)
+            caught_up = len(page) == len(entries) < count
+            return await self._events_of(page, keys.stream), caught_up
+        envs = await self.log.read(session_id, after, min(limit, self.archive_page))
         events = [HubEvent(e.seq, e.type, client_json(e)) for e in envs]
         # A page from the archive stops where Redis starts, however short: only an empty read
         # says this is the end of the log.
         return events, not events
+
+    def _cut(self, entries: list[tuple[bytes, dict[bytes, bytes]]]
+             ) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], int]:
+        """The head of a read within ``buffer_bytes`` (past its first entry), a blob-backed
+        entry alone (what it costs is only known once hydrated), and the largest entry seen."""
+        used = largest = 0
+        for n, (_, fields) in enumerate(entries):
+            size = sum(len(k) + len(v) for k, v in fields.items())
+            largest = max(largest, size)
+            blob = b"r" in fields
+            if n and (blob or used + size > self.buffer_bytes):
+                return entries[:n], largest
+            if blob:
+                return entries[:1], largest
+            used += size
+        return entries, largest
 
     async def follow(self, session_id: str, after: int = 0) -> AsyncIterator[Envelope]:
         """Every envelope after ``after``, then live, as :class:`Envelope` objects (the
@@ -400,8 +445,9 @@ class Hub:
         if self.on_lag is not None:
             with contextlib.suppress(msgspec.DecodeError):
                 self.on_lag(time.time() - events[-1].ts().timestamp())
+        size = sum(len(e.data) for e in events)
         for c in w.clients:
-            if not c.push(events):
+            if not c.push(events, size):
                 self.stats.lagged_clients += 1
 
     async def _events_of(self, entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]],

@@ -23,6 +23,7 @@ from ._middleware import EdgeMiddleware
 from ._models import EventsPage
 from ._problems import PROBLEM_JSON, ProblemModel, install_problem_handlers
 from ._routes import router as v1_router
+from ._transport import AbortableApp
 
 __all__ = ["ServiceFactory", "create_app"]
 
@@ -89,6 +90,7 @@ def create_app(
             if the_log is None:
                 the_log = await stack.enter_async_context(EventLog(cfg, archive=archive))
             options: dict[str, Any] = {"live": cfg.sse_live, "buffer": cfg.sse_buffer,
+                                       "buffer_bytes": cfg.sse_buffer_bytes,
                                        "on_lag": metrics.hub_lag.observe,
                                        **(hub_options or {})}
             hub = await stack.enter_async_context(Hub(the_log, **options))
@@ -109,7 +111,7 @@ def create_app(
                 hub.drain()
                 tg.cancel_scope.cancel()
 
-    app = FastAPI(
+    app = AbortableApp(
         title="eventcore", version=_version(), lifespan=lifespan,
         description="Event-sourced streaming sessions: create sessions, stream their events "
         "over SSE (resumable with Last-Event-ID), send inputs and signals, replay signals.",

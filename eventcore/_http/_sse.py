@@ -4,14 +4,19 @@ Wire format (sse-starlette's encoder): ``id:`` the seq, ``event:`` the envelope 
 the client envelope JSON. Each event is framed once and the bytes shared by every client of the
 session. A ``: ping`` comment line every heartbeat interval, without the blank line that would
 end an event (some clients, httpx-sse among them, dispatch an empty "message" on a blank line
-once an id has been seen). Two events are not envelopes and carry
+once an id has been seen). Three events are not envelopes and carry
 no ``id:``: ``stream.reset`` (history after the cursor is gone everywhere; ``data`` says where
-the stream continues) and ``server.shutdown`` (with a ``retry:`` hint, right before the server
-closes the stream while draining).
+the stream continues), ``server.shutdown`` (with a ``retry:`` hint, right before the server
+closes the stream while draining) and ``token.expired`` (the session token that opened the
+stream has expired: the stream ends; the client reconnects with a fresh token and
+``Last-Event-ID``). ``data`` of the last two carries ``resume_after``, the last seq sent.
 
 sse-starlette races the stream against the client's disconnect, the heartbeat and the server's
-shutdown in one task group, and closes a client whose send blocks longer than the send timeout
-(one that stopped reading). On shutdown the stream ends with ``server.shutdown``; the client
+shutdown in one task group. A client whose send has been pending longer than the send timeout
+(one that stopped reading) is disconnected at the transport (:mod:`._transport`): an ordinary
+close would wait forever for its unsent bytes to drain. What a client holds is bounded by the
+hub's ``buffer_bytes`` (one catch-up page or its live buffer), handed to the server in sends
+of about ``_CHUNK_BYTES``. On shutdown the stream ends with ``server.shutdown``; the client
 resumes with ``Last-Event-ID`` on any server.
 
 A session that has ended and whose last event the client has seen answers 204, which tells an
@@ -37,6 +42,7 @@ from starlette.types import Receive, Scope, Send
 from ..errors import SessionNotFound
 from ._context import SessionAccess, session_reader
 from ._problems import Problem
+from ._transport import abort
 
 if TYPE_CHECKING:
     from subscribers._hub import HubEvent
@@ -49,6 +55,9 @@ logger = logging.getLogger("eventcore.http")
 
 RETRY_MS = 1000
 _SEP = "\n"
+# Frames go out in sends of about this size (one send per batch below it): the server copies
+# each send whole into its write buffer, which is all a client that stopped reading then pins.
+_CHUNK_BYTES = 64 * 1024
 
 
 def sse_frame(ev: HubEvent) -> bytes:
@@ -82,14 +91,28 @@ def _parse_after(after: int | None, last_event_id: str | None) -> int:
     return after or 0
 
 
+class _Progress:
+    """The last seq sent to the client: where the control events tell it to resume."""
+
+    __slots__ = ("cursor",)
+
+    def __init__(self, cursor: int) -> None:
+        self.cursor = cursor
+
+
 class _Stream(EventSourceResponse):
     """sse-starlette's response with a cheaper send path: its per-send timeout costs a cancel
     scope per event per client; here each data send only stamps when it started, and the
-    heartbeat task (which wakes at least every half send timeout) closes a client whose send has
-    been pending longer than the timeout. Counts those closes instead of letting the timeout
-    escape as a server error."""
+    heartbeat task (which wakes at least every half send timeout) gives up on a client whose
+    send has been pending longer than the timeout. Such a client is counted and its connection
+    aborted instead of the timeout escaping as a server error.
+
+    With ``expires_at`` (a session token's ``exp``, Unix seconds) the stream ends then with
+    ``token.expired``: one cancel scope for the stream's life, around reading and sending."""
 
     ctx: ServiceContext
+    progress: _Progress
+    expires_at: float | None = None
     _pending_since: float | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,25 +120,48 @@ class _Stream(EventSourceResponse):
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
             self.ctx.metrics.sse_closed_slow.inc()
-            logger.info("closed an SSE client that stopped reading")
+            if abort(scope):
+                # Let the server see the connection lost before this returns, or it reports
+                # a response the app left incomplete.
+                with anyio.move_on_after(1):
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                logger.info("disconnected an SSE client that stopped reading")
+            else:
+                logger.warning("an SSE client stopped reading, and this server offers no way "
+                               "to abort its connection: closing it normally")
+
+    async def _send_body(self, send: Send, body: bytes, *, more: bool) -> None:
+        self._pending_since = time.monotonic()
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+        self._pending_since = None
 
     async def _stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         body = self.body_iterator
         assert isinstance(body, AsyncGenerator)
+        deadline = math.inf
+        if self.expires_at is not None:
+            deadline = anyio.current_time() + max(0.0, self.expires_at - time.time())
+        last = b""
         try:
-            async for chunk in body:
-                self._pending_since = time.monotonic()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                self._pending_since = None
+            # Cancelled mid-send, nothing of the chunk was written (the server writes a message
+            # whole once its buffer has room) and the generator, not resumed, has not counted it.
+            with anyio.CancelScope(deadline=deadline) as expiry:
+                async for chunk in body:
+                    await self._send_body(send, chunk, more=True)
+            if expiry.cancelled_caught:
+                last = _control("token.expired", self.progress.cursor,
+                                detail="the session token has expired: reconnect with a fresh "
+                                "token and Last-Event-ID to resume")
         finally:
             # run the generator's cleanup (leave the hub) now, not at garbage collection
             with anyio.move_on_after(5, shield=True):
                 await body.aclose()
         async with self._send_lock:
             self.active = False
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._send_body(send, last, more=False)
 
     async def _ping(self, send: Send) -> None:
         timeout = self.send_timeout or math.inf
@@ -157,8 +203,9 @@ async def event_stream(
     if ctx.hub.closed or ctx.shutdown.is_set():
         raise Problem(503, "shutting-down", "resume on another server or shortly",
                       headers={"Retry-After": "1"})
+    progress = _Progress(start)
     response = _Stream(
-        _frames(ctx, access.session_id, start, wanted),
+        _frames(ctx, access.session_id, progress, wanted),
         shutdown_event=ctx.shutdown,
         shutdown_grace_period=2.0,
         ping=ctx.settings.sse_heartbeat_s,
@@ -167,24 +214,31 @@ async def event_stream(
         headers={"Cache-Control": "no-store"},
     )
     response.ctx = ctx
+    response.progress = progress
+    response.expires_at = access.principal.expires_at  # None for the API key: no expiry
     return response
 
 
+def _control(event: str, resume_after: int, *, retry: int | None = None, **data: object
+             ) -> bytes:
+    """A control event (not an envelope: no ``id:``, so Last-Event-ID stays the last seq)."""
+    return ServerSentEvent(
+        data=msgspec.json.encode({"resume_after": resume_after, **data}).decode(),
+        event=event, retry=retry, sep=_SEP,
+    ).encode()
+
+
 async def _frames(
-    ctx: ServiceContext, session_id: str, after: int, types: frozenset[str] | None
+    ctx: ServiceContext, session_id: str, progress: _Progress, types: frozenset[str] | None
 ) -> AsyncIterator[bytes]:
     from subscribers._hub import HubClosed, StreamReset
 
     metrics = ctx.metrics
     metrics.sse_clients.inc()
-    cursor = after
-
-    def sub_cursor() -> int:
-        return cursor
-
     try:
-        async with ctx.hub.subscribe(session_id, after, types=types) as sub:
+        async with ctx.hub.subscribe(session_id, progress.cursor, types=types) as sub:
             async for batch in sub.batches():
+                # progress moves once the consumer asks for more: the frame has been sent
                 if isinstance(batch, StreamReset):
                     yield ServerSentEvent(
                         data=msgspec.json.encode({"after": batch.after,
@@ -192,18 +246,23 @@ async def _frames(
                                                  ).decode(),
                         event="stream.reset", id=str(batch.resume_after), sep=_SEP,
                     ).encode()
+                    progress.cursor = batch.resume_after
                     continue
-                yield b"".join([sse_frame(ev) for ev in batch])
-                cursor = batch[-1].seq
-                metrics.sse_events.inc(len(batch))
+                parts: list[bytes] = []
+                size = 0
+                for i, ev in enumerate(batch):
+                    frame = sse_frame(ev)
+                    parts.append(frame)
+                    size += len(frame)
+                    if size >= _CHUNK_BYTES or i == len(batch) - 1:
+                        yield b"".join(parts)
+                        progress.cursor = ev.seq
+                        metrics.sse_events.inc(len(parts))
+                        parts, size = [], 0
     except HubClosed:
         # Shutting down: tell the client to come back soon, from where it is. A named event
         # (not a bare retry field, which some clients surface as an empty "message").
-        yield ServerSentEvent(
-            data=msgspec.json.encode({"resume_after": sub_cursor(), "retry_ms": RETRY_MS}
-                                     ).decode(),
-            event="server.shutdown", retry=RETRY_MS, sep=_SEP,
-        ).encode()
+        yield _control("server.shutdown", progress.cursor, retry=RETRY_MS, retry_ms=RETRY_MS)
     except SessionNotFound:
         yield f": session deleted{_SEP}{_SEP}".encode()
     finally:

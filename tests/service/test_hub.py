@@ -146,3 +146,75 @@ async def test_trimmed_history_is_served_from_the_archive(
     assert seqs == list(range(1, 37))
     assert [e.seq for e in page] == list(range(1, 11))
     assert page[0].type == "session.created"
+
+
+async def test_catch_up_pages_are_bounded_in_bytes(event_log: EventLog) -> None:
+    """Pages stop at ``buffer_bytes`` (past their first event) and at the first blob-backed
+    event, whatever the entry count allows: a client's catch-up never holds more."""
+    budget = 64 * 1024
+    s = await event_log.create_session("echo")
+    sid = s.session_id
+    await event_log.append_many([Envelope(type="big", session_id=sid, payload="x" * 10_000)
+                                 for _ in range(40)])
+    await event_log.append_many([Envelope(type="blob", session_id=sid, payload="y" * 100_000)
+                                 for _ in range(3)])  # over the inline limit: blobs
+    await emit(event_log, sid, 5)
+    last = await event_log.last_seq(sid)
+    async with Hub(event_log, buffer_bytes=budget, page=500) as hub:
+        seqs: list[int] = []
+        pages = 0
+        done = False
+        while not done:
+            page, done = await hub.read_page(sid, seqs[-1] if seqs else 0)
+            pages += 1
+            assert page, "a page always holds at least one event"
+            if len(page) > 1:
+                assert sum(len(e.data) for e in page) <= budget
+            assert sum(1 for e in page if e.type == "blob") <= 1
+            for e in page:
+                if e.type == "blob":
+                    assert b"y" * 100_000 in e.data  # hydrated
+            seqs += [e.seq for e in page]
+        assert seqs == list(range(1, last + 1))
+        assert pages >= 40 * 10_000 // budget + 3
+
+        # the same bound through a subscription (what SSE and WebRTC iterate)
+        async with hub.subscribe(sid, after=0) as sub:
+            got: list[int] = []
+            async for batch in sub.batches():
+                assert not isinstance(batch, StreamReset)
+                assert len(batch) == 1 or sum(len(e.data) for e in batch) <= budget
+                got += [e.seq for e in batch]
+                if got[-1] == last:
+                    break
+        assert got == list(range(1, last + 1))
+
+
+async def test_a_live_buffer_is_bounded_in_bytes(event_log: EventLog) -> None:
+    """A client that stops reading overflows on bytes long before its event count: its
+    buffer is dropped, and it later catches up from the log without a gap."""
+    s = await event_log.create_session("echo")
+    sid = s.session_id
+    async with Hub(event_log, buffer=10_000, buffer_bytes=64 * 1024, xread_block_ms=50) as hub, \
+            hub.subscribe(sid, after=1) as slow, hub.subscribe(sid, after=1) as fast:
+        it = slow.batches()
+        await emit(event_log, sid, 1)
+        first = await it.__anext__()
+        assert not isinstance(first, StreamReset)
+        async with anyio.create_task_group() as tg:
+            async def big() -> None:
+                for i in range(20):
+                    await event_log.append(Envelope(type="big", session_id=sid,
+                                                    payload={"i": i, "x": "x" * 10_000}))
+
+            tg.start_soon(big)
+            assert await collect(fast, 22) == list(range(2, 23))
+        assert hub.stats.lagged_clients >= 1  # 200 KB against 64 KiB, 20 events of 10,000
+        seqs = [e.seq for e in first]
+        async for batch in it:
+            assert not isinstance(batch, StreamReset)
+            seqs += [e.seq for e in batch]
+            if seqs[-1] >= 22:
+                break
+        await it.aclose()
+    assert seqs == list(range(2, 23))

@@ -481,11 +481,48 @@ async def test_a_peer_does_not_outlive_its_token(service: Service) -> None:
     with anyio.fail_after(DEADLINE):
         async with connect(http_offer(service, sid, short)) as peer:
             await ready(peer, after=0)
+            assert (await peer.events.envelope())["seq"] == 1
             (server_peer,) = service.gateway.peers.values()
             await server_peer.closed.wait()
             assert time.time() >= _exp(short)  # closed at the token's expiry, not before
+            # and the events channel said why, and where to resume, before it closed
+            assert await peer.events.receive() == {"control": "token_expired", "last_seq": 1}
             await peer.events.closed.wait()
     assert not service.gateway.peers
+
+
+def _stop_acknowledging(pc: Any) -> None:
+    """From now on this peer's SCTP drops every DATA chunk unacknowledged: on the wire, a peer
+    whose application stopped reading. (aiortc ignores the receive window it is told, so only
+    missing acknowledgements make the server's send buffer back up.)"""
+
+    async def drop(chunk: Any) -> None:
+        return None
+
+    pc.sctp._receive_data_chunk = drop
+
+
+async def test_a_peer_that_stops_reading_is_closed_after_the_send_timeout(
+    event_log: EventLog,
+) -> None:
+    """ICE consent still succeeds, so nothing else would ever close it: it would pin its
+    follower and a high-water mark of unsent data for as long as its credential lasts (for
+    the API key, forever)."""
+    limits = WebRTCLimits(send_timeout_s=1.0, high_water_bytes=128 * 1024)
+    async with serve(event_log, services=[functools.partial(webrtc_service, limits=limits)]
+                     ) as svc:
+        sid, _ = await svc.create_session()
+        with anyio.fail_after(DEADLINE):
+            async with connect(http_offer(svc, sid, svc.api_key)) as peer:
+                await ready(peer, after=0)
+                assert (await peer.events.envelope())["seq"] == 1
+                (server_peer,) = svc.gateway.peers.values()
+                _stop_acknowledging(peer.pc)
+                for i in range(32):  # 512 KiB: well over the high-water mark
+                    await svc.log.emit(sid, "message", {"i": i, "x": "x" * 16 * 1024})
+                await server_peer.closed.wait()
+        assert svc.gateway.stats.slow_closed == 1
+        assert svc.ctx.hub.clients == 0
 
 
 def _exp(jwt: str) -> int:
