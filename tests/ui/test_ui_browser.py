@@ -122,6 +122,7 @@ async def test_the_viewer_renews_its_read_token_at_expiry_with_no_gap(redis_url:
     token request is held in the browser) reaches it as catch-up on the new stream."""
     settings = load_settings(redis_url=redis_url, namespace=unique_namespace(), shards=4)
     renewed = [anyio.Event(), anyio.Event()]
+    ended_on_wire = anyio.Event()  # DevTools events of other domains may come after the DOM's
     responses: list[dict[str, Any]] = []   # Network.responseReceived
     frames: list[dict[str, Any]] = []      # Network.eventSourceMessageReceived
     with anyio.fail_after(DEADLINE):
@@ -149,6 +150,8 @@ async def test_the_viewer_renews_its_read_token_at_expiry_with_no_gap(redis_url:
             async def record(events: Any, into: list[dict[str, Any]]) -> None:
                 async for ev in events:
                     into.append(ev)
+                    if ev.get("eventName") == "session.ended":
+                        ended_on_wire.set()
 
             async with page.intercept("*/tokens") as paused, \
                     page.subscribe("Network.responseReceived") as resp_events, \
@@ -169,6 +172,7 @@ async def test_the_viewer_renews_its_read_token_at_expiry_with_no_gap(redis_url:
                 await renewed[1].wait()                                              # 5
                 await log.end_session(sid)                                           # 6
                 await page.evaluate(wait_for_row(6))
+                await ended_on_wire.wait()
                 tg.cancel_scope.cancel()
 
             assert await rows(page) == list(range(1, 7))  # no gap, no duplicate row
