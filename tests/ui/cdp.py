@@ -45,6 +45,23 @@ class Page:
             raise AssertionError(f"JS error: {res['exceptionDetails']}")
         return res["result"].get("value")
 
+    def subscribe(self, method: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        """This tab's ``method`` events, for as long as the block runs."""
+        return self.browser.subscribe(method, self.session_id)
+
+    @contextlib.asynccontextmanager
+    async def intercept(self, url_pattern: str) -> AsyncIterator[Any]:
+        """Requests matching ``url_pattern`` pause before they are sent (``Fetch.requestPaused``
+        params); each must be let go with ``Fetch.continueRequest``."""
+        async with self.subscribe("Fetch.requestPaused") as paused:
+            await self.send("Fetch.enable", {"patterns": [{"urlPattern": url_pattern,
+                                                           "requestStage": "Request"}]})
+            try:
+                yield paused
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await self.send("Fetch.disable")  # lets whatever is still paused go
+
     async def navigate(self, url: str) -> None:
         async with self.browser.subscribe("Page.loadEventFired", self.session_id) as loaded:
             await self.send("Page.navigate", {"url": url})

@@ -4,6 +4,10 @@ sends inputs, and resumes after a server restart with no gap and no duplicate ro
 
 from __future__ import annotations
 
+import base64
+import json
+from typing import Any
+
 import anyio
 import pytest
 from cdp import Page, chromium, chromium_binary
@@ -93,3 +97,94 @@ async def test_the_viewer_follows_a_session_in_a_real_browser(redis_url: str) ->
     assert not [c for c in browser.console if "Content Security Policy" in c], browser.console
 
 
+
+
+
+TOKEN_TTL_S = 2  # what the viewer's read-token requests are rewritten to (it asks for 300)
+CONTROL = {"token.expired", "server.shutdown", "stream.reset"}  # SSE events that are no envelope
+# every text the status badge shows from now on, into window.statusLog
+STATUS_LOG = """(() => { window.statusLog = [];
+    new MutationObserver((recs) => { for (const r of recs) for (const n of r.addedNodes)
+        window.statusLog.push(n.textContent); })
+      .observe(document.getElementById('status'), { childList: true }); })()"""
+
+
+def _post_data(request: dict[str, Any]) -> bytes:
+    if "postData" in request:
+        return str(request["postData"]).encode()
+    return b"".join(base64.b64decode(e.get("bytes", "")) for e in request["postDataEntries"])
+
+
+async def test_the_viewer_renews_its_read_token_at_expiry_with_no_gap(redis_url: str) -> None:
+    """Every read token the viewer mints lives 2 s: each stream ends with ``token.expired``,
+    and the viewer mints a fresh token and resumes after ``resume_after`` right away, never
+    through a 401 and a backoff. An event appended while it waits for the new token (the
+    token request is held in the browser) reaches it as catch-up on the new stream."""
+    settings = load_settings(redis_url=redis_url, namespace=unique_namespace(), shards=4)
+    renewed = [anyio.Event(), anyio.Event()]
+    ended_on_wire = anyio.Event()  # DevTools events of other domains may come after the DOM's
+    responses: list[dict[str, Any]] = []   # Network.responseReceived
+    frames: list[dict[str, Any]] = []      # Network.eventSourceMessageReceived
+    with anyio.fail_after(DEADLINE):
+        async with EventLog(settings) as log, chromium() as browser, serve(log) as svc:
+            sid, token = await svc.create_session()
+            page = await browser.new_page()
+
+            async def shorten_tokens(paused: Any) -> None:
+                minted = 0
+                async for req in paused:
+                    body = json.loads(_post_data(req["request"]))
+                    assert body["scope"] == "read", body
+                    body["ttl_s"] = TOKEN_TTL_S
+                    renewal = minted - 1  # the first token opens the first stream
+                    minted += 1
+                    if 0 <= renewal < len(renewed):
+                        # the expired stream has ended, the next one is not open yet
+                        await log.emit(sid, "message", {"text": f"during renewal {renewal}"})
+                    await page.send("Fetch.continueRequest", {
+                        "requestId": req["requestId"],
+                        "postData": base64.b64encode(json.dumps(body).encode()).decode()})
+                    if 0 <= renewal < len(renewed):
+                        renewed[renewal].set()
+
+            async def record(events: Any, into: list[dict[str, Any]]) -> None:
+                async for ev in events:
+                    into.append(ev)
+                    if ev.get("eventName") == "session.ended":
+                        ended_on_wire.set()
+
+            async with page.intercept("*/tokens") as paused, \
+                    page.subscribe("Network.responseReceived") as resp_events, \
+                    page.subscribe("Network.eventSourceMessageReceived") as es_events, \
+                    anyio.create_task_group() as tg:
+                await page.send("Network.enable")
+                tg.start_soon(record, resp_events, responses)
+                tg.start_soon(record, es_events, frames)
+                tg.start_soon(shorten_tokens, paused)
+                await page.navigate(f"{svc.url}/ui#session={sid}&token={token}")
+                await page.evaluate(wait_for_row(1))
+                await page.evaluate(STATUS_LOG)
+                await log.emit(sid, "message", {"text": "before the first expiry"})  # 2
+                await page.evaluate(wait_for_row(2))
+                await renewed[0].wait()                                              # 3
+                await log.emit(sid, "message", {"text": "after the first renewal"})  # 4
+                await page.evaluate(wait_for_row(4))
+                await renewed[1].wait()                                              # 5
+                await log.end_session(sid)                                           # 6
+                await page.evaluate(wait_for_row(6))
+                await ended_on_wire.wait()
+                tg.cancel_scope.cancel()
+
+            assert await rows(page) == list(range(1, 7))  # no gap, no duplicate row
+            assert await page.evaluate("document.getElementById('status').textContent") \
+                == "ended"
+            # renewed at once: no stream was refused, the viewer never backed off
+            streams = [r["response"]["status"] for r in responses if r["type"] == "EventSource"]
+            assert len(streams) >= 3, streams
+            assert set(streams) == {200}, streams
+            log_ = await page.evaluate("window.statusLog")
+            assert "reconnecting" not in log_, log_
+            # and resumed exactly where the expired stream stopped: each envelope sent once
+            sent = [int(f["eventId"]) for f in frames if f["eventName"] not in CONTROL]
+            assert sorted(sent) == list(range(1, 7)), frames
+            assert sum(f["eventName"] == "token.expired" for f in frames) >= 2, frames
