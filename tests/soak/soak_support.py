@@ -49,7 +49,7 @@ def _env_float(name: str, default: float) -> float:
 class Knobs:
     """The soak's dimensions; ``EC_SOAK_<NAME>`` overrides each (e.g. ``EC_SOAK_SECONDS=600``)."""
 
-    seconds: float = _env_float("SECONDS", 240)  # the sustained phase
+    seconds: float = _env_float("SECONDS", 300)  # the sustained phase
     fraction: float = _env_float("FRACTION", 0.4)  # of the measured input capacity
     burst_s: float = _env_float("BURST_S", 15)  # the capacity measurement
     burst_concurrency: int = int(_env_float("BURST_CONCURRENCY", 64))
@@ -536,13 +536,26 @@ class Driver:
 
 
 # -- sampling -------------------------------------------------------------------------------------
+def _runq_wait_s(pid: int) -> float:
+    """Seconds the process's main thread spent runnable but waiting for a CPU (schedstat)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class Cpu:
-    """CPU used per process of the deployment, in cores, between two calls."""
+    """CPU used per process of the deployment, in cores, between two calls; and how long each
+    waited for a CPU it wanted (``waiting``: on a machine shared with other work, the part of a
+    lag that is the machine's, not the process's)."""
 
     def __init__(self, pids: dict[str, int], pg_db: str) -> None:
+        self.pids = pids
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.pg_db = pg_db
         self.last: dict[str, float] = {}
+        self.last_wait: dict[str, float] = {}
+        self.waiting: dict[str, float] = {}
         self.at = time.monotonic()
         self.take()
 
@@ -569,7 +582,10 @@ class Cpu:
         dt = max(now - self.at, 1e-6)
         # a backend that exited takes its time with it: never report negative use
         out = {k: round(max(0.0, v - self.last.get(k, v)) / dt, 3) for k, v in used.items()}
-        self.last, self.at = used, now
+        wait = {name: _runq_wait_s(pid) for name, pid in self.pids.items()}
+        self.waiting = {k: round(max(0.0, v - self.last_wait.get(k, v)) / dt, 3)
+                        for k, v in wait.items()}
+        self.last, self.last_wait, self.at = used, wait, now
         return out
 
 
@@ -635,6 +651,7 @@ class Sampler:
             "api_healthz_ms": healthz_ms,
             **d.window.take(),
             "cpu": self.cpu.take(),
+            "cpu_wait": self.cpu.waiting,
         }
         self.samples.append(row)
         return row
@@ -643,6 +660,29 @@ class Sampler:
         while True:
             await self.sample()
             await anyio.sleep(self.knobs.sample_s)
+
+    async def trimmed(self, floor_feed: int, floor_streams: int, within: float) -> float:
+        """Wait until retention has trimmed the feeds and the live sessions' streams to these
+        lengths (everything older than the hot window is persisted by now); returns how long
+        it took. Fails with the lengths if it does not."""
+        t0 = time.monotonic()
+        keys, redis = self.log.keys, self.log.redis
+        lengths: tuple[int, int] = (0, 0)
+        with anyio.move_on_after(within):
+            while True:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for shard in keys.all_shards():
+                        pipe.xlen(keys.feed(shard))
+                    for s in self.driver.live():
+                        pipe.xlen(keys.session(s.sid).stream)
+                    got = await pipe.execute()
+                n = len(keys.all_shards())
+                lengths = (sum(got[:n]), sum(got[n:]))
+                if lengths[0] <= floor_feed and lengths[1] <= floor_streams:
+                    return time.monotonic() - t0
+                await anyio.sleep(0.5)  # nothing to await: retention runs in the API process
+        raise AssertionError(f"retention left {lengths[0]} feed entries and {lengths[1]} "
+                             f"session stream entries after {within} s")
 
     async def settle(self, within: float) -> float:
         """Wait until every group has delivered and acknowledged everything and every input

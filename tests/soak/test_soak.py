@@ -6,7 +6,7 @@ a second history process into SQLite; 200 SSE clients, two per session.
 
 1. **Capacity**: ``burst_concurrency`` clients post inputs as fast as the API takes them for
    ``burst_s``; the accepted rate is the capacity. Then everything drains.
-2. **Sustained**: inputs at ``fraction`` of that rate for ``EC_SOAK_SECONDS`` (default 240),
+2. **Sustained**: inputs at ``fraction`` of that rate for ``EC_SOAK_SECONDS`` (default 300),
    spread evenly over the sessions; a session ends after ``session_life_s`` and a new one,
    with two new clients, takes its place. Sampled every few seconds: each consumer group's
    lag must stay under ``lag_bound_s`` of appends, Redis memory must level off and the
@@ -206,12 +206,17 @@ def phase_stats(samples: list[dict[str, Any]], phase: str) -> dict[str, Any]:
     events_per_s = statistics.mean(rates) if rates else 0.0
     cpu_names = rows[0]["cpu"].keys()
     cpu = {k: round(statistics.mean(r["cpu"].get(k, 0.0) for r in rows), 2) for k in cpu_names}
+    wait = {k: round(statistics.mean(r["cpu_wait"].get(k, 0.0) for r in rows), 2)
+            for k in rows[0]["cpu_wait"]}
     lag = {g: max(r["groups"][g]["lag"] + r["groups"][g]["pending"] for r in rows)
            for g in GROUPS}
     return {
         "samples": len(rows),
         "events_per_s": round(events_per_s),
         "cpu_cores_mean": cpu,
+        # time runnable but without a CPU (the machine is shared): seconds per second
+        "cpu_wait_mean": wait,
+        "max_api_healthz_ms": max((r["api_healthz_ms"] or 0.0) for r in rows),
         "max_group_backlog_entries": lag,
         "max_group_backlog_s": {g: round(v / max(events_per_s, 1.0), 2) for g, v in lag.items()},
         "max_answer_latency_s": max(r["answer_s"] for r in rows),
@@ -223,16 +228,33 @@ def phase_stats(samples: list[dict[str, Any]], phase: str) -> dict[str, Any]:
     }
 
 
+# where each stage runs
+_HOST = {"subscriber projector": "api", "subscriber persistence": "api",
+         "subscriber persistence-sqlite": "history-sqlite", "SSE delivery": "api"}
+
+
 def limiting_stage(stats: dict[str, Any]) -> str:
-    """The stage that fell furthest behind (seconds of backlog), else the busiest process."""
+    """The stage that fell furthest behind (seconds of backlog) and the process it runs in,
+    with that process's CPU demand: cores used plus cores' worth of time it spent runnable
+    but waiting for a CPU (on a shared machine a process can be saturated at a fraction of a
+    core). Without a stage behind, the process with the highest demand."""
     behind = {f"subscriber {g}": s for g, s in stats["max_group_backlog_s"].items()}
     behind["worker (answering inputs)"] = stats["max_answer_latency_s"]
     behind["SSE delivery"] = stats["max_sse_lag_s"]
+    used, wait = stats["cpu_cores_mean"], stats["cpu_wait_mean"]
+    demand = {k: round(used[k] + wait.get(k, 0.0), 2) for k in used}
+
+    def process(name: str) -> str:
+        return (f"{name} process: {used[name]} cores used + {wait.get(name, 0.0)} waiting "
+                f"for a CPU")
+
     stage, seconds = max(behind.items(), key=lambda kv: kv[1])
-    busiest, cores = max(stats["cpu_cores_mean"].items(), key=lambda kv: kv[1])
     if seconds >= 2.0:
-        return f"{stage} ({seconds} s behind; busiest process {busiest} at {cores} cores)"
-    return f"{busiest} process CPU ({cores} cores; no stage more than {seconds} s behind)"
+        host = _HOST.get(stage) or max((k for k in used if k.startswith("worker")),
+                                       key=lambda k: demand[k])
+        return f"{stage}, {seconds} s behind ({process(host)})"
+    busiest = max(demand, key=lambda k: demand[k])
+    return f"no stage more than {seconds} s behind; busiest {process(busiest)}"
 
 
 @pytest.mark.timeout(int(KNOBS.burst_s + KNOBS.seconds + 3 * KNOBS.settle_s + 300))
@@ -265,6 +287,11 @@ async def test_sustained_load_through_the_whole_pipeline(
             report["capacity"] = {"inputs_per_s": round(capacity, 1),
                                   "concurrency": knobs.burst_concurrency,
                                   "drained_in_s": round(await sampler.settle(knobs.settle_s), 1)}
+            # Retention: once the burst is older than the hot window, it leaves Redis (the
+            # feeds keep one acknowledged entry per shard; the streams keep nothing).
+            shards = len(log.keys.all_shards())
+            report["capacity"]["trimmed_in_s"] = round(await sampler.trimmed(
+                shards, 0, knobs.hot_window_s + 6 * knobs.retention_interval_s), 1)
             await sampler.sample()
 
             sampler.phase = "steady"
@@ -337,11 +364,12 @@ def bound_violations(samples: list[dict[str, Any]], steady: dict[str, Any],
     rows = [r for r in samples if r["phase"] == "steady"]
     rate = max(steady["events_per_s"], 1)
     lag_bound = max(1000, rate * knobs["lag_bound_s"])
-    # a session stream keeps the hot window, up to a retention interval more, and what
-    # persistence has not stored yet; a feed what some group has not acknowledged
-    stream_bound = rate * (knobs["hot_window_s"] + 2 * knobs["retention_interval_s"]
+    # a session stream keeps the hot window and what persistence has not stored yet, a feed
+    # what some group has not acknowledged; each up to a retention interval more (and a pass
+    # that itself takes up to an interval)
+    stream_bound = rate * (knobs["hot_window_s"] + 3 * knobs["retention_interval_s"]
                            + knobs["lag_bound_s"]) + 1000
-    feed_bound = rate * (2 * knobs["retention_interval_s"] + knobs["lag_bound_s"]) + 1000
+    feed_bound = rate * (3 * knobs["retention_interval_s"] + knobs["lag_bound_s"]) + 1000
     out = []
     for r in rows:
         for g, v in r["groups"].items():
