@@ -57,7 +57,11 @@ class Knobs:
     per_session: int = int(_env_float("PER_SESSION", 2))  # SSE clients per session
     workers: int = int(_env_float("WORKERS", 2))
     session_life_s: float = _env_float("SESSION_LIFE_S", 60)  # then the session ends, a new one
-    lag_bound_s: float = _env_float("LAG_BOUND_S", 10)  # subscriber lag, in seconds of appends
+    # subscriber backlog, in seconds of appends: never above lag_bound_s, and back under
+    # caught_up_s at least once every recover_s (a stage that cannot keep up never is)
+    lag_bound_s: float = _env_float("LAG_BOUND_S", 30)
+    caught_up_s: float = _env_float("CAUGHT_UP_S", 2)
+    recover_s: float = _env_float("RECOVER_S", 60)
     sample_s: float = _env_float("SAMPLE_S", 3)
     settle_s: float = _env_float("SETTLE_S", 180)  # most a backlog may take to drain
     hot_window_s: float = 10
