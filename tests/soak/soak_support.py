@@ -252,7 +252,6 @@ class Tracked:
 
     sid: str
     token: str
-    created: float
     next_input: int = 0
     acked: dict[int, float] = field(default_factory=dict)  # input seq -> acknowledged at
     answered: dict[int, float] = field(default_factory=dict)  # input seq -> answer seen at
@@ -470,7 +469,7 @@ class Driver:
         status, body = await self._post(conn, "/v1/sessions", {"agent": "soak"}, API_KEY)
         assert status == 201, f"POST /v1/sessions: {status} {body[:300]!r}"
         got = json.loads(body)
-        s = Tracked(got["session_id"], got["token"], time.time())
+        s = Tracked(got["session_id"], got["token"])
         self.sessions[s.sid] = s
         assert self._tg is not None
         for i in range(self.knobs.per_session):

@@ -5,7 +5,8 @@ retention with a 10 s hot window); ``eventcore worker`` processes hosting the ``
 a second history process into SQLite; 200 SSE clients, two per session.
 
 1. **Capacity**: ``burst_concurrency`` clients post inputs as fast as the API takes them for
-   ``burst_s``; the accepted rate is the capacity. Then everything drains.
+   ``burst_s``; the accepted rate is the capacity. Then everything drains, and once the
+   burst is older than the hot window retention must have trimmed it out of Redis.
 2. **Sustained**: inputs at ``fraction`` of that rate for ``EC_SOAK_SECONDS`` (default 300),
    spread evenly over the sessions; a session ends after ``session_life_s`` and a new one,
    with two new clients, takes its place. Sampled every few seconds: each consumer group's
