@@ -48,6 +48,13 @@ class Settings(BaseSettings):
         default=100_000, ge=0,
         description="Most dead letters kept per shard, the newest (0: no limit).",
     )
+    hot_window_s: float = pydantic.Field(
+        default=3600.0, ge=0, description="Seconds envelopes stay in Redis after publication "
+        "even once persisted (retention trims older persisted history; reads go to the archive).",
+    )
+    retention_interval_s: float = pydantic.Field(
+        default=60.0, gt=0, description="Seconds between retention passes (eventcore serve).",
+    )
     retry_budget_s: float = pydantic.Field(
         default=15.0, gt=0, description="How long transient Redis errors are retried."
     )

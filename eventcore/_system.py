@@ -21,22 +21,28 @@ __all__ = ["builtin_subscribers", "service_app"]
 
 @contextlib.asynccontextmanager
 async def builtin_subscribers(
-    ctx: ServiceContext, *, hot_window_s: float = 3600.0
+    ctx: ServiceContext, *, hot_window_s: float | None = None
 ) -> AsyncIterator[None]:
     """The projector, persistence (also the log's archive for tiered replay) and retention,
-    running for as long as the API process does."""
+    running for as long as the API process does. Retention's hot window and interval come from
+    the settings (``EVENTCORE_HOT_WINDOW_S``, ``EVENTCORE_RETENTION_INTERVAL_S``) unless
+    ``hot_window_s`` is given."""
     from subscribers import Persistence, Projector, Retention, SubscriberRunner
 
     log = ctx.log
+    settings = log.settings
     async with Persistence(log) as store:
         previous, log.archive = log.archive, store
         try:
             async with (
                 SubscriberRunner(log, Projector(log)),
                 SubscriberRunner(log, store, checkpoints=store),
-                Retention(log, store, hot_window_s=hot_window_s,
-                          dead_letter_max_age_s=log.settings.dead_letter_ttl_s or None,
-                          dead_letter_maxlen=log.settings.dead_letter_maxlen or None),
+                Retention(log, store,
+                          hot_window_s=settings.hot_window_s if hot_window_s is None
+                          else hot_window_s,
+                          interval_s=settings.retention_interval_s,
+                          dead_letter_max_age_s=settings.dead_letter_ttl_s or None,
+                          dead_letter_maxlen=settings.dead_letter_maxlen or None),
             ):
                 yield
         finally:
@@ -50,7 +56,7 @@ def service_app(
     log: EventLog | None = None,
     subscribers: bool = True,
     webrtc: bool = True,
-    hot_window_s: float = 3600.0,
+    hot_window_s: float | None = None,
     **options: Any,
 ) -> FastAPI:
     """The full HTTP service: /v1 API + SSE hub, the built-in subscribers, WebRTC and /ui.

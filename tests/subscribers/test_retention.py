@@ -4,12 +4,15 @@ feeds only below what every group acknowledged. Nothing unacknowledged is ever t
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
 from subscriber_helpers import Recorder, all_keys, fast, populate
 
-from eventcore import Envelope, EventLog
+from eventcore import Envelope, EventLog, load_settings
+from eventcore._system import builtin_subscribers
 from eventcore.testing.invariants import check_log, read_all
 from subscribers import Delivery, Persistence, Retention, SubscriberRunner
 
@@ -122,6 +125,24 @@ async def test_retention_runs_periodically_as_a_task(event_log: EventLog, sqlite
         assert first.session_entries_trimmed == top == len(log)
         assert second.session_entries_trimmed == 0
         assert await stream_seqs(event_log, sid) == []
+
+
+async def test_serve_takes_the_hot_window_and_interval_from_the_settings(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """``eventcore serve`` composes retention from EVENTCORE_HOT_WINDOW_S and
+    EVENTCORE_RETENTION_INTERVAL_S: with a zero window, persisted history leaves Redis."""
+    settings = load_settings(redis_url=redis_url, namespace=f"t{uuid.uuid4().hex[:12]}",
+                             data_dir=tmp_path, hot_window_s=0, retention_interval_s=0.05)
+    async with EventLog(settings) as log:
+        (sid, top), = (await populate(log, 1, 5)).items()
+        full = await read_all(log, sid)
+        async with builtin_subscribers(SimpleNamespace(log=log)):  # type: ignore[arg-type]
+            with anyio.fail_after(20):
+                while await stream_seqs(log, sid):  # noqa: ASYNC110 - trimmed state, no event
+                    await anyio.sleep(0.05)
+            assert await read_all(log, sid) == full  # from the archive now
+    assert len(full) == top
 
 
 async def test_dead_letters_are_kept_for_a_while_and_up_to_a_count(
