@@ -28,6 +28,7 @@ from ._keys import validate_key, validate_session_id
 from ._redis import Redis, connect_redis, redis_errors
 from ._sessions import SessionInfo, ms_datetime, session_info
 from ._settings import Settings, load_settings
+from ._values import validate_value
 from .errors import CorruptEntry, HistoryGone, SessionNotFound, ValidationError
 
 __all__ = ["EventLog", "HistoryArchive"]
@@ -333,6 +334,8 @@ class EventLog:
         labels = dict(labels or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise ValidationError("labels must map str to str")
+        validate_value(labels, "labels")
+        validate_value(input, "input")
         ttl = self.settings.session_ttl_s if ttl_s is None else ttl_s
         if type(ttl) is not int or ttl < 0:
             raise ValidationError(f"ttl_s must be an int >= 0 (0: keep forever), got {ttl!r:.20}")
@@ -421,9 +424,10 @@ class EventLog:
         included when the value was summarized for its size; a value summarized on request
         (sensitive) gets an empty sample unless ``sample=True``."""
         validate_key(key, "signal key")
+        validate_value(value, "signal value")
         try:
             raw = value if isinstance(value, bytes) else encode(value)
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:
             raise ValidationError(f"signal value is not JSON-encodable: {exc}") from exc
         if summarize is None:
             summarize = len(raw) > SIGNAL_INLINE_LIMIT

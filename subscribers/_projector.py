@@ -27,7 +27,7 @@ _encode = msgspec.json.Encoder().encode
 def _decode(session_id: str, raw: bytes) -> SessionView:
     try:
         return _decode_view(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise CorruptEntry(f"view of session {session_id!r} is malformed: {exc}") from exc
 
 

@@ -11,8 +11,10 @@ Where credentials may come from:
 - ``?access_token=<token>`` on GET requests only, and only a **read-scoped** session token
   (``POST /v1/sessions/{id}/tokens``), because a browser ``EventSource`` cannot set headers.
   URLs end up in logs and histories, so the query token can read one session and nothing else,
-  expires soon, is redacted from access logs (:class:`AccessLogRedactor`), and responses carry
-  ``Referrer-Policy: no-referrer``. The API key is never accepted in a URL.
+  expires soon, is redacted from access logs (:class:`AccessLogRedactor`: by the parameter
+  name as the server decodes it, so ``access%5Ftoken=`` is redacted too, and anything shaped
+  like a token), and responses carry ``Referrer-Policy: no-referrer``. The API key is never
+  accepted in a URL.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import unquote_plus
 
 import jwt
 
@@ -118,12 +121,37 @@ def _unauthorized(detail: str) -> Problem:
     return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-_TOKEN_IN_QUERY = re.compile(r"(?i)(access_token=)[^&\s\"]*")
+# A name=value pair of a query string (or of bare text): what follows ?, &, ; or a delimiter.
+_PAIR = re.compile(r"""(?:^|(?<=[?&;\s"'(\[,]))([^=&;\s"'?#]+)=([^&;\s"'#]*)""")
+_JWT = re.compile(r"eyJ[\w-]{2,}\.[\w-]{2,}\.[\w-]{2,}", re.ASCII)
+_NOT_NAME = re.compile(r"[^a-z0-9_]")
+
+
+def _names_token(name: str) -> bool:
+    """Whether a raw query parameter name means ``access_token``: judged on the name as the
+    server decodes it (``%5F``, ``%61``, ``+``: Starlette unquotes names), and more loosely
+    still (decoded again, any case, stray punctuation), since what a client meant as a token
+    is one whichever spelling the server took."""
+    for _ in range(4):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return _NOT_NAME.sub("", name.casefold()) == "access_token"
+
+
+def _redact_pair(m: re.Match[str]) -> str:
+    return f"{m.group(1)}=[redacted]" if _names_token(m.group(1)) else m.group(0)
 
 
 def redact(text: str) -> str:
-    """Hide ``access_token`` values in a URL or log line."""
-    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+    """Hide credentials in a URL or log line: every ``access_token`` value (however its name
+    is percent-encoded or cased) and anything shaped like a session token."""
+    if "=" in text:
+        text = _PAIR.sub(_redact_pair, text)
+    if "eyJ" in text:
+        text = _JWT.sub("[redacted]", text)
+    return text
 
 
 class AccessLogRedactor(logging.Filter):

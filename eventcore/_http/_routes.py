@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ from starlette.responses import Response
 from .._codec import client_json
 from .._envelope import Envelope
 from .._keys import validate_key
+from ..errors import CorruptEntry
 from ._auth import Principal
 from ._context import (
     ServiceContext,
@@ -35,10 +37,13 @@ from ._models import (
     TokenIn,
     TokenOut,
 )
+from ._params import SeqParam
 from ._problems import Problem
 from ._sse import event_stream
 
 __all__ = ["input_event_key", "router"]
+
+logger = logging.getLogger("eventcore.http")
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
@@ -103,7 +108,11 @@ async def get_session(access: Reader) -> SessionOut:
 async def _projection(ctx: ServiceContext, session_id: str) -> dict[str, Any] | None:
     from subscribers import read_view
 
-    view = await read_view(ctx.log, session_id)
+    try:
+        view = await read_view(ctx.log, session_id)
+    except CorruptEntry as exc:  # the metadata is still worth answering with
+        logger.error("session %r: unreadable projection: %s", session_id, exc)
+        return None
     if view is None:
         return None
     out = msgspec.to_builtins(view)
@@ -152,7 +161,7 @@ async def post_signal(body: SignalIn, access: Writer) -> SeqOut:
             summary="Every signal after since_seq, in seq order (optionally only some keys)")
 async def get_signals(
     access: Reader,
-    since_seq: Annotated[int, Query(ge=0, le=2**53)] = 0,
+    since_seq: Annotated[SeqParam, Query()] = 0,
     keys: Annotated[str | None, Query(max_length=8192,
                                       description="Comma-separated signal keys")] = None,
 ) -> Response:
