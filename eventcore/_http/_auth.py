@@ -1,9 +1,10 @@
 """Credentials: the API key (admin, every session) and signed, expiring session tokens.
 
-Session tokens are JWTs (HS256, PyJWT) with claims ``sid`` (the one session they open), ``scope``
-(``rw``: read and write; ``read``: read only), ``iat`` and ``exp``, audience
-``eventcore:session``. The signing secret is ``EVENTCORE_TOKEN_SECRET`` or, unset, an HMAC of
-the API key — so every API process with the same key accepts the same tokens.
+Session tokens are JWTs (HS256, PyJWT) with claims ``sid`` (the one session they open), ``inc``
+(its incarnation: the id created again after a delete is another session, which the token does
+not open), ``scope`` (``rw``: read and write; ``read``: read only), ``iat`` and ``exp``,
+audience ``eventcore:session``. The signing secret is ``EVENTCORE_TOKEN_SECRET`` or, unset, an
+HMAC of the API key — so every API process with the same key accepts the same tokens.
 
 Where credentials may come from:
 
@@ -26,15 +27,18 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote_plus
 
 import jwt
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SessionNotFound
 from ._problems import Problem
 
-__all__ = ["AccessLogRedactor", "Auth", "Principal", "Scope", "redact"]
+if TYPE_CHECKING:
+    from .._log import EventLog
+
+__all__ = ["AccessLogRedactor", "Auth", "Principal", "Scope", "check_incarnation", "redact"]
 
 Scope = Literal["rw", "read"]
 _AUDIENCE = "eventcore:session"
@@ -50,6 +54,7 @@ class Principal:
     session_id: str | None = None
     scope: Scope = "rw"
     expires_at: int | None = None
+    incarnation: str = ""
 
     def may(self, session_id: str, *, write: bool) -> bool:
         if self.admin:
@@ -72,9 +77,11 @@ class Auth:
                                 hashlib.sha256).digest()
         self.token_ttl_s = token_ttl_s
 
-    def mint(self, session_id: str, *, scope: Scope = "rw", ttl_s: int | None = None) -> str:
+    def mint(self, session_id: str, *, incarnation: str, scope: Scope = "rw",
+             ttl_s: int | None = None) -> str:
+        """A token for one incarnation of a session (``SessionInfo.incarnation``)."""
         now = int(time.time())
-        claims = {"sid": session_id, "scope": scope, "iat": now,
+        claims = {"sid": session_id, "inc": incarnation, "scope": scope, "iat": now,
                   "exp": now + (self.token_ttl_s if ttl_s is None else ttl_s), "aud": _AUDIENCE}
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
@@ -99,14 +106,14 @@ class Auth:
         except jwt.PyJWTError:
             raise _unauthorized("the credential is neither the API key nor a valid "
                                 "session token") from None
-        sid, scope = claims.get("sid"), claims.get("scope")
-        if not isinstance(sid, str) or scope not in ("rw", "read"):
+        sid, scope, inc = claims.get("sid"), claims.get("scope"), claims.get("inc", "")
+        if not isinstance(sid, str) or scope not in ("rw", "read") or not isinstance(inc, str):
             raise _unauthorized("the session token's claims are malformed")
         if from_query and scope != "read":
             raise _unauthorized("only read-scoped tokens (POST /v1/sessions/{id}/tokens) are "
                                 "accepted in a URL")
         return Principal(admin=False, session_id=sid, scope=scope,
-                         expires_at=int(claims["exp"]))
+                         expires_at=int(claims["exp"]), incarnation=inc)
 
     def from_header(self, authorization: str | None) -> Principal | None:
         if authorization is None:
@@ -115,6 +122,21 @@ class Auth:
         if scheme.lower() != "bearer" or not credential.strip():
             raise _unauthorized("use `Authorization: Bearer <credential>`")
         return self.verify(credential.strip())
+
+
+async def check_incarnation(principal: Principal, log: EventLog, session_id: str) -> None:
+    """A session token opens the incarnation it was minted for and no other: once its session
+    is deleted and the id created again, the old token gets 401 on every endpoint (GET, the
+    SSE stream, inputs, signals...). Where the session is gone, :class:`SessionNotFound`."""
+    if principal.admin:
+        return
+    current = (await log.incarnations([session_id]))[session_id]
+    if current is None:
+        raise SessionNotFound(session_id)
+    if current != principal.incarnation:
+        raise Problem(401, "unauthorized", "the session this token was issued for was deleted; "
+                      "the id now names another session",
+                      headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
 def _unauthorized(detail: str) -> Problem:

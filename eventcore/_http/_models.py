@@ -47,9 +47,14 @@ class CreateSessionIn(BaseModel):
         default=None, description="Creating again with the same key returns the same session.")
 
 
+_INCARNATION = Field(description="Tells apart sessions created under the same id (after a "
+                     "delete): 16 digits, increasing; tokens open one incarnation only.")
+
+
 class CreateSessionOut(BaseModel):
     session_id: str
     stream: str
+    incarnation: str = _INCARNATION
     token: str
 
 
@@ -124,6 +129,7 @@ class SignalsOut(BaseModel):
 class SessionOut(BaseModel):
     session_id: str
     stream: str
+    incarnation: str = _INCARNATION
     state: Literal["created", "active", "idle", "ended"]
     agent: str | None
     labels: dict[str, str]
