@@ -262,21 +262,30 @@ class Persistence(OrderedSubscriber):
 
     async def _lock(self, conn: AsyncConnection, session_ids: Sequence[str], now: int
                     ) -> dict[str, tuple[str, int | None]]:
-        """The sessions' rows (incarnation, deleted_ms), locked until the transaction ends:
-        a missing row is inserted empty first, so that there is one to lock."""
+        """The sessions' rows (incarnation, deleted_ms), locked until the transaction ends;
+        missing ones are inserted empty first, so that there is a row to lock."""
         t = self.tables["sessions"]
-        for chunk in _chunks(session_ids):
-            await conn.execute(
-                self._insert(t).on_conflict_do_nothing(index_elements=["session_id"]),
-                [{"session_id": sid, "last_seq": 0, "updated_ms": now, "incarnation": ""}
-                 for sid in chunk])
-        out: dict[str, tuple[str, int | None]] = {}
-        for chunk in _chunks(session_ids):
-            rows = await conn.execute(
-                sa.select(t.c.session_id, t.c.incarnation, t.c.deleted_ms)
-                .where(t.c.session_id.in_(chunk)).with_for_update())
-            out.update({sid: (inc, deleted) for sid, inc, deleted in rows})
-        return out
+
+        async def select(sids: Sequence[str]) -> dict[str, tuple[str, int | None]]:
+            out: dict[str, tuple[str, int | None]] = {}
+            for chunk in _chunks(sids):
+                rows = await conn.execute(  # in one order everywhere: no deadlock between two
+                    sa.select(t.c.session_id, t.c.incarnation, t.c.deleted_ms)
+                    .where(t.c.session_id.in_(chunk)).order_by(t.c.session_id)
+                    .with_for_update())
+                out.update({sid: (inc, deleted) for sid, inc, deleted in rows})
+            return out
+
+        found = await select(session_ids)
+        missing = [sid for sid in session_ids if sid not in found]
+        if missing:
+            for chunk in _chunks(missing):
+                await conn.execute(
+                    self._insert(t).on_conflict_do_nothing(index_elements=["session_id"]),
+                    [{"session_id": sid, "last_seq": 0, "updated_ms": now, "incarnation": ""}
+                     for sid in chunk])
+            found.update(await select(missing))
+        return found
 
     async def _write(self, runs: Sequence[Run]) -> list[str]:
         events, sessions = self.tables["events"], self.tables["sessions"]
