@@ -79,12 +79,14 @@ os.register_at_fork(after_in_child=_ids.reseed)
 
 class AppendResult(msgspec.Struct, frozen=True, gc=False):
     """Where an append landed. ``duplicate`` means the event key was already in the log and
-    ``seq`` is the first envelope's."""
+    ``seq`` is the first envelope's. ``incarnation`` is set for an appended
+    ``session.created``: the new session's incarnation."""
 
     session_id: str
     seq: int
     event_key: str
     duplicate: bool = False
+    incarnation: str = ""
 
 
 class HostingAck(NamedTuple):
@@ -270,7 +272,8 @@ class Appender:
     ) -> list[AppendResult | EventcoreError]:
         first = batch[0].keys
         token = token or f"{_ids.prefix}b{next(_ids.counter)}"
-        keys: list[str] = [first.feed, first.dispatch, self._keys.batch(first.shard, token)]
+        keys: list[str] = [first.feed, first.dispatch, self._keys.batch(first.shard, token),
+                           first.incarnation]
         sids: list[str] = []
         events: list[Any] = []
         slot: dict[str, int] = {}
@@ -343,6 +346,10 @@ class Appender:
 
 def _result(item: PreparedAppend, value: Any) -> AppendResult | EventcoreError:
     sid = item.keys.session_id
+    if isinstance(value, list) and len(value) == 2:  # a session.created: {seq, incarnation}
+        seq, inc = value
+        return AppendResult(sid, int(seq), item.event_key,
+                            incarnation=inc.decode() if isinstance(inc, bytes) else str(inc))
     if isinstance(value, int):
         if value > 0:
             return AppendResult(sid, value, item.event_key)

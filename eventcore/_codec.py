@@ -45,6 +45,6 @@ def decode_entry(fields: Mapping[bytes, bytes], *, where: str = "") -> Envelope:
         sd = fields.get(b"sd")
         if sd is not None:
             env = msgspec.structs.replace(env, server_data=_any_decoder.decode(sd))
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # nested past the C stack
         raise CorruptEntry(f"stream entry {where} is not a valid envelope: {exc}") from exc
     return env

@@ -16,6 +16,8 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
     ns:{N}:blob:<sha256>     string: a large payload, stored once per content
     ns:{N}:batch:<token>     string: an append batch's results (minutes), so a resent batch is
                              answered from it instead of appending twice
+    ns:{N}:incarnation       string: the last incarnation issued in the shard (16 digits,
+                             increasing): a session id created again is a new incarnation
     ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
     ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
                              epoch (inputs, signals, control, ends from outside): what a host
@@ -88,6 +90,7 @@ class SessionKeys:
     dispatch: str
     notify: str
     wake: str
+    incarnation: str
 
     @property
     def per_session(self) -> tuple[str, ...]:
@@ -132,6 +135,7 @@ class Keys:
             dispatch=f"{t}:dispatch",
             notify=f"{t}:notify",
             wake=f"{t}:wake",
+            incarnation=f"{t}:incarnation",
         )
 
     def view(self, session_id: str) -> str:

@@ -6,8 +6,9 @@ import hashlib
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from importlib import resources
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast
 
 import anyio
 import msgspec
@@ -25,12 +26,18 @@ from ._envelope import (
     SignalSummary,
 )
 from ._keys import validate_key, validate_session_id
-from ._redis import Redis, connect_redis, redis_errors
+from ._redis import Redis, connect_redis, redis_errors, run_script
 from ._sessions import SessionInfo, ms_datetime, session_info
 from ._settings import Settings, load_settings
+from ._values import validate_value
 from .errors import CorruptEntry, HistoryGone, SessionNotFound, ValidationError
 
-__all__ = ["EventLog", "HistoryArchive"]
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
+__all__ = ["DELETE_LUA", "EventLog", "HistoryArchive"]
+
+DELETE_LUA = resources.files("eventcore").joinpath("_lua/delete.lua").read_text()
 
 T = TypeVar("T")
 
@@ -65,6 +72,7 @@ class EventLog:
         self._owns_redis = redis is None
         self._redis: Redis | None = redis
         self._appender: Appender | None = None
+        self._delete_script: AsyncScript | None = None
         if redis is not None:
             self._bind(redis)
 
@@ -333,6 +341,8 @@ class EventLog:
         labels = dict(labels or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise ValidationError("labels must map str to str")
+        validate_value(labels, "labels")
+        validate_value(input, "input")
         ttl = self.settings.session_ttl_s if ttl_s is None else ttl_s
         if type(ttl) is not int or ttl < 0:
             raise ValidationError(f"ttl_s must be an int >= 0 (0: keep forever), got {ttl!r:.20}")
@@ -357,8 +367,20 @@ class EventLog:
         return SessionInfo(
             session_id=session_id, state="created", agent=agent, labels=labels,
             last_seq=results[-1].seq, epoch=0, host=None, created_at=when, updated_at=when,
-            ended_at=None, ttl_s=ttl,
+            ended_at=None, ttl_s=ttl, incarnation=results[0].incarnation,
         )
+
+    async def incarnations(self, session_ids: Sequence[str]) -> dict[str, str | None]:
+        """The current incarnation of each session (None: no such session), in one round
+        trip."""
+        keys = [self.keys.session(validate_session_id(sid)).meta for sid in session_ids]
+        with redis_errors("incarnations"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(key, ["seq", "inc"])
+                raw = await pipe.execute()
+        return {sid: None if seq is None else (inc or b"").decode()
+                for sid, (seq, inc) in zip(session_ids, raw, strict=True)}
 
     async def get_session(self, session_id: str) -> SessionInfo:
         keys = self.keys.session(validate_session_id(session_id))
@@ -389,15 +411,28 @@ class EventLog:
         )
 
     async def delete_session(self, session_id: str) -> bool:
-        """End the session (so subscribers see it end) and delete its keys from Redis."""
+        """End the session (so hosts and streams see it end), then, atomically, delete its keys
+        and its projected view and put a ``session.deleted`` entry on the shard feed (so
+        subscribers purge what they keep of it). False if there was no such session.
+
+        The id may be created again afterwards: that is a new session (a new incarnation),
+        sharing nothing with this one; tokens of this one do not open it."""
         keys = self.keys.session(validate_session_id(session_id))
         try:
+            info = await self.get_session(session_id)
             await self.end_session(session_id, "deleted")
         except SessionNotFound:
             return False
+        marker = encode(Envelope(type="session.deleted", session_id=session_id,
+                                 event_key="session.deleted"))[1:]
+        if self._delete_script is None:
+            self._delete_script = self.redis.register_script(DELETE_LUA)
         with redis_errors("delete_session"):
-            await self.redis.delete(*keys.per_session)
-        return True
+            done = await run_script(
+                self._delete_script, [*keys.per_session, self.keys.view(session_id), keys.feed],
+                [info.incarnation, session_id, marker],
+            )
+        return bool(done)
 
     # -- signals ---------------------------------------------------------------------------------
     async def signal(
@@ -421,9 +456,10 @@ class EventLog:
         included when the value was summarized for its size; a value summarized on request
         (sensitive) gets an empty sample unless ``sample=True``."""
         validate_key(key, "signal key")
+        validate_value(value, "signal value")
         try:
             raw = value if isinstance(value, bytes) else encode(value)
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:
             raise ValidationError(f"signal value is not JSON-encodable: {exc}") from exc
         if summarize is None:
             summarize = len(raw) > SIGNAL_INLINE_LIMIT

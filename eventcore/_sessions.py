@@ -17,6 +17,10 @@ _STATES = ("created", "active", "idle", "ended")
 
 
 class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A session's metadata. ``incarnation`` tells apart sessions created under the same id
+    (one deleted, or expired, then created again): 16 digits, increasing, ``""`` for a session
+    created before incarnations existed."""
+
     session_id: str
     state: SessionState
     agent: str | None
@@ -28,6 +32,7 @@ class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: _dt.datetime | None
     ended_at: _dt.datetime | None
     ttl_s: int
+    incarnation: str = ""
 
     @property
     def stream(self) -> str:
@@ -62,6 +67,7 @@ def session_info(session_id: str, raw: Mapping[bytes, bytes]) -> SessionInfo:
             updated_at=_ts(raw.get(b"updated_at")),
             ended_at=_ts(raw.get(b"ended_at")),
             ttl_s=int(raw.get(b"ttl", b"0")),
+            incarnation=raw.get(b"inc", b"").decode(),
         )
     except (ValueError, msgspec.DecodeError) as exc:
         raise CorruptEntry(f"session {session_id!r} metadata is malformed: {exc}") from exc

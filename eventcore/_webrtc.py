@@ -47,6 +47,7 @@ from ._envelope import Envelope
 from ._follow import EventSource, Gap, LogSource, closing_iter
 from ._keys import validate_session_id
 from ._log import EventLog
+from ._values import validate_value
 from ._webrtc_wire import (
     STREAM_ERRORS,
     Channel,
@@ -404,8 +405,8 @@ class WebRTCGateway:
                             f"messages are limited to {self.limits.max_input_bytes} bytes")
         try:
             msg = inbound_decoder.decode(raw)
-        except msgspec.DecodeError as exc:
-            return refused(probe_id(raw), 400, "malformed", str(exc))
+        except (msgspec.DecodeError, RecursionError) as exc:  # too deep: past the C stack
+            return refused(probe_id(raw), 400, "malformed", str(exc)[:300])
         if not peer.writable:
             return refused(msg.id, 403, "read_only",
                             "this connection was opened with a read-only token")
@@ -413,8 +414,9 @@ class WebRTCGateway:
             if isinstance(msg, InputMsg):
                 key = ("" if msg.idempotency_key is None
                        else input_event_key(msg.idempotency_key))
+                payload = validate_value(msg.payload, "payload")
                 res = await self.log.append(Envelope(type="input", session_id=peer.session_id,
-                                                     payload=msg.payload, event_key=key))
+                                                     payload=payload, event_key=key))
             else:
                 res = await self.log.signal(peer.session_id, msg.key, msg.value)
         except PayloadTooLarge as exc:

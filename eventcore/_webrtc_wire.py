@@ -204,7 +204,7 @@ def probe_id(raw: str | bytes) -> Any:
     the error); never raises."""
     try:
         value = _id_probe.decode(raw).get("id")
-    except (msgspec.DecodeError, AttributeError):
+    except (msgspec.DecodeError, AttributeError, RecursionError):
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         return value

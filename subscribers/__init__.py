@@ -12,7 +12,7 @@
 from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
 from ._groups import GroupState
 from ._metrics import SubscriberMetrics
-from ._ordered import ApplyConflict, OrderedStats, OrderedSubscriber, Run
+from ._ordered import DELETED, ApplyConflict, OrderedStats, OrderedSubscriber, Position, Run
 from ._persistence import SCHEMA_VERSION, Persistence, is_unavailable
 from ._projector import Projector, read_view
 from ._retention import Retention, RetentionReport
@@ -31,6 +31,7 @@ from ._view import (
 )
 
 __all__ = [
+    "DELETED",
     "MAX_RECENT_TOOL_CALLS",
     "MAX_RUNS",
     "SCHEMA_VERSION",
@@ -42,6 +43,7 @@ __all__ = [
     "OrderedStats",
     "OrderedSubscriber",
     "Persistence",
+    "Position",
     "Projector",
     "Retention",
     "RetentionReport",

@@ -14,13 +14,19 @@ __all__ = ["CheckpointStore", "Delivery", "Subscriber", "decode_feed_entry"]
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One feed entry handed to a subscriber: the envelope, where it came from, and how many
-    times it has been delivered (1 the first time; more after a retry or a reclaim)."""
+    """One feed entry handed to a subscriber: the envelope, where it came from, how many
+    times it has been delivered (1 the first time; more after a retry or a reclaim), and the
+    incarnation of the session it belongs to (``""`` when the entry does not say: written
+    before incarnations existed, or built by hand).
+
+    Besides envelopes the feed carries ``session.deleted`` entries (not in any session
+    stream): the incarnation they name was deleted (``EventLog.delete_session``)."""
 
     entry_id: str
     shard: int
     envelope: Envelope
     attempt: int = 1
+    incarnation: str = ""
 
     @property
     def session_id(self) -> str:
@@ -55,6 +61,10 @@ class CheckpointStore(Protocol):
     async def load_checkpoint(self, group: str, shard: int) -> str | None: ...
 
     async def save_checkpoint(self, group: str, shard: int, entry_id: str) -> None: ...
+
+
+def feed_incarnation(fields: Mapping[bytes, bytes]) -> str:
+    return fields.get(b"inc", b"").decode(errors="replace")
 
 
 def decode_feed_entry(fields: Mapping[bytes, bytes], where: str) -> Envelope:

@@ -5,9 +5,13 @@ Tables (``prefix`` defaults to ``eventcore_``; PostgreSQL may also take a ``sche
 ``<prefix>events``       (session_id, seq) primary key; type, run_id, event_key, ts_ms, the client
                          envelope JSON (``envelope``) and ``server_data`` JSON, kept apart as in
                          Redis. Inserted with ON CONFLICT DO NOTHING: idempotent.
-``<prefix>sessions``     session_id -> last_seq: every seq up to it is stored (the watermark
-                         retention trims Redis below). Raised in the same transaction as the
-                         rows, never lowered.
+``<prefix>sessions``     session_id -> incarnation, last_seq: every seq up to it of that
+                         incarnation is stored (the watermark retention trims Redis below).
+                         Raised in the same transaction as the rows, never lowered within an
+                         incarnation. A newer incarnation (the id deleted or expired, then
+                         created again) replaces the older one's rows in the transaction that
+                         stores its first; a deleted one leaves no rows, only this row with
+                         ``deleted_ms`` (so late redeliveries of it are recognized and dropped).
 ``<prefix>checkpoints``  (group, shard) -> feed entry id, for NOGROUP recovery without Redis.
 ``<prefix>schema``       the schema version; created at start, refused when newer than ours.
 
@@ -30,16 +34,16 @@ from typing import Any, Final, Self, TypeVar
 import anyio
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from eventcore import ConfigError, Envelope, EventLog, client_json, load_settings
 from eventcore._codec import decode_entry, encode
 
-from ._ordered import OrderedSubscriber, Run
+from ._ordered import OrderedSubscriber, Position, Run
 
 __all__ = ["SCHEMA_VERSION", "Persistence", "is_unavailable"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: sessions.incarnation and sessions.deleted_ms
 log_ = logging.getLogger("eventcore.persistence")
 T = TypeVar("T")
 _CHUNK = 500
@@ -72,6 +76,8 @@ def _tables(prefix: str, schema: str | None) -> tuple[sa.MetaData, dict[str, sa.
             sa.Column("session_id", sa.String(128), primary_key=True),
             sa.Column("last_seq", sa.BigInteger, nullable=False),
             sa.Column("updated_ms", sa.BigInteger, nullable=False),
+            sa.Column("incarnation", sa.String(32), nullable=False, server_default=""),
+            sa.Column("deleted_ms", sa.BigInteger),
         ),
         "checkpoints": sa.Table(
             f"{prefix}checkpoints", md,
@@ -185,6 +191,12 @@ class Persistence(OrderedSubscriber):
                     f"the history database ({self.prefix}schema) is at schema version {found}; "
                     f"this eventcore knows up to {SCHEMA_VERSION}: upgrade eventcore"
                 )
+            elif found < 2:
+                sessions = conn.dialect.identifier_preparer.format_table(self.tables["sessions"])
+                for column in ("incarnation VARCHAR(32) NOT NULL DEFAULT ''",
+                               "deleted_ms BIGINT"):
+                    await conn.execute(sa.text(f"ALTER TABLE {sessions} ADD COLUMN {column}"))
+                await conn.execute(t.update().values(version=SCHEMA_VERSION))
 
     async def aclose(self) -> None:
         if self._engine is not None:
@@ -229,49 +241,112 @@ class Persistence(OrderedSubscriber):
         return sqlite.insert(table)
 
     # -- the subscriber ------------------------------------------------------------------------
-    async def positions(self, session_ids: Collection[str]) -> Mapping[str, int]:
+    async def positions(self, session_ids: Collection[str]) -> Mapping[str, Position]:
         return await self._retrying(lambda: self._positions(list(session_ids)))
 
-    async def _positions(self, session_ids: Sequence[str]) -> dict[str, int]:
+    async def _positions(self, session_ids: Sequence[str]) -> dict[str, Position]:
         t = self.tables["sessions"]
-        out: dict[str, int] = {}
+        out: dict[str, Position] = {}
         async with self.engine.connect() as conn:
             for chunk in _chunks(session_ids):
                 rows = await conn.execute(
-                    sa.select(t.c.session_id, t.c.last_seq).where(t.c.session_id.in_(chunk))
+                    sa.select(t.c.session_id, t.c.last_seq, t.c.incarnation, t.c.deleted_ms)
+                    .where(t.c.session_id.in_(chunk))
                 )
-                out.update({sid: int(seq) for sid, seq in rows})
+                out.update({sid: Position(int(seq), inc, deleted is not None)
+                            for sid, seq, inc, deleted in rows})
         return out
 
     async def apply(self, runs: Sequence[Run]) -> Collection[str]:
-        rows = [_row(e) for run in runs for e in run.envelopes]
-        now = int(time.time() * 1000)
-        marks = [{"session_id": r.session_id, "last_seq": r.last, "updated_ms": now} for r in runs]
-        await self._retrying(lambda: self._write(rows, marks))
-        return ()  # rows are idempotent and the watermark only rises: no conflicts
+        return await self._retrying(lambda: self._write(runs))
 
-    async def _write(self, rows: list[dict[str, Any]], marks: list[dict[str, Any]]) -> None:
+    async def _lock(self, conn: AsyncConnection, session_ids: Sequence[str], now: int
+                    ) -> dict[str, tuple[str, int | None]]:
+        """The sessions' rows (incarnation, deleted_ms), locked until the transaction ends;
+        missing ones are inserted empty first, so that there is a row to lock."""
+        t = self.tables["sessions"]
+
+        async def select(sids: Sequence[str]) -> dict[str, tuple[str, int | None]]:
+            out: dict[str, tuple[str, int | None]] = {}
+            for chunk in _chunks(sids):
+                rows = await conn.execute(  # in one order everywhere: no deadlock between two
+                    sa.select(t.c.session_id, t.c.incarnation, t.c.deleted_ms)
+                    .where(t.c.session_id.in_(chunk)).order_by(t.c.session_id)
+                    .with_for_update())
+                out.update({sid: (inc, deleted) for sid, inc, deleted in rows})
+            return out
+
+        found = await select(session_ids)
+        missing = [sid for sid in session_ids if sid not in found]
+        if missing:
+            for chunk in _chunks(missing):
+                await conn.execute(
+                    self._insert(t).on_conflict_do_nothing(index_elements=["session_id"]),
+                    [{"session_id": sid, "last_seq": 0, "updated_ms": now, "incarnation": ""}
+                     for sid in chunk])
+            found.update(await select(missing))
+        return found
+
+    async def _write(self, runs: Sequence[Run]) -> list[str]:
         events, sessions = self.tables["events"], self.tables["sessions"]
+        now = int(time.time() * 1000)
         async with self.engine.begin() as conn:
+            stored = await self._lock(conn, sorted({r.session_id for r in runs}), now)
+            ok: list[Run] = []
+            conflicts: list[str] = []
+            for run in runs:
+                inc, deleted_ms = stored[run.session_id]
+                # a reset replaces an older incarnation; anything else continues the stored one
+                fits = inc < run.incarnation if run.reset else (
+                    inc == run.incarnation and deleted_ms is None)
+                if fits:
+                    ok.append(run)
+                else:
+                    conflicts.append(run.session_id)
+            resets = [r.session_id for r in ok if r.reset]
+            for sids in _chunks(resets):
+                await conn.execute(events.delete().where(events.c.session_id.in_(sids)))
+            rows = [_row(e) for run in ok for e in run.envelopes]
             if rows:
-                stmt = self._insert(events).on_conflict_do_nothing(
+                insert = self._insert(events).on_conflict_do_nothing(
                     index_elements=["session_id", "seq"]
                 )
                 for chunk in _chunks(rows):
-                    await conn.execute(stmt, list(chunk))
-            up = self._insert(sessions)
-            up = up.on_conflict_do_update(
-                index_elements=["session_id"],
-                set_={
-                    "last_seq": sa.case(
-                        (up.excluded.last_seq > sessions.c.last_seq, up.excluded.last_seq),
-                        else_=sessions.c.last_seq,
-                    ),
-                    "updated_ms": up.excluded.updated_ms,
-                },
-            )
-            for chunk in _chunks(marks):
-                await conn.execute(up, list(chunk))
+                    await conn.execute(insert, list(chunk))
+            b_sid = sa.bindparam("b_sid", type_=sa.String)
+            b_last = sa.bindparam("b_last", type_=sa.BigInteger)
+            b_inc = sa.bindparam("b_inc", type_=sa.String)
+            where = sessions.update().where(sessions.c.session_id == b_sid)
+            raised = where.values(  # within an incarnation the watermark only rises
+                last_seq=sa.case((b_last > sessions.c.last_seq, b_last),
+                                 else_=sessions.c.last_seq),
+                updated_ms=now)
+            restarted = where.values(last_seq=b_last, incarnation=b_inc, deleted_ms=None,
+                                     updated_ms=now)
+            for update, group in ((raised, [r for r in ok if not r.reset]),
+                                  (restarted, [r for r in ok if r.reset])):
+                marks = [{"b_sid": r.session_id, "b_last": r.last, "b_inc": r.incarnation}
+                         for r in group]
+                for part in _chunks(marks):
+                    await conn.execute(update, list(part))
+        return conflicts
+
+    async def deleted(self, session_id: str, incarnation: str) -> None:
+        """Purge the deleted incarnation's rows (and an older one's), leaving the sessions row
+        as a tombstone, unless a newer incarnation is stored already."""
+        await self._retrying(lambda: self._purge(session_id, incarnation))
+
+    async def _purge(self, session_id: str, incarnation: str) -> None:
+        events, sessions = self.tables["events"], self.tables["sessions"]
+        now = int(time.time() * 1000)
+        async with self.engine.begin() as conn:
+            inc, _ = (await self._lock(conn, [session_id], now))[session_id]
+            if inc > incarnation:
+                return
+            await conn.execute(events.delete().where(events.c.session_id == session_id))
+            await conn.execute(sessions.update().where(sessions.c.session_id == session_id)
+                               .values(incarnation=incarnation, last_seq=0, deleted_ms=now,
+                                       updated_ms=now))
 
     # -- the archive (tiered replay) -----------------------------------------------------------
     async def read(self, session_id: str, after: int, limit: int) -> Sequence[Envelope]:
@@ -292,28 +367,30 @@ class Persistence(OrderedSubscriber):
         return await self._retrying(go, budget_s=self.read_budget_s)
 
     async def watermarks(self, session_ids: Collection[str]) -> Mapping[str, int]:
-        """Per session, the seq up to which everything is stored."""
-        return await self.positions(session_ids)
+        """Per session, the seq up to which everything (of its stored incarnation) is stored."""
+        return {sid: pos.seq for sid, pos in (await self.positions(session_ids)).items()}
 
     async def stored_before(
         self, session_ids: Collection[str], cutoff_ms: int
-    ) -> Mapping[str, int]:
+    ) -> Mapping[str, tuple[int, str]]:
         """Per session, the highest stored seq at or below its watermark whose envelope was
-        published before ``cutoff_ms`` (epoch ms): what a hot window of history may drop."""
+        published before ``cutoff_ms`` (epoch ms), and the incarnation it belongs to: what a
+        hot window of that incarnation's history may drop."""
         e, s = self.tables["events"], self.tables["sessions"]
 
-        async def go() -> dict[str, int]:
-            out: dict[str, int] = {}
+        async def go() -> dict[str, tuple[int, str]]:
+            out: dict[str, tuple[int, str]] = {}
             async with self.engine.connect() as conn:
                 for chunk in _chunks(list(session_ids)):
                     rows = await conn.execute(
-                        sa.select(e.c.session_id, sa.func.max(e.c.seq))
+                        sa.select(e.c.session_id, sa.func.max(e.c.seq), s.c.incarnation)
                         .join(s, s.c.session_id == e.c.session_id)
                         .where(e.c.session_id.in_(chunk), e.c.ts_ms < cutoff_ms,
                                e.c.seq <= s.c.last_seq)
-                        .group_by(e.c.session_id)
+                        .group_by(e.c.session_id, s.c.incarnation)
                     )
-                    out.update({sid: int(seq) for sid, seq in rows if seq is not None})
+                    out.update({sid: (int(seq), inc) for sid, seq, inc in rows
+                                if seq is not None})
             return out
 
         return await self._retrying(go, budget_s=self.read_budget_s)

@@ -11,7 +11,7 @@ import msgspec
 from eventcore import CorruptEntry, EventLog, validate_session_id
 from eventcore._redis import redis_errors
 
-from ._ordered import OrderedSubscriber, Run
+from ._ordered import OrderedSubscriber, Position, Run
 from ._view import SessionView, fold
 
 if TYPE_CHECKING:
@@ -27,17 +27,23 @@ _encode = msgspec.json.Encoder().encode
 def _decode(session_id: str, raw: bytes) -> SessionView:
     try:
         return _decode_view(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise CorruptEntry(f"view of session {session_id!r} is malformed: {exc}") from exc
 
 
-async def read_view(log: EventLog, session_id: str) -> SessionView | None:
+async def read_view(
+    log: EventLog, session_id: str, *, incarnation: str | None = None
+) -> SessionView | None:
     """The projected state of a session in one round trip, or None if there is none (never
-    created, not projected yet, or expired after the session ended)."""
+    created, not projected yet, deleted, or expired after the session ended). With
+    ``incarnation`` (``SessionInfo.incarnation``), only that incarnation's view: the id created
+    again after an expiry shows nothing of its predecessor's, whose view may outlive it a bit."""
     key = log.keys.view(validate_session_id(session_id))
     with redis_errors("read view"):
-        raw = await cast("Awaitable[bytes | None]", log.redis.hget(key, "v"))
-    return None if raw is None else _decode(session_id, raw)
+        raw, inc = await cast("Awaitable[list[bytes | None]]", log.redis.hmget(key, ["v", "inc"]))
+    if raw is None or (incarnation is not None and (inc or b"").decode() != incarnation):
+        return None
+    return _decode(session_id, raw)
 
 
 class Projector(OrderedSubscriber):
@@ -45,45 +51,46 @@ class Projector(OrderedSubscriber):
     ``Keys.view(session_id)`` (a hash: ``seq`` and ``v``, the view JSON), so any API process
     serves ``GET /v1/sessions/{id}`` with :func:`read_view` in one call.
 
-    The view and its seq are written together by one compare-and-set script, which is what
-    makes application exactly once across consumers. After ``session.ended`` the view expires
-    with the session (``view_ttl_s``, default the log's ``session_ttl_s``; ``deleted_ttl_s``
-    when the session was deleted). One projector instance serves one runner at a time.
+    The view, its seq and its incarnation are written together by one compare-and-set script,
+    which is what makes application exactly once across consumers; the script also checks the
+    incarnation against the session's metadata, so a deleted session is never projected again
+    (``EventLog.delete_session`` removes its view with its keys) and the id created again starts
+    from an empty view. After ``session.ended`` the view expires with the session
+    (``view_ttl_s``, default the log's ``session_ttl_s``). One projector instance serves one
+    runner at a time.
     """
 
     name = "projector"
 
-    def __init__(
-        self, log: EventLog, *, view_ttl_s: int | None = None, deleted_ttl_s: int = 300
-    ) -> None:
+    def __init__(self, log: EventLog, *, view_ttl_s: int | None = None) -> None:
         super().__init__(log)
         self.view_ttl_s = log.settings.session_ttl_s if view_ttl_s is None else view_ttl_s
-        self.deleted_ttl_s = deleted_ttl_s
         self._script: AsyncScript | None = None
-        self._loaded: dict[str, tuple[int, bytes | None]] = {}
+        self._loaded: dict[str, tuple[Position, bytes | None]] = {}
 
-    async def _read(self, session_ids: Collection[str]) -> dict[str, tuple[int, bytes | None]]:
+    async def _read(self, session_ids: Collection[str]
+                    ) -> dict[str, tuple[Position, bytes | None]]:
         keys = self.log.keys
         with redis_errors("read views"):
             async with self.log.redis.pipeline(transaction=False) as pipe:
                 for sid in session_ids:
-                    pipe.hmget(keys.view(sid), ["seq", "v"])
+                    pipe.hmget(keys.view(sid), ["seq", "v", "inc"])
                 raw = await pipe.execute()
-        return {sid: (int(seq or 0), v) for sid, (seq, v) in zip(session_ids, raw, strict=True)}
+        return {sid: (Position(int(seq or 0), (inc or b"").decode()), v)
+                for sid, (seq, v, inc) in zip(session_ids, raw, strict=True)}
 
-    async def positions(self, session_ids: Collection[str]) -> Mapping[str, int]:
+    async def positions(self, session_ids: Collection[str]) -> Mapping[str, Position]:
         self._loaded = await self._read(session_ids)
-        return {sid: seq for sid, (seq, _) in self._loaded.items()}
+        return {sid: pos for sid, (pos, _) in self._loaded.items()}
 
     def _ttl(self, view: SessionView) -> str:
         if view.status != "ended":
             return ""
-        ttl = self.deleted_ttl_s if view.end_reason == "deleted" else self.view_ttl_s
-        return str(ttl) if ttl > 0 else ""
+        return str(self.view_ttl_s) if self.view_ttl_s > 0 else ""
 
     async def apply(self, runs: Sequence[Run]) -> Collection[str]:
         loaded, self._loaded = self._loaded, {}
-        stale = [r.session_id for r in runs if loaded.get(r.session_id, (None,))[0] != r.after]
+        stale = [r.session_id for r in runs if r.session_id not in loaded]
         if stale:
             loaded.update(await self._read(stale))
         if self._script is None:
@@ -92,14 +99,21 @@ class Projector(OrderedSubscriber):
         with redis_errors("write views"):
             async with self.log.redis.pipeline(transaction=False) as pipe:
                 for run in runs:
-                    seq, raw = loaded[run.session_id]
-                    base = _decode(run.session_id, raw) if raw is not None else None
-                    view = fold(run.envelopes, base if seq == run.after else None)
+                    sid = run.session_id
+                    pos, raw = loaded[sid]
+                    base = None
+                    if (not run.reset and raw is not None and pos.seq == run.after
+                            and pos.incarnation == run.incarnation):
+                        base = _decode(sid, raw)
+                    view = fold(run.envelopes, base)
                     assert view is not None
                     await self._script(
-                        keys=[keys.view(run.session_id)],
-                        args=[run.after, run.last, _encode(view), self._ttl(view)],
+                        keys=[keys.view(sid), keys.session(sid).meta],
+                        args=[run.incarnation, run.after, run.last, _encode(view),
+                              self._ttl(view)],
                         client=pipe,
                     )
                 results = await pipe.execute()
-        return [r.session_id for r, res in zip(runs, results, strict=True) if int(res) != -1]
+        # -2: the incarnation was deleted or replaced meanwhile; nothing to retry
+        return [r.session_id for r, res in zip(runs, results, strict=True)
+                if int(res) not in (-1, -2)]

@@ -2,7 +2,8 @@
 
 - A session stream is trimmed (exactly, ``XTRIM MINID``) below the lower of: the persisted
   watermark (every seq up to it is in the archive) and the newest seq published before the hot
-  window. Reads of trimmed seqs continue from the archive (tiered replay).
+  window, if the archive holds the session's current incarnation. Reads of trimmed seqs
+  continue from the archive (tiered replay).
 - A shard feed is trimmed below what every consumer group on it has acknowledged: the lowest
   pending entry of any group, or its last delivered entry. A feed with no group, or missing
   one of the ``groups`` that must see everything, is not trimmed.
@@ -14,8 +15,9 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -26,9 +28,13 @@ from eventcore._redis import redis_errors
 from ._groups import id_key, id_pred
 from ._persistence import Persistence
 
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
 __all__ = ["Retention", "RetentionReport"]
 
 log_ = logging.getLogger("eventcore.retention")
+_TRIM_LUA = resources.files("subscribers").joinpath("_lua/trim_session.lua").read_text()
 
 
 def _s(v: object) -> str:
@@ -77,6 +83,7 @@ class Retention:
         self.last: RetentionReport | None = None
         self._passed = anyio.Event()
         self._tg: TaskGroup | None = None
+        self._trim: AsyncScript | None = None
 
     async def __aenter__(self) -> Self:
         self._tg = anyio.create_task_group()
@@ -149,11 +156,14 @@ class Retention:
             if sids:
                 floors = await self.archive.stored_before(sids, cutoff_ms)
                 if floors:
+                    if self._trim is None:
+                        self._trim = redis.register_script(_TRIM_LUA)
                     with redis_errors("retention trim"):
                         async with redis.pipeline(transaction=False) as pipe:
-                            for sid, seq in floors.items():
-                                pipe.xtrim(keys.session(sid).stream, minid=f"0-{seq + 1}",
-                                           approximate=False)
+                            for sid, (seq, inc) in floors.items():
+                                sk = keys.session(sid)
+                                await self._trim(keys=[sk.stream, sk.meta],
+                                                 args=[f"0-{seq + 1}", inc], client=pipe)
                             trimmed = await pipe.execute()
                     report.session_entries_trimmed += sum(int(n) for n in trimmed)
             if cursor == 0:

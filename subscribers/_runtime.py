@@ -15,6 +15,7 @@ from looking idle, and a maintenance task refreshes the metrics and raises the c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -32,7 +33,13 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
 
-from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
+from ._delivery import (
+    CheckpointStore,
+    Delivery,
+    Subscriber,
+    decode_feed_entry,
+    feed_incarnation,
+)
 from ._groups import Claimed, FeedGroup, is_nogroup
 from ._metrics import SubscriberMetrics
 
@@ -380,7 +387,8 @@ class SubscriberRunner:
             except CorruptEntry as exc:
                 await self._dead_letter(shard, entry_id, fields, attempt, exc)
                 continue
-            items.append(_Item(Delivery(entry_id, shard, env, attempt), fields))
+            items.append(_Item(Delivery(entry_id, shard, env, attempt,
+                                        feed_incarnation(fields)), fields))
         refs = [i for i in items if b"r" in i.fields]
         if refs:
             items = [i for i in items if b"r" not in i.fields]
@@ -391,8 +399,8 @@ class SubscriberRunner:
                     d = item.delivery
                     await self._dead_letter(d.shard, d.entry_id, item.fields, d.attempt, exc)
                     continue
-                d = item.delivery
-                items.append(_Item(Delivery(d.entry_id, d.shard, env, d.attempt), item.fields))
+                items.append(_Item(dataclasses.replace(item.delivery, envelope=env),
+                                   item.fields))
         return items
 
     # -- handling --------------------------------------------------------------------------------
@@ -460,7 +468,7 @@ class SubscriberRunner:
                        d.attempt, exc)
             await self._dead_letter(d.shard, d.entry_id, item.fields, d.attempt, exc)
             return
-        nxt = Delivery(d.entry_id, d.shard, d.envelope, d.attempt + 1)
+        nxt = dataclasses.replace(d, attempt=d.attempt + 1)
         self._retry[item.key] = _Retry(time.monotonic() + self._backoff(d.attempt),
                                        _Item(nxt, item.fields))
 

@@ -20,6 +20,7 @@ from eventcore import (
     ToolPayload,
     decode_payload,
 )
+from eventcore._values import value_problem
 
 __all__ = [
     "MAX_RECENT_TOOL_CALLS",
@@ -199,8 +200,13 @@ def apply_event(view: SessionView, env: Envelope) -> None:
     elif isinstance(payload, ToolPayload):
         _on_tool(view, env, payload)
     elif isinstance(payload, SignalPayload):
+        value = payload.value
+        if value is not None and value_problem(value) is not None:
+            # written past the edge's check: a view holding it could not be read back
+            view.malformed += 1
+            value = None
         view.signals[payload.key] = SignalView(
-            seq=env.seq, value=payload.value, summary=payload.summary, ts=env.ts
+            seq=env.seq, value=value, summary=payload.summary, ts=env.ts
         )
     elif isinstance(payload, EffectPayload):
         view.effects[payload.key] = EffectView(

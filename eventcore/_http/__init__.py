@@ -17,7 +17,8 @@ Extension point (WebRTC, ``/ui``, custom routes)
 ------------------------------------------------
 At startup the app builds one :class:`ServiceContext` — ``settings``, ``log`` (EventLog),
 ``hub`` (the SSE hub, also an ``EnvelopeSource`` via ``hub.follow(session_id, after)``),
-``auth`` (:class:`Auth`: ``mint(session_id, scope=, ttl_s=)``, ``verify(credential)``),
+``auth`` (:class:`Auth`: ``mint(session_id, incarnation=, scope=, ttl_s=)``,
+``verify(credential)``),
 ``metrics`` (prometheus), ``shutdown`` (an ``anyio.Event`` set when the server starts draining)
 and ``extras`` (a dict for extensions' objects) — and stores it on ``app.state.eventcore``.
 

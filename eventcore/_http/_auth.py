@@ -1,9 +1,10 @@
 """Credentials: the API key (admin, every session) and signed, expiring session tokens.
 
-Session tokens are JWTs (HS256, PyJWT) with claims ``sid`` (the one session they open), ``scope``
-(``rw``: read and write; ``read``: read only), ``iat`` and ``exp``, audience
-``eventcore:session``. The signing secret is ``EVENTCORE_TOKEN_SECRET`` or, unset, an HMAC of
-the API key — so every API process with the same key accepts the same tokens.
+Session tokens are JWTs (HS256, PyJWT) with claims ``sid`` (the one session they open), ``inc``
+(its incarnation: the id created again after a delete is another session, which the token does
+not open), ``scope`` (``rw``: read and write; ``read``: read only), ``iat`` and ``exp``,
+audience ``eventcore:session``. The signing secret is ``EVENTCORE_TOKEN_SECRET`` or, unset, an
+HMAC of the API key — so every API process with the same key accepts the same tokens.
 
 Where credentials may come from:
 
@@ -11,8 +12,10 @@ Where credentials may come from:
 - ``?access_token=<token>`` on GET requests only, and only a **read-scoped** session token
   (``POST /v1/sessions/{id}/tokens``), because a browser ``EventSource`` cannot set headers.
   URLs end up in logs and histories, so the query token can read one session and nothing else,
-  expires soon, is redacted from access logs (:class:`AccessLogRedactor`), and responses carry
-  ``Referrer-Policy: no-referrer``. The API key is never accepted in a URL.
+  expires soon, is redacted from access logs (:class:`AccessLogRedactor`: by the parameter
+  name as the server decodes it, so ``access%5Ftoken=`` is redacted too, and anything shaped
+  like a token), and responses carry ``Referrer-Policy: no-referrer``. The API key is never
+  accepted in a URL.
 """
 
 from __future__ import annotations
@@ -24,14 +27,18 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import unquote_plus
 
 import jwt
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SessionNotFound
 from ._problems import Problem
 
-__all__ = ["AccessLogRedactor", "Auth", "Principal", "Scope", "redact"]
+if TYPE_CHECKING:
+    from .._log import EventLog
+
+__all__ = ["AccessLogRedactor", "Auth", "Principal", "Scope", "check_incarnation", "redact"]
 
 Scope = Literal["rw", "read"]
 _AUDIENCE = "eventcore:session"
@@ -47,6 +54,7 @@ class Principal:
     session_id: str | None = None
     scope: Scope = "rw"
     expires_at: int | None = None
+    incarnation: str = ""
 
     def may(self, session_id: str, *, write: bool) -> bool:
         if self.admin:
@@ -69,9 +77,11 @@ class Auth:
                                 hashlib.sha256).digest()
         self.token_ttl_s = token_ttl_s
 
-    def mint(self, session_id: str, *, scope: Scope = "rw", ttl_s: int | None = None) -> str:
+    def mint(self, session_id: str, *, incarnation: str, scope: Scope = "rw",
+             ttl_s: int | None = None) -> str:
+        """A token for one incarnation of a session (``SessionInfo.incarnation``)."""
         now = int(time.time())
-        claims = {"sid": session_id, "scope": scope, "iat": now,
+        claims = {"sid": session_id, "inc": incarnation, "scope": scope, "iat": now,
                   "exp": now + (self.token_ttl_s if ttl_s is None else ttl_s), "aud": _AUDIENCE}
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
@@ -96,14 +106,14 @@ class Auth:
         except jwt.PyJWTError:
             raise _unauthorized("the credential is neither the API key nor a valid "
                                 "session token") from None
-        sid, scope = claims.get("sid"), claims.get("scope")
-        if not isinstance(sid, str) or scope not in ("rw", "read"):
+        sid, scope, inc = claims.get("sid"), claims.get("scope"), claims.get("inc", "")
+        if not isinstance(sid, str) or scope not in ("rw", "read") or not isinstance(inc, str):
             raise _unauthorized("the session token's claims are malformed")
         if from_query and scope != "read":
             raise _unauthorized("only read-scoped tokens (POST /v1/sessions/{id}/tokens) are "
                                 "accepted in a URL")
         return Principal(admin=False, session_id=sid, scope=scope,
-                         expires_at=int(claims["exp"]))
+                         expires_at=int(claims["exp"]), incarnation=inc)
 
     def from_header(self, authorization: str | None) -> Principal | None:
         if authorization is None:
@@ -114,16 +124,56 @@ class Auth:
         return self.verify(credential.strip())
 
 
+async def check_incarnation(principal: Principal, log: EventLog, session_id: str) -> None:
+    """A session token opens the incarnation it was minted for and no other: once its session
+    is deleted and the id created again, the old token gets 401 on every endpoint (GET, the
+    SSE stream, inputs, signals...). Where the session is gone, :class:`SessionNotFound`."""
+    if principal.admin:
+        return
+    current = (await log.incarnations([session_id]))[session_id]
+    if current is None:
+        raise SessionNotFound(session_id)
+    if current != principal.incarnation:
+        raise Problem(401, "unauthorized", "the session this token was issued for was deleted; "
+                      "the id now names another session",
+                      headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
 def _unauthorized(detail: str) -> Problem:
     return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-_TOKEN_IN_QUERY = re.compile(r"(?i)(access_token=)[^&\s\"]*")
+# A name=value pair of a query string (or of bare text): what follows ?, &, ; or a delimiter.
+_PAIR = re.compile(r"""(?:^|(?<=[?&;\s"'(\[,]))([^=&;\s"'?#]+)=([^&;\s"'#]*)""")
+_JWT = re.compile(r"eyJ[\w-]{2,}\.[\w-]{2,}\.[\w-]{2,}", re.ASCII)
+_NOT_NAME = re.compile(r"[^a-z0-9_]")
+
+
+def _names_token(name: str) -> bool:
+    """Whether a raw query parameter name means ``access_token``: judged on the name as the
+    server decodes it (``%5F``, ``%61``, ``+``: Starlette unquotes names), and more loosely
+    still (decoded again, any case, stray punctuation), since what a client meant as a token
+    is one whichever spelling the server took."""
+    for _ in range(4):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return _NOT_NAME.sub("", name.casefold()) == "access_token"
+
+
+def _redact_pair(m: re.Match[str]) -> str:
+    return f"{m.group(1)}=[redacted]" if _names_token(m.group(1)) else m.group(0)
 
 
 def redact(text: str) -> str:
-    """Hide ``access_token`` values in a URL or log line."""
-    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+    """Hide credentials in a URL or log line: every ``access_token`` value (however its name
+    is percent-encoded or cased) and anything shaped like a session token."""
+    if "=" in text:
+        text = _PAIR.sub(_redact_pair, text)
+    if "eyJ" in text:
+        text = _JWT.sub("[redacted]", text)
+    return text
 
 
 class AccessLogRedactor(logging.Filter):

@@ -23,7 +23,7 @@ from fastapi import Depends, Path, Request
 
 from .._keys import _SESSION_ID
 from .._settings import Settings
-from ._auth import Auth, Principal
+from ._auth import Auth, Principal, check_incarnation
 from ._metrics import Metrics
 from ._problems import Problem
 
@@ -101,7 +101,9 @@ async def require_admin(principal: Annotated[Principal, Depends(get_principal)])
 
 @dataclass(frozen=True, slots=True)
 class SessionAccess:
-    """An authorized caller of one session's endpoints (existence is not checked here)."""
+    """An authorized caller of one session's endpoints. A session token has been checked
+    against the session's current incarnation (so the session existed then); for the API key
+    existence is not checked here."""
 
     session_id: str
     principal: Principal
@@ -118,6 +120,7 @@ def _access(write: bool) -> Callable[..., Awaitable[SessionAccess]]:
         if not principal.may(session_id, write=write):
             what = "write to" if write and principal.session_id == session_id else "access"
             raise Problem(403, "forbidden", f"this token may not {what} this session")
+        await check_incarnation(principal, ctx.log, session_id)
         return SessionAccess(session_id, principal, ctx)
 
     return dependency

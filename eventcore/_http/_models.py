@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from .._values import validate_value
 
 __all__ = [
     "CancelIn",
@@ -25,6 +27,8 @@ __all__ = [
 ]
 
 Key = Annotated[str, Field(min_length=1, max_length=500)]
+Value = Annotated[Any, AfterValidator(validate_value)]
+"""Any JSON value every reader can take back (``eventcore._values``): else 422."""
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
@@ -32,9 +36,10 @@ class CreateSessionIn(BaseModel):
     model_config = _STRICT
 
     agent: Key
-    input: Any = None
-    metadata: dict[Annotated[str, Field(max_length=128)],
-                   Annotated[str, Field(max_length=1024)]] | None = Field(
+    input: Value = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=128)],
+                             Annotated[str, Field(max_length=1024)]] | None,
+                        AfterValidator(validate_value)] = Field(
         default=None, max_length=64, description="String labels stored with the session.")
     ttl_s: int | None = Field(default=None, ge=0, le=365 * 24 * 3600,
                               description="Seconds the session is kept after it ends.")
@@ -42,16 +47,22 @@ class CreateSessionIn(BaseModel):
         default=None, description="Creating again with the same key returns the same session.")
 
 
+_INCARNATION = Field(description="Tells apart sessions created under the same id (after a "
+                     "delete): 16 digits, increasing; tokens open one incarnation only.")
+
+
 class CreateSessionOut(BaseModel):
     session_id: str
     stream: str
+    incarnation: str = _INCARNATION
     token: str
 
 
 class InputIn(BaseModel):
     model_config = _STRICT
 
-    payload: Any = Field(description="Any JSON value.")
+    payload: Value = Field(description="Any JSON value (nested at most 64 deep, finite "
+                           "numbers, integers within +-(2**53 - 1), valid Unicode).")
     idempotency_key: Key | None = Field(
         default=None, description="Repeating a key returns the first input's seq and appends "
         "nothing.")
@@ -61,7 +72,7 @@ class SignalIn(BaseModel):
     model_config = _STRICT
 
     key: Key
-    value: Any = None
+    value: Value = None
 
 
 class CancelIn(BaseModel):
@@ -118,6 +129,7 @@ class SignalsOut(BaseModel):
 class SessionOut(BaseModel):
     session_id: str
     stream: str
+    incarnation: str = _INCARNATION
     state: Literal["created", "active", "idle", "ended"]
     agent: str | None
     labels: dict[str, str]

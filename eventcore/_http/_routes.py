@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ from starlette.responses import Response
 from .._codec import client_json
 from .._envelope import Envelope
 from .._keys import validate_key
+from ..errors import CorruptEntry
 from ._auth import Principal
 from ._context import (
     ServiceContext,
@@ -35,10 +37,13 @@ from ._models import (
     TokenIn,
     TokenOut,
 )
+from ._params import SeqParam
 from ._problems import Problem
 from ._sse import event_stream
 
 __all__ = ["input_event_key", "router"]
+
+logger = logging.getLogger("eventcore.http")
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
@@ -79,7 +84,8 @@ async def create_session(
         idempotency_key=body.idempotency_key,
     ))
     return CreateSessionOut(session_id=info.session_id, stream=info.stream,
-                            token=ctx.auth.mint(info.session_id))
+                            incarnation=info.incarnation,
+                            token=ctx.auth.mint(info.session_id, incarnation=info.incarnation))
 
 
 async def _with_timing(ctx: ServiceContext, kind: str, aw: Any) -> Any:
@@ -93,17 +99,22 @@ async def get_session(access: Reader) -> SessionOut:
     log = access.ctx.log
     info = await log.get_session(access.session_id)
     return SessionOut(
-        session_id=info.session_id, stream=info.stream, state=info.state, agent=info.agent,
-        labels=info.labels, last_seq=info.last_seq, created_at=info.created_at,
-        updated_at=info.updated_at, ended_at=info.ended_at,
-        projection=await _projection(access.ctx, access.session_id),
+        session_id=info.session_id, stream=info.stream, incarnation=info.incarnation,
+        state=info.state, agent=info.agent, labels=info.labels, last_seq=info.last_seq,
+        created_at=info.created_at, updated_at=info.updated_at, ended_at=info.ended_at,
+        projection=await _projection(access.ctx, access.session_id, info.incarnation),
     )
 
 
-async def _projection(ctx: ServiceContext, session_id: str) -> dict[str, Any] | None:
+async def _projection(ctx: ServiceContext, session_id: str, incarnation: str
+                      ) -> dict[str, Any] | None:
     from subscribers import read_view
 
-    view = await read_view(ctx.log, session_id)
+    try:  # only this incarnation's view: the one of a predecessor may still be expiring
+        view = await read_view(ctx.log, session_id, incarnation=incarnation)
+    except CorruptEntry as exc:  # the metadata is still worth answering with
+        logger.error("session %r: unreadable projection: %s", session_id, exc)
+        return None
     if view is None:
         return None
     out = msgspec.to_builtins(view)
@@ -152,7 +163,7 @@ async def post_signal(body: SignalIn, access: Writer) -> SeqOut:
             summary="Every signal after since_seq, in seq order (optionally only some keys)")
 async def get_signals(
     access: Reader,
-    since_seq: Annotated[int, Query(ge=0, le=2**53)] = 0,
+    since_seq: Annotated[SeqParam, Query()] = 0,
     keys: Annotated[str | None, Query(max_length=8192,
                                       description="Comma-separated signal keys")] = None,
 ) -> Response:
@@ -186,7 +197,7 @@ async def post_cancel(
 
 
 @router.delete("/sessions/{session_id}", status_code=204, response_class=Response,
-               summary="End the session and delete it from Redis")
+               summary="End the session and delete it (its keys, view and persisted history)")
 async def delete_session(access: Writer) -> Response:
     if not await access.ctx.log.delete_session(access.session_id):
         raise Problem(404, "session-not-found",
@@ -201,11 +212,15 @@ async def post_token(access: Reader, body: Annotated[TokenIn | None, Body()] = N
     req = body or TokenIn()
     if req.scope == "rw" and not access.principal.may(access.session_id, write=True):
         raise Problem(403, "forbidden", "a read-only token cannot mint a read-write one")
-    await access.ctx.log.get_session(access.session_id)
+    info = await access.ctx.log.get_session(access.session_id)
+    principal = access.principal
+    # a token holder's incarnation was checked; the session may have been re-created since
+    incarnation = info.incarnation if principal.admin else principal.incarnation
     ttl = req.ttl_s
-    exp = access.principal.expires_at
+    exp = principal.expires_at
     if exp is not None:  # never outlive the credential that minted it
         ttl = max(1, min(ttl, exp - int(time.time())))
-    return TokenOut(token=access.ctx.auth.mint(access.session_id, scope=req.scope, ttl_s=ttl),
-                    scope=req.scope, expires_in=ttl)
+    token = access.ctx.auth.mint(access.session_id, incarnation=incarnation, scope=req.scope,
+                                 ttl_s=ttl)
+    return TokenOut(token=token, scope=req.scope, expires_in=ttl)
 

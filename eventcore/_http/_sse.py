@@ -41,6 +41,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import SessionNotFound
 from ._context import SessionAccess, session_reader
+from ._params import PageSize, SeqParam, parse_digits
 from ._problems import Problem
 from ._transport import abort
 
@@ -83,11 +84,11 @@ def parse_types(raw: str | None) -> frozenset[str] | None:
 def _parse_after(after: int | None, last_event_id: str | None) -> int:
     # The header wins: EventSource reconnects to the same URL (with its original ?after=) and
     # reports the last id it saw in Last-Event-ID.
-    if last_event_id is not None and last_event_id.strip():
-        text = last_event_id.strip()
-        if not text.isdigit() or len(text) > 16:
-            raise Problem(400, "validation-error", "Last-Event-ID must be a seq (an integer)")
-        return int(text)
+    if last_event_id:
+        try:
+            return parse_digits(last_event_id, "Last-Event-ID")
+        except ValueError as exc:
+            raise Problem(400, "validation-error", f"{exc} (a seq)") from None
     return after or 0
 
 
@@ -184,12 +185,11 @@ class _Stream(EventSourceResponse):
 
 async def event_stream(
     access: Annotated[SessionAccess, Depends(session_reader)],
-    after: Annotated[int | None, Query(ge=0, le=2**53,
-                                       description="Resume after this seq")] = None,
+    after: Annotated[SeqParam | None, Query(description="Resume after this seq")] = None,
     types: Annotated[str | None, Query(max_length=8192,
                                        description="Comma-separated event types")] = None,
     format: Annotated[Literal["sse", "json"], Query()] = "sse",
-    limit: Annotated[int, Query(ge=1, le=1000, description="format=json page size")] = 100,
+    limit: Annotated[PageSize, Query(description="format=json page size")] = 100,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> Response:
     ctx = access.ctx

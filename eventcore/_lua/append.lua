@@ -1,7 +1,8 @@
 -- Append a batch of envelopes atomically: dedupe, seq, session stream + shard feed, metadata.
 --
--- KEYS[1] shard feed, KEYS[2] shard dispatch, KEYS[3] this batch's token key, then 6 keys per
---   session in the batch: stream, meta, dedupe, signals, effects, lease
+-- KEYS[1] shard feed, KEYS[2] shard dispatch, KEYS[3] this batch's token key, KEYS[4] the
+--   shard's last issued incarnation, then 6 keys per session in the batch: stream, meta,
+--   dedupe, signals, effects, lease
 -- ARGV[1] event count, ARGV[2] now (ms), ARGV[3] notify channel, ARGV[4] wake channel,
 --   ARGV[5] token ttl (s), ARGV[6] session count S, ARGV[7 .. 6+S] the session ids, then 6 args
 --   per event:
@@ -16,9 +17,15 @@
 -- of this very batch, which the token catches: so generated keys skip the dedupe map, saving
 -- its commands and memory. Caller-chosen keys are looked up with one HMGET per session.
 --
--- Returns one value per event: seq > 0 appended; -seq duplicate event key (the first seq);
---   or a string 'code:value': 2 stale host epoch (value = current epoch), 3 no such session,
---   4 session ended (value = last seq), 5 corrupt key or bad argument (value = error text).
+-- Returns one value per event: seq > 0 appended ({seq, incarnation} for a session.created
+--   that was appended); -seq duplicate event key (the first seq); or a string 'code:value':
+--   2 stale host epoch (value = current epoch), 3 no such session, 4 session ended (value =
+--   last seq), 5 corrupt key or bad argument (value = error text).
+-- Incarnations: a session id created again after it was deleted (or expired) is a new session.
+--   Its creation gets a new incarnation, microseconds of the server's clock as 16 digits, kept
+--   increasing per shard (KEYS[4]) so they order across clock steps: stored in the metadata
+--   ('inc') and on every feed entry of the session ('inc'), which is how subscribers tell the
+--   entries of a deleted session from those of its successor under the same id.
 -- The results are stored under the token key, so a resend of the same batch (after a reply was
 -- lost to a dropped connection or a restart) returns them instead of appending twice.
 local prev = redis.call('GET', KEYS[3])
@@ -33,6 +40,16 @@ for _, k in ipairs({feed, dispatch}) do
   end
 end
 local E0 = 7 + nsess  -- first event arg
+
+local function new_incarnation()
+  local t = redis.call('TIME')
+  local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
+  if us <= last then us = last + 1 end
+  local inc = string.format('%016.0f', us)
+  redis.call('SET', KEYS[4], inc)
+  return inc
+end
 
 local function typed(key, want)
   local t = redis.call('TYPE', key).ok
@@ -56,18 +73,19 @@ end
 local sessions = {}
 local order = {}
 local function load(sidx)
-  local kb = 3 + (sidx - 1) * 6
+  local kb = 4 + (sidx - 1) * 6
   local m = {sid = ARGV[6 + sidx], kb = kb}
   sessions[sidx] = m
   order[#order + 1] = m
-  local r = redis.pcall('HMGET', KEYS[kb + 2], 'seq', 'state', 'epoch', 'dispatched', 'ttl')
+  local r = redis.pcall('HMGET', KEYS[kb + 2], 'seq', 'state', 'epoch', 'dispatched', 'ttl',
+                        'inc')
   if r.err then m.corrupt = r.err; return m end
   if (r[1] and not tonumber(r[1])) or (r[3] and not tonumber(r[3])) then
     m.corrupt = 'session metadata holds a non-numeric seq or epoch'
     return m
   end
   m.seq, m.state, m.epoch = tonumber(r[1]), r[2], tonumber(r[3]) or 0
-  m.dispatched, m.ttl = r[4], tonumber(r[5])
+  m.dispatched, m.ttl, m.inc = r[4], tonumber(r[5]), r[6] or ''
   local w = wanted[sidx]
   if w ~= nil then
     m.seen = {}
@@ -126,11 +144,17 @@ for i = 1, n do
     local sseq = tostring(seq)
     local d = '{"seq":' .. sseq .. ',' .. body
     local sid = m.sid
+    local inc = m.inc
+    if created then inc = new_incarnation() end
     local x
     if extra == '' then
       x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. sseq, 't', typ, 'd', d)
       if not x.err then
-        redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 't', typ, 'd', d)
+        if inc == '' then  -- a session created before incarnations existed
+          redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 't', typ, 'd', d)
+        else
+          redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 'inc', inc, 't', typ, 'd', d)
+        end
       end
     else
       local f = {'t', typ, 'd', d}
@@ -138,7 +162,11 @@ for i = 1, n do
       if string.find(flags, 'r', 1, true) then f[#f + 1] = 'r'; f[#f + 1] = '1' end
       x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. seq, unpack(f))
       if not x.err then
-        redis.call('XADD', feed, '*', 'sid', sid, 'seq', seq, unpack(f))
+        if inc == '' then
+          redis.call('XADD', feed, '*', 'sid', sid, 'seq', seq, unpack(f))
+        else
+          redis.call('XADD', feed, '*', 'sid', sid, 'seq', seq, 'inc', inc, unpack(f))
+        end
       end
     end
     if x.err then
@@ -161,9 +189,11 @@ for i = 1, n do
         m.set = set
         m.state = 'created'
         m.ttl = tonumber(created.ttl)
+        m.inc = inc
         local agent = created.agent or ''
         set.state, set.agent, set.labels = 'created', agent, created.labels or '{}'
         set.created_at, set.ttl, set.epoch = tonumber(created.at) or now, created.ttl or 0, 0
+        set.inc = inc
         if agent ~= '' then
           redis.call('XADD', dispatch, '*', 'sid', sid, 'reason', 'created')
           set.dispatched = '1'
@@ -199,7 +229,7 @@ for i = 1, n do
         m.set.dispatched = '1'
         m.dispatched = '1'
       end
-      out[i] = seq
+      if created then out[i] = {seq, inc} else out[i] = seq end
     end
   end
 end

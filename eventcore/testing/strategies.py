@@ -8,6 +8,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from .._envelope import Envelope
+from .._values import MAX_SAFE_INT
 
 __all__ = [
     "KEY_POOL",
@@ -38,7 +39,7 @@ USER_TYPES = ("input", "message", "log", "tool.started", "tool.ended", "custom.t
 
 def json_values(max_leaves: int = 10) -> st.SearchStrategy[Any]:
     scalars = (
-        st.none() | st.booleans() | st.integers(-(2**53), 2**53)
+        st.none() | st.booleans() | st.integers(-MAX_SAFE_INT, MAX_SAFE_INT)
         | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
     )
     return st.recursive(

@@ -203,3 +203,40 @@ async def test_a_hosts_end_leaves_another_hosts_lease_alone(event_log: EventLog)
     await log.redis.set(sk.lease, "w2")
     await log.end_session(s.session_id, epoch=0, ack=HostingAck("g", "1-0", "w1"))
     assert await log.redis.get(sk.lease) == b"w2"
+
+
+async def _feed_of(log: EventLog, sid: str) -> list[dict[bytes, bytes]]:
+    feed = log.keys.session(sid).feed
+    return [f for _, f in await log.redis.xrange(feed) if f[b"sid"] == sid.encode()]
+
+
+async def test_an_id_created_again_is_a_new_incarnation(event_log: EventLog) -> None:
+    log = event_log
+    first = await log.create_session("a", session_id="again", input={"q": 1})
+    assert len(first.incarnation) == 16 and first.incarnation.isdigit()
+    assert (await log.get_session("again")).incarnation == first.incarnation
+    same = await log.create_session("a", session_id="again")  # idempotent: the same one
+    assert same.incarnation == first.incarnation
+    assert await log.incarnations(["again", "never"]) == {"again": first.incarnation,
+                                                         "never": None}
+    assert await log.delete_session("again")
+    second = await log.create_session("a", session_id="again")
+    assert second.incarnation > first.incarnation  # they only grow
+    assert second.last_seq == 1
+    feed = await _feed_of(log, "again")
+    # every feed entry names its incarnation; the deletion is on the feed too, after the end
+    assert [(f[b"t"], f[b"seq"], f[b"inc"].decode()) for f in feed] == [
+        (b"session.created", b"1", first.incarnation), (b"input", b"2", first.incarnation),
+        (b"session.ended", b"3", first.incarnation),
+        (b"session.deleted", b"4", first.incarnation),
+        (b"session.created", b"1", second.incarnation)]
+    assert msgspec.json.decode(feed[3][b"d"])["type"] == "session.deleted"
+
+
+async def test_delete_takes_the_projected_view_with_the_keys(event_log: EventLog) -> None:
+    s = await event_log.create_session()
+    view = event_log.keys.view(s.session_id)
+    await event_log.redis.hset(view, mapping={"seq": 1, "v": "{}"})  # as the projector would
+    assert await event_log.delete_session(s.session_id)
+    keys = event_log.keys.session(s.session_id)
+    assert await event_log.redis.exists(*keys.per_session, view) == 0

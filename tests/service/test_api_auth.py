@@ -55,9 +55,10 @@ async def test_rejections_write_nothing(
 ) -> None:
     a, ta, b, tb = two
     other_key = Auth("another-api-key-" + "y" * 20)
-    expired = Auth(API_KEY).mint(a, ttl_s=-5)
-    forged = other_key.mint(a)
-    read_only = Auth(API_KEY).mint(a, scope="read", ttl_s=60)
+    inc = (await shared_log.get_session(a)).incarnation
+    expired = Auth(API_KEY).mint(a, incarnation=inc, ttl_s=-5)
+    forged = other_key.mint(a, incarnation=inc)
+    read_only = Auth(API_KEY).mint(a, incarnation=inc, scope="read", ttl_s=60)
     before = (await shared_log.last_seq(a), await shared_log.last_seq(b))
     async with httpx.AsyncClient(base_url=shared_service.url, timeout=10) as c:
         for method, path, body, writes in endpoints(a):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -58,7 +60,7 @@ async def test_schema_is_versioned(event_log: EventLog, db_url: str, table_prefi
         assert (await conn.execute(sa.select(t.c.version))).scalar() == SCHEMA_VERSION
         await conn.execute(t.update().values(version=SCHEMA_VERSION + 1))
     try:
-        with pytest.raises(ConfigError, match="schema version 2"):
+        with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}"):
             async with Persistence(event_log, db_url, prefix=table_prefix):
                 pass
         async with Persistence(event_log, db_url, prefix=table_prefix + "x") as other:
@@ -146,12 +148,13 @@ async def test_history_gone_everywhere_is_explicit(
         await event_log.read(sid, 0, 10)
 
 
-async def test_deleted_session_is_read_from_the_archive(
+async def test_expired_session_is_read_from_the_archive(
     event_log: EventLog, persistence: Persistence
 ) -> None:
     (sid, top), = (await populate(event_log, 1, 6)).items()
-    await event_log.delete_session(sid)
+    await event_log.end_session(sid)
     await SubscriberRunner(event_log, persistence, **fast()).drain()
+    await event_log.redis.delete(*event_log.keys.session(sid).per_session)  # its TTL ran out
     assert await event_log.read(sid) == []  # without an archive: gone from Redis
     event_log.archive = persistence
     try:
@@ -176,3 +179,76 @@ async def test_read_only_archive_for_an_api_process(
         with pytest.raises(RuntimeError, match="without a log"):
             await archive.handle([Delivery("0-1", 0, full[-1])])
     assert top == len(full)
+
+
+async def test_deleted_session_is_purged_from_the_archive(
+    event_log: EventLog, persistence: Persistence
+) -> None:
+    (sid, top), = (await populate(event_log, 1, 6)).items()
+    await SubscriberRunner(event_log, persistence, **fast()).drain()
+    assert await persistence.count(sid) == top
+    incarnation = (await event_log.get_session(sid)).incarnation
+    late = [Delivery("0-1", 0, e, incarnation=incarnation) for e in await read_all(event_log, sid)]
+    assert await event_log.delete_session(sid)
+    await SubscriberRunner(event_log, persistence, **fast()).drain()
+    assert await persistence.count(sid) == 0
+    event_log.archive = persistence
+    try:
+        assert await event_log.read(sid) == []  # nothing left anywhere
+    finally:
+        event_log.archive = None
+    assert persistence.stats.deleted == 1
+    # late redeliveries of the deleted incarnation (a reclaim, another consumer) stay out
+    stale = persistence.stats.stale
+    await persistence.handle(late)
+    assert await persistence.count(sid) == 0 and persistence.stats.stale == stale + len(late)
+
+
+@pytest.mark.parametrize("lagging", [False, True], ids=["caught-up", "lagging"])
+async def test_a_recreated_session_id_keeps_only_the_new_sessions_rows(
+    event_log: EventLog, persistence: Persistence, lagging: bool
+) -> None:
+    """The id deleted and created again (an idempotency key, a chosen session_id) is a new
+    session: its rows never mix with the old one's, whether persistence had stored the old one
+    already or meets both in one backlog."""
+    sid = f"reused-{uuid.uuid4().hex[:8]}"
+    await event_log.create_session(session_id=sid, labels={"gen": "old"})
+    await event_log.append_many([Envelope(type="message", session_id=sid, payload={"old": i})
+                                 for i in range(6)])
+    if not lagging:
+        await SubscriberRunner(event_log, persistence, **fast()).drain()
+    await event_log.delete_session(sid)
+    await event_log.create_session(session_id=sid, labels={"gen": "new"})
+    await event_log.append(Envelope(type="message", session_id=sid, payload={"new": 1}))
+    await SubscriberRunner(event_log, persistence, **fast()).drain()
+    new = await read_all(event_log, sid)
+    assert [e.payload for e in new[1:]] == [{"new": 1}]
+    assert await stored(persistence, sid) == new
+    assert await persistence.watermarks([sid]) == {sid: 2}
+
+
+async def test_a_v1_database_is_upgraded(
+    event_log: EventLog, db_url: str, table_prefix: str
+) -> None:
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.begin() as conn:  # what schema version 1 created
+            await conn.execute(sa.text(
+                f"CREATE TABLE {table_prefix}sessions (session_id VARCHAR(128) PRIMARY KEY, "
+                "last_seq BIGINT NOT NULL, updated_ms BIGINT NOT NULL)"))
+            await conn.execute(sa.text(
+                f"CREATE TABLE {table_prefix}schema (id INTEGER PRIMARY KEY, "
+                "version INTEGER NOT NULL)"))
+            await conn.execute(sa.text(f"INSERT INTO {table_prefix}schema VALUES (1, 1)"))
+            await conn.execute(sa.text(
+                f"INSERT INTO {table_prefix}sessions VALUES ('legacy', 7, 0)"))
+        async with Persistence(event_log, db_url, prefix=table_prefix) as p:
+            try:
+                assert await p.watermarks(["legacy"]) == {"legacy": 7}
+                async with p.engine.connect() as conn:
+                    t = p.tables["schema"]
+                    assert (await conn.execute(sa.select(t.c.version))).scalar() == 2
+            finally:
+                await p.drop_tables()
+    finally:
+        await engine.dispose()

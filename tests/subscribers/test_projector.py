@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from subscriber_helpers import fast
@@ -114,15 +115,56 @@ async def test_odd_payloads_are_counted_not_fatal(event_log: EventLog) -> None:
     assert runner.metrics.dead_lettered == 0
 
 
-async def test_deleted_session_keeps_a_short_lived_tombstone(event_log: EventLog) -> None:
-    s = await event_log.create_session()
-    await event_log.delete_session(s.session_id)
-    proj = Projector(event_log, deleted_ttl_s=60)
+async def test_a_deleted_sessions_view_goes_with_it(event_log: EventLog) -> None:
+    s = await event_log.create_session(labels={"a": "1"})
+    proj = Projector(event_log)
     await SubscriberRunner(event_log, proj, **fast()).drain()
-    view = await read_view(event_log, s.session_id)
-    # session.created and session.ended were both in the feed: applied in order, then expiring
-    assert view is not None and (view.status, view.end_reason) == ("ended", "deleted")
-    assert 0 < await event_log.redis.ttl(event_log.keys.view(s.session_id)) <= 60
+    assert await read_view(event_log, s.session_id) is not None
+    await event_log.delete_session(s.session_id)
+    assert await read_view(event_log, s.session_id) is None  # at once, with its keys
+    # the session's end and its deletion, still in the feed, do not bring it back
+    await SubscriberRunner(event_log, proj, **fast()).drain()
+    assert not await event_log.redis.exists(event_log.keys.view(s.session_id))
+
+
+@pytest.mark.parametrize("lagging", [False, True], ids=["caught-up", "lagging"])
+async def test_a_recreated_session_id_gets_a_view_of_its_own(
+    event_log: EventLog, lagging: bool
+) -> None:
+    sid = f"reused-{uuid.uuid4().hex[:8]}"
+    old = await event_log.create_session(session_id=sid, labels={"gen": "old"})
+    await event_log.signal(sid, "old-signal", 1)
+    await event_log.append(Envelope(type="run.started", session_id=sid, run_id="r-old",
+                                    payload=RunPayload(name="old")))
+    proj = Projector(event_log)
+    if not lagging:
+        await SubscriberRunner(event_log, proj, **fast()).drain()
+    await event_log.delete_session(sid)
+    new = await event_log.create_session(session_id=sid, labels={"gen": "new"})
+    assert new.incarnation > old.incarnation
+    await event_log.signal(sid, "new-signal", 2)
+    await SubscriberRunner(event_log, proj, **fast()).drain()
+    view = await read_view(event_log, sid, incarnation=new.incarnation)
+    assert view is not None and view == fold(await read_all(event_log, sid))
+    assert (view.labels, list(view.signals), view.runs) == ({"gen": "new"}, ["new-signal"], [])
+    assert await event_log.redis.ttl(event_log.keys.view(sid)) == -1
+
+
+async def test_the_view_of_an_expired_predecessor_is_not_shown(event_log: EventLog) -> None:
+    sid = f"reused-{uuid.uuid4().hex[:8]}"
+    await event_log.create_session(session_id=sid, labels={"gen": "old"})
+    await event_log.end_session(sid)
+    proj = Projector(event_log)
+    await SubscriberRunner(event_log, proj, **fast()).drain()
+    await event_log.redis.delete(*event_log.keys.session(sid).per_session)  # its TTL ran out
+    new = await event_log.create_session(session_id=sid, labels={"gen": "new"})
+    # the old view outlives its session a little: not the new session's
+    assert await read_view(event_log, sid) is not None
+    assert await read_view(event_log, sid, incarnation=new.incarnation) is None
+    await SubscriberRunner(event_log, proj, **fast()).drain()
+    view = await read_view(event_log, sid, incarnation=new.incarnation)
+    assert view is not None and (view.status, view.labels) == ("created", {"gen": "new"})
+    assert await event_log.redis.ttl(event_log.keys.view(sid)) == -1  # not the old expiry
 
 
 def test_tool_call_window_is_bounded() -> None:

@@ -166,3 +166,33 @@ async def test_dead_letters_are_kept_for_a_while_and_up_to_a_count(
     assert left == new[-3:]  # the hour-old ones by age, then the oldest beyond 3 by count
     assert report.dead_letters_trimmed == 5
     assert await log.redis.xlen(other) == 1
+
+
+async def test_a_recreated_session_is_not_trimmed_by_its_predecessors_archive(
+    event_log: EventLog, sqlite_url: str
+) -> None:
+    """The id expired (or was deleted) and created again: the archived rows are of the old
+    session and say nothing about what the new stream's seqs hold."""
+    sid = f"reused-{uuid.uuid4().hex[:8]}"
+    await event_log.create_session(session_id=sid)
+    await event_log.append_many([Envelope(type="message", session_id=sid, payload={"old": i})
+                                 for i in range(8)])
+    await event_log.end_session(sid)
+    async with Persistence(event_log, sqlite_url) as p:
+        await SubscriberRunner(event_log, p, **fast()).drain()  # the old session, archived
+        await event_log.redis.delete(*event_log.keys.session(sid).per_session)  # TTL ran out
+        await event_log.create_session(session_id=sid)
+        await event_log.append_many([Envelope(type="message", session_id=sid,
+                                              payload={"new": i}) for i in range(3)])
+        report = await Retention(event_log, p, hot_window_s=0).run_once()
+        assert report.session_entries_trimmed == 0
+        assert await stream_seqs(event_log, sid) == [1, 2, 3, 4]
+        await SubscriberRunner(event_log, p, **fast()).drain()  # now the new one is archived
+        report = await Retention(event_log, p, hot_window_s=0).run_once()
+        assert report.session_entries_trimmed == 4 and await stream_seqs(event_log, sid) == []
+        event_log.archive = p
+        try:
+            new = await read_all(event_log, sid)
+        finally:
+            event_log.archive = None
+    assert [e.payload for e in new[1:]] == [{"new": i} for i in range(3)]

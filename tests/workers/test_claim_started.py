@@ -65,6 +65,8 @@ async def test_claim_writes_session_started_like_the_append_script(
         mine, theirs = await _entry(log, keys.stream, 2), await _entry(log, tkeys.stream, 2)
         assert mine == {k: v.replace(tid.encode(), sid.encode()) for k, v in theirs.items()}
         fmine, ftheirs = await _feed_entry(log, sid, 2), await _feed_entry(log, tid, 2)
+        assert fmine[b"inc"] == s.incarnation.encode()  # each session's own incarnation
+        ftheirs[b"inc"] = fmine[b"inc"]
         assert fmine == {k: v.replace(tid.encode(), sid.encode()) for k, v in ftheirs.items()}
         assert await log.redis.hgetall(keys.dedupe) == await log.redis.hgetall(tkeys.dedupe)
         assert await log.redis.hget(keys.dedupe, "session.started") == b"2"

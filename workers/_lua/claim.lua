@@ -35,7 +35,7 @@ local feed_ok = ft == 'none' or ft == 'stream'
 local STARTED = 'session.started'
 
 -- session.started exactly as the append script writes it (entry t, d with seq spliced in
--- first; feed entry sid, seq, t, d; dedupe event key -> seq; notify "<sid> <seq>"). Returns the
+-- first; feed entry sid, seq, inc (when the session has one), t, d; dedupe event key -> seq; notify "<sid> <seq>"). Returns the
 -- seq, -seq of a duplicate, or 0 to leave it to the caller's append.
 local function started(kmeta, kstream, kdedupe, sid, head, agent, seq0)
   -- the agent is spliced into the body as is: only when JSON needs no escaping of it
@@ -54,7 +54,12 @@ local function started(kmeta, kstream, kdedupe, sid, head, agent, seq0)
   local body = '{"seq":' .. sseq .. ',' .. head .. agent .. tail
   local x = redis.pcall('XADD', kstream, '0-' .. sseq, 't', STARTED, 'd', body)
   if x.err then return 0 end
-  redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 't', STARTED, 'd', body)
+  local inc = redis.call('HGET', kmeta, 'inc')  -- the session's incarnation, on its feed entries
+  if inc then
+    redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 'inc', inc, 't', STARTED, 'd', body)
+  else
+    redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 't', STARTED, 'd', body)
+  end
   redis.call('HSET', kdedupe, STARTED, sseq)
   redis.call('HSET', kmeta, 'seq', sseq, 'updated_at', now)
   redis.call('PUBLISH', notify, sid .. ' ' .. sseq)
