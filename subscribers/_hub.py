@@ -482,7 +482,8 @@ class Hub:
 
     # -- live path: common -------------------------------------------------------------------
     def _mark(self, w: _Watch) -> None:
-        if w.session_id not in self._dirty:
+        # a retired watch must not hold its session's place here for a newer one
+        if not w.retired and w.session_id not in self._dirty:
             self._dirty[w.session_id] = w
             self._dirty_event.set()
 
