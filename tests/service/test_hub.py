@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import pytest
@@ -330,3 +331,23 @@ async def collect_from(it: AsyncIterator[list[HubEvent] | StreamReset], until: i
         assert not isinstance(batch, StreamReset)
         seqs += [e.seq for e in batch]
     return seqs
+
+
+@pytest.mark.parametrize("live", ["pubsub", "xread"])
+async def test_the_live_path_alone_ends_a_follower_at_an_entry_of_another_incarnation(
+    event_log: EventLog, live: Literal["pubsub", "xread"]
+) -> None:
+    """No sweep to help (resync_s of an hour): the entries the live path fetches name their
+    incarnation, and the first of another one ends the follower."""
+    s = await event_log.create_session("echo", session_id=f"again-{uuid.uuid4().hex[:8]}")
+    sid = s.session_id
+    async with Hub(event_log, live=live, resync_s=3600, xread_block_ms=50) as hub, \
+            hub.subscribe(sid, after=0, until_ended=False) as sub:
+        it = sub.batches()
+        with anyio.fail_after(10):
+            assert await collect_from(it, 1) == [1]
+        await _recreate(event_log, sid, s.incarnation)
+        await _emit_new(event_log, sid, 5)
+        got = await _rest(it)
+        assert [(e.seq, e.type) for e in got] in ([], [(2, "session.ended")])
+        assert hub.watched == 0
