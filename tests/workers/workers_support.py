@@ -10,16 +10,20 @@ import subprocess
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
 
 from eventcore import Envelope, EventLog, decode_payload
 from eventcore._codec import decode_entry
+
+if TYPE_CHECKING:
+    from workers import Worker
 
 HERE = Path(__file__).parent
 EVENTCORE = str(Path(sys.executable).parent / "eventcore")
@@ -190,3 +194,57 @@ class WorkerProc:
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@dataclass(frozen=True)
+class DispatchState:
+    """What the dispatch streams hold against what a worker hosts."""
+
+    #: entries never delivered to any consumer (after the group's last-delivered id), and
+    #: XINFO GROUPS ``lag`` summed (None where Redis cannot tell)
+    lag: int
+    reported_lag: int | None
+    #: pending (delivered, unacknowledged) entries no session hosted by the worker holds
+    unhosted_pending: int
+    pending: int
+    hosted: int
+    free: int
+    backlog: int
+
+
+async def dispatch_state(w: Worker) -> DispatchState:
+    log, keys, group = w.log, w.log.keys, "workers"
+    lag: int = 0
+    reported: int | None = 0
+    pending: set[tuple[int, bytes]] = set()  # entry ids are unique per stream only
+    for shard in keys.all_shards():
+        stream = keys.dispatch(shard)
+        info = next(g for g in await log.redis.xinfo_groups(stream)
+                    if g["name"] in (group, group.encode()))
+        last = info["last-delivered-id"]
+        lag += len(await log.redis.xrange(stream, b"(" + last, "+"))
+        if reported is not None:
+            reported = None if info.get("lag") is None else reported + int(info["lag"])
+        while True:  # the whole pending list, a page at a time
+            page = await log.redis.xpending_range(stream, group, "-", "+", 1000)
+            pending.update((shard, p["message_id"]) for p in page)
+            if len(page) < 1000:
+                break
+    hosts = list(w._hosts.values())
+    held = {(s.shard, s.entry_id.encode()) for s in hosts}
+    return DispatchState(lag=lag, reported_lag=reported, pending=len(pending),
+                         unhosted_pending=len(pending - held), hosted=len(hosts),
+                         free=w.concurrency - w.active, backlog=len(w._backlog))
+
+
+async def hosted_within(w: Worker, sids: Collection[str], within: float) -> None:
+    """Every one of ``sids`` is hosted by ``w`` within ``within`` s; otherwise fail with the
+    counts (hosted, lag, pending) instead of hanging."""
+    with anyio.move_on_after(within):
+        while not all(sid in w._hosts for sid in sids):  # noqa: ASYNC110 - worker state
+            await anyio.sleep(0.02)
+        return
+    state = await dispatch_state(w)
+    missing = sum(1 for sid in sids if sid not in w._hosts)
+    raise AssertionError(f"{missing} of {len(sids)} sessions not hosted after {within} s: "
+                         f"{state}")
