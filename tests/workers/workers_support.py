@@ -214,27 +214,42 @@ class DispatchState:
 
 async def dispatch_state(w: Worker) -> DispatchState:
     log, keys, group = w.log, w.log.keys, "workers"
-    lag: int = 0
-    reported: int | None = 0
-    pending: set[tuple[int, bytes]] = set()  # entry ids are unique per stream only
-    for shard in keys.all_shards():
-        stream = keys.dispatch(shard)
-        info = next(g for g in await log.redis.xinfo_groups(stream)
-                    if g["name"] in (group, group.encode()))
-        last = info["last-delivered-id"]
-        lag += len(await log.redis.xrange(stream, b"(" + last, "+"))
-        if reported is not None:
-            reported = None if info.get("lag") is None else reported + int(info["lag"])
-        while True:  # the whole pending list, a page at a time
-            page = await log.redis.xpending_range(stream, group, "-", "+", 1000)
-            pending.update((shard, p["message_id"]) for p in page)
-            if len(page) < 1000:
-                break
+    streams = [keys.dispatch(shard) for shard in keys.all_shards()]
+    async with log.redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        infos = [next(g for g in groups if g["name"] in (group, group.encode()))
+                 for groups in await pipe.execute()]
+    async with log.redis.pipeline(transaction=False) as pipe:
+        for stream, info in zip(streams, infos, strict=True):
+            pipe.xrange(stream, b"(" + info["last-delivered-id"], "+")
+            pipe.xpending_range(stream, group, "-", "+", 100_000)
+        replies = await pipe.execute()
+    lags = [None if i.get("lag") is None else int(i["lag"]) for i in infos]
+    # entry ids are unique per stream only
+    pending = {(shard, p["message_id"]) for shard, page in enumerate(replies[1::2])
+               for p in page}
     hosts = list(w._hosts.values())
     held = {(s.shard, s.entry_id.encode()) for s in hosts}
-    return DispatchState(lag=lag, reported_lag=reported, pending=len(pending),
-                         unhosted_pending=len(pending - held), hosted=len(hosts),
-                         free=w.concurrency - w.active, backlog=len(w._backlog))
+    return DispatchState(
+        lag=sum(len(undelivered) for undelivered in replies[0::2]),
+        reported_lag=None if None in lags else sum(x for x in lags if x is not None),
+        pending=len(pending), unhosted_pending=len(pending - held), hosted=len(hosts),
+        free=w.concurrency - w.active, backlog=len(w._backlog))
+
+
+async def nothing_waits_for_a_free_slot(w: Worker, within: float) -> DispatchState:
+    """The dispatch invariant: while ``w`` has a free slot, no entry stays undelivered (lag)
+    or delivered but hosted by no session (pending). It must hold within ``within`` s (the
+    time a read and a claim take); otherwise fail with the counts."""
+    with anyio.move_on_after(within):
+        while True:
+            state = await dispatch_state(w)
+            if state.free <= 0 or state.lag + state.unhosted_pending == 0:
+                return state
+            await anyio.sleep(0.02)  # nothing to await: the state is in Redis and the worker
+    raise AssertionError(f"free slots but entries waiting after {within} s: "
+                         f"{await dispatch_state(w)}")
 
 
 async def hosted_within(w: Worker, sids: Collection[str], within: float) -> None:
