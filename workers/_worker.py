@@ -129,7 +129,8 @@ class Worker:
         self._tg: TaskGroup | None = None
         self._sessions: TaskGroup | None = None
         self.feed = Feed(log, self._hosts, poll_interval_s=poll_interval_s,
-                         on_failure=self.supervisor.failed, on_success=self.supervisor.ok)
+                         on_failure=self.supervisor.failed, on_success=self.supervisor.ok,
+                         on_rewound=self._rewound)
         self._release: Coalescer | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -513,6 +514,15 @@ class Worker:
                     tg.cancel_scope.cancel()
         if self._hosts:
             await self._handback(list(self._hosts.values()))
+
+    async def _rewound(self, sessions: list[Session]) -> None:
+        """Redis lost history these hostings had read (it restarted without its latest
+        writes): each is handed back, and hosted again from its log as it now is (the
+        handler runs again from the start, as after any re-host)."""
+        for s in sessions:
+            log.warning("session %s: its stream went back below seq %d (Redis lost writes); "
+                        "hosting it again", s.id, s.cursor)
+        await self._handback(sessions)
 
     async def _handback(self, sessions: list[Session]) -> None:
         """Re-dispatch and acknowledge in one script per shard, so another worker takes the
