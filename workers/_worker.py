@@ -385,7 +385,8 @@ class Worker:
                     idle_timeout_s=spec.idle_timeout_s or self.idle_timeout_s)
         self._hosts[sid] = s
         with self._lease_lock:
-            self._leases[sid] = LeaseRec(sid, shard, epoch, eid)
+            sk = self.log.appender.session_keys(sid)
+            self._leases[sid] = LeaseRec(sid, shard, epoch, eid, sk.meta, sk.lease)
         self._slots.host()
         self.metrics.active = self._slots.hosted
         self.metrics.claims += 1
