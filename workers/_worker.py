@@ -596,10 +596,8 @@ class Worker:
     async def _reclaim(self) -> None:
         """Take over dispatch entries nobody has renewed for a lease TTL (their worker died
         or stalled). XAUTOCLAIM scans the pending list a window at a time: follow its cursor
-        round the whole list, as long as this worker has room. Entries waiting in this
-        worker's own backlog are left to it (claimed as a slot frees, or requeued)."""
+        round the whole list, as long as this worker has room."""
         keys, slots = self.log.keys, self._slots
-        queued = {(shard, eid) for shard, eid, _ in self._backlog}
         for shard in keys.all_shards():
             start = "0-0"
             while (free := min(slots.free, 100)) > 0:
@@ -609,9 +607,7 @@ class Worker:
                             keys.dispatch(shard), GROUP, self.id,
                             min_idle_time=int(self.lease_ttl_s * 1000), start_id=start,
                             count=free)
-                    entries = [(shard, eid, fields) for eid, fields in
-                               ((_text(e), f) for e, f in res[1])
-                               if fields and (shard, eid) not in queued]
+                    entries = [(shard, _text(eid), fields) for eid, fields in res[1] if fields]
                     if entries:
                         await self._claim(entries, reclaimed=True)
                 start = _text(res[0])
