@@ -608,6 +608,10 @@ class Worker:
                             min_idle_time=int(self.lease_ttl_s * 1000), start_id=start,
                             count=free)
                     entries = [(shard, _text(eid), fields) for eid, fields in res[1] if fields]
+                    alive = [e for e in entries if self._hosting(e)]
+                    if alive:
+                        await self._keep(shard, [eid for _, eid, _ in alive])
+                        entries = [e for e in entries if not self._hosting(e)]
                     if entries:
                         await self._claim(entries, reclaimed=True)
                 start = _text(res[0])
@@ -615,6 +619,31 @@ class Worker:
                     break
             if slots.free <= 0:
                 return
+
+
+    def _hosting(self, entry: tuple[int, str, Any]) -> bool:
+        shard, eid, fields = entry
+        s = self._hosts.get(_text(fields.get(b"sid", b"")))
+        return s is not None and (s.shard, s.entry_id) == (shard, eid)
+
+    async def _keep(self, shard: int, ids: list[str]) -> None:
+        """XAUTOCLAIM took entries of sessions hosted here (their heartbeat came late, or they
+        were claimed long after they were read): they are alive, so nothing is taken over,
+        and the delivery it counted is taken back (only hostings that died count towards the
+        crash-loop limit)."""
+        stream = self.log.keys.dispatch(shard)
+        redis: Any = self.log.redis
+        with redis_errors("keep"):
+            async with redis.pipeline(transaction=False) as pipe:
+                for eid in ids:
+                    pipe.xpending_range(stream, GROUP, eid, eid, 1, self.id)
+                pending = await pipe.execute()
+            async with redis.pipeline(transaction=False) as pipe:
+                for eid, found in zip(ids, pending, strict=True):
+                    if found:
+                        pipe.xclaim(stream, GROUP, self.id, 0, [eid], justid=True,
+                                    retrycount=max(int(found[0]["times_delivered"]) - 1, 0))
+                await pipe.execute()
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -83,3 +83,24 @@ async def test_a_session_claimed_long_after_its_entry_was_read_is_not_reclaimed_
         assert (await log.get_session(s.session_id)).epoch == 1
         assert (w.metrics.claims, w.metrics.reclaims) == (1, 0)
         assert w._hosts[s.session_id].epoch == 1
+
+
+async def test_reclaim_leaves_a_session_hosted_here_alone_when_its_heartbeat_was_late(
+    event_log: EventLog, hosting: Hosting
+) -> None:
+    """A heartbeat late by more than the lease TTL less its interval (renewing 20,000 leases
+    on a loaded machine) leaves a live hosting's entry idle long enough for XAUTOCLAIM: the
+    worker's own reclaim must not host it a second time, nor count it as a delivery."""
+    log = event_log
+    async with hosting(log, lease_ttl_s=30, heartbeat_interval_s=3600,
+                       reclaim_interval_s=3600) as w:
+        s = await log.create_session("held")
+        await eventually(lambda: s.session_id in w._hosts)
+        stream = log.keys.dispatch(w._hosts[s.session_id].shard)
+        eid = w._hosts[s.session_id].entry_id
+        await log.redis.xclaim(stream, GROUP, w.id, 0, [eid], idle=60_000, justid=True)
+        await w._reclaim()
+        assert (await log.get_session(s.session_id)).epoch == 1
+        assert (w.metrics.claims, w.metrics.reclaims) == (1, 0)
+        (entry,) = await log.redis.xpending_range(stream, GROUP, eid, eid, 1)
+        assert (entry["consumer"].decode(), entry["times_delivered"]) == (w.id, 1)

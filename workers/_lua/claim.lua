@@ -61,9 +61,6 @@ local function started(kmeta, kstream, kdedupe, sid, head, agent, seq0)
   return seq0 + 1
 end
 
--- entries claimed now: their idle time restarts (below), as the heartbeat restarts it later
-local claimed = {}
-
 local function claim(kmeta, klease, kstream, kdedupe, id, sid, head)
   local mine = redis.call('XPENDING', dispatch, group, id, id, 1, me)
   if #mine == 0 then return {'gone'} end
@@ -98,7 +95,6 @@ local function claim(kmeta, klease, kstream, kdedupe, id, sid, head)
   end
   local epoch = redis.call('HINCRBY', kmeta, 'epoch', 1)
   redis.call('SET', klease, me, 'PX', ttl)
-  claimed[#claimed + 1] = id
   redis.call('HSET', kmeta, 'state', 'active', 'host', me, 'dispatched', '1')
   local dead, err = m[4] or '', m[5] or ''
   if dead ~= '1' and tonumber(mine[1][4]) > max_deliveries then
@@ -122,12 +118,5 @@ for i = 1, (#KEYS - 3) / 4 do
   local k, a = 4 * i, 5 + 3 * i
   out[i] = claim(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a], ARGV[a + 1],
     ARGV[a + 2])
-end
--- An entry claimed long after it was read (it waited in the worker's backlog, or behind a
--- burst of claims) would otherwise look abandoned to XAUTOCLAIM, the worker's own included,
--- until the first heartbeat: the session would be hosted a second time.
-if #claimed > 0 then
-  claimed[#claimed + 1] = 'JUSTID'
-  redis.call('XCLAIM', dispatch, group, me, 0, unpack(claimed))
 end
 return out
