@@ -74,5 +74,6 @@ def test_errors_all_is_complete_and_reexported() -> None:
                if issubclass(c, BaseException) and c.__module__ == "eventcore.errors"}
     assert defined == set(errors.__all__)
     missing = [n for n in errors.__all__
-               if getattr(eventcore, n, None) is not getattr(errors, n) or n not in eventcore.__all__]
+               if getattr(eventcore, n, None) is not getattr(errors, n)
+               or n not in eventcore.__all__]
     assert missing == []
