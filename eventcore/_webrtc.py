@@ -71,6 +71,7 @@ from .errors import (
     PayloadTooLarge,
     SessionEnded,
     SessionNotFound,
+    UsageError,
     ValidationError,
 )
 
@@ -177,7 +178,7 @@ class WebRTCGateway:
         :class:`ValidationError` for a bad offer, :class:`SessionNotFound`, or
         :class:`Overloaded` at the peer limits."""
         if self._tg is None:
-            raise RuntimeError("WebRTCGateway is not started: use `async with`")
+            raise UsageError("WebRTCGateway is not started: use `async with`")
         validate_session_id(session_id)
         check_offer(sdp, self.limits)
         await self.log.get_session(session_id)

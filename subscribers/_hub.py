@@ -53,7 +53,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from eventcore import Envelope, EventLog, HistoryGone, SessionNotFound, client_json
 from eventcore._codec import decode_entry
 from eventcore._redis import redis_errors
-from eventcore.errors import EventcoreError
+from eventcore.errors import EventcoreError, HubClosed, ValidationError
 
 __all__ = ["Hub", "HubClosed", "HubEvent", "HubStats", "StreamReset", "Subscription"]
 
@@ -63,10 +63,6 @@ _FIRST_READ = 64  # entries a session's first catch-up read asks for, before siz
 _FIT_SESSIONS = 10_000
 
 LiveMode = Literal["pubsub", "xread"]
-
-
-class HubClosed(EventcoreError):
-    """The hub is shutting down; resume elsewhere (or later) from your last seq."""
 
 
 class _Ts(msgspec.Struct):
@@ -272,7 +268,7 @@ class Hub:
         on_lag: Callable[[float], None] | None = None,
     ) -> None:
         if live not in ("pubsub", "xread"):
-            raise ValueError(f"live must be 'pubsub' or 'xread', not {live!r}")
+            raise ValidationError(f"live must be 'pubsub' or 'xread', not {live!r}")
         self.log = log
         self.live: LiveMode = live
         self.buffer = buffer
@@ -345,7 +341,7 @@ class Hub:
         if self.closed:
             raise HubClosed("the event hub is shutting down")
         if after < 0:
-            raise ValueError("after must be >= 0")
+            raise ValidationError("after must be >= 0")
         keys = self.log.keys.session(session_id)
         w = self._watches.get(session_id)
         if w is None:

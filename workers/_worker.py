@@ -93,9 +93,9 @@ class Worker:
         max_deliveries: int = 10,
     ) -> None:
         if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+            raise ValidationError("concurrency must be >= 1")
         if lease_ttl_s <= 0.1:
-            raise ValueError("lease_ttl_s must be > 0.1")
+            raise ValidationError("lease_ttl_s must be > 0.1")
         self.app = app
         self.log = log
         self.concurrency = concurrency
