@@ -34,6 +34,7 @@ from eventcore.errors import (
     EventcoreError,
     NoSuchAgent,
     RedisError,
+    UsageError,
     ValidationError,
     WorkerFailed,
 )
@@ -178,7 +179,7 @@ class Worker:
 
     async def _serve(self, burst: bool, task_status: TaskStatus[None]) -> None:
         if self._running:
-            raise RuntimeError("this worker is already running")
+            raise UsageError("this worker is already running")
         self._running = True
         redis = self.log.redis
         keys = self.log.keys
