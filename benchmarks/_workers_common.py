@@ -40,8 +40,9 @@ def eventcore_worker(log: EventLog, *args: str, **env: str) -> subprocess.Popen[
                   "WARNING", *args], worker_env(log, **env), pipe=True)
 
 
-async def ready(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    """Wait for the worker's JSON ``ready`` line."""
+async def ready(proc: subprocess.Popen[str], within: float = 120.0) -> dict[str, Any]:
+    """Wait for the worker's JSON ``ready`` line; a worker that is not ready ``within`` s is
+    killed and the wait fails (a benchmark never hangs)."""
     assert proc.stdout is not None
     out = proc.stdout
 
@@ -50,15 +51,25 @@ async def ready(proc: subprocess.Popen[str]) -> dict[str, Any]:
             data = json.loads(line)
             if data.get("event") == "ready":
                 return dict(data)
-        raise RuntimeError("the worker exited before it was ready")
+        raise RuntimeError(f"the worker exited (code {proc.poll()}) before it was ready")
 
-    return await anyio.to_thread.run_sync(wait)
+    try:
+        with anyio.fail_after(within):
+            return await anyio.to_thread.run_sync(wait, abandon_on_cancel=True)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"the worker was not ready after {within} s") from None
 
 
-async def stop(proc: subprocess.Popen[str]) -> None:
+async def stop(proc: subprocess.Popen[str], within: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited ``within`` s."""
     if proc.poll() is None:
         proc.terminate()
-    await anyio.to_thread.run_sync(proc.wait)
+    try:
+        await anyio.to_thread.run_sync(proc.wait, within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        await anyio.to_thread.run_sync(proc.wait)
 
 
 def rss_mb(pid: int) -> float:
@@ -94,13 +105,18 @@ class FeedCounter:
 
 
 async def create_many(log: EventLog, agent: str, n: int, *, parallel: int = 256,
-                      input: Any = None, labels: dict[str, str] | None = None) -> list[str]:
+                      input: Any = None, labels: dict[str, str] | None = None,
+                      created: list[str] | None = None) -> list[str]:
+    """``n`` sessions, ``parallel`` at a time; each id is also appended to ``created`` as soon
+    as it exists (progress for whoever waits)."""
     sids: list[str] = [""] * n
     lock = anyio.Semaphore(parallel)
 
     async def one(i: int) -> None:
         async with lock:
             sids[i] = (await log.create_session(agent, input=input, labels=labels)).session_id
+            if created is not None:
+                created.append(sids[i])
 
     async with anyio.create_task_group() as tg:
         for i in range(n):

@@ -36,7 +36,7 @@ from ._sessions import (
 )
 from ._settings import Settings, load_settings
 from ._values import validate_value
-from .errors import CorruptEntry, HistoryGone, SessionNotFound, ValidationError
+from .errors import CorruptEntry, HistoryGone, SessionNotFound, UsageError, ValidationError
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -139,13 +139,13 @@ class EventLog:
     @property
     def redis(self) -> Redis:
         if self._redis is None:
-            raise RuntimeError("EventLog is not started: use `async with EventLog(...)`")
+            raise UsageError("EventLog is not started: use `async with EventLog(...)`")
         return self._redis
 
     @property
     def appender(self) -> Appender:
         if self._appender is None:
-            raise RuntimeError("EventLog is not started: use `async with EventLog(...)`")
+            raise UsageError("EventLog is not started: use `async with EventLog(...)`")
         return self._appender
 
     # -- append ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - hiredis comes with redis[hiredis]
     _hiredis = None
 
-__all__ = ["Redis", "connect_redis", "redis_errors", "run_script"]
+__all__ = ["Redis", "connect_redis", "redis_errors", "run_script", "run_scripts"]
 
 Redis = aioredis.Redis
 
@@ -126,6 +126,24 @@ async def run_script(script: AsyncScript, keys: Sequence[Any], args: Sequence[An
         except rexc.NoScriptError:
             continue
     return await script(keys=keys, args=args)
+
+
+async def run_scripts(
+    client: Redis, script: AsyncScript, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+) -> list[Any]:
+    """Many calls ``(keys, args)`` of one registered script in one round trip, with
+    :func:`run_script`'s reloading. The whole batch is sent again after NOSCRIPT (or a dropped
+    connection): only for scripts that may run twice."""
+    for attempt in range(_SCRIPT_LOADS):
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await script(keys=keys, args=args, client=pipe)
+                return list(await pipe.execute())
+        except rexc.NoScriptError:
+            if attempt == _SCRIPT_LOADS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

@@ -25,13 +25,9 @@ from ._codec import client_json
 from ._follow import FollowRetry, Gap, backoff, closing_iter, follow_log
 from ._log import EventLog
 from ._settings import load_settings
-from .errors import EventcoreError, SessionNotFound
+from .errors import EventcoreError, SessionNotFound, TailError
 
 __all__ = ["TailError", "TailItem", "follow_http", "run_tail"]
-
-
-class TailError(EventcoreError):
-    """A failure that retrying cannot fix (unknown session, bad credentials, ...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +69,7 @@ async def follow_redis(session_id: str, after: int, notify: Notify) -> AsyncIter
                 yield TailItem(env.seq, env.type, client_json(env))
 
 
-class _Retry(Exception):
+class _Retry(EventcoreError):
     def __init__(self, message: str, after_s: float | None = None) -> None:
         super().__init__(message)
         self.after_s = after_s

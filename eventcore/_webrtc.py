@@ -76,6 +76,7 @@ from .errors import (
     PayloadTooLarge,
     SessionEnded,
     SessionNotFound,
+    UsageError,
     ValidationError,
 )
 
@@ -186,7 +187,7 @@ class WebRTCGateway:
         session is another incarnation than ``incarnation`` now), or :class:`Overloaded` at
         the peer limits."""
         if self._tg is None:
-            raise RuntimeError("WebRTCGateway is not started: use `async with`")
+            raise UsageError("WebRTCGateway is not started: use `async with`")
         validate_session_id(session_id)
         check_offer(sdp, self.limits)
         current = (await self.log.get_session(session_id)).incarnation

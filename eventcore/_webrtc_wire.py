@@ -14,7 +14,7 @@ import msgspec
 
 from ._codec import encode
 from ._keys import validate_key
-from .errors import ValidationError
+from .errors import EventcoreError, ValidationError
 
 if TYPE_CHECKING:
     from aiortc import RTCDataChannel
@@ -75,11 +75,11 @@ inbound_decoder = msgspec.json.Decoder(InputMsg | SignalMsg)
 _id_probe = msgspec.json.Decoder(dict[str, Any])
 
 
-class Closed(Exception):
+class Closed(EventcoreError):
     """The data channel closed under us."""
 
 
-class Stalled(Exception):
+class Stalled(EventcoreError):
     """The peer took nothing off the channel's buffer for the send timeout: it stopped reading
     (ICE consent alone would keep it open for good)."""
 

@@ -2,7 +2,7 @@
 
     EventcoreError
     ├── ConfigError                 settings invalid at start
-    ├── ValidationError             hostile or malformed input (ids, keys, payloads)
+    ├── ValidationError             hostile or malformed input (arguments, ids, keys, payloads)
     │   └── PayloadTooLarge
     ├── RedisError                  a Redis problem, converted at the boundary
     │   ├── RedisUnavailable        transient errors outlived the retry budget
@@ -15,6 +15,11 @@
     ├── HistoryGone                 asked for history that is gone from Redis and the archive
     ├── SinkFailed                  published to the log, but an inline sink or hook failed
     ├── Overloaded                  a configured capacity limit is reached; retry later
+    ├── UsageError                  used outside its lifetime: not started, closed, already
+    │                               running, ... (a programming error; also a RuntimeError)
+    ├── ApplyConflict               subscribers: other consumers kept moving the same sessions
+    ├── HubClosed                   subscribers: the SSE hub is shutting down
+    ├── TailError                   ``eventcore tail``: a failure that retrying cannot fix
     ├── WorkerError                 the worker pool
     │   ├── RunTimedOut             a run exceeded its time limit (retryable)
     │   ├── TerminalError           raised by a handler: fail the session now, no retries
@@ -29,12 +34,14 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "ApplyConflict",
     "ConfigError",
     "CorruptEntry",
     "EffectFailed",
     "EmbeddedRedisError",
     "EventcoreError",
     "HistoryGone",
+    "HubClosed",
     "NoSuchAgent",
     "Overloaded",
     "PayloadTooLarge",
@@ -46,7 +53,9 @@ __all__ = [
     "SessionNotFound",
     "SinkFailed",
     "StaleHost",
+    "TailError",
     "TerminalError",
+    "UsageError",
     "ValidationError",
     "WorkerError",
     "WorkerFailed",
@@ -62,7 +71,8 @@ class ConfigError(EventcoreError):
 
 
 class ValidationError(EventcoreError, ValueError):
-    """An id, key or payload was rejected at the edge. Nothing was written."""
+    """An argument, id, key or payload was rejected at the edge. Nothing was written. A
+    ``ValueError`` too, which is what argument checks raise by convention."""
 
 
 class PayloadTooLarge(ValidationError):
@@ -152,6 +162,24 @@ class SinkFailed(EventcoreError):
             f"{stage} failed after {len(self.published)} envelope(s) were published: "
             f"{type(cause).__name__}: {cause}"
         )
+
+
+class UsageError(EventcoreError, RuntimeError):
+    """An object was used outside its lifetime or in a way it does not support (not started,
+    closed, already running, ...): a programming error, not worth retrying. A ``RuntimeError``
+    too, as these checks raised that before."""
+
+
+class ApplyConflict(EventcoreError):
+    """Another consumer kept moving the same sessions; the entries are retried later."""
+
+
+class HubClosed(EventcoreError):
+    """The hub is shutting down; resume elsewhere (or later) from your last seq."""
+
+
+class TailError(EventcoreError):
+    """A failure that retrying cannot fix (unknown session, bad credentials, ...)."""
 
 
 class WorkerError(EventcoreError):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import anyio
 
 from eventcore import Envelope
+from eventcore.errors import UsageError
 
 from ._base import Published
 
@@ -47,7 +48,7 @@ class MemorySink:
 
     async def send(self, envelopes: Sequence[Published]) -> None:
         if self.closed:
-            raise RuntimeError("MemorySink is closed")
+            raise UsageError("MemorySink is closed")
         self.sends += 1
         if self.delay:
             await anyio.sleep(self.delay)

@@ -62,7 +62,7 @@ from eventcore import Envelope, EventLog, HistoryGone, SessionNotFound, client_j
 from eventcore._codec import decode_entry, entry_incarnation
 from eventcore._redis import redis_errors
 from eventcore._sessions import INCARNATION_FIELDS, current_incarnation
-from eventcore.errors import EventcoreError
+from eventcore.errors import EventcoreError, HubClosed, ValidationError
 
 __all__ = ["Hub", "HubClosed", "HubEvent", "HubStats", "StreamReset", "Subscription"]
 
@@ -72,10 +72,6 @@ _FIRST_READ = 64  # entries a session's first catch-up read asks for, before siz
 _FIT_SESSIONS = 10_000
 
 LiveMode = Literal["pubsub", "xread"]
-
-
-class HubClosed(EventcoreError):
-    """The hub is shutting down; resume elsewhere (or later) from your last seq."""
 
 
 class _Ts(msgspec.Struct):
@@ -297,7 +293,7 @@ class Hub:
         on_lag: Callable[[float], None] | None = None,
     ) -> None:
         if live not in ("pubsub", "xread"):
-            raise ValueError(f"live must be 'pubsub' or 'xread', not {live!r}")
+            raise ValidationError(f"live must be 'pubsub' or 'xread', not {live!r}")
         self.log = log
         self.live: LiveMode = live
         self.buffer = buffer
@@ -372,7 +368,7 @@ class Hub:
         if self.closed:
             raise HubClosed("the event hub is shutting down")
         if after < 0:
-            raise ValueError("after must be >= 0")
+            raise ValidationError("after must be >= 0")
         if incarnation is None:
             incarnation = (await self.log.incarnations([session_id]))[session_id]
             if incarnation is None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from eventcore import CorruptEntry, Envelope, EventLog
+from eventcore.errors import ApplyConflict, UsageError
 
 from ._delivery import Delivery
 
@@ -46,10 +47,6 @@ class Run:
     @property
     def last(self) -> int:
         return self.after + len(self.envelopes)
-
-
-class ApplyConflict(Exception):
-    """Another consumer kept moving the same sessions; the entries are retried later."""
 
 
 @dataclass
@@ -103,7 +100,7 @@ class OrderedSubscriber(ABC):
     @property
     def log(self) -> EventLog:
         if self._log is None:
-            raise RuntimeError(f"{type(self).__name__} was built without a log: it cannot "
+            raise UsageError(f"{type(self).__name__} was built without a log: it cannot "
                                "fill gaps, so it cannot run as a subscriber")
         return self._log
 
@@ -120,7 +117,7 @@ class OrderedSubscriber(ABC):
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         if self._log is None:  # fail on the first batch, not on the first gap
-            raise RuntimeError(f"{type(self).__name__} was built without a log: it cannot "
+            raise UsageError(f"{type(self).__name__} was built without a log: it cannot "
                                "run as a subscriber")
         incarnations = await self._incarnations(deliveries)
         newest: dict[str, str] = {}

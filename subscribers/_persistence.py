@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from eventcore import ConfigError, Envelope, EventLog, client_json, load_settings
 from eventcore._codec import decode_entry, encode
+from eventcore.errors import UsageError
 
 from ._ordered import OrderedSubscriber, Position, Run
 
@@ -154,7 +155,7 @@ class Persistence(OrderedSubscriber):
     @property
     def engine(self) -> AsyncEngine:
         if self._engine is None:
-            raise RuntimeError("Persistence is not started: use `async with Persistence(...)`")
+            raise UsageError("Persistence is not started: use `async with Persistence(...)`")
         return self._engine
 
     async def start(self) -> None:

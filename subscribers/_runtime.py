@@ -33,6 +33,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
 from eventcore._codec import entry_incarnation
+from eventcore.errors import UsageError, ValidationError
 
 from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
 from ._groups import Claimed, FeedGroup, is_nogroup
@@ -109,9 +110,10 @@ class SubscriberRunner:
         drain_timeout_s: float = 30.0,
     ) -> None:
         if batch < 1 or max_deliveries < 1 or claim_idle_ms < 1:
-            raise ValueError("batch, max_deliveries and claim_idle_ms must be positive")
+            raise ValidationError("batch, max_deliveries and claim_idle_ms must be positive")
         if start_id == "$":
-            raise ValueError("start_id '$' would skip entries appended before the group exists")
+            raise ValidationError(
+                "start_id '$' would skip entries appended before the group exists")
         self.log = log
         self.subscriber = subscriber
         self.group = group or subscriber.name
@@ -201,7 +203,7 @@ class SubscriberRunner:
         """Ensure the groups, report ready, then consume until stopped (or, with ``burst``,
         until nothing is left to do now)."""
         if self._running:
-            raise RuntimeError("this runner is already running")
+            raise UsageError("this runner is already running")
         self._running, self._stopping, self._done = True, False, anyio.Event()
         try:
             with anyio.CancelScope() as self._run_scope:
@@ -249,7 +251,7 @@ class SubscriberRunner:
         wait with ``anyio.fail_after``)."""
         while not predicate(self.metrics):
             if self._done.is_set() and not self._running:
-                raise RuntimeError("the runner stopped before the condition held")
+                raise UsageError("the runner stopped before the condition held")
             await self._progress.wait()
 
     async def refresh_metrics(self) -> SubscriberMetrics:

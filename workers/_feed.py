@@ -7,13 +7,17 @@ whose seqs it learns from their replies); a session whose seq moved past its
 read cursor is marked dirty, and one fetch loop reads the dirty sessions' new entries with
 pipelined XRANGEs (hundreds of sessions per round trip). Pub/sub may drop messages (a
 reconnect, a slow client), so after every (re)subscription all sessions are re-checked, and a
-slow poll compares each session's seq with its cursor as a safety net.
+slow poll compares each session's seq with its cursor as a safety net. That comparison, made
+at once after every (re)subscription, also notices a session whose seq went back below the
+host's cursor: Redis restarted without its latest writes (fsync everysec, an older snapshot, a
+failover to a lagging replica), so new inputs get seqs the host believes it has read. Such a
+hosting saw history that is gone: it is handed back, and hosted again from the log as it is.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -49,14 +53,17 @@ class Feed:
         poll_interval_s: float,
         on_failure: Callable[[str, BaseException], None],
         on_success: Callable[[str], None],
+        on_rewound: Callable[[list[Session]], Awaitable[None]],
     ) -> None:
         self._log = log_
         self._hosts = hosts
         self._poll_interval_s = poll_interval_s
         self._on_failure = on_failure
         self._on_success = on_success
+        self._on_rewound = on_rewound
         self._dirty: dict[Session, None] = {}
         self._wake = anyio.Event()
+        self._check_now = anyio.Event()
         self._recent: dict[str, int] = {}
         self.fetches = 0
 
@@ -114,6 +121,7 @@ class Feed:
                                 # reconnected and re-subscribed (messages may have been missed)
                                 if confirmations % len(channels) == 0:
                                     self.mark_all()
+                                    self._check_now.set()  # (a restart may have lost history)
                                     self._on_success("feed")
                                     delay = 0.05
                                     if not started:
@@ -139,21 +147,37 @@ class Feed:
 
     async def _poll_loop(self) -> None:
         while True:
-            await anyio.sleep(self._poll_interval_s)
-            sessions = list(self._hosts.values())
+            with anyio.move_on_after(self._poll_interval_s):
+                await self._check_now.wait()
+            self._check_now = anyio.Event()
             try:
-                for start in range(0, len(sessions), 1000):
-                    chunk = sessions[start:start + 1000]
-                    with redis_errors("poll"):
-                        async with self._log.redis.pipeline(transaction=False) as pipe:
-                            for s in chunk:
-                                pipe.hget(self._log.keys.session(s.id).meta, "seq")
-                            seqs = await pipe.execute()
-                    for s, seq in zip(chunk, seqs, strict=True):
-                        if seq is not None and int(seq) > s.cursor:
-                            self.mark(s, int(seq))
+                await self._check_seqs()
             except EventcoreError as exc:
                 self._on_failure("feed", exc)
+
+    async def _check_seqs(self) -> None:
+        """Every hosted session's seq against its read cursor: past it, read (a notification
+        was lost); below the cursor as it was when we asked, the stream went back."""
+        sessions = list(self._hosts.values())
+        rewound: list[Session] = []
+        for start in range(0, len(sessions), 1000):
+            chunk = sessions[start:start + 1000]
+            # (what was read or written before asking is in Redis unless Redis lost it)
+            cursors = [s.cursor for s in chunk]
+            with redis_errors("poll"):
+                async with self._log.redis.pipeline(transaction=False) as pipe:
+                    for s in chunk:
+                        pipe.hget(self._log.keys.session(s.id).meta, "seq")
+                    seqs = await pipe.execute()
+            for s, cursor, seq in zip(chunk, cursors, seqs, strict=True):
+                if seq is None or self._hosts.get(s.id) is not s:
+                    continue
+                if int(seq) < cursor:
+                    rewound.append(s)
+                elif int(seq) > s.cursor:
+                    self.mark(s, int(seq))
+        if rewound:
+            await self._on_rewound(rewound)
 
     # -- reading ---------------------------------------------------------------------------
     async def _fetch_loop(self) -> None:

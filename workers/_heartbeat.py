@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 
 from eventcore import Keys
-from eventcore._redis import Redis, run_script
+from eventcore._redis import Redis, run_scripts
 
 from ._metrics import WorkerMetrics
 from ._scripts import GROUP, load_script
@@ -35,7 +35,11 @@ __all__ = ["Heartbeat", "LeaseRec"]
 
 log = logging.getLogger("workers")
 HEARTBEAT_LUA = load_script("heartbeat")
-_CHUNK = 200
+_CHUNK = 200  # leases per script call
+# Script calls per round trip. While a handler holds the GIL, each hand-off of it to this
+# thread and back (one per awaited round trip) costs up to a switch interval (5 ms): pipelining
+# the calls makes a beat of 20,000 leases a few round trips instead of a hundred.
+_CALLS_PER_TRIP = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,8 @@ class LeaseRec:
     shard: int
     epoch: int
     entry_id: str
+    meta: str  # the session's key names (built once, not on every beat)
+    lease: str
 
 
 def thread_client(redis: Redis) -> Redis:
@@ -160,17 +166,22 @@ class Heartbeat:
         by_shard: dict[int, list[LeaseRec]] = {}
         for rec in self._leases():
             by_shard.setdefault(rec.shard, []).append(rec)
+        chunks = [recs[start:start + _CHUNK] for recs in by_shard.values()
+                  for start in range(0, len(recs), _CHUNK)]
         lost: list[LeaseRec] = []
-        for shard, recs in by_shard.items():
-            for start in range(0, len(recs), _CHUNK):
-                chunk = recs[start:start + _CHUNK]
-                keys = [self._keys.dispatch(shard)]
+        for first in range(0, len(chunks), _CALLS_PER_TRIP):
+            trip = chunks[first:first + _CALLS_PER_TRIP]
+            calls = []
+            for chunk in trip:
+                keys = [self._keys.dispatch(chunk[0].shard)]
                 args: list[Any] = [self._id, self._ttl_ms, GROUP]
                 for r in chunk:
-                    sk = self._keys.session(r.session_id)
-                    keys += (sk.meta, sk.lease)
+                    keys += (r.meta, r.lease)
                     args += (r.epoch, r.entry_id)
-                codes = await run_script(script, keys, args)
+                calls.append((keys, args))
+            # renewing twice is harmless: the batch may be sent again
+            for chunk, codes in zip(trip, await run_scripts(client, script, calls),
+                                    strict=True):
                 for r, code in zip(chunk, codes, strict=True):
                     if code == 1:
                         lost.append(r)

@@ -29,7 +29,13 @@ from eventcore import (
     ToolPayload,
     decode_payload,
 )
-from eventcore.errors import EffectFailed, RunTimedOut, SessionEnded, StaleHost
+from eventcore.errors import (
+    EffectFailed,
+    RunTimedOut,
+    SessionEnded,
+    StaleHost,
+    ValidationError,
+)
 
 if TYPE_CHECKING:
     from ._app import AgentSpec
@@ -62,7 +68,7 @@ class HostContext(Protocol):
 
 def _check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not 1 <= len(name) <= 100 or not name.isprintable():
-        raise ValueError(f"{what} must be 1-100 printable characters, got {name!r:.80}")
+        raise ValidationError(f"{what} must be 1-100 printable characters, got {name!r:.80}")
     return name
 
 
@@ -367,9 +373,9 @@ class Session:
 
 def _check_emit_type(type: str) -> None:
     if not isinstance(type, str) or not type:
-        raise ValueError("the event type must be a non-empty string")
+        raise ValidationError("the event type must be a non-empty string")
     if type in _RESERVED or type.startswith(_RESERVED_PREFIXES):
-        raise ValueError(
+        raise ValidationError(
             f"{type!r} is reserved: use inputs(), run(), run.tool(), signal() or effect()"
         )
 

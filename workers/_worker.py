@@ -34,6 +34,7 @@ from eventcore.errors import (
     EventcoreError,
     NoSuchAgent,
     RedisError,
+    UsageError,
     ValidationError,
     WorkerFailed,
 )
@@ -45,6 +46,7 @@ from ._metrics import WorkerMetrics
 from ._scripts import GROUP, Coalescer, load_script
 from ._session import Session
 from ._settle import settle, started_body
+from ._slots import Slots
 from ._supervisor import Supervisor
 
 __all__ = ["Worker"]
@@ -92,9 +94,9 @@ class Worker:
         max_deliveries: int = 10,
     ) -> None:
         if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+            raise ValidationError("concurrency must be >= 1")
         if lease_ttl_s <= 0.1:
-            raise ValueError("lease_ttl_s must be > 0.1")
+            raise ValidationError("lease_ttl_s must be > 0.1")
         self.app = app
         self.log = log
         self.concurrency = concurrency
@@ -118,10 +120,8 @@ class Worker:
         self._hosts: dict[str, Session] = {}
         self._leases: dict[str, LeaseRec] = {}
         self._lease_lock = threading.Lock()
-        self._active = 0
-        self._reserved = 0
+        self._slots = Slots(concurrency)
         self._backlog: deque[tuple[int, str, Any]] = deque()
-        self._slot = anyio.Event()
         self._draining = False
         self._drain_now = anyio.Event()
         self._stopped = anyio.Event()
@@ -130,7 +130,8 @@ class Worker:
         self._tg: TaskGroup | None = None
         self._sessions: TaskGroup | None = None
         self.feed = Feed(log, self._hosts, poll_interval_s=poll_interval_s,
-                         on_failure=self.supervisor.failed, on_success=self.supervisor.ok)
+                         on_failure=self.supervisor.failed, on_success=self.supervisor.ok,
+                         on_rewound=self._rewound)
         self._release: Coalescer | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class Worker:
         """Stop taking sessions; running ones get ``drain_timeout_s`` to finish, then the rest
         are handed back (``now=True``: at once). :meth:`run` returns when done."""
         self._draining = True
-        self._slot.set()
+        self._slots.wake()
         for s in list(self._hosts.values()):
             s.wake()  # sessions waiting for input unload now
         if now:
@@ -162,7 +163,7 @@ class Worker:
 
     @property
     def active(self) -> int:
-        return self._active
+        return self._slots.hosted
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Host sessions until drained (:meth:`drain`, SIGTERM in the CLI) or cancelled.
@@ -178,7 +179,7 @@ class Worker:
 
     async def _serve(self, burst: bool, task_status: TaskStatus[None]) -> None:
         if self._running:
-            raise RuntimeError("this worker is already running")
+            raise UsageError("this worker is already running")
         self._running = True
         redis = self.log.redis
         keys = self.log.keys
@@ -236,7 +237,7 @@ class Worker:
             self._tg.cancel_scope.cancel()
 
     def _status(self) -> dict[str, Any]:
-        return {"active": self._active, "max": self.concurrency,
+        return {"active": self._slots.hosted, "max": self.concurrency,
                 "load": round(self.metrics.load, 4),
                 "state": "draining" if self._draining else "running"}
 
@@ -252,19 +253,15 @@ class Worker:
                     raise
 
     # -- taking sessions -------------------------------------------------------------------------
-    def _free(self) -> int:
-        return self.concurrency - self._active - self._reserved
-
     async def _consume(self, burst: bool) -> None:
         keys = self.log.keys
         streams: dict[Any, Any] = {keys.dispatch(shard): ">" for shard in keys.all_shards()}
         shard_of = {name: shard for shard, name in enumerate(streams)}
+        slots = self._slots
         while not self._draining:
-            free = self._free()
+            free = slots.free
             if free <= 0:
-                self._slot = anyio.Event()
-                if self._free() <= 0 and not self._draining:
-                    await self._slot.wait()
+                await slots.wait_until(lambda: slots.free > 0 or self._draining)
                 continue
             if self._backlog:
                 n = min(free, self.read_batch, len(self._backlog))
@@ -290,7 +287,7 @@ class Worker:
                 continue
             entries = [(shard_of[_text(name)], _text(eid), fields)
                        for name, items in got or () for eid, fields in items]
-            room = max(0, min(want, self._free()))
+            room = max(0, min(want, slots.free))
             self._backlog.extend(entries[room:])
             if room and entries:
                 await self._claim_now(entries[:room])
@@ -300,11 +297,8 @@ class Worker:
 
     async def _claim_now(self, entries: Sequence[tuple[int, str, Any]]) -> None:
         """Claim with the slots these entries need reserved until they are hosted."""
-        self._reserved += len(entries)
-        try:
+        with self._slots.reserve(len(entries)):
             await self._claim(entries, reclaimed=False)
-        finally:
-            self._reserved -= len(entries)
 
     async def _requeue_backlog(self) -> None:
         """Entries read but never claimed go back to the stream for other workers."""
@@ -318,7 +312,7 @@ class Worker:
                                  [GROUP, self.id, *args])
 
     async def _burst_done(self) -> bool:
-        if self._active or self._reserved or self._backlog:
+        if self._slots.hosted or self._slots.reserved or self._backlog:
             return False
         keys = self.log.keys
         with redis_errors("burst check"):
@@ -392,9 +386,10 @@ class Worker:
                     idle_timeout_s=spec.idle_timeout_s or self.idle_timeout_s)
         self._hosts[sid] = s
         with self._lease_lock:
-            self._leases[sid] = LeaseRec(sid, shard, epoch, eid)
-        self._active += 1
-        self.metrics.active = self._active
+            sk = self.log.appender.session_keys(sid)
+            self._leases[sid] = LeaseRec(sid, shard, epoch, eid, sk.meta, sk.lease)
+        self._slots.host()
+        self.metrics.active = self._slots.hosted
         self.metrics.claims += 1
         if reclaimed:
             self.metrics.reclaims += 1
@@ -427,9 +422,8 @@ class Worker:
             self.supervisor.ok("session")
             self._forget(s)
         finally:
-            self._active -= 1
-            self.metrics.active = self._active
-            self._slot.set()
+            self._slots.release()
+            self.metrics.active = self._slots.hosted
 
     # -- what sessions call back -------------------------------------------------------------
     async def unload(self, s: Session) -> None:
@@ -508,8 +502,9 @@ class Worker:
 
     # -- drain -------------------------------------------------------------------------------
     async def _drain_sessions(self) -> None:
-        if self._active:
-            log.info("worker %s draining %d sessions (up to %.1f s)", self.id, self._active,
+        slots = self._slots
+        if slots.hosted:
+            log.info("worker %s draining %d sessions (up to %.1f s)", self.id, slots.hosted,
                      self.drain_timeout_s)
             with anyio.move_on_after(self.drain_timeout_s):
                 async with anyio.create_task_group() as tg:
@@ -517,13 +512,19 @@ class Worker:
                         await self._drain_now.wait()
                         tg.cancel_scope.cancel()
                     tg.start_soon(now)
-                    while self._active:
-                        self._slot = anyio.Event()
-                        if self._active:
-                            await self._slot.wait()
+                    await slots.wait_until(lambda: slots.hosted == 0)
                     tg.cancel_scope.cancel()
         if self._hosts:
             await self._handback(list(self._hosts.values()))
+
+    async def _rewound(self, sessions: list[Session]) -> None:
+        """Redis lost history these hostings had read (it restarted without its latest
+        writes): each is handed back, and hosted again from its log as it now is (the
+        handler runs again from the start, as after any re-host)."""
+        for s in sessions:
+            log.warning("session %s: its stream went back below seq %d (Redis lost writes); "
+                        "hosting it again", s.id, s.cursor)
+        await self._handback(sessions)
 
     async def _handback(self, sessions: list[Session]) -> None:
         """Re-dispatch and acknowledge in one script per shard, so another worker takes the
@@ -554,7 +555,7 @@ class Worker:
                 if anyio.current_time() >= next_trim:
                     next_trim = anyio.current_time() + self.trim_interval_s
                     await self._trim()
-                if self._backlog and self._free() <= 0:
+                if self._backlog and self._slots.free <= 0:
                     # full: let other workers have what we read beyond our share
                     await self._requeue_backlog()
                 if anyio.current_time() >= next_reclaim and not self._draining:
@@ -597,27 +598,53 @@ class Worker:
         """Take over dispatch entries nobody has renewed for a lease TTL (their worker died
         or stalled). XAUTOCLAIM scans the pending list a window at a time: follow its cursor
         round the whole list, as long as this worker has room."""
-        keys = self.log.keys
+        keys, slots = self.log.keys, self._slots
         for shard in keys.all_shards():
             start = "0-0"
-            while (free := min(self._free(), 100)) > 0:
-                self._reserved += free
-                try:
+            while (free := min(slots.free, 100)) > 0:
+                with slots.reserve(free):
                     with redis_errors("xautoclaim"):
                         res = await self.log.redis.xautoclaim(
                             keys.dispatch(shard), GROUP, self.id,
                             min_idle_time=int(self.lease_ttl_s * 1000), start_id=start,
                             count=free)
                     entries = [(shard, _text(eid), fields) for eid, fields in res[1] if fields]
+                    alive = [e for e in entries if self._hosting(e)]
+                    if alive:
+                        await self._keep(shard, [eid for _, eid, _ in alive])
+                        entries = [e for e in entries if not self._hosting(e)]
                     if entries:
                         await self._claim(entries, reclaimed=True)
-                finally:
-                    self._reserved -= free
                 start = _text(res[0])
                 if start in ("0-0", "0"):
                     break
-            if self._free() <= 0:
+            if slots.free <= 0:
                 return
+
+
+    def _hosting(self, entry: tuple[int, str, Any]) -> bool:
+        shard, eid, fields = entry
+        s = self._hosts.get(_text(fields.get(b"sid", b"")))
+        return s is not None and (s.shard, s.entry_id) == (shard, eid)
+
+    async def _keep(self, shard: int, ids: list[str]) -> None:
+        """XAUTOCLAIM took entries of sessions hosted here (their heartbeat came late, or they
+        were claimed long after they were read): they are alive, so nothing is taken over,
+        and the delivery it counted is taken back (only hostings that died count towards the
+        crash-loop limit)."""
+        stream = self.log.keys.dispatch(shard)
+        redis: Any = self.log.redis
+        with redis_errors("keep"):
+            async with redis.pipeline(transaction=False) as pipe:
+                for eid in ids:
+                    pipe.xpending_range(stream, GROUP, eid, eid, 1, self.id)
+                pending = await pipe.execute()
+            async with redis.pipeline(transaction=False) as pipe:
+                for eid, found in zip(ids, pending, strict=True):
+                    if found:
+                        pipe.xclaim(stream, GROUP, self.id, 0, [eid], justid=True,
+                                    retrycount=max(int(found[0]["times_delivered"]) - 1, 0))
+                await pipe.execute()
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

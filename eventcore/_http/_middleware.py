@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import EventcoreError
 from ._problems import problem_response
 
 __all__ = ["EdgeMiddleware"]
@@ -36,7 +37,7 @@ Observe = Callable[[str, str, int, float, bool], None]
 DRAIN_LIMIT = 8 * 1024 * 1024
 
 
-class _TooLarge(Exception):
+class _TooLarge(EventcoreError):
     def __init__(self, pending: bool) -> None:
         self.pending = pending  # more of the body is still on its way
 

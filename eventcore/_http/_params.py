@@ -11,6 +11,8 @@ from typing import Annotated, Any, Final
 
 from pydantic import BeforeValidator, Field
 
+from ..errors import ValidationError
+
 __all__ = ["MAX_SEQ", "PageSize", "SeqParam", "parse_digits"]
 
 MAX_SEQ: Final = 2**53
@@ -19,10 +21,10 @@ _DIGITS = frozenset("0123456789")
 
 
 def parse_digits(text: str, what: str, *, maximum: int = MAX_SEQ) -> int:
-    """``text`` as an integer of ASCII digits up to ``maximum``, else ``ValueError``."""
+    """``text`` as an integer of ASCII digits up to ``maximum``, else ``ValidationError``."""
     if not 0 < len(text) <= _MAX_DIGITS or not _DIGITS.issuperset(text) \
             or int(text) > maximum:
-        raise ValueError(f"{what} must be ASCII digits, at most {maximum}")
+        raise ValidationError(f"{what} must be ASCII digits, at most {maximum}")
     return int(text)
 
 

@@ -73,7 +73,7 @@ class ProblemModel(pydantic.BaseModel):
     first_available: int | None = None
 
 
-class Problem(Exception):
+class Problem(EventcoreError):
     """Raise to answer with a problem document."""
 
     def __init__(

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .._embedded import find_redis_server
+from ..errors import EmbeddedRedisError
 
 __all__ = ["RedisServer", "free_port"]
 
@@ -66,11 +67,11 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"redis-server exited at start:\n{log}")
+                raise EmbeddedRedisError(f"redis-server exited at start:\n{log}")
             if self.ping():
                 return self
             time.sleep(0.01)  # the child has no readiness signal but its port
-        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+        raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}")
 
     def ping(self) -> bool:
         try:

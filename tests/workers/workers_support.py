@@ -10,16 +10,20 @@ import subprocess
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
 
 from eventcore import Envelope, EventLog, decode_payload
 from eventcore._codec import decode_entry
+
+if TYPE_CHECKING:
+    from workers import Worker
 
 HERE = Path(__file__).parent
 EVENTCORE = str(Path(sys.executable).parent / "eventcore")
@@ -190,3 +194,72 @@ class WorkerProc:
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@dataclass(frozen=True)
+class DispatchState:
+    """What the dispatch streams hold against what a worker hosts."""
+
+    #: entries never delivered to any consumer (after the group's last-delivered id), and
+    #: XINFO GROUPS ``lag`` summed (None where Redis cannot tell)
+    lag: int
+    reported_lag: int | None
+    #: pending (delivered, unacknowledged) entries no session hosted by the worker holds
+    unhosted_pending: int
+    pending: int
+    hosted: int
+    free: int
+    backlog: int
+
+
+async def dispatch_state(w: Worker) -> DispatchState:
+    log, keys, group = w.log, w.log.keys, "workers"
+    streams = [keys.dispatch(shard) for shard in keys.all_shards()]
+    async with log.redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        infos = [next(g for g in groups if g["name"] in (group, group.encode()))
+                 for groups in await pipe.execute()]
+    async with log.redis.pipeline(transaction=False) as pipe:
+        for stream, info in zip(streams, infos, strict=True):
+            pipe.xrange(stream, b"(" + info["last-delivered-id"], "+")
+            pipe.xpending_range(stream, group, "-", "+", 100_000)
+        replies = await pipe.execute()
+    lags = [None if i.get("lag") is None else int(i["lag"]) for i in infos]
+    # entry ids are unique per stream only
+    pending = {(shard, p["message_id"]) for shard, page in enumerate(replies[1::2])
+               for p in page}
+    hosts = list(w._hosts.values())
+    held = {(s.shard, s.entry_id.encode()) for s in hosts}
+    return DispatchState(
+        lag=sum(len(undelivered) for undelivered in replies[0::2]),
+        reported_lag=None if None in lags else sum(x for x in lags if x is not None),
+        pending=len(pending), unhosted_pending=len(pending - held), hosted=len(hosts),
+        free=w.concurrency - w.active, backlog=len(w._backlog))
+
+
+async def nothing_waits_for_a_free_slot(w: Worker, within: float) -> DispatchState:
+    """The dispatch invariant: while ``w`` has a free slot, no entry stays undelivered (lag)
+    or delivered but hosted by no session (pending). It must hold within ``within`` s (the
+    time a read and a claim take); otherwise fail with the counts."""
+    with anyio.move_on_after(within):
+        while True:
+            state = await dispatch_state(w)
+            if state.free <= 0 or state.lag + state.unhosted_pending == 0:
+                return state
+            await anyio.sleep(0.02)  # nothing to await: the state is in Redis and the worker
+    raise AssertionError(f"free slots but entries waiting after {within} s: "
+                         f"{await dispatch_state(w)}")
+
+
+async def hosted_within(w: Worker, sids: Collection[str], within: float) -> None:
+    """Every one of ``sids`` is hosted by ``w`` within ``within`` s; otherwise fail with the
+    counts (hosted, lag, pending) instead of hanging."""
+    with anyio.move_on_after(within):
+        while not all(sid in w._hosts for sid in sids):  # noqa: ASYNC110 - worker state
+            await anyio.sleep(0.02)
+        return
+    state = await dispatch_state(w)
+    missing = sum(1 for sid in sids if sid not in w._hosts)
+    raise AssertionError(f"{missing} of {len(sids)} sessions not hosted after {within} s: "
+                         f"{state}")
