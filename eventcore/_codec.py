@@ -1,8 +1,10 @@
 """Envelopes <-> stream entry fields. The only place that knows the entry layout.
 
 A stream entry has ``t`` (type, so readers can filter without decoding), ``d`` (the client
-envelope JSON, seq included, server_data excluded), optional ``sd`` (server_data JSON) and
-optional ``r`` (``1`` when the payload lives in a blob). Feed entries add ``sid`` and ``seq``.
+envelope JSON, seq included, server_data excluded), optional ``sd`` (server_data JSON),
+optional ``r`` (``1`` when the payload lives in a blob) and ``inc``, the incarnation of the
+session it belongs to (absent where written before incarnations, or before stream entries
+carried them). Feed entries add ``sid`` and ``seq``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import msgspec
 from ._envelope import Envelope
 from .errors import CorruptEntry
 
-__all__ = ["client_json", "decode_entry", "encode"]
+__all__ = ["client_json", "decode_entry", "encode", "entry_incarnation"]
 
 _encoder = msgspec.json.Encoder()
 _env_decoder = msgspec.json.Decoder(Envelope)
@@ -33,6 +35,11 @@ def client_json(envelope: Envelope) -> bytes:
 
 def decode_json(data: bytes) -> Any:
     return _any_decoder.decode(data)
+
+
+def entry_incarnation(fields: Mapping[bytes, bytes]) -> str:
+    """The incarnation a stream or feed entry belongs to; ``""`` where the entry does not say."""
+    return fields.get(b"inc", b"").decode(errors="replace")
 
 
 def decode_entry(fields: Mapping[bytes, bytes], *, where: str = "") -> Envelope:

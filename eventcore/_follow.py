@@ -137,10 +137,12 @@ class ClientEvent(Protocol):
 class EventSource(Protocol):
     """Where live transports get a session's events: batches in seq order (filtered by
     ``types``) after ``after``, or a :class:`Gap`; ends after ``session.ended``. Raises
-    :class:`~eventcore.SessionNotFound` if the session disappears."""
+    :class:`~eventcore.SessionNotFound` once the session's incarnation ``incarnation`` (by
+    default the current one) is gone: a session created again under the id is another."""
 
     def follow(
-        self, session_id: str, after: int, types: Collection[str] | None = None
+        self, session_id: str, after: int, types: Collection[str] | None = None, *,
+        incarnation: str | None = None,
     ) -> AsyncIterator[Sequence[ClientEvent] | Gap]: ...
 
 
@@ -153,13 +155,16 @@ class _Event:
 
 class LogSource:
     """:class:`EventSource` over :func:`follow_log`: one blocking read per follower, which
-    suits a few followers (tests, scripts); an API process passes :class:`HubSource`."""
+    suits a few followers (tests, scripts); an API process passes :class:`HubSource`. It
+    follows the session id and does not tell incarnations apart (``incarnation`` is
+    ignored)."""
 
     def __init__(self, log: EventLog) -> None:
         self.log = log
 
     async def follow(
-        self, session_id: str, after: int, types: Collection[str] | None = None
+        self, session_id: str, after: int, types: Collection[str] | None = None, *,
+        incarnation: str | None = None,
     ) -> AsyncIterator[Sequence[ClientEvent] | Gap]:
         wanted = frozenset(types) if types else None
         async with closing_iter(follow_log(self.log, session_id, after)) as envelopes:
@@ -178,7 +183,8 @@ class HubSource:
         self.backoff_cap_s = backoff_cap_s
 
     async def follow(
-        self, session_id: str, after: int, types: Collection[str] | None = None
+        self, session_id: str, after: int, types: Collection[str] | None = None, *,
+        incarnation: str | None = None,
     ) -> AsyncIterator[Sequence[ClientEvent] | Gap]:
         from subscribers._hub import StreamReset
 
@@ -186,7 +192,9 @@ class HubSource:
         attempt = 0
         while True:
             try:
-                async with self.hub.subscribe(session_id, cursor, types=types) as sub:
+                async with self.hub.subscribe(session_id, cursor, types=types,
+                                              incarnation=incarnation) as sub:
+                    incarnation = sub.incarnation  # resubscribing: the same one, not the next
                     batches: AsyncIterator[Any] = sub.batches()
                     async with closing_iter(batches) as items:
                         async for item in items:

@@ -27,7 +27,13 @@ from ._envelope import (
 )
 from ._keys import validate_key, validate_session_id
 from ._redis import Redis, connect_redis, redis_errors, run_script
-from ._sessions import SessionInfo, ms_datetime, session_info
+from ._sessions import (
+    INCARNATION_FIELDS,
+    SessionInfo,
+    current_incarnation,
+    ms_datetime,
+    session_info,
+)
 from ._settings import Settings, load_settings
 from ._values import validate_value
 from .errors import CorruptEntry, HistoryGone, SessionNotFound, UsageError, ValidationError
@@ -377,10 +383,10 @@ class EventLog:
         with redis_errors("incarnations"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    pipe.hmget(key, ["seq", "inc"])
+                    pipe.hmget(key, list(INCARNATION_FIELDS))
                 raw = await pipe.execute()
-        return {sid: None if seq is None else (inc or b"").decode()
-                for sid, (seq, inc) in zip(session_ids, raw, strict=True)}
+        return {sid: current_incarnation(fields)
+                for sid, fields in zip(session_ids, raw, strict=True)}
 
     async def get_session(self, session_id: str) -> SessionInfo:
         keys = self.keys.session(validate_session_id(session_id))

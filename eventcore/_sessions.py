@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import msgspec
 
 from .errors import CorruptEntry
 
-__all__ = ["SessionInfo", "SessionState", "session_info"]
+__all__ = ["INCARNATION_FIELDS", "SessionInfo", "SessionState", "current_incarnation",
+           "session_info"]
+
+INCARNATION_FIELDS = ("seq", "inc")
+"""The metadata fields an ``HMGET`` reads to tell a session's current incarnation."""
 
 SessionState = Literal["created", "active", "idle", "ended"]
 _STATES = ("created", "active", "idle", "ended")
@@ -37,6 +41,12 @@ class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def stream(self) -> str:
         return f"session/{self.session_id}"
+
+
+def current_incarnation(fields: Sequence[bytes | None]) -> str | None:
+    """The incarnation ``HMGET meta seq inc`` names: None where there is no such session."""
+    seq, inc = fields
+    return None if seq is None else (inc or b"").decode()
 
 
 def ms_datetime(ms: int) -> _dt.datetime:

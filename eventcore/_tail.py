@@ -134,6 +134,12 @@ async def follow_http(
                                               f"at seq {first}")
                                 last = max(last, first - 1)
                             continue
+                        if sse.event == "session.deleted":
+                            # not resumable: reconnecting would follow whatever session the
+                            # id names next (its seqs restart at 1)
+                            notify("info", "the session was deleted; its id may name a new "
+                                           "session now")
+                            return
                         if not sse.id.isdigit():
                             if sse.data:
                                 notify("info", f"server: {sse.event}: {sse.data[:200]}")

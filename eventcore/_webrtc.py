@@ -13,12 +13,17 @@ its task group. Wire protocol (every message is one UTF-8 JSON text unless noted
     "seq": N, "parts": K, "size": B}`` followed by K binary messages whose bytes, joined, are
     the envelope's JSON — and ``token_expired`` (``{"control": "token_expired", "last_seq":
     N}``: the credential that opened the peer has expired; the peer closes, and the client
-    offers again with a fresh one, resuming after N).
+    offers again with a fresh one, resuming after N) and ``session_deleted``
+    (``{"control": "session_deleted", "last_seq": N, "incarnation": ..}``: the session the peer
+    was opened for is gone before the channel reached its ``session.ended``; the peer closes,
+    never carrying anything of a session created again under the id).
 ``inputs`` channel
     ``{"type": "input", "payload": ..., "idempotency_key": "..."?, "id": ..?}`` or
     ``{"type": "signal", "key": "...", "value": ..., "id": ..?}``. Each gets
     ``{"type": "ack", "id": .., "seq": N, "duplicate": bool}`` or ``{"type": "error", "id": ..,
-    "status": 4xx|5xx, "error": code, "detail": text}``; a rejected message writes nothing.
+    "status": 4xx|5xx, "error": code, "detail": text}``; a rejected message writes nothing. Once
+    the session the peer was opened for is gone, a message gets ``404 session_deleted`` and the
+    peer closes: nothing it sends lands in a session created again under the id.
 
 Only host candidates are gathered (no STUN/TURN); a peer that disappears is noticed by ICE
 consent freshness (RFC 7675) and closed, which frees its tasks. A peer that stays but stops
@@ -111,10 +116,12 @@ class Peer:
     peer_id: str
     session_id: str
     pc: RTCPeerConnection
+    incarnation: str = ""  # the session's incarnation it was opened for
     writable: bool = True
     created_at: float = field(default_factory=time.time)
     closed: anyio.Event = field(default_factory=anyio.Event)
     expired: bool = False  # closing because its credential expired
+    deleted: bool = False  # closing because its session is gone
     _scope: anyio.CancelScope | None = None  # its tasks: cancelled to close it
 
 
@@ -168,20 +175,24 @@ class WebRTCGateway:
 
     async def answer(
         self, session_id: str, sdp: str, *, expires_at: float | None = None,
-        writable: bool = True,
+        writable: bool = True, incarnation: str | None = None,
     ) -> WebRTCAnswer:
         """Accept an SDP offer for ``session_id`` and return the answer (host candidates
         included: nothing trickles). The peer lives until it closes, fails ICE consent, does
         not connect within the timeout, reaches ``expires_at`` (the credential's expiry, Unix
-        seconds) or the gateway closes. With ``writable=False`` (a read-only credential) the
+        seconds), its session's incarnation ``incarnation`` (by default the current one) is
+        gone, or the gateway closes. With ``writable=False`` (a read-only credential) the
         ``inputs`` channel refuses every message with a 403 error. Raises
-        :class:`ValidationError` for a bad offer, :class:`SessionNotFound`, or
-        :class:`Overloaded` at the peer limits."""
+        :class:`ValidationError` for a bad offer, :class:`SessionNotFound` (also where the
+        session is another incarnation than ``incarnation`` now), or :class:`Overloaded` at
+        the peer limits."""
         if self._tg is None:
             raise UsageError("WebRTCGateway is not started: use `async with`")
         validate_session_id(session_id)
         check_offer(sdp, self.limits)
-        await self.log.get_session(session_id)
+        current = (await self.log.get_session(session_id)).incarnation
+        if incarnation is not None and incarnation != current:
+            raise SessionNotFound(session_id)
         # count offers still being answered too, or concurrent offers could pass the limits
         pending = list(self._pending)
         if len(self._peers) + len(pending) >= self.limits.max_peers:
@@ -193,7 +204,7 @@ class WebRTCGateway:
         self._pending.append(session_id)
         try:
             result: WebRTCAnswer = await self._tg.start(
-                self._run_peer, session_id, sdp, expires_at, writable
+                self._run_peer, session_id, current, sdp, expires_at, writable
             )
         finally:
             self._pending.remove(session_id)
@@ -201,15 +212,15 @@ class WebRTCGateway:
 
     # -- one peer --------------------------------------------------------------------------------
     async def _run_peer(
-        self, session_id: str, sdp: str, expires_at: float | None, writable: bool,
-        *, task_status: TaskStatus[WebRTCAnswer],
+        self, session_id: str, incarnation: str, sdp: str, expires_at: float | None,
+        writable: bool, *, task_status: TaskStatus[WebRTCAnswer],
     ) -> None:
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
         # iceServers=[]: aiortc would otherwise add a public STUN server; host candidates do
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         peer = Peer(peer_id=f"p_{uuid.uuid4().hex[:16]}", session_id=session_id, pc=pc,
-                    writable=writable)
+                    incarnation=incarnation, writable=writable)
         chan_send, chan_recv = anyio.create_memory_object_stream[Channel](4)
         state_send, state_recv = anyio.create_memory_object_stream[str](32)
         channels: list[Channel] = []
@@ -292,8 +303,12 @@ class WebRTCGateway:
         self.stats.slow_closed += 1
         logger.info("webrtc peer %s stopped reading its %s channel: closing it", peer.peer_id,
                     ch.label)
-        if peer._scope is not None:
-            peer._scope.cancel()
+        _close(peer)
+
+    def _deleted(self, peer: Peer) -> None:
+        logger.info("webrtc peer %s: its session %s is gone: closing it", peer.peer_id,
+                    peer.session_id)
+        _close(peer)
 
     async def _connected(self, peer: Peer, states: MemoryObjectReceiveStream[str]) -> bool:
         with anyio.move_on_after(self.limits.connect_timeout_s):
@@ -353,7 +368,8 @@ class WebRTCGateway:
     async def _stream(self, peer: Peer, ch: Channel, resume: Resume) -> None:
         last = resume.after
         try:
-            follower = self.source.follow(peer.session_id, resume.after, resume.types)
+            follower = self.source.follow(peer.session_id, resume.after, resume.types,
+                                          incarnation=peer.incarnation)
             async with closing_iter(follower) as batches:
                 async for batch in batches:
                     if isinstance(batch, Gap):
@@ -377,12 +393,18 @@ class WebRTCGateway:
                 with contextlib.suppress(Closed):
                     ch.send_now(control("token_expired", last_seq=last))
             raise
+        except SessionNotFound:
+            # not resumable: the id may name another session now, to be offered for afresh
+            with contextlib.suppress(Closed):
+                ch.send_now(control("session_deleted", last_seq=last,
+                                     incarnation=peer.incarnation))
+            self._deleted(peer)
         except EventcoreError as exc:
-            # the session deleted, the hub shutting down, Redis gone for good, ...
+            # the hub shutting down, Redis gone for good, ...
             code = STREAM_ERRORS.get(type(exc).__name__, "unavailable")
             with contextlib.suppress(Closed):
                 ch.send_now(control("error", error=code, detail=str(exc)[:300],
-                                     last_seq=last, retry=code != "session_not_found"))
+                                     last_seq=last, retry=True))
 
     # -- inputs ----------------------------------------------------------------------------------
     async def _inputs(self, peer: Peer, ch: Channel) -> None:
@@ -394,6 +416,9 @@ class WebRTCGateway:
                 else:
                     self.stats.inputs_rejected += 1
                 await ch.send(reply)
+                if peer.deleted:
+                    self._deleted(peer)
+                    return
         except Closed:
             pass
         except Stalled:
@@ -412,6 +437,13 @@ class WebRTCGateway:
             return refused(msg.id, 403, "read_only",
                             "this connection was opened with a read-only token")
         try:
+            # the peer was opened for one incarnation; appends go by session id, and the id
+            # may name another session now (one read per input: inputs come at human pace)
+            current = (await self.log.incarnations([peer.session_id]))[peer.session_id]
+            if current != peer.incarnation:
+                peer.deleted = True
+                return refused(msg.id, 404, "session_deleted", f"session {peer.session_id!r} "
+                               "was deleted (its id may name a new session now)")
             if isinstance(msg, InputMsg):
                 key = ("" if msg.idempotency_key is None
                        else input_event_key(msg.idempotency_key))
@@ -434,3 +466,6 @@ class WebRTCGateway:
         return True, reply("ack", msg.id, seq=res.seq, duplicate=res.duplicate)
 
 
+def _close(peer: Peer) -> None:
+    if peer._scope is not None:
+        peer._scope.cancel()

@@ -117,6 +117,8 @@ async def post_offer(
             access.session_id, body.sdp,
             expires_at=access.principal.expires_at,
             writable=access.principal.may(access.session_id, write=True),
+            # a token opens its own incarnation only; the API key the current one
+            incarnation=None if access.principal.admin else access.principal.incarnation,
         )
     except ValidationError as exc:
         raise Problem(400, "invalid-offer", str(exc)[:500],

@@ -187,8 +187,7 @@ class Channel:
 
 
 # by name: the hub (subscribers) is not a dependency of this module
-STREAM_ERRORS = {"SessionNotFound": "session_not_found", "HubClosed": "shutting_down",
-                  "RedisUnavailable": "unavailable"}
+STREAM_ERRORS = {"HubClosed": "shutting_down", "RedisUnavailable": "unavailable"}
 
 
 def control(kind: str, **fields: Any) -> str:

@@ -63,10 +63,6 @@ class CheckpointStore(Protocol):
     async def save_checkpoint(self, group: str, shard: int, entry_id: str) -> None: ...
 
 
-def feed_incarnation(fields: Mapping[bytes, bytes]) -> str:
-    return fields.get(b"inc", b"").decode(errors="replace")
-
-
 def decode_feed_entry(fields: Mapping[bytes, bytes], where: str) -> Envelope:
     """The envelope of a feed entry, checked against its ``sid`` and ``seq`` fields."""
     sid, seq = fields.get(b"sid"), fields.get(b"seq")

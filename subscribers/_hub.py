@@ -23,6 +23,14 @@ Not a consumer group (a group would split events between clients instead of copy
 - **Missed notifications** (pub/sub is at most once) are recovered by re-reading every watched
   session after the notification connection (re)subscribes, and by a periodic sweep comparing
   each watched session's ``seq`` with the hub's cursor.
+- **Incarnations**: a subscription follows one incarnation of its session (a session id deleted
+  and created again is another session, whose seqs restart at 1) and ends with
+  :class:`SessionNotFound` once it is gone, never crossing into the next. Entries carry their
+  incarnation (``inc``), so the live path checks each fetched entry against the watch's at no
+  cost in round trips: a foreign one retires the watch and ends its clients. Catch-up pages
+  read the session's metadata in the same pipeline, after the page; the sweep compares the
+  incarnation too, which ends followers whose session came back shorter than their cursor
+  (nothing of it reaches the live path) within ``resync_s``.
 - **Slow clients**: each client has a bounded buffer (``buffer`` events and ``buffer_bytes``;
   an empty buffer takes one fan-out batch whatever its size, as those events are shared).
   Fan-out never waits: a client whose buffer is full is marked lagged, its buffer dropped, and
@@ -51,8 +59,9 @@ import redis.exceptions as rexc
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import Envelope, EventLog, HistoryGone, SessionNotFound, client_json
-from eventcore._codec import decode_entry
+from eventcore._codec import decode_entry, entry_incarnation
 from eventcore._redis import redis_errors
+from eventcore._sessions import INCARNATION_FIELDS, current_incarnation
 from eventcore.errors import EventcoreError, HubClosed, ValidationError
 
 __all__ = ["Hub", "HubClosed", "HubEvent", "HubStats", "StreamReset", "Subscription"]
@@ -77,14 +86,16 @@ class HubEvent:
     """One envelope as clients see it: seq, type, and the client JSON (no ``server_data``).
 
     Shared by every client of the session, so transports cache their framing on it (``sse``).
+    ``inc`` is the incarnation its entry names (``""``: the entry does not say).
     """
 
-    __slots__ = ("data", "seq", "sse", "type")
+    __slots__ = ("data", "inc", "seq", "sse", "type")
 
-    def __init__(self, seq: int, type: str, data: bytes) -> None:
+    def __init__(self, seq: int, type: str, data: bytes, inc: str = "") -> None:
         self.seq = seq
         self.type = type
         self.data = data
+        self.inc = inc
         self.sse: bytes | None = None
 
     def ts(self) -> _dt.datetime:
@@ -120,9 +131,11 @@ class HubStats:
 
 
 class _Client:
-    __slots__ = ("buf", "closed", "gone", "lagged", "limit", "limit_bytes", "size", "waiter")
+    __slots__ = ("buf", "closed", "gone", "inc", "lagged", "limit", "limit_bytes", "size",
+                 "waiter")
 
-    def __init__(self, limit: int, limit_bytes: int) -> None:
+    def __init__(self, limit: int, limit_bytes: int, inc: str) -> None:
+        self.inc = inc  # the incarnation it follows
         self.buf: collections.deque[HubEvent] = collections.deque()
         self.size = 0  # bytes of client JSON in buf
         self.limit = limit
@@ -159,16 +172,21 @@ class _Client:
 
 @dataclass(slots=True, eq=False)
 class _Watch:
+    """The live path's view of one incarnation of a session: every client in ``clients``
+    follows ``inc`` once it is known (set with the cursor)."""
+
     session_id: str
     stream: str
     meta: str
     clients: set[_Client] = field(default_factory=set)
     cursor: int | None = None  # last seq the live path fetched; None until initialised
+    inc: str | None = None  # the incarnation the cursor belongs to; None until initialised
     head: int = 0  # highest seq announced by a notification
+    retired: bool = False  # its incarnation is gone: no longer registered, nothing fanned out
 
 
 class Subscription:
-    """One client's view of one session: iterate :meth:`batches`."""
+    """One client's view of one incarnation of a session: iterate :meth:`batches`."""
 
     def __init__(
         self, hub: Hub, watch: _Watch, client: _Client, after: int,
@@ -178,6 +196,7 @@ class Subscription:
         self._watch = watch
         self._client = client
         self.session_id = watch.session_id
+        self.incarnation = client.inc
         self.cursor = after
         self.types = frozenset(types) if types else None
         self.until_ended = until_ended
@@ -188,8 +207,10 @@ class Subscription:
     async def batches(self) -> AsyncIterator[list[HubEvent] | StreamReset]:
         """Lists of events in seq order (each non-empty, filtered by ``types``), or a
         :class:`StreamReset` where history is gone. Ends after ``session.ended`` (with
-        ``until_ended``); raises :class:`SessionNotFound` if the session is deleted and
-        :class:`HubClosed` when the hub shuts down. ``self.cursor`` is the last seq covered."""
+        ``until_ended``); raises :class:`SessionNotFound` once its incarnation is gone (the
+        session deleted or expired, its id perhaps created again: nothing of that one is ever
+        yielded) and :class:`HubClosed` when the hub shuts down. ``self.cursor`` is the last
+        seq covered."""
         hub, client = self._hub, self._client
         if self._watch.cursor is None:
             # The live path fans out only after the watch's cursor. Setting it before this
@@ -202,11 +223,17 @@ class Subscription:
         while True:
             if client.closed or hub.closed:
                 raise HubClosed("the event hub is shutting down")
+            if client.gone and not client.buf:
+                raise _deleted(self.session_id)
             if catchup or client.lagged:
                 client.lagged = False
                 client.clear()
                 try:
-                    page, caught_up = await hub.read_page(self.session_id, self.cursor)
+                    page, caught_up = await hub.read_page(self.session_id, self.cursor,
+                                                          incarnation=client.inc)
+                except SessionNotFound:
+                    hub._incarnation_gone(self._watch, client.inc)
+                    raise
                 except HistoryGone as exc:
                     reset = StreamReset(self.session_id, exc.after, exc.first_available)
                     self.cursor = reset.resume_after
@@ -220,8 +247,6 @@ class Subscription:
                 catchup = not caught_up
                 continue
             if not client.buf:
-                if client.gone:
-                    raise SessionNotFound(self.session_id)
                 waiter = client.waiter = anyio.Event()
                 await waiter.wait()
                 continue
@@ -334,21 +359,34 @@ class Hub:
     @contextlib.asynccontextmanager
     async def subscribe(
         self, session_id: str, after: int = 0, *, types: Collection[str] | None = None,
-        until_ended: bool = True,
+        until_ended: bool = True, incarnation: str | None = None,
     ) -> AsyncIterator[Subscription]:
-        """Watch ``session_id`` from seq ``after``. Registration happens before the first
+        """Watch ``session_id`` from seq ``after``: its incarnation ``incarnation`` (the one
+        a caller was authorized for, ``SessionInfo.incarnation``), by default the current one
+        (:class:`SessionNotFound` if there is none). Registration happens before the first
         catch-up read, so nothing appended meanwhile can fall between the two."""
         if self.closed:
             raise HubClosed("the event hub is shutting down")
         if after < 0:
             raise ValidationError("after must be >= 0")
+        if incarnation is None:
+            incarnation = (await self.log.incarnations([session_id]))[session_id]
+            if incarnation is None:
+                raise SessionNotFound(session_id)
         keys = self.log.keys.session(session_id)
+        client = _Client(self.buffer, self.buffer_bytes, incarnation)
         w = self._watches.get(session_id)
+        if w is not None and w.inc is not None and w.inc != incarnation:
+            if _newer(incarnation, w.inc):
+                self._retire(w)  # the id names a newer session: the watched one is gone
+                w = None
+            else:
+                client.gone = True  # this one is gone already
         if w is None:
             w = self._watches[session_id] = _Watch(session_id, keys.stream, keys.meta)
             self._mark(w)  # initialise its cursor on the live path
-        client = _Client(self.buffer, self.buffer_bytes)
-        w.clients.add(client)
+        if not client.gone:
+            w.clients.add(client)
         try:
             yield Subscription(self, w, client, after, types, until_ended)
         finally:
@@ -359,20 +397,31 @@ class Hub:
                 self._dirty.pop(session_id, None)
 
     async def read_page(
-        self, session_id: str, after: int, limit: int | None = None
+        self, session_id: str, after: int, limit: int | None = None, *,
+        incarnation: str | None = None,
     ) -> tuple[list[HubEvent], bool]:
         """One catch-up page after ``after`` (at most ``limit`` events and, past the first,
         ``buffer_bytes``) and whether it reached the end of the log. Raw entries are
         forwarded without decoding; pages needing the archive go through
         :meth:`EventLog.read`, ``archive_page`` events at a time (it raises
-        :class:`HistoryGone` where history is gone everywhere)."""
+        :class:`HistoryGone` where history is gone everywhere). With ``incarnation``, a page
+        of that incarnation or :class:`SessionNotFound`: the session's metadata is read after
+        the page (in the same round trip; one more after an archive read), and incarnations
+        only grow, so a page of any other passes no check."""
         limit = limit or self.page
         keys = self.log.keys.session(session_id)
         count = min(limit, self._fit.get(session_id, _FIRST_READ))
         with redis_errors("hub read"):
-            entries = await self.log.redis.xrange(
-                keys.stream, f"({_sid(after)}", "+", count=count
-            )
+            if incarnation is None:
+                entries = await self.log.redis.xrange(
+                    keys.stream, f"({_sid(after)}", "+", count=count
+                )
+            else:
+                async with self.log.redis.pipeline(transaction=False) as pipe:
+                    pipe.xrange(keys.stream, f"({_sid(after)}", "+", count=count)
+                    pipe.hmget(keys.meta, list(INCARNATION_FIELDS))
+                    entries, meta = await pipe.execute()
+                _expect(session_id, incarnation, current_incarnation(meta))
         if entries and _seq(entries[0][0]) == after + 1:
             page, largest = self._cut(entries)
             if len(self._fit) >= _FIT_SESSIONS:
@@ -381,7 +430,10 @@ class Hub:
             caught_up = len(page) == len(entries) < count
             return await self._events_of(page, keys.stream), caught_up
         envs = await self.log.read(session_id, after, min(limit, self.archive_page))
-        events = [HubEvent(e.seq, e.type, client_json(e)) for e in envs]
+        if incarnation is not None:
+            _expect(session_id, incarnation,
+                    (await self.log.incarnations([session_id]))[session_id])
+        events = [HubEvent(e.seq, e.type, client_json(e), incarnation or "") for e in envs]
         # A page from the archive stops where Redis starts, however short: only an empty read
         # says this is the end of the log.
         return events, not events
@@ -402,11 +454,13 @@ class Hub:
             used += size
         return entries, largest
 
-    async def follow(self, session_id: str, after: int = 0) -> AsyncIterator[Envelope]:
+    async def follow(self, session_id: str, after: int = 0, *, incarnation: str | None = None
+                     ) -> AsyncIterator[Envelope]:
         """Every envelope after ``after``, then live, as :class:`Envelope` objects (the
         ``EnvelopeSource`` protocol of WebRTC and other followers). Raises
-        :class:`HistoryGone` where history is gone everywhere."""
-        async with self.subscribe(session_id, after) as sub:
+        :class:`HistoryGone` where history is gone everywhere, :class:`SessionNotFound` once
+        the incarnation followed is gone."""
+        async with self.subscribe(session_id, after, incarnation=incarnation) as sub:
             async for batch in sub.batches():
                 if isinstance(batch, StreamReset):
                     raise HistoryGone(session_id, batch.after, batch.first_available)
@@ -424,7 +478,8 @@ class Hub:
 
     # -- live path: common -------------------------------------------------------------------
     def _mark(self, w: _Watch) -> None:
-        if w.session_id not in self._dirty:
+        # a retired watch must not hold its session's place here for a newer one
+        if not w.retired and w.session_id not in self._dirty:
             self._dirty[w.session_id] = w
             self._dirty_event.set()
 
@@ -434,7 +489,12 @@ class Hub:
             self._mark(w)
 
     def _fan_out(self, w: _Watch, events: list[HubEvent]) -> None:
-        if not events:
+        if not events or w.retired:
+            return
+        if any(e.inc and e.inc != w.inc for e in events):
+            # the stream is another incarnation's now: the one watched was deleted (or
+            # expired) and its id created again
+            self._retire(w)
             return
         w.cursor = events[-1].seq
         self.stats.fetched_events += len(events)
@@ -453,18 +513,51 @@ class Hub:
         envs = await self.log.hydrate(
             [decode_entry(f, where=f"{where} {i!r}") for i, f in entries]
         )
-        return [HubEvent(e.seq, e.type, client_json(e)) for e in envs]
+        return [HubEvent(e.seq, e.type, client_json(e), entry_incarnation(f))
+                for e, (_, f) in zip(envs, entries, strict=True)]
 
     async def _init_cursors(self, watches: Sequence[_Watch]) -> None:
         async with self.log.redis.pipeline(transaction=False) as pipe:
             for w in watches:
-                pipe.hget(w.meta, "seq")
-            seqs = await pipe.execute()
-        for w, raw in zip(watches, seqs, strict=True):
-            if w.cursor is None:
-                w.cursor = int(raw) if raw is not None else 0
-                if w.head > w.cursor:
-                    self._mark(w)
+                pipe.hmget(w.meta, list(INCARNATION_FIELDS))
+            metas = await pipe.execute()
+        for w, meta in zip(watches, metas, strict=True):
+            if w.cursor is not None or w.retired:
+                continue
+            current = current_incarnation(meta)
+            if current is None:
+                self._retire(w)  # deleted (or expired) since its clients opened it
+                continue
+            w.cursor, w.inc = int(meta[0]), current
+            for c in [c for c in w.clients if c.inc != current]:
+                # subscribed for an incarnation gone by now (a newer one would have retired a
+                # watch that knew its incarnation, but this one did not yet)
+                w.clients.discard(c)
+                _end(c)
+            if w.head > w.cursor:
+                self._mark(w)
+
+    def _retire(self, w: _Watch) -> None:
+        """The incarnation ``w`` follows is gone: end its clients (after what they hold, all
+        of that incarnation); a later subscriber gets a watch of its own."""
+        w.retired = True
+        if self._watches.get(w.session_id) is w:
+            del self._watches[w.session_id]
+            self._dirty.pop(w.session_id, None)
+        for c in w.clients:
+            _end(c)
+
+    def _incarnation_gone(self, w: _Watch, inc: str) -> None:
+        """A client's read found its incarnation ``inc`` gone: so is the watch's, if the same."""
+        if w.inc == inc:
+            self._retire(w)
+
+    def _check(self, w: _Watch, current: str | None) -> bool:
+        """Whether the session's current incarnation is still the watch's (else retire it)."""
+        if current is None or (w.inc is not None and current != w.inc):
+            self._retire(w)
+            return False
+        return True
 
     async def _sweep_loop(self, *, task_status: TaskStatus[None]) -> None:
         """Catch notifications that never arrived: compare each watch's seq with its cursor."""
@@ -477,22 +570,17 @@ class Hub:
                 try:
                     async with self.log.redis.pipeline(transaction=False) as pipe:
                         for w in chunk:
-                            pipe.hget(w.meta, "seq")
-                        seqs = await pipe.execute()
+                            pipe.hmget(w.meta, list(INCARNATION_FIELDS))
+                        metas = await pipe.execute()
                 except (rexc.RedisError, OSError) as exc:
                     log_.warning("hub sweep failed: %s", exc)
                     break
-                for w, raw in zip(chunk, seqs, strict=True):
-                    if raw is None:
-                        self._gone(w)
-                    elif w.cursor is not None and int(raw) > w.cursor:
+                for w, meta in zip(chunk, metas, strict=True):
+                    if w.retired or not self._check(w, current_incarnation(meta)):
+                        continue
+                    if w.cursor is not None and int(meta[0]) > w.cursor:
                         self.stats.missed += 1
                         self._mark(w)
-
-    def _gone(self, w: _Watch) -> None:
-        for c in w.clients:
-            c.gone = True
-            c.wake()
 
     # -- live path: pub/sub notifications ------------------------------------------------------
     async def _pubsub_loop(self, *, task_status: TaskStatus[None]) -> None:
@@ -581,11 +669,7 @@ class Hub:
                 self._mark(w)
 
     async def _check_gone(self, w: _Watch) -> None:
-        with redis_errors("hub exists"):
-            exists = await self.log.redis.exists(w.meta)
-        if not exists:
-            self._gone(w)
-        else:
+        if self._check(w, (await self.log.incarnations([w.session_id]))[w.session_id]):
             w.head = w.cursor or 0
 
     # -- live path: one multiplexed XREAD ------------------------------------------------------
@@ -631,7 +715,27 @@ class Hub:
 
 
 def _event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> HubEvent:
-    return HubEvent(_seq(entry_id), fields[b"t"].decode(), fields[b"d"])
+    return HubEvent(_seq(entry_id), fields[b"t"].decode(), fields[b"d"],
+                    entry_incarnation(fields))
+
+
+def _newer(a: str, b: str) -> bool:
+    return (len(a), a) > (len(b), b)  # 16 digits; "" (before incarnations) is the oldest
+
+
+def _deleted(session_id: str) -> SessionNotFound:
+    return SessionNotFound(session_id, f"session {session_id!r} was deleted (its id may name a "
+                           "new session now)")
+
+
+def _expect(session_id: str, incarnation: str, current: str | None) -> None:
+    if current != incarnation:
+        raise _deleted(session_id)
+
+
+def _end(c: _Client) -> None:
+    c.gone = True
+    c.wake()
 
 
 def _sid(seq: int | None) -> str:

@@ -32,15 +32,10 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
+from eventcore._codec import entry_incarnation
 from eventcore.errors import UsageError, ValidationError
 
-from ._delivery import (
-    CheckpointStore,
-    Delivery,
-    Subscriber,
-    decode_feed_entry,
-    feed_incarnation,
-)
+from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
 from ._groups import Claimed, FeedGroup, is_nogroup
 from ._metrics import SubscriberMetrics
 
@@ -390,7 +385,7 @@ class SubscriberRunner:
                 await self._dead_letter(shard, entry_id, fields, attempt, exc)
                 continue
             items.append(_Item(Delivery(entry_id, shard, env, attempt,
-                                        feed_incarnation(fields)), fields))
+                                        entry_incarnation(fields)), fields))
         refs = [i for i in items if b"r" in i.fields]
         if refs:
             items = [i for i in items if b"r" not in i.fields]

@@ -4,12 +4,15 @@ Wire format (sse-starlette's encoder): ``id:`` the seq, ``event:`` the envelope 
 the client envelope JSON. Each event is framed once and the bytes shared by every client of the
 session. A ``: ping`` comment line every heartbeat interval, without the blank line that would
 end an event (some clients, httpx-sse among them, dispatch an empty "message" on a blank line
-once an id has been seen). Three events are not envelopes and carry
+once an id has been seen). Four events are not envelopes and carry
 no ``id:``: ``stream.reset`` (history after the cursor is gone everywhere; ``data`` says where
 the stream continues), ``server.shutdown`` (with a ``retry:`` hint, right before the server
-closes the stream while draining) and ``token.expired`` (the session token that opened the
+closes the stream while draining), ``token.expired`` (the session token that opened the
 stream has expired: the stream ends; the client reconnects with a fresh token and
-``Last-Event-ID``). ``data`` of the last two carries ``resume_after``, the last seq sent.
+``Last-Event-ID``) and ``session.deleted`` (the incarnation the stream follows is gone before
+the stream reached its ``session.ended``: the stream ends, never carrying an event of a session
+created again under the id). ``data`` of the middle two carries ``resume_after``, the last seq
+sent; of ``session.deleted``, ``last_seq`` and the ``incarnation`` deleted.
 
 sse-starlette races the stream against the client's disconnect, the heartbeat and the server's
 shutdown in one task group. A client whose send has been pending longer than the send timeout
@@ -196,8 +199,11 @@ async def event_stream(
     start = _parse_after(after, last_event_id)
     wanted = parse_types(types)
     info = await ctx.log.get_session(access.session_id)  # 404 before anything streams
+    # a token holder's incarnation was checked; the session may have been re-created since,
+    # and then the stream ends at once
+    incarnation = info.incarnation if access.principal.admin else access.principal.incarnation
     if format == "json":
-        return await _json_page(ctx, access.session_id, start, limit, wanted)
+        return await _json_page(ctx, access.session_id, incarnation, start, limit, wanted)
     if info.state == "ended" and start >= info.last_seq:
         return Response(status_code=204)
     if ctx.hub.closed or ctx.shutdown.is_set():
@@ -205,7 +211,7 @@ async def event_stream(
                       headers={"Retry-After": "1"})
     progress = _Progress(start)
     response = _Stream(
-        _frames(ctx, access.session_id, progress, wanted),
+        _frames(ctx, access.session_id, incarnation, progress, wanted),
         shutdown_event=ctx.shutdown,
         shutdown_grace_period=2.0,
         ping=ctx.settings.sse_heartbeat_s,
@@ -229,14 +235,16 @@ def _control(event: str, resume_after: int, *, retry: int | None = None, **data:
 
 
 async def _frames(
-    ctx: ServiceContext, session_id: str, progress: _Progress, types: frozenset[str] | None
+    ctx: ServiceContext, session_id: str, incarnation: str, progress: _Progress,
+    types: frozenset[str] | None,
 ) -> AsyncIterator[bytes]:
     from subscribers._hub import HubClosed, StreamReset
 
     metrics = ctx.metrics
     metrics.sse_clients.inc()
     try:
-        async with ctx.hub.subscribe(session_id, progress.cursor, types=types) as sub:
+        async with ctx.hub.subscribe(session_id, progress.cursor, types=types,
+                                     incarnation=incarnation) as sub:
             async for batch in sub.batches():
                 # progress moves once the consumer asks for more: the frame has been sent
                 if isinstance(batch, StreamReset):
@@ -264,16 +272,23 @@ async def _frames(
         # (not a bare retry field, which some clients surface as an empty "message").
         yield _control("server.shutdown", progress.cursor, retry=RETRY_MS, retry_ms=RETRY_MS)
     except SessionNotFound:
-        yield f": session deleted{_SEP}{_SEP}".encode()
+        # Deleted (or expired) before the stream reached its end. Not resumable: the id may
+        # name another session now, which the client must open afresh.
+        yield ServerSentEvent(
+            data=msgspec.json.encode({"last_seq": progress.cursor,
+                                      "incarnation": incarnation}).decode(),
+            event="session.deleted", sep=_SEP,
+        ).encode()
     finally:
         metrics.sse_clients.dec()
 
 
 async def _json_page(
-    ctx: ServiceContext, session_id: str, after: int, limit: int,
+    ctx: ServiceContext, session_id: str, incarnation: str, after: int, limit: int,
     types: frozenset[str] | None,
 ) -> Response:
-    events, _ = await ctx.hub.read_page(session_id, after, limit)
+    # a page of the incarnation the caller opened (404 if it went meanwhile), never the next
+    events, _ = await ctx.hub.read_page(session_id, after, limit, incarnation=incarnation)
     next_after = events[-1].seq if events else after
     chosen = [e.data for e in events if types is None or e.type in types]
     body = b'{"events":[' + b",".join(chosen) + b'],"next_after":' + str(next_after).encode() + b"}"

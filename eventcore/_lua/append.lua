@@ -24,8 +24,9 @@
 -- Incarnations: a session id created again after it was deleted (or expired) is a new session.
 --   Its creation gets a new incarnation, microseconds of the server's clock as 16 digits, kept
 --   increasing per shard (KEYS[4]) so they order across clock steps: stored in the metadata
---   ('inc') and on every feed entry of the session ('inc'), which is how subscribers tell the
---   entries of a deleted session from those of its successor under the same id.
+--   ('inc') and on every entry of the session, in its stream and on the feed ('inc'), which is
+--   how subscribers and live streams tell the entries of a deleted session from those of its
+--   successor under the same id.
 -- The results are stored under the token key, so a resend of the same batch (after a reply was
 -- lost to a dropped connection or a restart) returns them instead of appending twice.
 local prev = redis.call('GET', KEYS[3])
@@ -148,11 +149,14 @@ for i = 1, n do
     if created then inc = new_incarnation() end
     local x
     if extra == '' then
-      x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. sseq, 't', typ, 'd', d)
-      if not x.err then
-        if inc == '' then  -- a session created before incarnations existed
+      if inc == '' then  -- a session created before incarnations existed
+        x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. sseq, 't', typ, 'd', d)
+        if not x.err then
           redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 't', typ, 'd', d)
-        else
+        end
+      else
+        x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. sseq, 'inc', inc, 't', typ, 'd', d)
+        if not x.err then
           redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 'inc', inc, 't', typ, 'd', d)
         end
       end
@@ -160,11 +164,12 @@ for i = 1, n do
       local f = {'t', typ, 'd', d}
       if sd ~= '' then f[#f + 1] = 'sd'; f[#f + 1] = sd end
       if string.find(flags, 'r', 1, true) then f[#f + 1] = 'r'; f[#f + 1] = '1' end
-      x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. seq, unpack(f))
-      if not x.err then
-        if inc == '' then
-          redis.call('XADD', feed, '*', 'sid', sid, 'seq', seq, unpack(f))
-        else
+      if inc == '' then
+        x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. seq, unpack(f))
+        if not x.err then redis.call('XADD', feed, '*', 'sid', sid, 'seq', seq, unpack(f)) end
+      else
+        x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. seq, 'inc', inc, unpack(f))
+        if not x.err then
           redis.call('XADD', feed, '*', 'sid', sid, 'seq', seq, 'inc', inc, unpack(f))
         end
       end

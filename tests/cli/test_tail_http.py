@@ -113,3 +113,35 @@ async def test_tail_continues_past_history_trimmed_everywhere(
                 out, err = await cli.rest()
     assert [json.loads(line)["seq"] for line in out.splitlines()] == [4, 5, 6, 7]
     assert "history after seq 0 is gone; continuing at seq 4" in err
+
+
+async def test_tail_over_sse_stops_at_session_deleted_and_never_follows_the_next_session(
+    event_log: EventLog,
+) -> None:
+    """The follower is mid catch-up (it stops taking events after the first of an 8 MiB
+    history) when the session is deleted and created again: the stream ends with
+    session.deleted, and the follower stops there. Before, it took that for a repeated seq and
+    reconnected with Last-Event-ID, into the new session."""
+    from eventcore import Envelope
+    from eventcore._tail import follow_http
+
+    notes: list[tuple[str, str]] = []
+    async with serve(event_log) as svc:
+        sid, _ = await svc.create_session()
+        await event_log.append_many([Envelope(type="note", session_id=sid,
+                                              payload={"gen": "old", "x": "x" * 32 * 1024})
+                                     for _ in range(256)])
+        items = follow_http(svc.url, svc.api_key, sid, 0, lambda k, t: notes.append((k, t)))
+        with anyio.fail_after(DEADLINE):
+            seqs = [(await items.__anext__()).seq]
+            async with svc.client(svc.api_key) as c:
+                assert (await c.delete(f"/v1/sessions/{sid}")).status_code == 204
+            await event_log.create_session("echo", session_id=sid)
+            await event_log.append_many([Envelope(type="note", session_id=sid,
+                                                  payload={"gen": "new"}) for _ in range(400)])
+            async for item in items:
+                assert b'"new"' not in item.data, item
+                seqs.append(item.seq)
+    assert seqs == list(range(1, len(seqs) + 1)) and seqs[-1] < 258
+    assert ("info", "the session was deleted; its id may name a new session now") in notes
+    assert not [n for n in notes if n[0] == "retry"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import pytest
 
-from eventcore import Envelope, EventLog
+from eventcore import Envelope, EventLog, SessionNotFound
 from subscribers import Persistence, SubscriberRunner
 from subscribers._hub import Hub, HubEvent, StreamReset, Subscription
 
@@ -218,3 +220,134 @@ async def test_a_live_buffer_is_bounded_in_bytes(event_log: EventLog) -> None:
                 break
         await it.aclose()
     assert seqs == list(range(2, 23))
+
+
+# -- a session deleted and created again under its id --------------------------------------------
+
+async def _emit_new(log: EventLog, sid: str, n: int) -> None:
+    for i in range(n):
+        await log.append(Envelope(type="input", session_id=sid, payload={"gen": "new", "i": i}))
+
+
+async def _recreate(log: EventLog, sid: str, old_incarnation: str) -> None:
+    assert await log.delete_session(sid)  # session.ended (reason deleted), then the keys go
+    again = await log.create_session("echo", session_id=sid)
+    assert again.incarnation != old_incarnation and again.last_seq == 1
+
+
+async def _rest(it: AsyncIterator[list[HubEvent] | StreamReset]) -> list[HubEvent]:
+    """What the iterator yields until it ends with SessionNotFound (asserted)."""
+    got: list[HubEvent] = []
+    with anyio.fail_after(10), pytest.raises(SessionNotFound):
+        async for batch in it:
+            assert not isinstance(batch, StreamReset)
+            for e in batch:
+                assert b'"new"' not in e.data, f"an event of the new session: {e.data!r}"
+            got += batch
+    return got
+
+
+async def test_a_live_follower_never_crosses_into_the_session_created_again(
+    hub: Hub, event_log: EventLog
+) -> None:
+    """A follower past session.ended (until_ended=False) of a deleted session ends with
+    SessionNotFound, never delivering the new session's events, whose seqs restart at 1 and
+    pass its cursor."""
+    s = await event_log.create_session("echo", session_id=f"again-{uuid.uuid4().hex[:8]}")
+    sid = s.session_id
+    await emit(event_log, sid, 3)
+    async with hub.subscribe(sid, after=0, until_ended=False) as sub:
+        it = sub.batches()
+        with anyio.fail_after(10):
+            assert await collect_from(it, 4) == [1, 2, 3, 4]  # caught up: live
+        await _recreate(event_log, sid, s.incarnation)
+        await _emit_new(event_log, sid, 10)  # seqs 2..11 of the new session
+        got = await _rest(it)
+    assert [(e.seq, e.type) for e in got] in ([], [(5, "session.ended")])
+
+
+async def test_a_follower_behind_at_the_delete_never_crosses(hub: Hub, event_log: EventLog
+                                                             ) -> None:
+    """Catching up (pages of 8) when the session is deleted and created again: the next page
+    would be the new session's."""
+    s = await event_log.create_session("echo", session_id=f"again-{uuid.uuid4().hex[:8]}")
+    sid = s.session_id
+    await emit(event_log, sid, 40)
+    async with hub.subscribe(sid, after=0) as sub:
+        it = sub.batches()
+        first = await it.__anext__()
+        assert not isinstance(first, StreamReset) and first[0].seq == 1
+        await _recreate(event_log, sid, s.incarnation)
+        await _emit_new(event_log, sid, 60)
+        got = first + await _rest(it)
+    seqs = [e.seq for e in got]
+    assert seqs == list(range(1, len(seqs) + 1)) and seqs[-1] < 41
+
+
+async def test_a_follower_ends_even_if_the_new_session_stays_below_its_cursor(
+    hub: Hub, event_log: EventLog
+) -> None:
+    """Nothing of the new session passes the old cursor: the follower must not wait for it."""
+    s = await event_log.create_session("echo", session_id=f"again-{uuid.uuid4().hex[:8]}")
+    sid = s.session_id
+    await emit(event_log, sid, 10)
+    async with hub.subscribe(sid, after=0, until_ended=False) as sub:
+        it = sub.batches()
+        with anyio.fail_after(10):
+            assert (await collect_from(it, 11))[-1] == 11
+        await _recreate(event_log, sid, s.incarnation)
+        await _emit_new(event_log, sid, 2)
+        await _rest(it)
+
+
+async def test_the_session_created_again_is_followed_while_old_followers_linger(
+    hub: Hub, event_log: EventLog
+) -> None:
+    """A follower of the new session, subscribed while one of the old is still registered,
+    gets the new session's events live, not after the old one's cursor."""
+    s = await event_log.create_session("echo", session_id=f"again-{uuid.uuid4().hex[:8]}")
+    sid = s.session_id
+    await emit(event_log, sid, 20)
+    async with hub.subscribe(sid, after=0, until_ended=False) as old:
+        old_it = old.batches()
+        with anyio.fail_after(10):
+            assert (await collect_from(old_it, 21))[-1] == 21
+        await _recreate(event_log, sid, s.incarnation)
+        async with hub.subscribe(sid, after=0) as new:
+            new_it = new.batches()
+            with anyio.fail_after(10):
+                assert await collect_from(new_it, 1) == [1]
+                await emit(event_log, sid, 3)  # live, far below the old cursor
+                assert await collect_from(new_it, 4) == [2, 3, 4]
+            await new_it.aclose()
+        await _rest(old_it)
+
+
+async def collect_from(it: AsyncIterator[list[HubEvent] | StreamReset], until: int
+                       ) -> list[int]:
+    seqs: list[int] = []
+    while not seqs or seqs[-1] < until:
+        batch = await it.__anext__()
+        assert not isinstance(batch, StreamReset)
+        seqs += [e.seq for e in batch]
+    return seqs
+
+
+@pytest.mark.parametrize("live", ["pubsub", "xread"])
+async def test_the_live_path_alone_ends_a_follower_at_an_entry_of_another_incarnation(
+    event_log: EventLog, live: Literal["pubsub", "xread"]
+) -> None:
+    """No sweep to help (resync_s of an hour): the entries the live path fetches name their
+    incarnation, and the first of another one ends the follower."""
+    s = await event_log.create_session("echo", session_id=f"again-{uuid.uuid4().hex[:8]}")
+    sid = s.session_id
+    async with Hub(event_log, live=live, resync_s=3600, xread_block_ms=50) as hub, \
+            hub.subscribe(sid, after=0, until_ended=False) as sub:
+        it = sub.batches()
+        with anyio.fail_after(10):
+            assert await collect_from(it, 1) == [1]
+        await _recreate(event_log, sid, s.incarnation)
+        await _emit_new(event_log, sid, 5)
+        got = await _rest(it)
+        assert [(e.seq, e.type) for e in got] in ([], [(2, "session.ended")])
+        assert hub.watched == 0

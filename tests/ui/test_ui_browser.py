@@ -188,3 +188,39 @@ async def test_the_viewer_renews_its_read_token_at_expiry_with_no_gap(redis_url:
             sent = [int(f["eventId"]) for f in frames if f["eventName"] not in CONTROL]
             assert sorted(sent) == list(range(1, 7)), frames
             assert sum(f["eventName"] == "token.expired" for f in frames) >= 2, frames
+
+
+def wait_for_status(text: str) -> str:
+    """JS: a promise resolving once the status badge says ``text``."""
+    return f"""new Promise((resolve) => {{
+        const s = document.getElementById('status');
+        if (s.textContent === {json.dumps(text)}) return resolve(true);
+        new MutationObserver((_, o) => {{ if (s.textContent === {json.dumps(text)}) {{
+            o.disconnect(); resolve(true); }} }}).observe(s, {{ childList: true,
+            characterData: true, subtree: true }});
+    }})"""
+
+
+async def test_the_viewer_stops_at_session_deleted(redis_url: str) -> None:
+    """The session's keys vanish under a live stream (with no session.ended, as when they
+    expire or are removed) and the id is created again: the stream ends with
+    ``session.deleted`` and the viewer stops there, showing nothing of the new session. Before,
+    it took the end of the response for a drop, reconnected, minted a read token for whatever
+    the id named by then, and showed the new session's events."""
+    settings = load_settings(redis_url=redis_url, namespace=unique_namespace(), shards=4)
+    with anyio.fail_after(DEADLINE):
+        async with EventLog(settings) as log, chromium() as browser, \
+                serve(log, hub_options={"resync_s": 0.5}) as svc:
+            sid, _ = await svc.create_session()
+            await log.emit(sid, "message", {"text": "old"})                          # 2
+            page = await browser.new_page()
+            await page.navigate(f"{svc.url}/ui#session={sid}&token={svc.api_key}")
+            await page.evaluate(wait_for_row(2))
+            await log.redis.delete(*log.keys.session(sid).per_session)
+            await log.create_session("echo", session_id=sid)
+            for i in range(4):  # the new session's seqs pass the viewer's
+                await log.emit(sid, "message", {"text": f"new {i}"})
+            with anyio.fail_after(20):
+                await page.evaluate(wait_for_status("deleted"))
+            assert await rows(page) == [1, 2]
+            assert "new" not in await page.evaluate("document.getElementById('rows').textContent")

@@ -529,3 +529,58 @@ def _exp(jwt: str) -> int:
     claims = json.loads(base64.urlsafe_b64decode(jwt.split(".")[1] + "=="))
     exp: int = claims["exp"]
     return exp
+
+
+async def _delete_and_create_again(service: Service, sid: str) -> None:
+    """DELETE over HTTP, then the id created again, with events of its own."""
+    old = (await service.log.get_session(sid)).incarnation
+    async with service.client(service.api_key) as c:
+        assert (await c.delete(f"/v1/sessions/{sid}")).status_code == 204
+    again = await service.log.create_session("echo", session_id=sid)
+    assert again.incarnation != old
+    for i in range(3):
+        await service.log.emit(sid, "message", {"gen": "new", "i": i})
+
+
+@pytest.mark.parametrize("credential", ["token", "api key"])
+async def test_an_events_channel_never_crosses_into_the_session_created_again(
+    service: Service, credential: str
+) -> None:
+    """A peer opened before the DELETE asks for events once the id names a new session: it
+    gets session_deleted, then the peer closes. Before, it streamed the new session."""
+    sid, token = await service.create_session()
+    with anyio.fail_after(DEADLINE):
+        async with connect(http_offer(service, sid, token if credential == "token"
+                                      else service.api_key)) as peer:
+            (server_peer,) = service.gateway.peers.values()
+            inc = (await service.log.get_session(sid)).incarnation
+            await _delete_and_create_again(service, sid)
+            await ready(peer, after=0)
+            assert await peer.events.receive() == {"control": "session_deleted", "last_seq": 0,
+                                                   "incarnation": inc}
+            await server_peer.closed.wait()
+            await peer.events.closed.wait()
+    assert not service.gateway.peers and service.ctx.hub.clients == 0
+
+
+async def test_inputs_of_a_peer_never_land_in_the_session_created_again(service: Service
+                                                                        ) -> None:
+    """The peer's events channel ended with its session (session.ended, reason deleted);
+    an input sent on it once the id names a new session is refused, and the peer closes.
+    Before, it was appended to the new session."""
+    sid, token = await service.create_session()
+    with anyio.fail_after(DEADLINE):
+        async with connect(http_offer(service, sid, token)) as peer:
+            (server_peer,) = service.gateway.peers.values()
+            await ready(peer, after=0)
+            assert (await peer.events.envelope())["type"] == "session.created"
+            await _delete_and_create_again(service, sid)
+            ended = await peer.events.envelope()
+            assert ended["type"] == "session.ended" and ended["payload"]["reason"] == "deleted"
+            assert await peer.events.receive() == {"control": "end", "last_seq": 2}
+            reply = await peer.request({"type": "input", "payload": {"gen": "old"}, "id": 1})
+            assert reply == {"type": "error", "id": 1, "status": 404, "error": "session_deleted",
+                             "detail": f"session {sid!r} was deleted (its id may name a new "
+                                       "session now)"}
+            await server_peer.closed.wait()
+    assert [e.type for e in await service.log.read(sid)] == ["session.created"] + ["message"] * 3

@@ -63,6 +63,8 @@ async def test_claim_writes_session_started_like_the_append_script(
         assert res.seq == 2 and not res.duplicate
         keys, tkeys = log.keys.session(sid), log.keys.session(tid)
         mine, theirs = await _entry(log, keys.stream, 2), await _entry(log, tkeys.stream, 2)
+        assert mine[b"inc"] == s.incarnation.encode()  # each session's own incarnation
+        theirs[b"inc"] = mine[b"inc"]
         assert mine == {k: v.replace(tid.encode(), sid.encode()) for k, v in theirs.items()}
         fmine, ftheirs = await _feed_entry(log, sid, 2), await _feed_entry(log, tid, 2)
         assert fmine[b"inc"] == s.incarnation.encode()  # each session's own incarnation

@@ -52,12 +52,15 @@ local function started(kmeta, kstream, kdedupe, sid, head, agent, seq0)
   end
   local sseq = tostring(seq0 + 1)
   local body = '{"seq":' .. sseq .. ',' .. head .. agent .. tail
-  local x = redis.pcall('XADD', kstream, '0-' .. sseq, 't', STARTED, 'd', body)
-  if x.err then return 0 end
-  local inc = redis.call('HGET', kmeta, 'inc')  -- the session's incarnation, on its feed entries
-  if inc then
+  -- the session's incarnation, on its entries (stream and feed) as the append script puts it
+  local inc = redis.call('HGET', kmeta, 'inc')
+  if inc and inc ~= '' then
+    local x = redis.pcall('XADD', kstream, '0-' .. sseq, 'inc', inc, 't', STARTED, 'd', body)
+    if x.err then return 0 end
     redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 'inc', inc, 't', STARTED, 'd', body)
   else
+    local x = redis.pcall('XADD', kstream, '0-' .. sseq, 't', STARTED, 'd', body)
+    if x.err then return 0 end
     redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 't', STARTED, 'd', body)
   end
   redis.call('HSET', kdedupe, STARTED, sseq)
