@@ -8,7 +8,7 @@ from rich.console import Console
 
 from workers._cli import worker as _worker_command
 
-from .errors import EventcoreError
+from .errors import ConfigError, EventcoreError
 
 app = typer.Typer(help="eventcore: event-sourced streaming sessions on Redis Streams.",
                   no_args_is_help=True)
@@ -16,9 +16,27 @@ console = Console()
 app.command("worker")(_worker_command)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"eventcore {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """eventcore: event-sourced streaming sessions on Redis Streams."""
+
+
+def _fatal(command: str, exc: Exception) -> typer.Exit:
+    """Bad configuration is the user's to fix: one line naming it, exit code 2 (a usage
+    error, as click's own), no traceback."""
+    typer.echo(f"eventcore {command}: error: {exc}", err=True)
+    return typer.Exit(2)
 
 
 @app.command()
@@ -58,7 +76,15 @@ def serve(
         from workers._cli import load_app
 
         app_obj = load_app(agents)
-    run_server(service_app(app_obj, subscribers=subscribers), host=host, port=port,
+    try:
+        service = service_app(app_obj, subscribers=subscribers)
+    except ConfigError as exc:
+        raise _fatal("serve", exc) from None
+    auth = service.state.auth
+    if auth.generated_key:  # shown once, so the developer can use it; never logged
+        typer.echo("eventcore serve: EVENTCORE_API_KEY is not set; API key of this process: "
+                   f"{auth.api_key}", err=True)
+    run_server(service, host=host, port=port,
                log_level=log_level, log_format="text" if log_format == "text" else "json")
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ._keys import Keys
 from .errors import ConfigError
@@ -104,6 +105,10 @@ class Settings(BaseSettings):
         default=False, description="Require the API key (Authorization: Bearer) on /metrics. "
         "Off: /metrics is open, as Prometheus scrapers expect by default.",
     )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = pydantic.Field(
+        default=(), description="Origins whose browser pages may call the API (CORS), "
+        "comma-separated, each exactly scheme://host[:port]; or * for any. Empty: no CORS.",
+    )
     sse_live: Literal["pubsub", "xread"] = pydantic.Field(
         default="xread", description="The SSE hub's live path (measured: benchmarks/sse.py)."
     )
@@ -124,8 +129,39 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from exc
         return value
 
+    @pydantic.field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @pydantic.field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "*" in value:
+            if len(value) > 1:
+                raise ValueError("* stands alone (it allows every origin)")
+            return value
+        return tuple(_origin(v) for v in value)
+
     def keys(self) -> Keys:
         return Keys(self.namespace, self.shards)
+
+
+def _origin(value: str) -> str:
+    """An origin exactly as a browser sends it in ``Origin`` (CORS compares strings)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises on a malformed port
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname
+            or parts.path or parts.query or parts.fragment or "@" in parts.netloc
+            or value.endswith(("?", "#"))):
+        raise ValueError(f"{value!r} is not an origin: scheme://host[:port], nothing after "
+                         "(e.g. https://app.example.com)")
+    return value.lower()
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -16,6 +16,7 @@ from .._log import EventLog, HistoryArchive
 from .._settings import Settings, load_settings
 from ._auth import AccessLogRedactor, Auth
 from ._context import ReadyCheck, ServiceContext
+from ._cors import Cors
 from ._health import GroupSpec, builtin_checks
 from ._health import router as health_router
 from ._metrics import Metrics
@@ -126,6 +127,8 @@ def create_app(
         app.include_router(router)
     app.add_middleware(EdgeMiddleware, max_body=lambda: cfg.http_max_body,
                        observe=metrics.observe_request)
+    if cfg.cors_origins:  # outermost, so the edge's own 413/431 answers are readable too
+        app.add_middleware(Cors, origins=cfg.cors_origins)
     _document(app)
     return app
 

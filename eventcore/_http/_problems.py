@@ -46,6 +46,7 @@ _TITLES = {
     "session-not-found": "No such session",
     "session-ended": "The session has ended",
     "method-not-allowed": "Method not allowed",
+    "cors-refused": "This cross-origin request is not allowed",
     "payload-too-large": "The request body is too large",
     "headers-too-large": "The request headers are too large",
     "history-gone": "The requested history is no longer available",
