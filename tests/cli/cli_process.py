@@ -11,10 +11,24 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 CLI = [sys.executable, "-c", "from eventcore._cli import main; main()"]
+
+
+async def wait_readyz(http: httpx.AsyncClient, within: float = 30.0) -> None:
+    """Until the child API answers ``/readyz`` with 200: its readiness is only observable
+    over HTTP."""
+    with anyio.fail_after(within):
+        while True:
+            try:
+                if (await http.get("/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.1)
 
 
 class Cli:

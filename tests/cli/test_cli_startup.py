@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from cli_process import CLI, run_cli
+from cli_process import CLI, run_cli, wait_readyz
 
 import eventcore
 from eventcore.testing._server import free_port
@@ -31,14 +31,7 @@ async def test_serve_without_a_key_prints_the_one_it_made_up(redis_url: str,
         key = found.group(1)
         assert len(key) >= 16
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            with anyio.fail_after(30):
-                while True:  # the child's readiness is only observable over HTTP
-                    try:
-                        if (await http.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.1)
+            await wait_readyz(http)
             made = await http.post("/v1/sessions", json={"agent": "echo"},
                                    headers={"Authorization": f"Bearer {key}"})
             assert made.status_code == 201, made.text

@@ -5,17 +5,15 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import anyio
 import httpx
 import msgspec
+from cli_process import CLI, wait_readyz
 from httpx_sse import aconnect_sse
 
 from eventcore.testing._server import free_port
-
-CLI = [sys.executable, "-c", "from eventcore._cli import main; main()"]
 
 
 def test_demo_runs_the_whole_system_and_stops_by_itself(tmp_path: Path) -> None:
@@ -53,14 +51,7 @@ async def test_serve_runs_api_projector_and_persistence(redis_url: str, tmp_path
     admin = {"Authorization": "Bearer " + "k" * 24}
     try:
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
-            with anyio.fail_after(30):
-                while True:  # the child's readiness is only observable over HTTP
-                    try:
-                        if (await http.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.1)
+            await wait_readyz(http)
             refused = await http.post("/v1/sessions", json={"agent": "nope"}, headers=admin)
             assert refused.status_code == 422  # APP restricts agents
             made = (await http.post("/v1/sessions", json={"agent": "echo"}, headers=admin)).json()
