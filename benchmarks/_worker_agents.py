@@ -8,7 +8,7 @@ import time
 
 import anyio
 
-from workers import App, Session
+from eventcore.workers import App, Session
 
 app = App()
 

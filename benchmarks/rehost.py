@@ -29,7 +29,7 @@ import anyio
 
 from eventcore import Envelope, EventLog, load_settings
 from eventcore.testing._server import RedisServer
-from workers import App, Session, Worker
+from eventcore.workers import App, Session, Worker
 
 app = App()
 

@@ -42,10 +42,10 @@ _T = re.compile(rb'"t":([0-9.]+)')
 # -- server side (runs in a subprocess) ----------------------------------------------------------
 def run_server(mode: str, port: int, redis_url: str, namespace: str) -> None:
     from eventcore import load_settings
-    from eventcore._http import serve
+    from eventcore.server._http import serve
 
     if mode in ("pubsub", "xread"):
-        from eventcore._http import create_app
+        from eventcore.server._http import create_app
 
         settings = load_settings(redis_url=redis_url, namespace=namespace, shards=16,
                                  api_key=API_KEY, sse_live=mode, pool_size=256)

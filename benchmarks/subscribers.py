@@ -37,8 +37,8 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 from eventcore import Envelope, EventLog, load_settings  # noqa: E402
+from eventcore.subscribers import Persistence, Projector, SubscriberRunner  # noqa: E402
 from eventcore.testing._server import RedisServer  # noqa: E402
-from subscribers import Persistence, Projector, SubscriberRunner  # noqa: E402
 
 BATCH = 256
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"

@@ -2,6 +2,7 @@
 
     EventcoreError
     ├── ConfigError                 settings invalid at start
+    │   └── MissingExtra            an optional part is used without its extra installed
     ├── ValidationError             hostile or malformed input (arguments, ids, keys, payloads)
     │   └── PayloadTooLarge
     ├── RedisError                  a Redis problem, converted at the boundary
@@ -42,6 +43,7 @@ __all__ = [
     "EventcoreError",
     "HistoryGone",
     "HubClosed",
+    "MissingExtra",
     "NoSuchAgent",
     "Overloaded",
     "PayloadTooLarge",
@@ -68,6 +70,11 @@ class EventcoreError(Exception):
 
 class ConfigError(EventcoreError):
     """Settings are invalid; the message names the setting and what is wrong."""
+
+
+class MissingExtra(ConfigError, ImportError):
+    """An optional part of eventcore was used without the extra that installs its dependencies;
+    the message names the extra (``pip install 'eventcore[server]'``). An ``ImportError`` too."""
 
 
 class ValidationError(EventcoreError, ValueError):

@@ -9,11 +9,14 @@
 - :class:`SinkSubscriber` runs any sink off the hot path; :class:`Retention` trims Redis.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
 from ._groups import GroupState
 from ._metrics import SubscriberMetrics
 from ._ordered import DELETED, ApplyConflict, OrderedStats, OrderedSubscriber, Position, Run
-from ._persistence import SCHEMA_VERSION, Persistence, is_unavailable
 from ._projector import Projector, read_view
 from ._retention import Retention, RetentionReport
 from ._runtime import SubscriberRunner, default_consumer_name, is_transient
@@ -29,6 +32,9 @@ from ._view import (
     apply_event,
     fold,
 )
+
+if TYPE_CHECKING:
+    from ._persistence import SCHEMA_VERSION, Persistence, is_unavailable
 
 __all__ = [
     "DELETED",
@@ -64,3 +70,17 @@ __all__ = [
     "is_unavailable",
     "read_view",
 ]
+
+_OPTIONAL = {"SCHEMA_VERSION", "Persistence", "is_unavailable"}
+
+
+def __getattr__(name: str) -> Any:
+    # Persistence needs SQLAlchemy (the ``sql`` / ``postgres`` extras): loaded on first use
+    if name not in _OPTIONAL:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from eventcore._extras import import_optional
+
+    module = import_optional("._persistence", __name__, "sql", "eventcore.subscribers.Persistence")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value

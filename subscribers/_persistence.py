@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from eventcore import ConfigError, Envelope, EventLog, client_json, load_settings
 from eventcore._codec import decode_entry, encode
+from eventcore._extras import require_extra
 from eventcore.errors import UsageError
 
 from ._ordered import OrderedSubscriber, Position, Run
@@ -168,6 +169,8 @@ class Persistence(OrderedSubscriber):
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         else:
             opts.setdefault("connect_args", {"timeout": 10, "command_timeout": 60})
+        require_extra("sql" if self._dialect == "sqlite" else "postgres",
+                      f"Persistence to {self._dialect}")
         self._engine = create_async_engine(self.url, **opts)
         if self._dialect == "sqlite":
             sa.event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)

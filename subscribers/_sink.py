@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sinks import Published, Sink, load_sink
+from eventcore.sinks import Published, Sink, load_sink
 
 from ._delivery import Delivery
 

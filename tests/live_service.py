@@ -17,10 +17,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from eventcore import EventLog
-from eventcore._http import ServiceContext, ServiceFactory, create_app, uvicorn_config
-from eventcore._ui import ui_router
-from eventcore._webrtc import WebRTCGateway
-from eventcore._webrtc_http import webrtc_router, webrtc_service
+from eventcore.server._http import ServiceContext, ServiceFactory, create_app, uvicorn_config
+from eventcore.server._ui import ui_router
+from eventcore.server._webrtc import WebRTCGateway
+from eventcore.server._webrtc_http import webrtc_router, webrtc_service
 
 
 @dataclass

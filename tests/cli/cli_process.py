@@ -15,7 +15,7 @@ import httpx
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-CLI = [sys.executable, "-c", "from eventcore._cli import main; main()"]
+CLI = [sys.executable, "-c", "from eventcore.server._cli import main; main()"]
 
 
 async def wait_readyz(http: httpx.AsyncClient, within: float = 30.0) -> None:

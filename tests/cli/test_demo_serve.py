@@ -42,10 +42,10 @@ async def test_serve_runs_api_projector_and_persistence(redis_url: str, tmp_path
     serve_err = (tmp_path / "serve.err").open("wb")
     worker_err = (tmp_path / "worker.err").open("wb")
     proc = await anyio.open_process(
-        [*CLI, "serve", "eventcore.demo:app", "--port", str(port), "--log-level",
+        [*CLI, "serve", "eventcore.server.demo:app", "--port", str(port), "--log-level",
          "warning"], env=env, stdout=subprocess.DEVNULL, stderr=serve_err)
     worker = await anyio.open_process(
-        [*CLI, "worker", "eventcore.demo:app"], env=env, stdout=subprocess.DEVNULL,
+        [*CLI, "worker", "eventcore.server.demo:app"], env=env, stdout=subprocess.DEVNULL,
         stderr=worker_err)
     base = f"http://127.0.0.1:{port}"
     admin = {"Authorization": "Bearer " + "k" * 24}
@@ -72,7 +72,7 @@ async def test_serve_runs_api_projector_and_persistence(redis_url: str, tmp_path
                             if types[-1] == "session.ended":
                                 break
             assert types[-1] == "session.ended"
-            # the contract of eventcore.demo:app's echo agent, per input
+            # the contract of eventcore.server.demo:app's echo agent, per input
             assert [e["payload"] for e in envs if e["type"] == "message"] == [
                 {"text": "hello"}, {"text": "bye"}]
             assert [e["payload"]["key"] for e in envs if e["type"] == "signal"] == ["status"] * 2

@@ -11,7 +11,7 @@ import pytest
 from cli_process import run_cli
 
 from eventcore import EventLog, load_settings
-from eventcore._tail import Renderer, TailItem, summarize
+from eventcore.server._tail import Renderer, TailItem, summarize
 from eventcore.testing._plugin import unique_namespace
 from eventcore.testing._server import RedisServer
 

@@ -123,7 +123,7 @@ async def test_tail_over_sse_stops_at_session_deleted_and_never_follows_the_next
     session.deleted, and the follower stops there. Before, it took that for a repeated seq and
     reconnected with Last-Event-ID, into the new session."""
     from eventcore import Envelope
-    from eventcore._tail import follow_http
+    from eventcore.server._tail import follow_http
 
     notes: list[tuple[str, str]] = []
     async with serve(event_log) as svc:

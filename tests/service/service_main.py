@@ -13,9 +13,9 @@ from typing import Any
 import anyio
 
 from eventcore import EventLog, load_settings
-from eventcore._http import ServiceContext, create_app, serve
-from subscribers import Projector, SubscriberRunner
-from workers import App, Session, Worker
+from eventcore.server._http import ServiceContext, create_app, serve
+from eventcore.subscribers import Projector, SubscriberRunner
+from eventcore.workers import App, Session, Worker
 
 agents = App()
 

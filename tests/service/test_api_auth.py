@@ -11,7 +11,7 @@ import pytest
 from service_support import API_KEY, Service
 
 from eventcore import EventLog
-from eventcore._http import Auth
+from eventcore.server._http import Auth
 
 PROBLEM = "application/problem+json"
 

@@ -11,7 +11,7 @@ import httpx
 from service_support import API_KEY, Service
 
 from eventcore import EventLog, RunPayload
-from subscribers import read_view
+from eventcore.subscribers import read_view
 
 PROBLEM = "application/problem+json"
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from service_support import Service
 
-from eventcore._http import redact
-from eventcore._http._auth import AccessLogRedactor
+from eventcore.server._http import redact
+from eventcore.server._http._auth import AccessLogRedactor
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzaWQiOiJzIn0.c2lnbmF0dXJl"
 

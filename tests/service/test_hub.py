@@ -11,8 +11,8 @@ import anyio
 import pytest
 
 from eventcore import Envelope, EventLog, SessionNotFound
-from subscribers import Persistence, SubscriberRunner
-from subscribers._hub import Hub, HubEvent, StreamReset, Subscription
+from eventcore.server._hub import Hub, HubEvent, StreamReset, Subscription
+from eventcore.subscribers import Persistence, SubscriberRunner
 
 
 @pytest.fixture(params=["pubsub", "xread"])

@@ -12,8 +12,7 @@ import anyio
 import pytest
 
 from eventcore import ConfigError, Envelope, EventLog, SessionNotFound, SinkFailed
-from eventcore.testing.invariants import check_log, read_all
-from sinks import (
+from eventcore.sinks import (
     FanoutSink,
     FilterSink,
     JsonlSink,
@@ -25,6 +24,7 @@ from sinks import (
     configured_sinks,
     load_sink,
 )
+from eventcore.testing.invariants import check_log, read_all
 
 
 def env(sid: str, type: str = "message", **kw: object) -> Envelope:

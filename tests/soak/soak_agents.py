@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers import App, Session
+from eventcore.workers import App, Session
 
 app = App()
 

@@ -30,8 +30,8 @@ from httpx_sse import ServerSentEvent
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from eventcore import EventLog
+from eventcore.subscribers._groups import FeedGroup
 from eventcore.testing._server import free_port
-from subscribers._groups import FeedGroup
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent

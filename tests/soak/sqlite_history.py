@@ -17,7 +17,7 @@ import sys
 import anyio
 
 from eventcore import EventLog, load_settings
-from subscribers import Persistence, SubscriberRunner
+from eventcore.subscribers import Persistence, SubscriberRunner
 
 GROUP = "persistence-sqlite"
 

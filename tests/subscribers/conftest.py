@@ -11,7 +11,7 @@ import pytest
 from subscriber_helpers import PG_URL
 
 from eventcore import EventLog
-from subscribers import Persistence
+from eventcore.subscribers import Persistence
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from subscriber_helpers import AppliedLog
 
 from eventcore import EventLog, load_settings
-from subscribers import Delivery, SubscriberRunner
+from eventcore.subscribers import Delivery, SubscriberRunner
 
 
 class HalfThenHang(AppliedLog):

@@ -10,7 +10,7 @@ import anyio
 from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus
 
 from eventcore import Envelope, EventLog
-from subscribers import Delivery, OrderedSubscriber, Run
+from eventcore.subscribers import Delivery, OrderedSubscriber, Run
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 

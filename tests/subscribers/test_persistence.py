@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from subscriber_helpers import all_keys, fast, populate
 
 from eventcore import ConfigError, Envelope, EventLog, HistoryGone
+from eventcore.subscribers import SCHEMA_VERSION, Delivery, Persistence, SubscriberRunner
 from eventcore.testing.invariants import assert_replay_suffixes, check_log, read_all
-from subscribers import SCHEMA_VERSION, Delivery, Persistence, SubscriberRunner
 
 
 async def stored(p: Persistence, sid: str) -> list[Envelope]:

@@ -20,8 +20,7 @@ from eventcore import (
     RunPayload,
     ToolPayload,
 )
-from eventcore.testing.invariants import read_all
-from subscribers import (
+from eventcore.subscribers import (
     MAX_RECENT_TOOL_CALLS,
     Delivery,
     Projector,
@@ -30,6 +29,7 @@ from subscribers import (
     fold,
     read_view,
 )
+from eventcore.testing.invariants import read_all
 
 
 async def test_view_of_a_session_with_runs_tools_signals_effects(event_log: EventLog) -> None:

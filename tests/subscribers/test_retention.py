@@ -12,9 +12,9 @@ import anyio
 from subscriber_helpers import Recorder, all_keys, fast, populate
 
 from eventcore import Envelope, EventLog, load_settings
-from eventcore._system import builtin_subscribers
+from eventcore.server._system import builtin_subscribers
+from eventcore.subscribers import Delivery, Persistence, Retention, SubscriberRunner
 from eventcore.testing.invariants import check_log, read_all
-from subscribers import Delivery, Persistence, Retention, SubscriberRunner
 
 
 async def stream_seqs(log: EventLog, sid: str) -> list[int]:

@@ -9,8 +9,8 @@ import anyio
 from subscriber_helpers import all_keys, fast, populate
 
 from eventcore import EventLog
-from sinks import FilterSink, MemorySink, Published
-from subscribers import SinkSubscriber, SubscriberRunner
+from eventcore.sinks import FilterSink, MemorySink, Published
+from eventcore.subscribers import SinkSubscriber, SubscriberRunner
 
 
 async def test_sink_gets_every_envelope_off_the_hot_path(event_log: EventLog) -> None:

@@ -25,9 +25,9 @@ from subscriber_helpers import (
 )
 
 from eventcore import EventLog, load_settings
+from eventcore.subscribers import Persistence, Projector, SubscriberRunner, fold, read_view
 from eventcore.testing._server import RedisServer
 from eventcore.testing.invariants import read_all
-from subscribers import Persistence, Projector, SubscriberRunner, fold, read_view
 
 CHILD = Path(__file__).with_name("sigkill_child.py")
 

@@ -11,7 +11,7 @@ import pytest
 from subscriber_helpers import Recorder, all_keys, fast, populate
 
 from eventcore import EventLog
-from subscribers import Delivery, SubscriberRunner
+from eventcore.subscribers import Delivery, SubscriberRunner
 
 
 async def feed_groups(log: EventLog) -> dict[int, list[str]]:

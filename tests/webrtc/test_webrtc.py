@@ -18,9 +18,9 @@ from live_service import Service, serve
 from webrtc_peer import Offer, connect
 
 from eventcore import EventLog, load_settings
-from eventcore._http import input_event_key as http_input_event_key
-from eventcore._webrtc import WebRTCLimits, input_event_key
-from eventcore._webrtc_http import webrtc_service
+from eventcore.server._http import input_event_key as http_input_event_key
+from eventcore.server._webrtc import WebRTCLimits, input_event_key
+from eventcore.server._webrtc_http import webrtc_service
 from eventcore.testing._plugin import unique_namespace
 from eventcore.testing._server import RedisServer
 

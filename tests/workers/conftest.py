@@ -11,7 +11,7 @@ import pytest
 import worker_apps
 
 from eventcore import EventLog
-from workers import App, Worker
+from eventcore.workers import App, Worker
 
 DEFAULTS: dict[str, Any] = {
     "concurrency": 50, "lease_ttl_s": 2.0, "block_ms": 100, "poll_interval_s": 1.0,

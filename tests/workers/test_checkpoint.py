@@ -11,7 +11,7 @@ from workers_support import eventually, watching
 
 from eventcore import Envelope, EventLog, client_json, decode_payload
 from eventcore.testing.invariants import check_log, read_all
-from workers import App, Session, Worker
+from eventcore.workers import App, Session, Worker
 
 Hosting = Callable[..., AbstractAsyncContextManager[Worker]]
 

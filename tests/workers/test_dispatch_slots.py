@@ -19,7 +19,7 @@ from workers_support import (
 from eventcore import Envelope, EventLog, load_settings
 from eventcore.testing._plugin import unique_namespace
 from eventcore.testing._server import RedisServer
-from workers import Worker
+from eventcore.workers import Worker
 
 Hosting = Callable[..., AbstractAsyncContextManager[Worker]]
 

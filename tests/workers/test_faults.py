@@ -20,7 +20,7 @@ from eventcore import Envelope, EventLog, decode_payload, load_settings
 from eventcore.errors import StaleHost
 from eventcore.testing._server import RedisServer, free_port
 from eventcore.testing.invariants import check_log, read_all
-from workers import Worker
+from eventcore.workers import Worker
 
 Hosting = Callable[..., AbstractAsyncContextManager[Worker]]
 
@@ -271,7 +271,7 @@ async def test_hosting_survives_a_redis_restart(
 async def test_a_session_that_keeps_killing_its_workers_is_dead_lettered(
     event_log: EventLog,
 ) -> None:
-    from workers import dead_letters
+    from eventcore.workers import dead_letters
 
     log = event_log
     args = ("--lease-ttl", "0.5", "--max-deliveries", "2")

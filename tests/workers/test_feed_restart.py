@@ -21,7 +21,7 @@ from eventcore import Envelope, EventLog, load_settings
 from eventcore.errors import EventcoreError
 from eventcore.testing._server import RedisServer
 from eventcore.testing.invariants import check_log, read_all
-from workers import Worker
+from eventcore.workers import Worker
 
 Hosting = Callable[..., AbstractAsyncContextManager[Worker]]
 ROUNDS = int(os.environ.get("EC_TEST_RESTART_ROUNDS", "1"))

@@ -13,7 +13,7 @@ from workers_support import ended_reason, eventually, watching
 from eventcore import Envelope, EventLog, decode_payload
 from eventcore.errors import StaleHost
 from eventcore.testing.invariants import check_log, read_all
-from workers import App, Session, Worker
+from eventcore.workers import App, Session, Worker
 
 Hosting = Callable[..., AbstractAsyncContextManager[Worker]]
 
@@ -99,7 +99,7 @@ async def test_idle_session_unloads_and_the_next_input_rehosts_it(
 
 
 async def test_cancel_a_run_then_the_session(event_log: EventLog, hosting: Hosting) -> None:
-    from workers import cancel
+    from eventcore.workers import cancel
 
     log = event_log
     async with hosting(log) as w, watching(log) as feed:
@@ -127,7 +127,7 @@ async def test_cancel_a_run_then_the_session(event_log: EventLog, hosting: Hosti
 
 async def test_cancel_of_an_unhosted_idle_session_ends_it(event_log: EventLog,
                                                          hosting: Hosting) -> None:
-    from workers import cancel
+    from eventcore.workers import cancel
 
     log = event_log
     async with hosting(log, idle_timeout_s=0.2), watching(log) as feed:
@@ -149,7 +149,7 @@ async def test_cancel_of_an_unhosted_idle_session_ends_it(event_log: EventLog,
 async def test_run_timeout_is_recorded_retried_then_dead_lettered(
     event_log: EventLog, hosting: Hosting
 ) -> None:
-    from workers import dead_letters
+    from eventcore.workers import dead_letters
 
     log = event_log
     async with hosting(log) as w, watching(log) as feed:
@@ -211,7 +211,7 @@ async def test_failures_are_retried_with_backoff_until_success(
 async def test_exhausted_retries_dead_letter_with_a_structured_error(
     event_log: EventLog, hosting: Hosting
 ) -> None:
-    from workers import dead_letters
+    from eventcore.workers import dead_letters
 
     log = event_log
     async with hosting(log) as w, watching(log) as feed:
@@ -235,7 +235,7 @@ async def test_exhausted_retries_dead_letter_with_a_structured_error(
 
 
 async def test_unknown_agent_is_dead_lettered(event_log: EventLog, hosting: Hosting) -> None:
-    from workers import dead_letters
+    from eventcore.workers import dead_letters
 
     log = event_log
     async with hosting(log), watching(log) as feed:

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from workers_support import ended_reason, eventually, watching
 
 from eventcore import EventLog
-from workers import Worker, dead_letters
+from eventcore.workers import Worker, dead_letters
 
 Hosting = Callable[..., AbstractAsyncContextManager[Worker]]
 GROUP = "workers"

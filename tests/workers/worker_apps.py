@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from eventcore.errors import TerminalError
-from workers import App, RetryPolicy, Session
+from eventcore.workers import App, RetryPolicy, Session
 
 app = App()
 

@@ -23,7 +23,7 @@ from eventcore import Envelope, EventLog, decode_payload
 from eventcore._codec import decode_entry
 
 if TYPE_CHECKING:
-    from workers import Worker
+    from eventcore.workers import Worker
 
 HERE = Path(__file__).parent
 EVENTCORE = str(Path(sys.executable).parent / "eventcore")

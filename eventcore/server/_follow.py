@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 
-from ._codec import client_json
-from ._envelope import Envelope
-from ._log import EventLog
-from .errors import HistoryGone, RedisUnavailable
+from eventcore._codec import client_json
+from eventcore._envelope import Envelope
+from eventcore._log import EventLog
+from eventcore.errors import HistoryGone, RedisUnavailable
 
 if TYPE_CHECKING:
-    from subscribers._hub import Hub
+    from eventcore.server._hub import Hub
 
 __all__ = [
     "ClientEvent",
@@ -186,7 +186,7 @@ class HubSource:
         self, session_id: str, after: int, types: Collection[str] | None = None, *,
         incarnation: str | None = None,
     ) -> AsyncIterator[Sequence[ClientEvent] | Gap]:
-        from subscribers._hub import StreamReset
+        from eventcore.server._hub import StreamReset
 
         cursor = after
         attempt = 0

@@ -2,7 +2,7 @@
 
 Building and running it::
 
-    from eventcore._http import create_app, serve
+    from eventcore.server._http import create_app, serve
 
     app = create_app()                       # settings from EVENTCORE_*; opens its own EventLog
     serve(app, host="127.0.0.1", port=8000)  # uvicorn, JSON logs, graceful SSE drain

@@ -6,9 +6,9 @@ import anyio
 import typer
 from rich.console import Console
 
-from workers._cli import worker as _worker_command
+from eventcore.errors import ConfigError, EventcoreError
 
-from .errors import ConfigError, EventcoreError
+from ._worker_cli import worker as _worker_command
 
 app = typer.Typer(help="eventcore: event-sourced streaming sessions on Redis Streams.",
                   no_args_is_help=True)
@@ -18,7 +18,7 @@ app.command("worker")(_worker_command)
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from eventcore import __version__
 
         typer.echo(f"eventcore {__version__}")
         raise typer.Exit()
@@ -68,12 +68,12 @@ def serve(
     log_format: str = typer.Option("json", help="json or text."),
 ) -> None:
     """Serve the HTTP API, SSE hub, WebRTC and /ui (plus the built-in subscribers)."""
-    from .http import serve as run_server
-    from .http import service_app
+    from . import serve as run_server
+    from . import service_app
 
     app_obj = None
     if agents:
-        from workers._cli import load_app
+        from ._worker_cli import load_app
 
         app_obj = load_app(agents)
     try:

@@ -15,11 +15,12 @@ from fastapi import APIRouter, Depends
 from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
+from eventcore.errors import ValidationError
+
 from ._follow import HubSource
 from ._http._context import ServiceContext, SessionAccess, get_context, session_reader
 from ._http._problems import Problem
 from ._webrtc import WebRTCGateway, WebRTCLimits
-from .errors import ValidationError
 
 __all__ = ["OfferIn", "webrtc_router", "webrtc_service"]
 

@@ -1,4 +1,4 @@
-"""The demo app: ``eventcore serve eventcore.demo:app`` / ``eventcore worker eventcore.demo:app``.
+"""The demo app: ``eventcore serve eventcore.server.demo:app`` (or ``eventcore worker ...``).
 
 Agent ``echo``: for every input whose payload is ``{"text": T}`` it opens a run, makes one
 memoized tool call (``shout``: T upper-cased), emits a ``signal`` with key ``status``, emits a
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers import App, Session
+from eventcore.workers import App, Session
 
 __all__ = ["app"]
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from .._values import validate_value
+from eventcore._values import validate_value
 
 __all__ = [
     "CancelIn",

@@ -48,11 +48,21 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._envelope import Envelope
+from eventcore._envelope import Envelope
+from eventcore._keys import validate_session_id
+from eventcore._log import EventLog
+from eventcore._values import validate_value
+from eventcore.errors import (
+    EventcoreError,
+    Overloaded,
+    PayloadTooLarge,
+    SessionEnded,
+    SessionNotFound,
+    UsageError,
+    ValidationError,
+)
+
 from ._follow import EventSource, Gap, LogSource, closing_iter
-from ._keys import validate_session_id
-from ._log import EventLog
-from ._values import validate_value
 from ._webrtc_wire import (
     STREAM_ERRORS,
     Channel,
@@ -69,15 +79,6 @@ from ._webrtc_wire import (
     refused,
     reply,
     resume_decoder,
-)
-from .errors import (
-    EventcoreError,
-    Overloaded,
-    PayloadTooLarge,
-    SessionEnded,
-    SessionNotFound,
-    UsageError,
-    ValidationError,
 )
 
 if TYPE_CHECKING:

@@ -67,9 +67,9 @@ async def _redis_check(ctx: ServiceContext) -> tuple[bool, str]:
 
 
 def _scripts() -> dict[str, str]:
-    from .._append import APPEND_LUA
-    from .._effects import CLAIM_LUA
-    from .._log import DELETE_LUA
+    from eventcore._append import APPEND_LUA
+    from eventcore._effects import CLAIM_LUA
+    from eventcore._log import DELETE_LUA
 
     return {"append": APPEND_LUA, "effect_claim": CLAIM_LUA, "delete": DELETE_LUA}
 

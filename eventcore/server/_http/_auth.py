@@ -32,11 +32,12 @@ from urllib.parse import unquote_plus
 
 import jwt
 
-from ..errors import ConfigError, SessionNotFound
+from eventcore.errors import ConfigError, SessionNotFound
+
 from ._problems import Problem
 
 if TYPE_CHECKING:
-    from .._log import EventLog
+    from eventcore._log import EventLog
 
 __all__ = ["AccessLogRedactor", "Auth", "Principal", "Scope", "check_incarnation", "redact"]
 

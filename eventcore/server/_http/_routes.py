@@ -12,10 +12,11 @@ import msgspec
 from fastapi import APIRouter, Body, Depends, Query
 from starlette.responses import Response
 
-from .._codec import client_json
-from .._envelope import Envelope
-from .._keys import validate_key
-from ..errors import CorruptEntry
+from eventcore._codec import client_json
+from eventcore._envelope import Envelope
+from eventcore._keys import validate_key
+from eventcore.errors import CorruptEntry
+
 from ._auth import Principal
 from ._context import (
     ServiceContext,
@@ -43,7 +44,7 @@ from ._sse import event_stream
 
 __all__ = ["input_event_key", "router"]
 
-logger = logging.getLogger("eventcore.http")
+logger = logging.getLogger("eventcore.server")
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
@@ -108,7 +109,7 @@ async def get_session(access: Reader) -> SessionOut:
 
 async def _projection(ctx: ServiceContext, session_id: str, incarnation: str
                       ) -> dict[str, Any] | None:
-    from subscribers import read_view
+    from eventcore.subscribers import read_view
 
     try:  # only this incarnation's view: the one of a predecessor may still be expiring
         view = await read_view(ctx.log, session_id, incarnation=incarnation)
@@ -186,7 +187,7 @@ async def get_signals(
 async def post_cancel(
     access: Writer, body: Annotated[CancelIn | None, Body()] = None
 ) -> SeqOut:
-    from workers import cancel
+    from eventcore.workers import cancel
 
     ctx = access.ctx
     req = body or CancelIn()

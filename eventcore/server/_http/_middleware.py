@@ -16,7 +16,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import EventcoreError
+from eventcore.errors import EventcoreError
+
 from ._problems import problem_response
 
 __all__ = ["EdgeMiddleware"]

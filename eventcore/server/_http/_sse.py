@@ -42,20 +42,21 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ..errors import SessionNotFound
+from eventcore.errors import SessionNotFound
+
 from ._context import SessionAccess, session_reader
 from ._params import PageSize, SeqParam, parse_digits
 from ._problems import Problem
 from ._transport import abort
 
 if TYPE_CHECKING:
-    from subscribers._hub import HubEvent
+    from eventcore.server._hub import HubEvent
 
     from ._context import ServiceContext
 
 __all__ = ["event_stream", "parse_types", "sse_frame"]
 
-logger = logging.getLogger("eventcore.http")
+logger = logging.getLogger("eventcore.server")
 
 RETRY_MS = 1000
 _SEP = "\n"
@@ -238,7 +239,7 @@ async def _frames(
     ctx: ServiceContext, session_id: str, incarnation: str, progress: _Progress,
     types: frozenset[str] | None,
 ) -> AsyncIterator[bytes]:
-    from subscribers._hub import HubClosed, StreamReset
+    from eventcore.server._hub import HubClosed, StreamReset
 
     metrics = ctx.metrics
     metrics.sse_clients.inc()

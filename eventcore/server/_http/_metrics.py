@@ -13,13 +13,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
-    from subscribers._hub import Hub
-
-    from .._log import EventLog
+    from eventcore._log import EventLog
+    from eventcore.server._hub import Hub
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
-logger = logging.getLogger("eventcore.http")
+logger = logging.getLogger("eventcore.server")
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 

@@ -7,14 +7,16 @@ import functools
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from eventcore._extras import has_extra, require_extra
+from eventcore._log import EventLog
+from eventcore._settings import Settings
+
 from ._http import GroupSpec, ServiceContext, create_app
-from ._log import EventLog
-from ._settings import Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from workers import App
+    from eventcore.workers import App
 
 __all__ = ["builtin_subscribers", "service_app"]
 
@@ -27,7 +29,7 @@ async def builtin_subscribers(
     running for as long as the API process does. Retention's hot window and interval come from
     the settings (``EVENTCORE_HOT_WINDOW_S``, ``EVENTCORE_RETENTION_INTERVAL_S``) unless
     ``hot_window_s`` is given."""
-    from subscribers import Persistence, Projector, Retention, SubscriberRunner
+    from eventcore.subscribers import Persistence, Projector, Retention, SubscriberRunner
 
     log = ctx.log
     settings = log.settings
@@ -55,13 +57,15 @@ def service_app(
     *,
     log: EventLog | None = None,
     subscribers: bool = True,
-    webrtc: bool = True,
+    webrtc: bool | None = None,
     hot_window_s: float | None = None,
     **options: Any,
 ) -> FastAPI:
     """The full HTTP service: /v1 API + SSE hub, the built-in subscribers, WebRTC and /ui.
 
-    ``agents`` (a :class:`workers.App`) restricts ``POST /v1/sessions`` to its agent names."""
+    ``agents`` (a :class:`eventcore.workers.App`) restricts ``POST /v1/sessions`` to its agent
+    names. ``webrtc=None`` serves WebRTC when the ``webrtc`` extra is installed; ``True``
+    requires it (:class:`eventcore.MissingExtra` if it is not)."""
     from ._ui import ui_router
     from ._webrtc_http import webrtc_router, webrtc_service
 
@@ -71,7 +75,10 @@ def service_app(
     if subscribers:
         services.append(functools.partial(builtin_subscribers, hot_window_s=hot_window_s))
         groups += [("feed", "projector"), ("feed", "persistence")]
+    if webrtc is None:
+        webrtc = has_extra("webrtc")
     if webrtc:
+        require_extra("webrtc", "WebRTC (service_app(webrtc=True))")
         services.append(webrtc_service)
         routers.append(webrtc_router)
     return create_app(

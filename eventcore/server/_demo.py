@@ -1,7 +1,7 @@
 """``eventcore demo``: the whole system in one process on the embedded Redis.
 
 API + SSE hub + projector + persistence + WebRTC + a worker hosting the sample ``echo`` agent
-(:mod:`eventcore.demo`). It creates a session through the HTTP API, feeds it inputs, shows
+(:mod:`eventcore.server.demo`). It creates a session through the HTTP API, feeds it inputs, shows
 the live SSE stream in the terminal and prints the URLs to open.
 """
 
@@ -21,8 +21,8 @@ import uvicorn
 from httpx_sse import aconnect_sse
 from rich.console import Console
 
-from ._log import EventLog
-from ._settings import load_settings
+from eventcore._log import EventLog
+from eventcore._settings import load_settings
 
 __all__ = ["run_demo"]
 
@@ -63,7 +63,7 @@ async def run_demo(
     *, host: str = "127.0.0.1", port: int = 8000, exit_after: float | None = None,
     console: Console | None = None,
 ) -> None:
-    from workers import Worker
+    from eventcore.workers import Worker
 
     from ._http import uvicorn_config
     from ._system import service_app

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Final
 
 from pydantic import BeforeValidator, Field
 
-from ..errors import ValidationError
+from eventcore.errors import ValidationError
 
 __all__ = ["MAX_SEQ", "PageSize", "SeqParam", "parse_digits"]
 

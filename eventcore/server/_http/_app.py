@@ -12,8 +12,9 @@ import anyio
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .._log import EventLog, HistoryArchive
-from .._settings import Settings, load_settings
+from eventcore._log import EventLog, HistoryArchive
+from eventcore._settings import Settings, load_settings
+
 from ._auth import AccessLogRedactor, Auth
 from ._context import ReadyCheck, ServiceContext
 from ._cors import Cors
@@ -28,7 +29,7 @@ from ._transport import AbortableApp
 
 __all__ = ["ServiceFactory", "create_app"]
 
-logger = logging.getLogger("eventcore.http")
+logger = logging.getLogger("eventcore.server")
 
 ServiceFactory = Callable[[ServiceContext], AbstractAsyncContextManager[Any]]
 """Something with a lifetime started after the log and hub (and stopped before them): the
@@ -58,12 +59,12 @@ def create_app(
       otherwise the app opens its own at startup (with ``archive`` for tiered replay).
     - ``services``: factories entered in order at startup, after the log and hub exist.
     - ``routers``: extra routers, included after /v1 (they use the dependencies of
-      :mod:`eventcore._http`).
+      :mod:`eventcore.server._http`).
     - ``agents``: if given, ``POST /v1/sessions`` refuses other agent names (422).
     - ``groups``: consumer groups ``/readyz`` requires on every shard, e.g.
       ``[("feed", "projector"), ("dispatch", "workers")]``.
     - ``ready_checks``: more ``/readyz`` lines.
-    - ``hub_options``: keyword arguments for :class:`subscribers._hub.Hub`.
+    - ``hub_options``: keyword arguments for :class:`eventcore.server._hub.Hub`.
     """
     if log is not None:
         settings = log.settings
@@ -83,7 +84,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from subscribers._hub import Hub
+        from eventcore.server._hub import Hub
 
         _install_redaction()
         async with contextlib.AsyncExitStack() as stack:
@@ -144,14 +145,14 @@ async def _drain_on_shutdown(ctx: ServiceContext, *, task_status: anyio.abc.Task
 
 
 def _install_redaction() -> None:
-    for name in ("uvicorn.access", "uvicorn.error", "eventcore.http"):
+    for name in ("uvicorn.access", "uvicorn.error", "eventcore.server"):
         lg = logging.getLogger(name)
         if not any(isinstance(f, AccessLogRedactor) for f in lg.filters):
             lg.addFilter(AccessLogRedactor())
 
 
 def _version() -> str:
-    from .. import __version__
+    from eventcore import __version__
 
     return __version__
 

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import anyio
 import msgspec
 
-from ._codec import encode
-from ._keys import validate_key
-from .errors import EventcoreError, ValidationError
+from eventcore._codec import encode
+from eventcore._keys import validate_key
+from eventcore.errors import EventcoreError, ValidationError
 
 if TYPE_CHECKING:
     from aiortc import RTCDataChannel
@@ -26,8 +26,8 @@ __all__ = ["STREAM_ERRORS", "Channel", "Closed", "InputMsg", "Resume", "SignalMs
 
 def input_event_key(idempotency_key: str) -> str:
     """The event key an input with this idempotency key is appended under. The same as the
-    HTTP inputs endpoint's (``eventcore._http.input_event_key``; a test holds them equal), so a
-    retry over either transport dedupes against the other."""
+    HTTP inputs endpoint's (``eventcore.server._http.input_event_key``; a test holds them
+    equal), so a retry over either transport dedupes against the other."""
     return f"input:{validate_key(idempotency_key, 'idempotency_key')}"
 
 

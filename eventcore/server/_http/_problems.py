@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from ..errors import (
+from eventcore.errors import (
     EventcoreError,
     HistoryGone,
     PayloadTooLarge,
@@ -30,7 +30,7 @@ from ..errors import (
 __all__ = ["PROBLEM_JSON", "Problem", "ProblemModel", "install_problem_handlers",
            "problem_response", "problem_type"]
 
-logger = logging.getLogger("eventcore.http")
+logger = logging.getLogger("eventcore.server")
 
 PROBLEM_JSON = "application/problem+json"
 _PREFIX = "urn:eventcore:problem:"

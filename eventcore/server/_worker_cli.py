@@ -16,9 +16,8 @@ from anyio.abc import TaskStatus
 from eventcore import EventLog, load_settings
 from eventcore._imports import import_object
 from eventcore.errors import ConfigError, WorkerFailed
-
-from ._app import App, RetryPolicy
-from ._worker import Worker
+from eventcore.workers._app import App, RetryPolicy
+from eventcore.workers._worker import Worker
 
 __all__ = ["load_app", "worker"]
 

@@ -1,7 +1,7 @@
 """``eventcore tail``: follow one session live in the terminal, resuming after interruptions.
 
 Two ways in: straight from Redis (``EVENTCORE_REDIS_URL``, or the embedded Redis of the data
-dir) through :func:`~eventcore._follow.follow_log`, or through a server's SSE endpoint
+dir) through :func:`~eventcore.server._follow.follow_log`, or through a server's SSE endpoint
 (``--url``) with ``Last-Event-ID`` on every reconnect. Either way the follower keeps the last
 seq it printed and resumes after it: a Redis or server restart shows up as a "reconnecting"
 status, never as a missing or repeated line.
@@ -21,11 +21,12 @@ from rich.console import Console
 from rich.status import Status
 from rich.text import Text
 
-from ._codec import client_json
+from eventcore._codec import client_json
+from eventcore._log import EventLog
+from eventcore._settings import load_settings
+from eventcore.errors import EventcoreError, SessionNotFound, TailError
+
 from ._follow import FollowRetry, Gap, backoff, closing_iter, follow_log
-from ._log import EventLog
-from ._settings import load_settings
-from .errors import EventcoreError, SessionNotFound, TailError
 
 __all__ = ["TailError", "TailItem", "follow_http", "run_tail"]
 

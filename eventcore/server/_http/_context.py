@@ -2,7 +2,7 @@
 
 Extension routers (WebRTC, ``/ui``, your own) use exactly these::
 
-    from eventcore._http import ServiceContext, SessionAccess, get_context, session_reader
+    from eventcore.server._http import ServiceContext, SessionAccess, get_context, session_reader
 
     router = APIRouter()
 
@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import anyio
 from fastapi import Depends, Path, Request
 
-from .._keys import _SESSION_ID
-from .._settings import Settings
+from eventcore._keys import _SESSION_ID
+from eventcore._settings import Settings
+
 from ._auth import Auth, Principal, check_incarnation
 from ._metrics import Metrics
 from ._problems import Problem
 
 if TYPE_CHECKING:
-    from subscribers._hub import Hub
-
-    from .._log import EventLog
+    from eventcore._log import EventLog
+    from eventcore.server._hub import Hub
 
 __all__ = [
     "ReadyCheck",
