@@ -26,10 +26,11 @@ from eventcore import EventLog, RedisError
 from eventcore._redis import redis_errors
 
 from ._groups import id_key, id_pred
-from ._persistence import Persistence
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
+
+    from ._persistence import Persistence  # needs the sql extra: only for the type
 
 __all__ = ["Retention", "RetentionReport"]
 
