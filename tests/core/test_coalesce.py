@@ -1,0 +1,148 @@
+"""Group commit without a background task: the first caller of a shard leads, sends one batch
+per round trip (here: a real Redis pipeline of INCRs) and hands the lead on. Cancelling a
+leader mid-flight or a caller just handed the lead never loses a batch mate's answer or hangs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from eventcore._coalesce import ShardCoalescer
+
+
+class Counter:
+    """``send`` INCRs one key per item in one pipeline; the answer is the item's new count.
+    ``gate`` (when set) holds every round trip until opened."""
+
+    def __init__(self, redis: aioredis.Redis, key: str) -> None:
+        self.redis, self.key = redis, key
+        self.batches: list[list[int]] = []
+        self.gate: anyio.Event | None = None
+        self.in_flight = anyio.Event()
+
+    async def send(self, shard: int, items: list[int]) -> list[int | BaseException]:
+        self.batches.append(items)
+        self.in_flight.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        pipe = self.redis.pipeline(transaction=False)
+        for item in items:
+            pipe.incr(f"{self.key}:{shard}:{item}")
+        answers: list[int | BaseException] = list(await pipe.execute())
+        return [ValueError(f"odd {i}") if i % 7 == 6 else a for i, a in zip(items, answers,
+                                                                          strict=True)]
+
+
+@pytest.fixture
+async def counter(redis_url: str) -> AsyncIterator[Counter]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield Counter(client, f"coalesce-{id(client)}")
+    finally:
+        await client.aclose()
+
+
+async def test_one_round_trip_per_tick_and_every_answer_is_its_own(counter: Counter) -> None:
+    co: ShardCoalescer[int, int] = ShardCoalescer(counter.send, max_batch=64)
+    results: dict[int, object] = {}
+
+    async def call(i: int) -> None:
+        try:
+            results[i] = await co.submit(i % 2, i)
+        except ValueError as exc:
+            results[i] = str(exc)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(300):
+            tg.start_soon(call, i)
+    await co.aclose()
+    assert results == {i: (f"odd {i}" if i % 7 == 6 else 1) for i in range(300)}
+    assert sorted(i for b in counter.batches for i in b) == list(range(300))
+    assert max(len(b) for b in counter.batches) <= 64
+    assert len(counter.batches) < 300 / 4  # coalesced, not one round trip per call
+    for b in counter.batches:  # each batch is one shard's, in submission order
+        assert len({i % 2 for i in b}) == 1 and b == sorted(b)
+
+
+async def test_a_leader_cancelled_mid_flight_still_answers_its_batch(counter: Counter) -> None:
+    co: ShardCoalescer[int, int] = ShardCoalescer(counter.send, max_batch=8)
+    counter.gate = anyio.Event()
+    got: dict[int, int] = {}
+
+    async def call(i: int) -> None:
+        got[i] = await co.submit(0, i)
+
+    async with anyio.create_task_group() as tg:
+        leader = anyio.CancelScope()
+
+        async def lead() -> None:
+            with leader:
+                await co.submit(0, 100)
+
+        tg.start_soon(lead)
+        await counter.in_flight.wait()  # the leader's round trip is under way...
+        for i in range(5):
+            tg.start_soon(call, i)  # ... these queue for the next one
+        await anyio.wait_all_tasks_blocked()
+        leader.cancel()
+        await anyio.wait_all_tasks_blocked()
+        counter.gate.set()
+    assert leader.cancelled_caught
+    assert got == {i: 1 for i in range(5)}
+    assert counter.batches == [[100], [0, 1, 2, 3, 4]]
+    assert await counter.redis.get(f"{counter.key}:0:100") == b"1"  # the leader's was sent
+
+
+class CancelOnHandOver(ShardCoalescer[int, int]):
+    """Cancels ``victim`` in the very step that hands it the lead: before it can resume."""
+
+    victim: asyncio.Future[int] | None = None
+
+    def _hand_over(self, shard: int, queue: Any) -> None:
+        super()._hand_over(shard, queue)
+        if self.victim is not None:
+            self.victim.cancel()
+            self.victim = None
+
+
+async def test_a_caller_cancelled_as_it_is_handed_the_lead_sends_the_batch(
+    counter: Counter,
+) -> None:
+    co = CancelOnHandOver(counter.send, max_batch=8)
+    counter.gate = anyio.Event()
+    first = asyncio.ensure_future(co.submit(0, 0))
+    await counter.in_flight.wait()
+    promoted = asyncio.ensure_future(co.submit(0, 1))  # next in line: it is handed the lead
+    others = [asyncio.ensure_future(co.submit(0, i)) for i in (2, 3)]
+    await anyio.wait_all_tasks_blocked()
+    co.victim = promoted
+    counter.gate.set()
+    assert await first == 1
+    with pytest.raises(asyncio.CancelledError):
+        await promoted
+    assert [await fut for fut in others] == [1, 1]  # the cancelled caller still led their batch
+    assert counter.batches == [[0], [1, 2, 3]]
+    await co.aclose()  # nothing left in flight: returns
+
+
+async def test_cancelled_waiters_not_yet_sent_are_dropped(counter: Counter) -> None:
+    co: ShardCoalescer[int, int] = ShardCoalescer(counter.send, max_batch=1)
+    counter.gate = anyio.Event()
+    first = asyncio.ensure_future(co.submit(0, 0))
+    await counter.in_flight.wait()
+    dropped = [asyncio.ensure_future(co.submit(0, i)) for i in (1, 2)]
+    kept = asyncio.ensure_future(co.submit(0, 3))
+    await anyio.wait_all_tasks_blocked()
+    for fut in dropped:
+        fut.cancel()
+    await anyio.wait_all_tasks_blocked()
+    counter.gate.set()
+    assert await first == 1 and await kept == 1
+    await co.aclose()
+    assert counter.batches == [[0], [3]]
+    assert await counter.redis.exists(f"{counter.key}:0:1", f"{counter.key}:0:2") == 0
