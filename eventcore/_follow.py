@@ -302,6 +302,7 @@ class Follower:
         attempt = 0
         while True:
             gone: HistoryGone | None = None
+            items: Sequence[Event]
             try:
                 if catchup:
                     live.rewind()

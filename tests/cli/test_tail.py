@@ -11,7 +11,8 @@ import pytest
 from cli_process import run_cli
 
 from eventcore import EventLog, load_settings
-from eventcore.server._tail import Renderer, TailItem, summarize
+from eventcore._follow import Event
+from eventcore.server._tail import Renderer, summarize
 from eventcore.testing._plugin import unique_namespace
 from eventcore.testing._server import RedisServer
 
@@ -121,7 +122,7 @@ def test_renderer_prints_payload_text_literally_and_keeps_a_status_line() -> Non
         r.notify("live", "following from seq 0")
         data = json.dumps({"seq": 1, "type": "message", "session_id": "s1",
                            "ts": "2026-01-01T00:00:00Z", "payload": {"text": "[bold]hi[/]"}})
-        r.item(TailItem(1, "message", data.encode()))
+        r.item(Event(1, "message", data.encode()))
         r.notify("retry", "Redis unavailable; retrying")
     text = buf.getvalue()
     assert "[bold]hi[/]" in text  # markup in payloads is data, not formatting
