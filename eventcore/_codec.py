@@ -55,3 +55,45 @@ def decode_entry(fields: Mapping[bytes, bytes], *, where: str = "") -> Envelope:
     except (msgspec.DecodeError, RecursionError) as exc:  # nested past the C stack
         raise CorruptEntry(f"stream entry {where} is not a valid envelope: {exc}") from exc
     return env
+
+
+# follower decoders
+def entry_seq(entry_id: bytes | str) -> int:
+    """The seq a stream entry id (``0-<seq>``) names."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.partition("-")[2])
+
+
+def seq_id(seq: int | None) -> str:
+    """The stream entry id of ``seq``: what XRANGE and XREAD take as a cursor."""
+    return f"0-{seq or 0}"
+
+
+def entry_client_event(entry_id: bytes, fields: Mapping[bytes, bytes]
+                       ) -> tuple[int, str, bytes, str, bytes | None]:
+    """Seq, type, client JSON, incarnation and server_data JSON of an entry whose payload is
+    inline, taken from the entry as they are (no JSON decoding: the followers' fast path)."""
+    try:
+        return (entry_seq(entry_id), fields[b"t"].decode(), fields[b"d"],
+                entry_incarnation(fields), fields.get(b"sd"))
+    except (KeyError, ValueError) as exc:
+        raise CorruptEntry(f"stream entry {entry_id!r} is not an envelope entry: {exc!r}"
+                           ) from exc
+
+
+def entry_has_ref(fields: Mapping[bytes, bytes]) -> bool:
+    """Whether the entry's payload lives in a blob (it must be hydrated before it is sent)."""
+    return b"r" in fields
+
+
+def entry_size(fields: Mapping[bytes, bytes]) -> int:
+    """The bytes an entry holds (what a follower's page budget counts)."""
+    return sum(len(k) + len(v) for k, v in fields.items())
+
+
+def decode_envelope(data: bytes, server_data: bytes | None) -> Envelope:
+    """An envelope from its client JSON and its server_data JSON (``None``: it has none)."""
+    env = _env_decoder.decode(data)
+    if server_data is not None:
+        env = msgspec.structs.replace(env, server_data=_any_decoder.decode(server_data))
+    return env

@@ -25,6 +25,7 @@ from ._envelope import (
     SignalPayload,
     SignalSummary,
 )
+from ._follow import LogFollowers, closing_iter
 from ._keys import validate_key, validate_session_id
 from ._redis import Redis, connect_redis, redis_errors, run_script
 from ._sessions import (
@@ -285,32 +286,24 @@ class EventLog:
         batch: int = 500,
         block_ms: int = 2000,
         until_ended: bool = True,
+        incarnation: str | None = None,
     ) -> AsyncIterator[Envelope]:
         """Every envelope after ``after``: catch up from history, then follow live. The seam is
         exact because both sides are cursors on seq. Stops after ``session.ended`` unless
-        ``until_ended`` is False. Holds one Redis connection while blocked: for many concurrent
-        followers use the SSE hub, which multiplexes."""
-        last = after
-        key = self.keys.session(validate_session_id(session_id)).stream
-        while True:
-            page = await self.read(session_id, last, batch)
-            for env in page:
+        ``until_ended`` is False. Follows one incarnation of the session (``incarnation``, by
+        default the current one; :class:`SessionNotFound` if there is none) and raises
+        :class:`SessionNotFound` once it is gone, never carrying a session created again
+        under the id. History gone everywhere raises :class:`HistoryGone`. Holds one Redis
+        connection while blocked: for many concurrent followers use the SSE hub, which
+        multiplexes (both are a :class:`~eventcore._follow.Follower`)."""
+        followers = LogFollowers(self, page=batch, block_ms=block_ms)
+        async with (
+            followers.subscribe(session_id, after, until_ended=until_ended,
+                                incarnation=incarnation) as follower,
+            closing_iter(follower.envelopes()) as envelopes,
+        ):
+            async for env in envelopes:
                 yield env
-                last = env.seq
-                if until_ended and env.type == "session.ended":
-                    return
-            if len(page) == batch:
-                continue
-            with redis_errors("tail"):
-                got = await self.redis.xread({key: _sid(last)}, count=batch, block=block_ms)
-            for _, entries in got or ():
-                for env in await self._decode(entries, key):
-                    if env.seq != last + 1:
-                        break  # a gap (trimmed or raced): read() sorts it out
-                    yield env
-                    last = env.seq
-                    if until_ended and env.type == "session.ended":
-                        return
 
     async def last_seq(self, session_id: str) -> int:
         with redis_errors("last_seq"):

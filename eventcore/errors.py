@@ -141,7 +141,12 @@ class EffectFailed(EventcoreError):
 
 
 class HistoryGone(EventcoreError):
-    """History after ``after`` was trimmed from Redis and is not in any archive."""
+    """History after ``after`` was trimmed from Redis and is not in any archive; what remains
+    starts at ``first_available``.
+
+    The one "reset" of the project: :meth:`EventLog.read` raises it, and a follower
+    (:class:`eventcore._follow.Follower`) yields it as an item of its stream, then goes on
+    after :attr:`resume_after` (SSE sends it as ``stream.reset``, WebRTC as ``gap``)."""
 
     def __init__(self, session_id: str, after: int, first_available: int) -> None:
         self.session_id = session_id
@@ -151,6 +156,11 @@ class HistoryGone(EventcoreError):
             f"session {session_id!r}: events after seq {after} are gone; "
             f"the oldest available is seq {first_available}"
         )
+
+    @property
+    def resume_after(self) -> int:
+        """The cursor to go on from: everything up to it is gone."""
+        return self.first_available - 1
 
 
 class Overloaded(EventcoreError):

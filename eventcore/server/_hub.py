@@ -2,13 +2,9 @@
 
 Not a consumer group (a group would split events between clients instead of copying them).
 
-- **Catch-up** is a client's own XRANGE pages from its cursor (``EventLog.read`` when a page
-  needs the archive), so a client resuming from seq 0 never slows anyone else. A page is
-  bounded in entries (``page``) and in bytes (``buffer_bytes`` past its first event; a
-  blob-backed event is a page of its own, hydrated): what a client holds never grows with the
-  history. XRANGE bounds only a count, so each read asks for as many entries as the largest
-  entry of the session's last read says fit, and the page is cut at the budget before
-  anything awaits (a Lua script that stops at the budget cost twice Redis' CPU per page).
+- **Catch-up** is a client's own pages from its cursor (:class:`~eventcore._follow.PageReader`:
+  bounded in entries and bytes, raw entries forwarded undecoded, the archive where Redis was
+  trimmed), so a client resuming from seq 0 never slows anyone else.
 - **Live** is one path for the whole process: either one multiplexed XREAD over all watched
   streams (the default), or the pub/sub notifications the append script publishes
   (``"<sid> <last_seq>"`` on each shard's ``notify`` channel), after which the hub XRANGEs every
@@ -16,10 +12,10 @@ Not a consumer group (a group would split events between clients instead of copy
   to 1,000 clients, XREAD ahead beyond (pub/sub pays a second round trip per event, and
   redis-py's pub/sub parsing). A session watched while the XREAD blocks joins on the next call
   (at most ``xread_block_ms``); its clients catch up by themselves meanwhile.
-- **The seam is exact** because everything is a seq cursor: a client takes an event only if it
-  is exactly ``cursor + 1``. Anything at or below the cursor is a duplicate and dropped;
-  anything above ``cursor + 1`` is a gap (a missed notification, a trimmed page, a buffer
-  overflow) and sends the client back to catch-up reads from its cursor.
+- **The seam is exact**: each client is a :class:`~eventcore._follow.Follower` (the one follower
+  of the project) whose live source is its buffer here. It takes an event only if it is
+  exactly ``cursor + 1``; a gap (a missed notification, a buffer overflow) sends it back to
+  catch-up pages from its cursor.
 - **Missed notifications** (pub/sub is at most once) are recovered by re-reading every watched
   session after the notification connection (re)subscribes, and by a periodic sweep comparing
   each watched session's ``seq`` with the hub's cursor.
@@ -37,18 +33,18 @@ Not a consumer group (a group would split events between clients instead of copy
   it continues with catch-up reads at its own pace. A client that accepts no bytes at all is
   closed by the transport's send timeout.
 
-The hub is transport-neutral: SSE and the WebRTC data channel both iterate
-:meth:`Subscription.batches` and format :class:`HubEvent` themselves.
+The hub is transport-neutral (a :class:`~eventcore._follow.Followers`): SSE and the WebRTC data
+channel both iterate :meth:`Subscription.batches` and format :class:`~eventcore._follow.Event`
+themselves.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import datetime as _dt
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -58,64 +54,25 @@ import msgspec
 import redis.exceptions as rexc
 from anyio.abc import TaskGroup, TaskStatus
 
-from eventcore import Envelope, EventLog, HistoryGone, SessionNotFound, client_json
-from eventcore._codec import decode_entry, entry_incarnation
+from eventcore import Envelope, EventLog, SessionNotFound
+from eventcore._codec import seq_id
+from eventcore._follow import (
+    Event,
+    Follower,
+    FollowRetry,
+    PageReader,
+    resolve_incarnation,
+    session_deleted,
+)
 from eventcore._redis import redis_errors
 from eventcore._sessions import INCARNATION_FIELDS, current_incarnation
 from eventcore.errors import EventcoreError, HubClosed, ValidationError
 
-__all__ = ["Hub", "HubClosed", "HubEvent", "HubStats", "StreamReset", "Subscription"]
+__all__ = ["Hub", "HubClosed", "HubStats", "Subscription"]
 
 log_ = logging.getLogger("eventcore.hub")
 
-_FIRST_READ = 64  # entries a session's first catch-up read asks for, before sizes are known
-_FIT_SESSIONS = 10_000
-
 LiveMode = Literal["pubsub", "xread"]
-
-
-class _Ts(msgspec.Struct):
-    ts: _dt.datetime
-
-
-_ts_decoder = msgspec.json.Decoder(_Ts)
-_envelope_decoder = msgspec.json.Decoder(Envelope)
-
-
-class HubEvent:
-    """One envelope as clients see it: seq, type, and the client JSON (no ``server_data``).
-
-    Shared by every client of the session, so transports cache their framing on it (``sse``).
-    ``inc`` is the incarnation its entry names (``""``: the entry does not say).
-    """
-
-    __slots__ = ("data", "inc", "seq", "sse", "type")
-
-    def __init__(self, seq: int, type: str, data: bytes, inc: str = "") -> None:
-        self.seq = seq
-        self.type = type
-        self.data = data
-        self.inc = inc
-        self.sse: bytes | None = None
-
-    def ts(self) -> _dt.datetime:
-        return _ts_decoder.decode(self.data).ts
-
-    def __repr__(self) -> str:
-        return f"HubEvent(seq={self.seq}, type={self.type!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    """History after ``after`` is gone everywhere; the stream continues after ``resume_after``."""
-
-    session_id: str
-    after: int
-    first_available: int
-
-    @property
-    def resume_after(self) -> int:
-        return self.first_available - 1
 
 
 @dataclass(slots=True)
@@ -131,12 +88,15 @@ class HubStats:
 
 
 class _Client:
-    __slots__ = ("buf", "closed", "gone", "inc", "lagged", "limit", "limit_bytes", "size",
-                 "waiter")
+    """One follower's bounded buffer: its :class:`~eventcore._follow.LiveSource`."""
 
-    def __init__(self, limit: int, limit_bytes: int, inc: str) -> None:
+    __slots__ = ("buf", "closed", "gone", "inc", "lagged", "limit", "limit_bytes",
+                 "session_id", "size", "waiter")
+
+    def __init__(self, session_id: str, limit: int, limit_bytes: int, inc: str) -> None:
+        self.session_id = session_id
         self.inc = inc  # the incarnation it follows
-        self.buf: collections.deque[HubEvent] = collections.deque()
+        self.buf: collections.deque[Event] = collections.deque()
         self.size = 0  # bytes of client JSON in buf
         self.limit = limit
         self.limit_bytes = limit_bytes
@@ -145,7 +105,7 @@ class _Client:
         self.closed = False
         self.waiter: anyio.Event | None = None
 
-    def push(self, events: Sequence[HubEvent], size: int) -> bool:
+    def push(self, events: Sequence[Event], size: int) -> bool:
         """Queue without ever waiting; False if the client overflowed (it then catches up)."""
         if self.lagged:
             return True
@@ -169,6 +129,30 @@ class _Client:
             self.waiter.set()
             self.waiter = None
 
+    # -- LiveSource ----------------------------------------------------------------------------
+    def rewind(self) -> None:
+        if self.closed:
+            raise HubClosed("the event hub is shutting down")
+        if self.gone:
+            raise session_deleted(self.session_id)
+        self.lagged = False
+        self.clear()
+
+    async def next(self, cursor: int) -> Sequence[Event] | None:
+        while True:
+            if self.closed:
+                raise HubClosed("the event hub is shutting down")
+            if self.lagged:
+                return None  # overflowed: catch up with pages at its own pace
+            if self.buf:
+                items = list(self.buf)
+                self.clear()
+                return items
+            if self.gone:
+                raise session_deleted(self.session_id)
+            waiter = self.waiter = anyio.Event()
+            await waiter.wait()
+
 
 @dataclass(slots=True, eq=False)
 class _Watch:
@@ -185,94 +169,28 @@ class _Watch:
     retired: bool = False  # its incarnation is gone: no longer registered, nothing fanned out
 
 
-class Subscription:
-    """One client's view of one incarnation of a session: iterate :meth:`batches`."""
+class Subscription(Follower):
+    """One client's :class:`~eventcore._follow.Follower` of one incarnation of a session:
+    iterate :meth:`batches`. Raises :class:`HubClosed` when the hub shuts down."""
 
     def __init__(
         self, hub: Hub, watch: _Watch, client: _Client, after: int,
-        types: Collection[str] | None, until_ended: bool,
+        types: Collection[str] | None, until_ended: bool, retry_cap_s: float | None,
+        on_retry: Callable[[FollowRetry], None] | None,
     ) -> None:
+        super().__init__(watch.session_id, self._page, client, after, types=types,
+                         until_ended=until_ended, retry_cap_s=retry_cap_s, on_retry=on_retry)
         self._hub = hub
         self._watch = watch
-        self._client = client
-        self.session_id = watch.session_id
         self.incarnation = client.inc
-        self.cursor = after
-        self.types = frozenset(types) if types else None
-        self.until_ended = until_ended
 
-    def _match(self, ev: HubEvent) -> bool:
-        return self.types is None or ev.type in self.types
-
-    async def batches(self) -> AsyncIterator[list[HubEvent] | StreamReset]:
-        """Lists of events in seq order (each non-empty, filtered by ``types``), or a
-        :class:`StreamReset` where history is gone. Ends after ``session.ended`` (with
-        ``until_ended``); raises :class:`SessionNotFound` once its incarnation is gone (the
-        session deleted or expired, its id perhaps created again: nothing of that one is ever
-        yielded) and :class:`HubClosed` when the hub shuts down. ``self.cursor`` is the last
-        seq covered."""
-        hub, client = self._hub, self._client
-        if self._watch.cursor is None:
-            # The live path fans out only after the watch's cursor. Setting it before this
-            # client's first catch-up read makes that read cover everything up to it; left to
-            # the fetch loop, an append landing between this client's catch-up and the cursor's
-            # initialisation reached neither path.
-            with redis_errors("hub init"):
-                await hub._init_cursors([self._watch])
-        catchup = True
-        while True:
-            if client.closed or hub.closed:
-                raise HubClosed("the event hub is shutting down")
-            if client.gone and not client.buf:
-                raise _deleted(self.session_id)
-            if catchup or client.lagged:
-                client.lagged = False
-                client.clear()
-                try:
-                    page, caught_up = await hub.read_page(self.session_id, self.cursor,
-                                                          incarnation=client.inc)
-                except SessionNotFound:
-                    hub._incarnation_gone(self._watch, client.inc)
-                    raise
-                except HistoryGone as exc:
-                    reset = StreamReset(self.session_id, exc.after, exc.first_available)
-                    self.cursor = reset.resume_after
-                    yield reset
-                    continue
-                out, ended = self._take(page)
-                if out:
-                    yield out
-                if ended:
-                    return
-                catchup = not caught_up
-                continue
-            if not client.buf:
-                waiter = client.waiter = anyio.Event()
-                await waiter.wait()
-                continue
-            items = list(client.buf)
-            client.clear()
-            out, ended = self._take(items)
-            if out:
-                yield out
-            if ended:
-                return
-            if items and items[-1].seq > self.cursor:
-                catchup = True  # a gap: read it from the log
-
-    def _take(self, items: Sequence[HubEvent]) -> tuple[list[HubEvent], bool]:
-        out: list[HubEvent] = []
-        for ev in items:
-            if ev.seq <= self.cursor:
-                continue
-            if ev.seq != self.cursor + 1:
-                break
-            self.cursor = ev.seq
-            if self._match(ev):
-                out.append(ev)
-            if self.until_ended and ev.type == "session.ended":
-                return out, True
-        return out, False
+    async def _page(self, cursor: int) -> tuple[list[Event], bool]:
+        try:
+            return await self._hub.read_page(self.session_id, cursor,
+                                             incarnation=self.incarnation)
+        except SessionNotFound:
+            self._hub._incarnation_gone(self._watch, self.incarnation)
+            raise
 
 
 class Hub:
@@ -299,7 +217,8 @@ class Hub:
         self.buffer = buffer
         self.buffer_bytes = buffer_bytes
         self.page = page
-        self.archive_page = archive_page
+        self.pages = PageReader(log, page=page, buffer_bytes=buffer_bytes,
+                                archive_page=archive_page)
         self.fetch_batch = fetch_batch
         self.resync_s = resync_s
         self.xread_block_ms = xread_block_ms
@@ -311,41 +230,39 @@ class Hub:
         self._dirty: dict[str, _Watch] = {}
         self._dirty_event = anyio.Event()
         self._tg: TaskGroup | None = None
-        self._exit: contextlib.AsyncExitStack | None = None
-        # per session: how many entries of the size its last read had fit in buffer_bytes
-        self._fit: dict[str, int] = {}
 
     # -- lifetime ----------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        stack = contextlib.AsyncExitStack()
-        await stack.__aenter__()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
         try:
-            self._tg = await stack.enter_async_context(anyio.create_task_group())
-            if self.live == "pubsub":
-                await self._tg.start(self._pubsub_loop)
-                await self._tg.start(self._fetch_loop)
-            else:
-                await self._tg.start(self._xread_loop)
-            await self._tg.start(self._sweep_loop)
-        except BaseException:
-            await stack.aclose()
+            await self._tg.start(self.run)
+        except BaseException as exc:
+            tg, self._tg = self._tg, None
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(type(exc), exc, exc.__traceback__)
             raise
-        self._exit = stack
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop the live path and end every subscription with :class:`HubClosed`."""
         self.drain()
         if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-        if self._exit is not None:
-            stack, self._exit = self._exit, None
-            await stack.aclose()
+            tg, self._tg = self._tg, None
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(et, e, tb)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The live path and its sweep, until cancelled; started once the live path is."""
+        async with anyio.create_task_group() as tg:
+            if self.live == "pubsub":
+                await tg.start(self._pubsub_loop)
+                await tg.start(self._fetch_loop)
+            else:
+                await tg.start(self._xread_loop)
+            await tg.start(self._sweep_loop)
+            task_status.started()
 
     @property
     def clients(self) -> int:
@@ -360,21 +277,20 @@ class Hub:
     async def subscribe(
         self, session_id: str, after: int = 0, *, types: Collection[str] | None = None,
         until_ended: bool = True, incarnation: str | None = None,
+        retry_cap_s: float | None = None, on_retry: Callable[[FollowRetry], None] | None = None,
     ) -> AsyncIterator[Subscription]:
         """Watch ``session_id`` from seq ``after``: its incarnation ``incarnation`` (the one
         a caller was authorized for, ``SessionInfo.incarnation``), by default the current one
         (:class:`SessionNotFound` if there is none). Registration happens before the first
-        catch-up read, so nothing appended meanwhile can fall between the two."""
+        catch-up read, so nothing appended meanwhile can fall between the two. The
+        :class:`~eventcore._follow.Followers` of an API process."""
         if self.closed:
             raise HubClosed("the event hub is shutting down")
         if after < 0:
             raise ValidationError("after must be >= 0")
-        if incarnation is None:
-            incarnation = (await self.log.incarnations([session_id]))[session_id]
-            if incarnation is None:
-                raise SessionNotFound(session_id)
+        incarnation = await resolve_incarnation(self.log, session_id, incarnation)
         keys = self.log.keys.session(session_id)
-        client = _Client(self.buffer, self.buffer_bytes, incarnation)
+        client = _Client(session_id, self.buffer, self.buffer_bytes, incarnation)
         w = self._watches.get(session_id)
         if w is not None and w.inc is not None and w.inc != incarnation:
             if _newer(incarnation, w.inc):
@@ -388,7 +304,15 @@ class Hub:
         if not client.gone:
             w.clients.add(client)
         try:
-            yield Subscription(self, w, client, after, types, until_ended)
+            if w.cursor is None and not client.gone:
+                # The live path fans out only after the watch's cursor. Setting it before this
+                # client's first catch-up read makes that read cover everything up to it; left
+                # to the fetch loop, an append landing between this client's catch-up and the
+                # cursor's initialisation reached neither path.
+                with redis_errors("hub init"):
+                    await self._init_cursors([w])
+            yield Subscription(self, w, client, after, types, until_ended, retry_cap_s,
+                               on_retry)
         finally:
             client.closed = True
             w.clients.discard(client)
@@ -399,77 +323,22 @@ class Hub:
     async def read_page(
         self, session_id: str, after: int, limit: int | None = None, *,
         incarnation: str | None = None,
-    ) -> tuple[list[HubEvent], bool]:
-        """One catch-up page after ``after`` (at most ``limit`` events and, past the first,
-        ``buffer_bytes``) and whether it reached the end of the log. Raw entries are
-        forwarded without decoding; pages needing the archive go through
-        :meth:`EventLog.read`, ``archive_page`` events at a time (it raises
-        :class:`HistoryGone` where history is gone everywhere). With ``incarnation``, a page
-        of that incarnation or :class:`SessionNotFound`: the session's metadata is read after
-        the page (in the same round trip; one more after an archive read), and incarnations
-        only grow, so a page of any other passes no check."""
-        limit = limit or self.page
-        keys = self.log.keys.session(session_id)
-        count = min(limit, self._fit.get(session_id, _FIRST_READ))
-        with redis_errors("hub read"):
-            if incarnation is None:
-                entries = await self.log.redis.xrange(
-                    keys.stream, f"({_sid(after)}", "+", count=count
-                )
-            else:
-                async with self.log.redis.pipeline(transaction=False) as pipe:
-                    pipe.xrange(keys.stream, f"({_sid(after)}", "+", count=count)
-                    pipe.hmget(keys.meta, list(INCARNATION_FIELDS))
-                    entries, meta = await pipe.execute()
-                _expect(session_id, incarnation, current_incarnation(meta))
-        if entries and _seq(entries[0][0]) == after + 1:
-            page, largest = self._cut(entries)
-            if len(self._fit) >= _FIT_SESSIONS:
-                self._fit.clear()  # a hint, not state: forgetting costs one small read each
-            self._fit[session_id] = max(1, self.buffer_bytes // largest)
-            caught_up = len(page) == len(entries) < count
-            return await self._events_of(page, keys.stream), caught_up
-        envs = await self.log.read(session_id, after, min(limit, self.archive_page))
-        if incarnation is not None:
-            _expect(session_id, incarnation,
-                    (await self.log.incarnations([session_id]))[session_id])
-        events = [HubEvent(e.seq, e.type, client_json(e), incarnation or "") for e in envs]
-        # A page from the archive stops where Redis starts, however short: only an empty read
-        # says this is the end of the log.
-        return events, not events
-
-    def _cut(self, entries: list[tuple[bytes, dict[bytes, bytes]]]
-             ) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], int]:
-        """The head of a read within ``buffer_bytes`` (past its first entry), a blob-backed
-        entry alone (what it costs is only known once hydrated), and the largest entry seen."""
-        used = largest = 0
-        for n, (_, fields) in enumerate(entries):
-            size = sum(len(k) + len(v) for k, v in fields.items())
-            largest = max(largest, size)
-            blob = b"r" in fields
-            if n and (blob or used + size > self.buffer_bytes):
-                return entries[:n], largest
-            if blob:
-                return entries[:1], largest
-            used += size
-        return entries, largest
+    ) -> tuple[list[Event], bool]:
+        """One catch-up page (:meth:`PageReader.read <eventcore._follow.PageReader.read>`)."""
+        return await self.pages.read(session_id, after, limit, incarnation=incarnation)
 
     async def follow(self, session_id: str, after: int = 0, *, incarnation: str | None = None
                      ) -> AsyncIterator[Envelope]:
-        """Every envelope after ``after``, then live, as :class:`Envelope` objects (the
-        ``EnvelopeSource`` protocol of WebRTC and other followers). Raises
-        :class:`HistoryGone` where history is gone everywhere, :class:`SessionNotFound` once
-        the incarnation followed is gone."""
+        """Every envelope after ``after``, then live (the ``EnvelopeSource`` of other
+        followers). Raises :class:`~eventcore.HistoryGone` where history is gone everywhere,
+        :class:`SessionNotFound` once the incarnation followed is gone."""
         async with self.subscribe(session_id, after, incarnation=incarnation) as sub:
-            async for batch in sub.batches():
-                if isinstance(batch, StreamReset):
-                    raise HistoryGone(session_id, batch.after, batch.first_available)
-                for ev in batch:
-                    yield _envelope_decoder.decode(ev.data)
+            async for env in sub.envelopes():
+                yield env
 
     def drain(self) -> None:
         """Shutting down: refuse new subscriptions and end every current one with
-        :class:`HubClosed` (the live path keeps running until :meth:`aclose`)."""
+        :class:`HubClosed` (the live path keeps running until the hub exits)."""
         self.closed = True
         for w in self._watches.values():
             for c in w.clients:
@@ -488,10 +357,10 @@ class Hub:
         for w in self._watches.values():
             self._mark(w)
 
-    def _fan_out(self, w: _Watch, events: list[HubEvent]) -> None:
+    def _fan_out(self, w: _Watch, events: list[Event]) -> None:
         if not events or w.retired:
             return
-        if any(e.inc and e.inc != w.inc for e in events):
+        if any(e.incarnation and e.incarnation != w.inc for e in events):
             # the stream is another incarnation's now: the one watched was deleted (or
             # expired) and its id created again
             self._retire(w)
@@ -505,16 +374,6 @@ class Hub:
         for c in w.clients:
             if not c.push(events, size):
                 self.stats.lagged_clients += 1
-
-    async def _events_of(self, entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]],
-                         where: str) -> list[HubEvent]:
-        if not any(b"r" in f for _, f in entries):
-            return [_event(i, f) for i, f in entries]
-        envs = await self.log.hydrate(
-            [decode_entry(f, where=f"{where} {i!r}") for i, f in entries]
-        )
-        return [HubEvent(e.seq, e.type, client_json(e), entry_incarnation(f))
-                for e, (_, f) in zip(envs, entries, strict=True)]
 
     async def _init_cursors(self, watches: Sequence[_Watch]) -> None:
         async with self.log.redis.pipeline(transaction=False) as pipe:
@@ -656,7 +515,7 @@ class Hub:
         with redis_errors("hub fetch"):
             async with self.log.redis.pipeline(transaction=False) as pipe:
                 for w in ready:
-                    pipe.xrange(w.stream, f"({_sid(w.cursor or 0)}", "+", count=self.page)
+                    pipe.xrange(w.stream, f"({seq_id(w.cursor)}", "+", count=self.page)
                 results = await pipe.execute()
         self.stats.fetches += 1
         for w, entries in zip(ready, results, strict=True):
@@ -664,7 +523,7 @@ class Hub:
                 if w.head > (w.cursor or 0):
                     await self._check_gone(w)
                 continue
-            self._fan_out(w, await self._events_of(entries, w.stream))
+            self._fan_out(w, await self.pages.events_of(entries, w.stream))
             if len(entries) == self.page or w.head > (w.cursor or 0):
                 self._mark(w)
 
@@ -686,7 +545,7 @@ class Hub:
                         await self._init_cursors(fresh)
                 self._dirty.clear()
                 streams: dict[Any, Any] = {
-                    w.stream: _sid(w.cursor) for w in self._watches.values()
+                    w.stream: seq_id(w.cursor) for w in self._watches.values()
                     if w.cursor is not None
                 }
                 if not streams:
@@ -705,7 +564,7 @@ class Hub:
                     w = by_stream.get(key.decode() if isinstance(key, bytes) else key)
                     if w is None or w.cursor is None or not entries:
                         continue
-                    events = [e for e in await self._events_of(entries, w.stream)
+                    events = [e for e in await self.pages.events_of(entries, w.stream)
                               if e.seq > w.cursor]
                     self._fan_out(w, events)
             except (EventcoreError, rexc.RedisError, OSError) as exc:
@@ -714,35 +573,10 @@ class Hub:
                 await anyio.sleep(0.1)
 
 
-def _event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> HubEvent:
-    return HubEvent(_seq(entry_id), fields[b"t"].decode(), fields[b"d"],
-                    entry_incarnation(fields))
-
-
 def _newer(a: str, b: str) -> bool:
     return (len(a), a) > (len(b), b)  # 16 digits; "" (before incarnations) is the oldest
-
-
-def _deleted(session_id: str) -> SessionNotFound:
-    return SessionNotFound(session_id, f"session {session_id!r} was deleted (its id may name a "
-                           "new session now)")
-
-
-def _expect(session_id: str, incarnation: str, current: str | None) -> None:
-    if current != incarnation:
-        raise _deleted(session_id)
 
 
 def _end(c: _Client) -> None:
     c.gone = True
     c.wake()
-
-
-def _sid(seq: int | None) -> str:
-    return f"0-{seq or 0}"
-
-
-def _seq(entry_id: bytes | str) -> int:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(text.partition("-")[2])
-

@@ -1,10 +1,12 @@
 """``eventcore tail``: follow one session live in the terminal, resuming after interruptions.
 
 Two ways in: straight from Redis (``EVENTCORE_REDIS_URL``, or the embedded Redis of the data
-dir) through :func:`~eventcore.server._follow.follow_log`, or through a server's SSE endpoint
+dir) through the core :class:`~eventcore._follow.Follower`, or through a server's SSE endpoint
 (``--url``) with ``Last-Event-ID`` on every reconnect. Either way the follower keeps the last
 seq it printed and resumes after it: a Redis or server restart shows up as a "reconnecting"
-status, never as a missing or repeated line.
+status, never as a missing or repeated line. Both yield the same items: an
+:class:`~eventcore._follow.Event`, or a :class:`~eventcore.HistoryGone` where history is gone
+(the stream goes on after it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, TextIO
 
 import anyio
@@ -21,28 +22,22 @@ from rich.console import Console
 from rich.status import Status
 from rich.text import Text
 
-from eventcore._codec import client_json
+from eventcore._follow import Event, FollowRetry, LogFollowers, backoff, closing_iter
 from eventcore._log import EventLog
 from eventcore._settings import load_settings
-from eventcore.errors import EventcoreError, SessionNotFound, TailError
+from eventcore.errors import EventcoreError, HistoryGone, SessionNotFound, TailError
 
-from ._follow import FollowRetry, Gap, backoff, closing_iter, follow_log
-
-__all__ = ["TailError", "TailItem", "follow_http", "run_tail"]
-
-
-@dataclass(frozen=True, slots=True)
-class TailItem:
-    seq: int
-    type: str
-    data: bytes  # the client envelope JSON
-
+__all__ = ["TailError", "follow_http", "follow_redis", "run_tail"]
 
 Notify = Callable[[str, str], None]  # (kind, text): kind is "live" or "retry"
+_Item = Event | HistoryGone
+
+_DELETED = "the session was deleted; its id may name a new session now"
 
 
 # -- sources --------------------------------------------------------------------------------------
-async def follow_redis(session_id: str, after: int, notify: Notify) -> AsyncIterator[TailItem]:
+async def follow_redis(session_id: str, after: int, notify: Notify) -> AsyncIterator[_Item]:
+    """The session's events straight from Redis, across Redis outages."""
     async with EventLog(load_settings()) as log:
         try:
             info = await log.get_session(session_id)
@@ -51,23 +46,33 @@ async def follow_redis(session_id: str, after: int, notify: Notify) -> AsyncIter
         notify("info", f"session {session_id} · agent {info.agent or '-'} · state {info.state} "
                        f"· {info.last_seq} events")
         notify("state", info.state)
+        retrying = False
 
         def on_retry(r: FollowRetry) -> None:
+            nonlocal retrying
+            retrying = True
             notify("retry", f"Redis unavailable; retrying in {r.delay_s:.1f}s (attempt "
                             f"{r.attempt}), resuming after seq {r.last_seq}")
 
-        def on_live(last: int) -> None:
-            notify("live", f"following from seq {last}")
-
-        def on_gap(gap: Gap) -> None:
-            notify("gap", f"history after seq {gap.after} is gone; continuing at seq "
-                          f"{gap.first_available}")
-
-        follower = follow_log(log, session_id, after, on_retry=on_retry, on_live=on_live,
-                              on_gap=on_gap)
-        async with closing_iter(follower) as envelopes:
-            async for env in envelopes:
-                yield TailItem(env.seq, env.type, client_json(env))
+        notify("live", f"following from seq {after}")
+        try:
+            async with (
+                LogFollowers(log).subscribe(session_id, after, incarnation=info.incarnation,
+                                            retry_cap_s=5.0, on_retry=on_retry) as follower,
+                closing_iter(follower.batches()) as batches,
+            ):
+                async for batch in batches:
+                    if retrying:
+                        retrying = False
+                        notify("live", f"following again after seq {follower.cursor}")
+                    if isinstance(batch, HistoryGone):
+                        yield batch
+                        continue
+                    for ev in batch:
+                        yield ev
+        except SessionNotFound:
+            # not resumable: following on would follow whatever session the id names next
+            notify("info", _DELETED)
 
 
 class _Retry(EventcoreError):
@@ -95,7 +100,7 @@ async def follow_http(
     *,
     read_timeout_s: float = 60.0,
     backoff_cap_s: float = 5.0,
-) -> AsyncIterator[TailItem]:
+) -> AsyncIterator[_Item]:
     """The session's events from ``GET /v1/sessions/{id}/events`` (SSE), reconnecting with
     ``Last-Event-ID`` after drops, server restarts and 5xx answers. It asks for every type:
     the stream must reach ``session.ended`` for the follower to know it is over."""
@@ -130,16 +135,14 @@ async def follow_http(
                             hint = sse.retry / 1000
                         if sse.event == "stream.reset":
                             first = _first_available(sse.data, sse.id)
-                            if first is not None:
-                                notify("gap", f"history after seq {last} is gone; continuing "
-                                              f"at seq {first}")
-                                last = max(last, first - 1)
+                            if first is not None and first > last + 1:
+                                yield HistoryGone(session_id, last, first)
+                                last = first - 1
                             continue
                         if sse.event == "session.deleted":
                             # not resumable: reconnecting would follow whatever session the
                             # id names next (its seqs restart at 1)
-                            notify("info", "the session was deleted; its id may name a new "
-                                           "session now")
+                            notify("info", _DELETED)
                             return
                         if not sse.id.isdigit():
                             if sse.data:
@@ -149,7 +152,7 @@ async def follow_http(
                         if seq <= last:
                             continue  # never print a seq twice
                         last = seq
-                        yield TailItem(seq, sse.event, sse.data.encode())
+                        yield Event(seq, sse.event, sse.data.encode())
                         if sse.event == "session.ended":
                             return
                 raise _Retry("the server closed the stream")
@@ -326,7 +329,12 @@ class Renderer:
         if self._status is not None:
             self._status.update(self._status_text())
 
-    def item(self, item: TailItem) -> None:
+    def gap(self, gone: HistoryGone) -> None:
+        self.last = gone.resume_after
+        self.notify("gap", f"history after seq {gone.after} is gone; continuing at seq "
+                           f"{gone.first_available}")
+
+    def item(self, item: Event) -> None:
         self.last = item.seq
         self.state = _STATE_AFTER.get(item.type, self.state)
         if item.type == "session.ended":
@@ -388,5 +396,8 @@ async def run_tail(
         source = follow_redis(session_id, after, renderer.notify)
     async with closing_iter(source) as items:
         async for item in items:
-            renderer.item(item)
+            if isinstance(item, HistoryGone):
+                renderer.gap(item)
+            else:
+                renderer.item(item)
     renderer.finish()

@@ -49,11 +49,13 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from eventcore._envelope import Envelope
+from eventcore._follow import Followers, LogFollowers, closing_iter
 from eventcore._keys import validate_session_id
 from eventcore._log import EventLog
 from eventcore._values import validate_value
 from eventcore.errors import (
     EventcoreError,
+    HistoryGone,
     Overloaded,
     PayloadTooLarge,
     SessionEnded,
@@ -62,7 +64,6 @@ from eventcore.errors import (
     ValidationError,
 )
 
-from ._follow import EventSource, Gap, LogSource, closing_iter
 from ._webrtc_wire import (
     STREAM_ERRORS,
     Channel,
@@ -89,6 +90,7 @@ __all__ = ["WebRTCAnswer", "WebRTCGateway", "WebRTCLimits", "WebRTCStats", "inpu
 logger = logging.getLogger("eventcore.webrtc")
 
 EVENTS, INPUTS = "events", "inputs"
+_RETRY_CAP_S = 5.0  # a follower waits at most this long between tries while Redis is away
 
 
 @dataclass(slots=True)
@@ -128,51 +130,45 @@ class Peer:
 
 class WebRTCGateway:
     """Answers offers and runs the peer connections. ``async with WebRTCGateway(log):``;
-    :meth:`aclose` closes every peer connection.
+    leaving the block closes every peer connection.
 
-    ``source`` is where ``events`` channels read from: by default :class:`LogSource` (one
-    blocking read per peer); an API process passes a :class:`HubSource` so every follower
-    shares the hub's live path."""
+    ``followers`` is where ``events`` channels follow from: by default
+    :class:`~eventcore._follow.LogFollowers` (one blocking read per peer); an API process
+    passes its SSE hub so every follower shares the hub's live path. A Redis outage only
+    pauses a follower: it resumes from its cursor."""
 
     def __init__(
         self,
         log: EventLog,
         *,
-        source: EventSource | None = None,
+        followers: Followers | None = None,
         limits: WebRTCLimits | None = None,
     ) -> None:
         self.log = log
-        self.source: EventSource = source if source is not None else LogSource(log)
+        self.followers: Followers = followers if followers is not None else LogFollowers(log)
         self.limits = limits or WebRTCLimits()
         self.stats = WebRTCStats()
         self._peers: dict[str, Peer] = {}
         self._pending: list[str] = []  # session ids of offers being answered
         self._tg: TaskGroup | None = None
-        self._stack: contextlib.AsyncExitStack | None = None
 
     @property
     def peers(self) -> Mapping[str, Peer]:
         return self._peers
 
     async def __aenter__(self) -> Self:
-        stack = contextlib.AsyncExitStack()
-        self._tg = await stack.enter_async_context(anyio.create_task_group())
-        self._stack = stack
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is None:
-            return
+        """Close every peer connection."""
         if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-        self._tg = None
-        await stack.aclose()
+            tg, self._tg = self._tg, None
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(et, e, tb)
 
     async def answer(
         self, session_id: str, sdp: str, *, expires_at: float | None = None,
@@ -369,11 +365,14 @@ class WebRTCGateway:
     async def _stream(self, peer: Peer, ch: Channel, resume: Resume) -> None:
         last = resume.after
         try:
-            follower = self.source.follow(peer.session_id, resume.after, resume.types,
-                                          incarnation=peer.incarnation)
-            async with closing_iter(follower) as batches:
+            async with (
+                self.followers.subscribe(peer.session_id, resume.after, types=resume.types,
+                                         incarnation=peer.incarnation,
+                                         retry_cap_s=_RETRY_CAP_S) as follower,
+                closing_iter(follower.batches()) as batches,
+            ):
                 async for batch in batches:
-                    if isinstance(batch, Gap):
+                    if isinstance(batch, HistoryGone):
                         # history is gone everywhere: say so, then carry on after the hole
                         await ch.send(control("gap", after=batch.after,
                                                first_available=batch.first_available))

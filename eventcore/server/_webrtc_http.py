@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from eventcore.errors import ValidationError
 
-from ._follow import HubSource
 from ._http._context import ServiceContext, SessionAccess, get_context, session_reader
 from ._http._problems import Problem
 from ._webrtc import WebRTCGateway, WebRTCLimits
@@ -52,7 +51,7 @@ async def webrtc_service(
     default a peer that stops reading is closed after the SSE send timeout."""
     if limits is None:
         limits = WebRTCLimits(send_timeout_s=ctx.settings.sse_send_timeout_s)
-    async with WebRTCGateway(ctx.log, source=HubSource(ctx.hub), limits=limits) as gateway:
+    async with WebRTCGateway(ctx.log, followers=ctx.hub, limits=limits) as gateway:
         gauges = _bind_metrics(ctx, gateway)
         ctx.extras[EXTRA_KEY] = gateway
         try:

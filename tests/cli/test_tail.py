@@ -11,7 +11,8 @@ import pytest
 from cli_process import run_cli
 
 from eventcore import EventLog, load_settings
-from eventcore.server._tail import Renderer, TailItem, summarize
+from eventcore._follow import Event
+from eventcore.server._tail import Renderer, summarize
 from eventcore.testing._plugin import unique_namespace
 from eventcore.testing._server import RedisServer
 
@@ -121,7 +122,7 @@ def test_renderer_prints_payload_text_literally_and_keeps_a_status_line() -> Non
         r.notify("live", "following from seq 0")
         data = json.dumps({"seq": 1, "type": "message", "session_id": "s1",
                            "ts": "2026-01-01T00:00:00Z", "payload": {"text": "[bold]hi[/]"}})
-        r.item(TailItem(1, "message", data.encode()))
+        r.item(Event(1, "message", data.encode()))
         r.notify("retry", "Redis unavailable; retrying")
     text = buf.getvalue()
     assert "[bold]hi[/]" in text  # markup in payloads is data, not formatting
@@ -146,3 +147,34 @@ def test_renderer_prints_payload_text_literally_and_keeps_a_status_line() -> Non
 )
 def test_summaries_by_kind(env: dict[str, object], expected: str) -> None:
     assert summarize(env) == expected
+
+
+async def test_tail_from_redis_stops_at_session_deleted_and_never_follows_the_next_session(
+    event_log: EventLog, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follower is mid catch-up when the session is deleted and created again: it ends
+    there (told so), never taking the new session's events for the old one's."""
+    from eventcore import Envelope
+    from eventcore.server._tail import follow_redis
+
+    for name, value in _env(redis_url, event_log.settings.namespace).items():
+        monkeypatch.setenv(name, value)
+    sid = (await event_log.create_session("echo")).session_id
+    await event_log.append_many([Envelope(type="note", session_id=sid, payload={"gen": "old"})
+                                 for _ in range(300)])
+    notes: list[tuple[str, str]] = []
+    items = follow_redis(sid, 0, lambda k, t: notes.append((k, t)))
+    seqs: list[int] = []
+    with anyio.fail_after(DEADLINE):
+        first = await items.__anext__()
+        assert isinstance(first, Event)
+        seqs.append(first.seq)
+        assert await event_log.delete_session(sid)
+        await event_log.create_session("echo", session_id=sid)
+        await event_log.append_many([Envelope(type="note", session_id=sid,
+                                              payload={"gen": "new"}) for _ in range(400)])
+        async for item in items:
+            assert isinstance(item, Event) and b'"new"' not in item.data, item
+            seqs.append(item.seq)
+    assert seqs == list(range(1, len(seqs) + 1)) and seqs[-1] < 301
+    assert ("info", "the session was deleted; its id may name a new session now") in notes

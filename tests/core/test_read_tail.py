@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from eventcore import Envelope, EventLog, ValidationError
+from eventcore import Envelope, EventLog, SessionNotFound, ValidationError
 from eventcore.testing.invariants import assert_replay_suffixes, check_log
 
 
@@ -104,3 +104,49 @@ async def test_hostile_ids_on_read_paths(event_log: EventLog) -> None:
             await anext(aiter(event_log.tail(bad)))
         with pytest.raises(ValidationError):
             await event_log.last_seq(bad)
+
+
+@pytest.mark.parametrize("new_events", [0, 12])
+async def test_tail_ends_at_the_delete_and_never_crosses_into_the_session_created_again(
+    event_log: EventLog, new_events: int
+) -> None:
+    """Deleted and created again under its id, a session is another one (seqs restart at 1):
+    the follower ends with SessionNotFound, whether the new session outgrows its cursor (the
+    live read sees the new incarnation's entries) or stays below it (a page read notices)."""
+    sid = (await event_log.create_session()).session_id
+    await event_log.append_many([Envelope(type="m", session_id=sid, payload="old")
+                                 for _ in range(3)])
+    got: list[Envelope] = []
+    reached = anyio.Event()
+
+    async def follow() -> None:
+        with pytest.raises(SessionNotFound):
+            async for env in event_log.tail(sid, 0, until_ended=False, block_ms=100):
+                got.append(env)
+                if env.seq == 4:
+                    reached.set()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            await reached.wait()
+            assert await event_log.delete_session(sid)
+            await event_log.create_session(session_id=sid)
+            if new_events:
+                await event_log.append_many([Envelope(type="m", session_id=sid, payload="new")
+                                             for _ in range(new_events)])
+    assert [e.payload for e in got if e.type == "m"] == ["old"] * 3
+    assert [e.seq for e in got] == list(range(1, len(got) + 1))
+
+
+async def test_tail_follows_one_incarnation(event_log: EventLog) -> None:
+    sid = (await event_log.create_session()).session_id
+    old = (await event_log.get_session(sid)).incarnation
+    with pytest.raises(SessionNotFound):
+        await anext(aiter(event_log.tail(sid + "-never")))  # no such session
+    await event_log.delete_session(sid)
+    again = await event_log.create_session(session_id=sid)
+    with pytest.raises(SessionNotFound):  # the one it was told to follow is gone
+        await anext(aiter(event_log.tail(sid, incarnation=old)))
+    first = await anext(aiter(event_log.tail(sid, incarnation=again.incarnation)))
+    assert (first.seq, first.type) == (1, "session.created")

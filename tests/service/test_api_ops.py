@@ -54,8 +54,11 @@ async def test_metrics_health_and_token_redaction(service: Service) -> None:
                 got.append(e)
                 if len(got) == 2:
                     break
+        # the SSE request is counted once the server has noticed the client leave
         text = await wait_metric(c, lambda t: metric(
-            t, "eventcore_subscriber_lag", group="projector") is not None)
+            t, "eventcore_subscriber_lag", group="projector") is not None and metric(
+            t, "eventcore_http_requests_total", method="GET",
+            route="/v1/sessions/{session_id}/events") is not None)
     assert metric(text, "eventcore_http_requests_total", method="POST", route="/v1/sessions",
                   status="201") == 1.0
     assert metric(text, "eventcore_http_requests_total", method="GET",

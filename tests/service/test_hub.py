@@ -10,8 +10,9 @@ from typing import Literal
 import anyio
 import pytest
 
-from eventcore import Envelope, EventLog, SessionNotFound
-from eventcore.server._hub import Hub, HubEvent, StreamReset, Subscription
+from eventcore import Envelope, EventLog, HistoryGone, SessionNotFound
+from eventcore._follow import Event
+from eventcore.server._hub import Hub, Subscription
 from eventcore.subscribers import Persistence, SubscriberRunner
 
 
@@ -25,7 +26,7 @@ async def hub(request: pytest.FixtureRequest, event_log: EventLog) -> AsyncItera
 async def collect(sub: Subscription, until: int) -> list[int]:
     seqs: list[int] = []
     async for batch in sub.batches():
-        assert not isinstance(batch, StreamReset)
+        assert not isinstance(batch, HistoryGone)
         seqs += [e.seq for e in batch]
         if seqs and seqs[-1] >= until:
             break
@@ -64,9 +65,9 @@ async def test_many_clients_one_session_and_type_filter(hub: Hub, event_log: Eve
     assert all(v == list(range(1, 42)) for v in results.values())
 
     async with hub.subscribe(s.session_id, after=0, types={"signal"}) as sub:
-        got: list[HubEvent] = []
+        got: list[Event] = []
         async for batch in sub.batches():
-            assert not isinstance(batch, StreamReset)
+            assert not isinstance(batch, HistoryGone)
             got += batch
             if sub.cursor >= 41:
                 break
@@ -85,9 +86,9 @@ async def test_slow_client_falls_back_to_catch_up(hub: Hub, event_log: EventLog)
             tg.start_soon(emit, event_log, s.session_id, 99)
             assert await collect(fast, 101) == list(range(2, 102))  # not held back
         assert hub.stats.lagged_clients >= 1  # the slow one overflowed its 16-event buffer
-        seqs = [e.seq for e in first] if not isinstance(first, StreamReset) else []
+        seqs = [e.seq for e in first] if not isinstance(first, HistoryGone) else []
         async for batch in it:
-            assert not isinstance(batch, StreamReset)
+            assert not isinstance(batch, HistoryGone)
             seqs += [e.seq for e in batch]
             if seqs[-1] >= 101:
                 break
@@ -107,7 +108,7 @@ async def test_missed_notification_is_recovered(hub: Hub, event_log: EventLog) -
                                    b'"session_id":"' + s.session_id.encode() + b'"}'}, id="0-3")
         await event_log.redis.hset(keys.meta, "seq", 3)
         batch = await it.__anext__()  # the periodic sweep finds it
-        assert not isinstance(batch, StreamReset)
+        assert not isinstance(batch, HistoryGone)
         assert [e.seq for e in batch] == [3]
         await it.aclose()
 
@@ -118,7 +119,7 @@ async def test_ended_session_ends_the_subscription(hub: Hub, event_log: EventLog
         tg.start_soon(event_log.end_session, s.session_id)
         types = []
         async for batch in sub.batches():
-            assert not isinstance(batch, StreamReset)
+            assert not isinstance(batch, HistoryGone)
             types += [e.type for e in batch]
     assert types == ["session.created", "session.ended"]
     assert hub.watched == 0
@@ -184,7 +185,7 @@ async def test_catch_up_pages_are_bounded_in_bytes(event_log: EventLog) -> None:
         async with hub.subscribe(sid, after=0) as sub:
             got: list[int] = []
             async for batch in sub.batches():
-                assert not isinstance(batch, StreamReset)
+                assert not isinstance(batch, HistoryGone)
                 assert len(batch) == 1 or sum(len(e.data) for e in batch) <= budget
                 got += [e.seq for e in batch]
                 if got[-1] == last:
@@ -202,7 +203,7 @@ async def test_a_live_buffer_is_bounded_in_bytes(event_log: EventLog) -> None:
         it = slow.batches()
         await emit(event_log, sid, 1)
         first = await it.__anext__()
-        assert not isinstance(first, StreamReset)
+        assert not isinstance(first, HistoryGone)
         async with anyio.create_task_group() as tg:
             async def big() -> None:
                 for i in range(20):
@@ -214,7 +215,7 @@ async def test_a_live_buffer_is_bounded_in_bytes(event_log: EventLog) -> None:
         assert hub.stats.lagged_clients >= 1  # 200 KB against 64 KiB, 20 events of 10,000
         seqs = [e.seq for e in first]
         async for batch in it:
-            assert not isinstance(batch, StreamReset)
+            assert not isinstance(batch, HistoryGone)
             seqs += [e.seq for e in batch]
             if seqs[-1] >= 22:
                 break
@@ -235,12 +236,12 @@ async def _recreate(log: EventLog, sid: str, old_incarnation: str) -> None:
     assert again.incarnation != old_incarnation and again.last_seq == 1
 
 
-async def _rest(it: AsyncIterator[list[HubEvent] | StreamReset]) -> list[HubEvent]:
+async def _rest(it: AsyncIterator[list[Event] | HistoryGone]) -> list[Event]:
     """What the iterator yields until it ends with SessionNotFound (asserted)."""
-    got: list[HubEvent] = []
+    got: list[Event] = []
     with anyio.fail_after(10), pytest.raises(SessionNotFound):
         async for batch in it:
-            assert not isinstance(batch, StreamReset)
+            assert not isinstance(batch, HistoryGone)
             for e in batch:
                 assert b'"new"' not in e.data, f"an event of the new session: {e.data!r}"
             got += batch
@@ -276,7 +277,7 @@ async def test_a_follower_behind_at_the_delete_never_crosses(hub: Hub, event_log
     async with hub.subscribe(sid, after=0) as sub:
         it = sub.batches()
         first = await it.__anext__()
-        assert not isinstance(first, StreamReset) and first[0].seq == 1
+        assert not isinstance(first, HistoryGone) and first[0].seq == 1
         await _recreate(event_log, sid, s.incarnation)
         await _emit_new(event_log, sid, 60)
         got = first + await _rest(it)
@@ -323,12 +324,12 @@ async def test_the_session_created_again_is_followed_while_old_followers_linger(
         await _rest(old_it)
 
 
-async def collect_from(it: AsyncIterator[list[HubEvent] | StreamReset], until: int
+async def collect_from(it: AsyncIterator[list[Event] | HistoryGone], until: int
                        ) -> list[int]:
     seqs: list[int] = []
     while not seqs or seqs[-1] < until:
         batch = await it.__anext__()
-        assert not isinstance(batch, StreamReset)
+        assert not isinstance(batch, HistoryGone)
         seqs += [e.seq for e in batch]
     return seqs
 

@@ -42,7 +42,7 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from eventcore.errors import SessionNotFound
+from eventcore.errors import HistoryGone, HubClosed, SessionNotFound
 
 from ._context import SessionAccess, session_reader
 from ._params import PageSize, SeqParam, parse_digits
@@ -50,7 +50,7 @@ from ._problems import Problem
 from ._transport import abort
 
 if TYPE_CHECKING:
-    from eventcore.server._hub import HubEvent
+    from eventcore._follow import Event
 
     from ._context import ServiceContext
 
@@ -65,13 +65,14 @@ _SEP = "\n"
 _CHUNK_BYTES = 64 * 1024
 
 
-def sse_frame(ev: HubEvent) -> bytes:
+def sse_frame(ev: Event) -> bytes:
     """The event's SSE bytes, framed once per event and cached on it for every client."""
-    frame = ev.sse
-    if frame is None:
-        frame = ev.sse = ServerSentEvent(
-            data=ev.data.decode(), id=str(ev.seq), event=ev.type, sep=_SEP
-        ).encode()
+    return ev.framed(_frame)
+
+
+def _frame(ev: Event) -> bytes:
+    frame: bytes = ServerSentEvent(data=ev.data.decode(), id=str(ev.seq), event=ev.type,
+                                   sep=_SEP).encode()
     return frame
 
 
@@ -239,7 +240,6 @@ async def _frames(
     ctx: ServiceContext, session_id: str, incarnation: str, progress: _Progress,
     types: frozenset[str] | None,
 ) -> AsyncIterator[bytes]:
-    from eventcore.server._hub import HubClosed, StreamReset
 
     metrics = ctx.metrics
     metrics.sse_clients.inc()
@@ -248,7 +248,7 @@ async def _frames(
                                      incarnation=incarnation) as sub:
             async for batch in sub.batches():
                 # progress moves once the consumer asks for more: the frame has been sent
-                if isinstance(batch, StreamReset):
+                if isinstance(batch, HistoryGone):
                     yield ServerSentEvent(
                         data=msgspec.json.encode({"after": batch.after,
                                                   "first_available": batch.first_available}
