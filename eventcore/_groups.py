@@ -1,0 +1,491 @@
+"""The consumer-group runtime over a set of shard streams: the one implementation the worker
+pool (dispatch streams) and the subscribers (shard feeds) both use.
+
+- :class:`Span`: which shards one blocking read covers. Today one read covers every shard (a
+  single Redis node); on Redis Cluster there is one span per node (:func:`spans` is the one
+  place that decides), and each span gets its own blocking read.
+- :class:`ShardStreams`: a set of shard streams, whatever groups read them: the trim floor
+  (the oldest id any group still needs: its oldest pending entry, else its last delivered one)
+  and the exact MINID trim below it.
+- :class:`ConsumerGroup`: one group on those streams as seen by one consumer: ensure (BUSYGROUP
+  tolerated, at the checkpoint if one is known), NOGROUP recovery (recreated from the
+  checkpoint, never from ``$``), read (XREADGROUP, COUNT per shard), ack, keep-alive, the
+  reclaim of idle entries (XAUTOCLAIM, optionally fenced by a lease, optionally with a delivery
+  limit whose entries go to the dead-letter stream in the same step), dead letters, group state
+  and checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol, runtime_checkable
+
+import redis.exceptions as rexc
+
+from ._codec import encode
+from ._envelope import ErrorInfo
+from ._keys import Keys
+from ._redis import Redis, redis_errors
+from .errors import EventcoreError
+
+__all__ = [
+    "CheckpointStore",
+    "Claimed",
+    "ConsumerGroup",
+    "Entry",
+    "GroupState",
+    "Reclaimed",
+    "ShardStreams",
+    "Span",
+    "id_key",
+    "id_pred",
+    "is_nogroup",
+    "spans",
+]
+
+_MAX_U64 = 2**64 - 1
+_TOUCH_CHUNK = 1000
+
+
+def _script(name: str) -> str:
+    return resources.files("eventcore").joinpath(f"_lua/group_{name}.lua").read_text()
+
+
+def _s(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    """The ordering key of a stream entry id (``"ms-seq"``; ``"ms"`` means ``"ms-0"``)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def id_pred(entry_id: str) -> str:
+    """The greatest stream id below ``entry_id``."""
+    ms, seq = id_key(entry_id)
+    if seq > 0:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-{_MAX_U64}" if ms > 0 else "0-0"
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was converted from) says the consumer group is gone."""
+    cur: BaseException | None = exc
+    while cur is not None:
+        if isinstance(cur, rexc.ResponseError) and "NOGROUP" in str(cur):
+            return True
+        cur = cur.__cause__
+    return False
+
+
+#: one entry read or reclaimed: (shard, entry id, fields)
+Entry = tuple[int, str, dict[bytes, bytes]]
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """Somewhere outside Redis to keep each group's checkpoint per shard (the entry id below
+    which everything was acknowledged), so a group lost with Redis's data is recreated from
+    there rather than from ``$``."""
+
+    async def load_checkpoint(self, group: str, shard: int) -> str | None: ...
+
+    async def save_checkpoint(self, group: str, shard: int, entry_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The shards one blocking read covers, and their stream names (in the same order)."""
+
+    shards: tuple[int, ...]
+    streams: tuple[str, ...]
+
+    def shard_of(self, stream: str) -> int:
+        return self.shards[self.streams.index(stream)]
+
+    def share(self, total: int) -> int:
+        """XREADGROUP's COUNT is per stream: each shard's share of ``total`` (at least 1)."""
+        return max(1, -(-total // len(self.shards)))
+
+
+def spans(shards: Sequence[int], stream: Callable[[int], str]) -> tuple[Span, ...]:
+    """How the shards are split between blocking reads: one read for all of them on a single
+    Redis node (on Redis Cluster: one span per node, the shards whose slots it serves)."""
+    return (Span(tuple(shards), tuple(stream(s) for s in shards)),)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """One shard's view of the group: what a checkpoint or a trim may rely on."""
+
+    shard: int
+    exists: bool
+    last_delivered: str = "0-0"
+    pending: int = 0
+    min_pending: str | None = None
+    lag: int | None = None
+
+    @property
+    def safe_id(self) -> str:
+        """Every entry at or below this id has been acknowledged by the group."""
+        if self.min_pending is not None:
+            return id_pred(self.min_pending)
+        return self.last_delivered
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """An entry a reclaim took over: its id, how often it has been delivered (this time
+    included) and its fields."""
+
+    entry_id: str
+    deliveries: int
+    fields: dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """One reclaim step on one shard: whether it held the reclaim lease (always, unfenced),
+    where the next step continues (``"0-0"``: the pending list was gone through), what it took
+    and how many entries it dead-lettered instead."""
+
+    held: bool
+    cursor: str
+    claimed: tuple[Claimed, ...] = ()
+    dead: int = 0
+
+
+class ShardStreams:
+    """A set of shard streams (``stream(shard)`` names each), whatever groups read them."""
+
+    def __init__(self, redis: Redis, stream: Callable[[int], str], shards: Iterable[int]) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.shards = list(shards)
+
+    async def floors(self, require: Iterable[str] = ()) -> dict[int, str | None]:
+        """Per shard, the id below which every group on its stream has acknowledged
+        everything (a group's oldest pending entry, else its last delivered one), or None when
+        the stream must not be trimmed: it has no group, or lacks one of ``require``."""
+        must = set(require)
+        redis = self.redis
+        with redis_errors("group floors"):
+            async with redis.pipeline(transaction=False) as pipe:
+                for shard in self.shards:
+                    pipe.xinfo_groups(self.stream(shard))
+                infos = await pipe.execute(raise_on_error=False)
+            wanted: list[tuple[int, str]] = []
+            for shard, groups in zip(self.shards, infos, strict=True):
+                if isinstance(groups, Exception):
+                    if "no such key" in str(groups).lower():
+                        continue
+                    raise groups
+                names = [_s(g["name"]) for g in groups]
+                if names and must <= set(names):
+                    wanted += [(shard, name) for name in names]
+            async with redis.pipeline(transaction=False) as pipe:
+                for shard, name in wanted:
+                    pipe.xpending(self.stream(shard), name)
+                pending = await pipe.execute()
+        last = {(shard, _s(g["name"])): _s(g["last-delivered-id"])
+                for shard, groups in zip(self.shards, infos, strict=True)
+                if not isinstance(groups, Exception) for g in groups}
+        out: dict[int, str | None] = dict.fromkeys(self.shards)
+        for (shard, name), summary in zip(wanted, pending, strict=True):
+            floor = (id_pred(_s(summary["min"])) if summary.get("min")
+                     else last[(shard, name)])
+            old = out[shard]
+            out[shard] = floor if old is None else min(old, floor, key=id_key)
+        return out
+
+    async def trim(self, require: Iterable[str] = ()) -> dict[int, int | None]:
+        """Trim each stream (exactly, MINID) below its floor (:meth:`floors`). Returns the
+        entries trimmed per shard, None where the stream was left alone."""
+        return await self.trim_at(await self.floors(require))
+
+    async def trim_at(self, floors: Mapping[int, str | None]) -> dict[int, int | None]:
+        out: dict[int, int | None] = {}
+        for shard, floor in floors.items():
+            if floor is None:
+                out[shard] = None
+                continue
+            # MINID keeps the floor entry itself: it is acknowledged, but keeping one entry
+            # costs nothing and keeps the arithmetic on ids simple.
+            with redis_errors("trim"):
+                out[shard] = int(await self.redis.xtrim(self.stream(shard), minid=floor,
+                                                        approximate=False))
+        return out
+
+
+class ConsumerGroup:
+    """Consumer group ``group`` on ``streams``, as seen by consumer ``consumer``.
+
+    ``start_id``: where a group with no checkpoint starts (never ``$``). ``store``: an external
+    checkpoint store beside the one in Redis. ``on_recovered(shards)`` runs after a NOGROUP
+    recovery recreated the group on those shards. ``kind`` tags this group's dead letters."""
+
+    def __init__(
+        self, streams: ShardStreams, keys: Keys, group: str, consumer: str, *,
+        start_id: str = "0", store: CheckpointStore | None = None, kind: str = "subscriber",
+        on_recovered: Callable[[list[int]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.streams = streams
+        self.redis = streams.redis
+        self.keys = keys
+        self.group = group
+        self.consumer = consumer
+        self.start_id = start_id
+        self.store = store
+        self.kind = kind
+        self.on_recovered = on_recovered
+        self.shards = streams.shards
+        #: the checkpoints this process knows: raised by :meth:`save_checkpoints` and :meth:`trim`
+        self.checkpoints: dict[int, str] = {}
+        self.recoveries = 0
+        self.spans = spans(self.shards, streams.stream)
+        redis = self.redis
+        self._reclaim = redis.register_script(_script("reclaim"))
+        self._touch = redis.register_script(_script("touch"))
+        self._raise_checkpoint = redis.register_script(_script("checkpoint"))
+        self._release = redis.register_script(_script("release"))
+
+    @property
+    def span(self) -> Span:
+        """The span of a single-node deployment: every shard in one read."""
+        (only,) = self.spans
+        return only
+
+    def stream(self, shard: int) -> str:
+        return self.streams.stream(shard)
+
+    # -- the group's existence -------------------------------------------------------------------
+    async def checkpoint_of(self, shard: int) -> str | None:
+        """The highest checkpoint known: this process's, Redis's, the external store's."""
+        found = [self.checkpoints.get(shard)]
+        with redis_errors("checkpoint"):
+            raw = await self.redis.get(self.keys.checkpoint(self.group, shard))
+        found.append(_s(raw) if raw is not None else None)
+        if self.store is not None:
+            found.append(await self.store.load_checkpoint(self.group, shard))
+        known = [c for c in found if c]
+        return max(known, key=id_key) if known else None
+
+    async def ensure(self, shards: Iterable[int] | None = None) -> list[int]:
+        """Create the group on each stream where it is missing, at the shard's checkpoint if
+        one is known, else at ``start_id``. Returns the shards where it was created."""
+        created = []
+        for shard in self.shards if shards is None else shards:
+            start = await self.checkpoint_of(shard) or self.start_id
+            try:
+                with redis_errors("create group"):
+                    await self.redis.xgroup_create(self.stream(shard), self.group, id=start,
+                                                   mkstream=True)
+                created.append(shard)
+            except EventcoreError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        return created
+
+    async def recover(self) -> list[int]:
+        """The group was gone (NOGROUP: Redis lost it, or someone destroyed it): recreate it
+        where missing, from the checkpoint."""
+        created = await self.ensure()
+        self.recoveries += 1
+        if self.on_recovered is not None:
+            await self.on_recovered(created)
+        return created
+
+    async def recovered(self, exc: BaseException) -> bool:
+        """If ``exc`` says the group is gone (NOGROUP, from any call of this group): recover
+        and return True (the call is to be retried), else False."""
+        if not is_nogroup(exc):
+            return False
+        await self.recover()
+        return True
+
+    # -- reading and acknowledging ---------------------------------------------------------------
+    async def read(self, count: int, block_ms: int | None, span: Span | None = None
+                   ) -> list[Entry]:
+        """XREADGROUP of new entries over ``span`` (default: :attr:`span`), up to ``count``
+        per shard, blocking up to ``block_ms`` (None: not at all). A lost group raises (see
+        :meth:`recovered`)."""
+        span = span or self.span
+        with redis_errors("xreadgroup"):
+            got = await self.redis.xreadgroup(
+                self.group, self.consumer, dict.fromkeys(span.streams, ">"), count=count,
+                block=block_ms)
+        return [(span.shard_of(_s(name)), _s(eid), fields)
+                for name, items in got or () for eid, fields in items]
+
+    async def ack(self, ids: Mapping[int, Sequence[str]]) -> None:
+        if not any(ids.values()):
+            return
+        with redis_errors("ack"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard, entry_ids in ids.items():
+                    if entry_ids:
+                        pipe.xack(self.stream(shard), self.group, *entry_ids)
+                await pipe.execute()
+
+    async def touch(self, ids: Mapping[int, Sequence[str]], *, uncount: bool = False) -> int:
+        """Keep entries this consumer still owns from looking idle to a reclaim (XCLAIM JUSTID
+        to itself); ``uncount``: also take back one delivery of each (a reclaim took them, but
+        they are alive here). Returns how many it kept."""
+        kept = 0
+        with redis_errors("touch"):
+            for shard, entry_ids in ids.items():
+                for i in range(0, len(entry_ids), _TOUCH_CHUNK):
+                    chunk = list(entry_ids[i : i + _TOUCH_CHUNK])
+                    kept += int(await self._touch(
+                        keys=[self.stream(shard)],
+                        args=[self.group, self.consumer, "1" if uncount else "0", *chunk]))
+        return kept
+
+    # -- reclaiming idle entries ---------------------------------------------------------------
+    async def reclaim(
+        self, shard: int, *, cursor: str, min_idle_ms: int, count: int, lease_ms: int = 0,
+        max_deliveries: int = 0,
+    ) -> Reclaimed:
+        """One XAUTOCLAIM step on ``shard`` from ``cursor``: entries idle for ``min_idle_ms``
+        become this consumer's. ``lease_ms`` > 0 fences it by the (group, shard) reclaim lease
+        (held that long; another holder's lease means nothing is claimed). ``max_deliveries``
+        > 0: entries delivered more often go to the dead-letter stream instead (0: the caller
+        judges :attr:`Claimed.deliveries` itself)."""
+        error = encode(ErrorInfo(
+            type="DeliveryLimit", retryable=False,
+            message=f"delivered more than {max_deliveries} times without an acknowledgement "
+                    "(its consumers died or timed out)",
+        )) if max_deliveries > 0 else b""
+        with redis_errors("reclaim"):
+            res = await self._reclaim(
+                keys=[self.keys.reclaim_lock(self.group, shard), self.stream(shard),
+                      self.keys.dead(shard)],
+                args=[self.consumer, lease_ms, self.group, min_idle_ms, cursor, count,
+                      max_deliveries, error, self.kind])
+        if int(res[0]) == 0:
+            return Reclaimed(False, cursor)
+        claimed = []
+        for entry_id, n, flat in res[2]:
+            fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+            claimed.append(Claimed(_s(entry_id), int(n), fields))
+        return Reclaimed(True, _s(res[1]), tuple(claimed), int(res[3]))
+
+    async def release_leases(self) -> None:
+        """Give up the reclaim leases this consumer holds (they would expire anyway)."""
+        with redis_errors("release lease"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in self.shards:
+                    await self._release(keys=[self.keys.reclaim_lock(self.group, shard)],
+                                        args=[self.consumer], client=pipe)
+                await pipe.execute()
+
+    async def dead_letter(
+        self, shard: int, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int,
+        error: ErrorInfo,
+    ) -> None:
+        """Move one entry to the shard's dead-letter stream with the error, and ack it, in one
+        transaction (both keys are in the shard's slot); the record is the one the reclaim
+        script writes for entries past the delivery limit."""
+        record: dict[str | bytes, Any] = {
+            "kind": self.kind, "group": self.group, "consumer": self.consumer,
+            "feed": self.stream(shard), "entry": entry_id, "deliveries": str(deliveries),
+            "error": encode(error),
+        }
+        for name, value in fields.items():
+            record[b"f." + name] = value
+        with redis_errors("dead-letter"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.keys.dead(shard), record)  # type: ignore[arg-type]
+                pipe.xack(self.stream(shard), self.group, entry_id)
+                await pipe.execute()
+
+    # -- state, checkpoints, trimming ----------------------------------------------------------
+    async def state(self) -> list[GroupState]:
+        """Each shard's group state, in two round trips (lag counted by hand on Redis 6.2)."""
+        with redis_errors("group state"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in self.shards:
+                    pipe.xinfo_groups(self.stream(shard))
+                    pipe.xpending(self.stream(shard), self.group)
+                raw = await pipe.execute(raise_on_error=False)
+        out = []
+        for i, shard in enumerate(self.shards):
+            groups, pending = raw[2 * i], raw[2 * i + 1]
+            info = None
+            if not isinstance(groups, Exception):
+                info = next((g for g in groups if _s(g.get("name")) == self.group), None)
+            if info is None or isinstance(pending, Exception):
+                out.append(GroupState(shard, exists=False))
+                continue
+            lag = info.get("lag")
+            last = _s(info.get("last-delivered-id", "0-0"))
+            out.append(GroupState(
+                shard, exists=True, last_delivered=last,
+                pending=int(pending.get("pending") or 0),
+                min_pending=_s(pending["min"]) if pending.get("min") else None,
+                lag=int(lag) if lag is not None else await self._count_after(shard, last),
+            ))
+        return out
+
+    async def _count_after(self, shard: int, last: str, cap: int = 10_000) -> int:
+        with redis_errors("lag"):
+            got = await self.redis.xrange(self.stream(shard), f"({last}", "+", count=cap)
+        return len(got)
+
+    def _raise(self, shard: int, entry_id: str) -> bool:
+        old = self.checkpoints.get(shard)
+        if old is not None and id_key(old) >= id_key(entry_id):
+            return False
+        self.checkpoints[shard] = entry_id
+        return True
+
+    async def save_checkpoints(self, states: Sequence[GroupState]) -> None:
+        """Raise each shard's checkpoint to what the group has acknowledged: in this process,
+        in Redis, and in the external store if there is one."""
+        moved = [st.shard for st in states if st.exists and self._raise(st.shard, st.safe_id)]
+        if not moved:
+            return
+        with redis_errors("checkpoint"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in moved:
+                    await self._raise_checkpoint(
+                        keys=[self.keys.checkpoint(self.group, shard)],
+                        args=[self.checkpoints[shard]], client=pipe)
+                await pipe.execute()
+        if self.store is not None:
+            for shard in moved:
+                await self.store.save_checkpoint(self.group, shard, self.checkpoints[shard])
+
+    async def trim(self) -> dict[int, int | None]:
+        """Trim the streams below what every group on them still needs (this one must exist
+        there), and remember the floors as this process's checkpoints (everything below was
+        acknowledged): a NOGROUP recovery starts there rather than at ``start_id``."""
+        floors = await self.streams.floors(require=[self.group])
+        for shard, floor in floors.items():
+            if floor is not None:
+                self._raise(shard, floor)
+        return await self.streams.trim_at(floors)
+
+    async def forget_idle_consumers(self, idle_ms: int) -> int:
+        """Delete consumers with nothing pending that have been silent for ``idle_ms`` (each
+        process start adds a consumer name; dead ones would otherwise pile up)."""
+        removed = 0
+        for shard in self.shards:
+            stream = self.stream(shard)
+            with redis_errors("consumers"):
+                try:
+                    consumers = await self.redis.xinfo_consumers(stream, self.group)
+                except rexc.ResponseError:
+                    continue
+                for c in consumers:
+                    name = _s(c.get("name"))
+                    if (name != self.consumer and int(c.get("pending", 0)) == 0
+                            and int(c.get("idle", 0)) > idle_ms):
+                        await self.redis.xgroup_delconsumer(stream, self.group, name)
+                        removed += 1
+        return removed
