@@ -28,6 +28,7 @@ from ._codec import encode
 from ._envelope import ErrorInfo
 from ._keys import Keys
 from ._redis import Redis, redis_errors
+from ._redis import text as _s
 from .errors import EventcoreError
 
 __all__ = [
@@ -51,12 +52,6 @@ _TOUCH_CHUNK = 1000
 
 def _script(name: str) -> str:
     return resources.files("eventcore").joinpath(f"_lua/group_{name}.lua").read_text()
-
-
-def _s(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return "" if value is None else str(value)
 
 
 def id_key(entry_id: str) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from eventcore import EventLog, RedisError
 from eventcore._groups import ShardStreams
 from eventcore._lifetime import Running
 from eventcore._redis import redis_errors
+from eventcore._redis import text as _s
 
 from ._persistence import Persistence
 
@@ -35,10 +36,6 @@ __all__ = ["Retention", "RetentionReport"]
 
 log_ = logging.getLogger("eventcore.retention")
 _TRIM_LUA = resources.files("eventcore.subscribers").joinpath("_lua/trim_session.lua").read_text()
-
-
-def _s(v: object) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 @dataclass
