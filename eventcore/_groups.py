@@ -132,6 +132,12 @@ class GroupState:
             return id_pred(self.min_pending)
         return self.last_delivered
 
+    @property
+    def floor(self) -> str:
+        """The oldest entry the group still needs: its oldest pending one, else its last
+        delivered one (acknowledged, but kept: the floor of a trim is an entry that exists)."""
+        return self.min_pending if self.min_pending is not None else self.last_delivered
+
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
@@ -163,40 +169,48 @@ class ShardStreams:
         self.stream = stream
         self.shards = list(shards)
 
-    async def floors(self, require: Iterable[str] = ()) -> dict[int, str | None]:
-        """Per shard, the id below which every group on its stream has acknowledged
-        everything (a group's oldest pending entry, else its last delivered one), or None when
-        the stream must not be trimmed: it has no group, or lacks one of ``require``."""
-        must = set(require)
+    async def groups(self) -> dict[int, dict[str, GroupState]]:
+        """Every group on each shard's stream (none where the stream does not exist), without
+        lag: two round trips for all shards."""
         redis = self.redis
         with redis_errors("group floors"):
             async with redis.pipeline(transaction=False) as pipe:
                 for shard in self.shards:
                     pipe.xinfo_groups(self.stream(shard))
                 infos = await pipe.execute(raise_on_error=False)
-            wanted: list[tuple[int, str]] = []
+            found: list[tuple[int, str, str]] = []
             for shard, groups in zip(self.shards, infos, strict=True):
                 if isinstance(groups, Exception):
                     if "no such key" in str(groups).lower():
                         continue
                     raise groups
-                names = [_s(g["name"]) for g in groups]
-                if names and must <= set(names):
-                    wanted += [(shard, name) for name in names]
+                found += [(shard, _s(g["name"]), _s(g["last-delivered-id"])) for g in groups]
             async with redis.pipeline(transaction=False) as pipe:
-                for shard, name in wanted:
+                for shard, name, _ in found:
                     pipe.xpending(self.stream(shard), name)
                 pending = await pipe.execute()
-        last = {(shard, _s(g["name"])): _s(g["last-delivered-id"])
-                for shard, groups in zip(self.shards, infos, strict=True)
-                if not isinstance(groups, Exception) for g in groups}
-        out: dict[int, str | None] = dict.fromkeys(self.shards)
-        for (shard, name), summary in zip(wanted, pending, strict=True):
-            floor = (id_pred(_s(summary["min"])) if summary.get("min")
-                     else last[(shard, name)])
-            old = out[shard]
-            out[shard] = floor if old is None else min(old, floor, key=id_key)
+        out: dict[int, dict[str, GroupState]] = {shard: {} for shard in self.shards}
+        for (shard, name, last), summary in zip(found, pending, strict=True):
+            out[shard][name] = GroupState(
+                shard, exists=True, last_delivered=last,
+                pending=int(summary.get("pending") or 0),
+                min_pending=_s(summary["min"]) if summary.get("min") else None)
         return out
+
+    @staticmethod
+    def floors_of(groups: Mapping[int, Mapping[str, GroupState]], require: Iterable[str] = ()
+                  ) -> dict[int, str | None]:
+        """Per shard, the oldest id any group on its stream still needs (:attr:`GroupState.
+        floor`), or None when the stream must not be trimmed: it has no group, or lacks one of
+        ``require``."""
+        must = set(require)
+        return {shard: min((g.floor for g in named.values()), key=id_key)
+                if named and must <= set(named) else None
+                for shard, named in groups.items()}
+
+    async def floors(self, require: Iterable[str] = ()) -> dict[int, str | None]:
+        """:meth:`floors_of` the groups as they are now."""
+        return self.floors_of(await self.groups(), require)
 
     async def trim(self, require: Iterable[str] = ()) -> dict[int, int | None]:
         """Trim each stream (exactly, MINID) below its floor (:meth:`floors`). Returns the
@@ -209,8 +223,8 @@ class ShardStreams:
             if floor is None:
                 out[shard] = None
                 continue
-            # MINID keeps the floor entry itself: it is acknowledged, but keeping one entry
-            # costs nothing and keeps the arithmetic on ids simple.
+            # MINID keeps the floor entry itself (the last delivered one, when nothing is
+            # pending, is acknowledged: keeping it costs nothing and needs no id arithmetic)
             with redis_errors("trim"):
                 out[shard] = int(await self.redis.xtrim(self.stream(shard), minid=floor,
                                                         approximate=False))
@@ -458,13 +472,14 @@ class ConsumerGroup:
 
     async def trim(self) -> dict[int, int | None]:
         """Trim the streams below what every group on them still needs (this one must exist
-        there), and remember the floors as this process's checkpoints (everything below was
-        acknowledged): a NOGROUP recovery starts there rather than at ``start_id``."""
-        floors = await self.streams.floors(require=[self.group])
-        for shard, floor in floors.items():
-            if floor is not None:
-                self._raise(shard, floor)
-        return await self.streams.trim_at(floors)
+        there), and remember what this group has acknowledged as this process's checkpoints:
+        a NOGROUP recovery starts there rather than at ``start_id``."""
+        groups = await self.streams.groups()
+        for named in groups.values():
+            mine = named.get(self.group)
+            if mine is not None:
+                self._raise(mine.shard, mine.safe_id)
+        return await self.streams.trim_at(self.streams.floors_of(groups, [self.group]))
 
     async def forget_idle_consumers(self, idle_ms: int) -> int:
         """Delete consumers with nothing pending that have been silent for ``idle_ms`` (each
