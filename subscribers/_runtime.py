@@ -36,7 +36,7 @@ from eventcore._groups import Claimed, ConsumerGroup, ShardStreams
 from eventcore._lifetime import Running
 from eventcore.errors import UsageError, ValidationError
 
-from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
+from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry, entry_ids
 from ._metrics import SubscriberMetrics
 
 __all__ = ["SubscriberRunner", "default_consumer_name", "is_transient"]
@@ -391,10 +391,7 @@ class SubscriberRunner(Running):
         try:
             self.metrics.delivered += len(items)
             ok, failed = await self._handle(items)
-            acks: dict[int, list[str]] = {}
-            for item in ok:
-                acks.setdefault(item.delivery.shard, []).append(item.delivery.entry_id)
-            await self.group_ops.ack(acks)
+            await self.group_ops.ack(entry_ids([i.delivery for i in ok]))
             self.metrics.acked += len(ok)
             outage = bool(failed) and all(is_transient(exc) for _, exc in failed)
             self._backend_streak = self._backend_streak + 1 if outage else 0
