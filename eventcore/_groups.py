@@ -1,18 +1,12 @@
-"""The consumer-group runtime over a set of shard streams: the one implementation the worker
-pool (dispatch streams) and the subscribers (shard feeds) both use.
+"""The consumer-group runtime over a set of shard streams (:mod:`eventcore._streams`): the one
+implementation the worker pool (dispatch streams) and the subscribers (shard feeds) both use.
 
-- :class:`Span`: which shards one blocking read covers. Today one read covers every shard (a
-  single Redis node); on Redis Cluster there is one span per node (:func:`spans` is the one
-  place that decides), and each span gets its own blocking read.
-- :class:`ShardStreams`: a set of shard streams, whatever groups read them: the trim floor
-  (the oldest id any group still needs: its oldest pending entry, else its last delivered one)
-  and the exact MINID trim below it.
-- :class:`ConsumerGroup`: one group on those streams as seen by one consumer: ensure (BUSYGROUP
+:class:`ConsumerGroup` is one group on those streams as seen by one consumer: ensure (BUSYGROUP
   tolerated, at the checkpoint if one is known), NOGROUP recovery (recreated from the
   checkpoint, never from ``$``), read (XREADGROUP, COUNT per shard), ack, keep-alive, the
   reclaim of idle entries (XAUTOCLAIM, optionally fenced by a lease, optionally with a delivery
-  limit whose entries go to the dead-letter stream in the same step), dead letters, group state
-  and checkpoints.
+  limit whose entries go to the dead-letter stream in the same step), dead letters, group state,
+  checkpoints, and the trim below every group's floor.
 """
 
 from __future__ import annotations
@@ -27,8 +21,9 @@ import redis.exceptions as rexc
 from ._codec import encode
 from ._envelope import ErrorInfo
 from ._keys import Keys
-from ._redis import Redis, redis_errors
+from ._redis import redis_errors
 from ._redis import text as _s
+from ._streams import GroupState, ShardStreams, Span, id_key, spans
 from .errors import EventcoreError
 
 __all__ = [
@@ -36,36 +31,15 @@ __all__ = [
     "Claimed",
     "ConsumerGroup",
     "Entry",
-    "GroupState",
     "Reclaimed",
-    "ShardStreams",
-    "Span",
-    "id_key",
-    "id_pred",
     "is_nogroup",
-    "spans",
 ]
 
-_MAX_U64 = 2**64 - 1
 _TOUCH_CHUNK = 1000
 
 
 def _script(name: str) -> str:
     return resources.files("eventcore").joinpath(f"_lua/group_{name}.lua").read_text()
-
-
-def id_key(entry_id: str) -> tuple[int, int]:
-    """The ordering key of a stream entry id (``"ms-seq"``; ``"ms"`` means ``"ms-0"``)."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def id_pred(entry_id: str) -> str:
-    """The greatest stream id below ``entry_id``."""
-    ms, seq = id_key(entry_id)
-    if seq > 0:
-        return f"{ms}-{seq - 1}"
-    return f"{ms - 1}-{_MAX_U64}" if ms > 0 else "0-0"
 
 
 def is_nogroup(exc: BaseException) -> bool:
@@ -94,52 +68,6 @@ class CheckpointStore(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Span:
-    """The shards one blocking read covers, and their stream names (in the same order)."""
-
-    shards: tuple[int, ...]
-    streams: tuple[str, ...]
-
-    def shard_of(self, stream: str) -> int:
-        return self.shards[self.streams.index(stream)]
-
-    def share(self, total: int) -> int:
-        """XREADGROUP's COUNT is per stream: each shard's share of ``total`` (at least 1)."""
-        return max(1, -(-total // len(self.shards)))
-
-
-def spans(shards: Sequence[int], stream: Callable[[int], str]) -> tuple[Span, ...]:
-    """How the shards are split between blocking reads: one read for all of them on a single
-    Redis node (on Redis Cluster: one span per node, the shards whose slots it serves)."""
-    return (Span(tuple(shards), tuple(stream(s) for s in shards)),)
-
-
-@dataclass(frozen=True, slots=True)
-class GroupState:
-    """One shard's view of the group: what a checkpoint or a trim may rely on."""
-
-    shard: int
-    exists: bool
-    last_delivered: str = "0-0"
-    pending: int = 0
-    min_pending: str | None = None
-    lag: int | None = None
-
-    @property
-    def safe_id(self) -> str:
-        """Every entry at or below this id has been acknowledged by the group."""
-        if self.min_pending is not None:
-            return id_pred(self.min_pending)
-        return self.last_delivered
-
-    @property
-    def floor(self) -> str:
-        """The oldest entry the group still needs: its oldest pending one, else its last
-        delivered one (acknowledged, but kept: the floor of a trim is an entry that exists)."""
-        return self.min_pending if self.min_pending is not None else self.last_delivered
-
-
-@dataclass(frozen=True, slots=True)
 class Claimed:
     """An entry a reclaim took over: its id, how often it has been delivered (this time
     included) and its fields."""
@@ -159,76 +87,6 @@ class Reclaimed:
     cursor: str
     claimed: tuple[Claimed, ...] = ()
     dead: int = 0
-
-
-class ShardStreams:
-    """A set of shard streams (``stream(shard)`` names each), whatever groups read them."""
-
-    def __init__(self, redis: Redis, stream: Callable[[int], str], shards: Iterable[int]) -> None:
-        self.redis = redis
-        self.stream = stream
-        self.shards = list(shards)
-
-    async def groups(self) -> dict[int, dict[str, GroupState]]:
-        """Every group on each shard's stream (none where the stream does not exist), without
-        lag: two round trips for all shards."""
-        redis = self.redis
-        with redis_errors("group floors"):
-            async with redis.pipeline(transaction=False) as pipe:
-                for shard in self.shards:
-                    pipe.xinfo_groups(self.stream(shard))
-                infos = await pipe.execute(raise_on_error=False)
-            found: list[tuple[int, str, str]] = []
-            for shard, groups in zip(self.shards, infos, strict=True):
-                if isinstance(groups, Exception):
-                    if "no such key" in str(groups).lower():
-                        continue
-                    raise groups
-                found += [(shard, _s(g["name"]), _s(g["last-delivered-id"])) for g in groups]
-            async with redis.pipeline(transaction=False) as pipe:
-                for shard, name, _ in found:
-                    pipe.xpending(self.stream(shard), name)
-                pending = await pipe.execute()
-        out: dict[int, dict[str, GroupState]] = {shard: {} for shard in self.shards}
-        for (shard, name, last), summary in zip(found, pending, strict=True):
-            out[shard][name] = GroupState(
-                shard, exists=True, last_delivered=last,
-                pending=int(summary.get("pending") or 0),
-                min_pending=_s(summary["min"]) if summary.get("min") else None)
-        return out
-
-    @staticmethod
-    def floors_of(groups: Mapping[int, Mapping[str, GroupState]], require: Iterable[str] = ()
-                  ) -> dict[int, str | None]:
-        """Per shard, the oldest id any group on its stream still needs (:attr:`GroupState.
-        floor`), or None when the stream must not be trimmed: it has no group, or lacks one of
-        ``require``."""
-        must = set(require)
-        return {shard: min((g.floor for g in named.values()), key=id_key)
-                if named and must <= set(named) else None
-                for shard, named in groups.items()}
-
-    async def floors(self, require: Iterable[str] = ()) -> dict[int, str | None]:
-        """:meth:`floors_of` the groups as they are now."""
-        return self.floors_of(await self.groups(), require)
-
-    async def trim(self, require: Iterable[str] = ()) -> dict[int, int | None]:
-        """Trim each stream (exactly, MINID) below its floor (:meth:`floors`). Returns the
-        entries trimmed per shard, None where the stream was left alone."""
-        return await self.trim_at(await self.floors(require))
-
-    async def trim_at(self, floors: Mapping[int, str | None]) -> dict[int, int | None]:
-        out: dict[int, int | None] = {}
-        for shard, floor in floors.items():
-            if floor is None:
-                out[shard] = None
-                continue
-            # MINID keeps the floor entry itself (the last delivered one, when nothing is
-            # pending, is acknowledged: keeping it costs nothing and needs no id arithmetic)
-            with redis_errors("trim"):
-                out[shard] = int(await self.redis.xtrim(self.stream(shard), minid=floor,
-                                                        approximate=False))
-        return out
 
 
 class ConsumerGroup:
@@ -415,36 +273,11 @@ class ConsumerGroup:
 
     # -- state, checkpoints, trimming ----------------------------------------------------------
     async def state(self) -> list[GroupState]:
-        """Each shard's group state, in two round trips (lag counted by hand on Redis 6.2)."""
-        with redis_errors("group state"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for shard in self.shards:
-                    pipe.xinfo_groups(self.stream(shard))
-                    pipe.xpending(self.stream(shard), self.group)
-                raw = await pipe.execute(raise_on_error=False)
-        out = []
-        for i, shard in enumerate(self.shards):
-            groups, pending = raw[2 * i], raw[2 * i + 1]
-            info = None
-            if not isinstance(groups, Exception):
-                info = next((g for g in groups if _s(g.get("name")) == self.group), None)
-            if info is None or isinstance(pending, Exception):
-                out.append(GroupState(shard, exists=False))
-                continue
-            lag = info.get("lag")
-            last = _s(info.get("last-delivered-id", "0-0"))
-            out.append(GroupState(
-                shard, exists=True, last_delivered=last,
-                pending=int(pending.get("pending") or 0),
-                min_pending=_s(pending["min"]) if pending.get("min") else None,
-                lag=int(lag) if lag is not None else await self._count_after(shard, last),
-            ))
-        return out
-
-    async def _count_after(self, shard: int, last: str, cap: int = 10_000) -> int:
-        with redis_errors("lag"):
-            got = await self.redis.xrange(self.stream(shard), f"({last}", "+", count=cap)
-        return len(got)
+        """Each shard's state of this group, lag included (``exists=False`` where it is
+        missing)."""
+        groups = await self.streams.groups(lag=True)
+        return [groups[shard].get(self.group, GroupState(shard, exists=False))
+                for shard in self.shards]
 
     def _raise(self, shard: int, entry_id: str) -> bool:
         old = self.checkpoints.get(shard)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from eventcore._groups import GroupState
+from eventcore._streams import GroupState
 
 from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
 from ._metrics import SubscriberMetrics

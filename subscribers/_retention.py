@@ -22,15 +22,15 @@ import anyio
 from anyio.abc import TaskStatus
 
 from eventcore import EventLog, RedisError
-from eventcore._groups import ShardStreams
 from eventcore._lifetime import Running
 from eventcore._redis import redis_errors
 from eventcore._redis import text as _s
-
-from ._persistence import Persistence
+from eventcore._streams import ShardStreams
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
+
+    from ._persistence import Persistence  # needs the sql extra: only for the type
 
 __all__ = ["Retention", "RetentionReport"]
 

@@ -29,10 +29,11 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import EventLog, validate_session_id
-from eventcore._groups import ConsumerGroup, ShardStreams
+from eventcore._groups import ConsumerGroup
 from eventcore._lifetime import Running
 from eventcore._redis import redis_errors, run_script
 from eventcore._redis import text as _text
+from eventcore._streams import ShardStreams
 from eventcore.errors import (
     EventcoreError,
     NoSuchAgent,

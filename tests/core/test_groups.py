@@ -9,8 +9,9 @@ import anyio.lowlevel
 import pytest
 
 from eventcore import EventLog
-from eventcore._groups import ConsumerGroup, ShardStreams, id_key, id_pred, spans
+from eventcore._groups import ConsumerGroup
 from eventcore._lifetime import Running
+from eventcore._streams import ShardStreams, id_key, id_pred, spans
 from eventcore.errors import RedisError, UsageError
 
 

@@ -30,7 +30,8 @@ from httpx_sse import ServerSentEvent
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from eventcore import EventLog
-from eventcore._groups import ConsumerGroup, ShardStreams
+from eventcore._groups import ConsumerGroup
+from eventcore._streams import ShardStreams
 from eventcore.testing._server import free_port
 
 HERE = Path(__file__).parent
