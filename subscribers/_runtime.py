@@ -3,9 +3,10 @@
 One loop per runner, so a batch is handled, acknowledged and only then is the next one read:
 
 1. retries that are due (entries whose handling failed, after a backoff);
-2. every ``claim_interval_ms``: a fenced XAUTOCLAIM pass (``_lua/reclaim.lua``) taking entries
-   idle for ``claim_idle_ms`` from dead or stuck consumers; entries delivered more than
-   ``max_deliveries`` times go to the dead-letter stream instead;
+2. every ``claim_interval_ms``: a fenced XAUTOCLAIM pass (the core runtime's
+   ``ConsumerGroup.reclaim``) taking entries idle for ``claim_idle_ms`` from dead or stuck
+   consumers; entries delivered more than ``max_deliveries`` times go to the dead-letter stream
+   instead;
 3. XREADGROUP over all shard feeds (up to ``batch`` per shard), blocking at most until the next
    retry or reclaim is due.
 
