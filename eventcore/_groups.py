@@ -2,11 +2,11 @@
 implementation the worker pool (dispatch streams) and the subscribers (shard feeds) both use.
 
 :class:`ConsumerGroup` is one group on those streams as seen by one consumer: ensure (BUSYGROUP
-  tolerated, at the checkpoint if one is known), NOGROUP recovery (recreated from the
-  checkpoint, never from ``$``), read (XREADGROUP, COUNT per shard), ack, keep-alive, the
-  reclaim of idle entries (XAUTOCLAIM, optionally fenced by a lease, optionally with a delivery
-  limit whose entries go to the dead-letter stream in the same step), dead letters, group state,
-  checkpoints, and the trim below every group's floor.
+tolerated, at the checkpoint if one is known), NOGROUP recovery (recreated from the checkpoint,
+never from ``$``), read (XREADGROUP over one :class:`~eventcore._streams.Span`, COUNT per
+shard), ack, keep-alive, the reclaim of idle entries (XAUTOCLAIM, optionally fenced by a lease,
+optionally with a delivery limit whose entries go to the dead-letter stream in the same step),
+dead letters, group state, checkpoints, and the trim below every group's floor.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ class ConsumerGroup:
     async def state(self) -> list[GroupState]:
         """Each shard's state of this group, lag included (``exists=False`` where it is
         missing)."""
-        groups = await self.streams.groups(lag=True)
+        groups = await self.streams.groups(lag_of=self.group)
         return [groups[shard].get(self.group, GroupState(shard, exists=False))
                 for shard in self.shards]
 

@@ -91,9 +91,10 @@ class ShardStreams:
         self.stream = stream
         self.shards = list(shards)
 
-    async def groups(self, *, lag: bool = False) -> dict[int, dict[str, GroupState]]:
+    async def groups(self, *, lag_of: str | None = None) -> dict[int, dict[str, GroupState]]:
         """Every group on each shard's stream (none where the stream does not exist), in two
-        round trips for all shards; with ``lag`` (counted by hand on Redis 6.2)."""
+        round trips for all shards; the lag of group ``lag_of`` too (counted by hand on Redis
+        6.2)."""
         redis = self.redis
         with redis_errors("group floors"):
             async with redis.pipeline(transaction=False) as pipe:
@@ -111,19 +112,22 @@ class ShardStreams:
                 for shard, g in found:
                     pipe.xpending(self.stream(shard), _s(g["name"]))
                 pending = await pipe.execute(raise_on_error=False)
+            for summary in pending:
+                if isinstance(summary, Exception) and "NOGROUP" not in str(summary):
+                    raise summary
         out: dict[int, dict[str, GroupState]] = {shard: {} for shard in self.shards}
         for (shard, g), summary in zip(found, pending, strict=True):
             if isinstance(summary, Exception):
-                continue  # destroyed meanwhile
-            last = _s(g["last-delivered-id"])
-            behind = g.get("lag")
-            if lag and behind is None:
-                behind = await self._count_after(shard, last)
-            out[shard][_s(g["name"])] = GroupState(
+                continue  # destroyed since XINFO: it needs nothing any more
+            name, last = _s(g["name"]), _s(g["last-delivered-id"])
+            lag = g.get("lag") if name == lag_of else None
+            if name == lag_of and lag is None:
+                lag = await self._count_after(shard, last)
+            out[shard][name] = GroupState(
                 shard, exists=True, last_delivered=last,
                 pending=int(summary.get("pending") or 0),
                 min_pending=_s(summary["min"]) if summary.get("min") else None,
-                lag=int(behind) if lag and behind is not None else None)
+                lag=None if lag is None else int(lag))
         return out
 
     async def _count_after(self, shard: int, last: str, cap: int = 10_000) -> int:
