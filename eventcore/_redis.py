@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - hiredis comes with redis[hiredis]
     _hiredis = None
 
-__all__ = ["Redis", "connect_redis", "redis_errors", "run_script", "run_scripts"]
+__all__ = ["Redis", "connect_redis", "redis_errors", "run_script", "run_scripts", "text"]
 
 Redis = aioredis.Redis
 
@@ -159,3 +159,10 @@ def redis_errors(what: str) -> Iterator[None]:
         raise RedisError(f"{what}: {exc}") from exc
     except rexc.RedisError as exc:
         raise RedisError(f"{what}: {exc}") from exc
+
+
+def text(value: Any) -> str:
+    """A Redis reply value (bytes, a number, None) as text."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from eventcore._streams import GroupState
+
 from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
-from ._groups import GroupState
 from ._metrics import SubscriberMetrics
 from ._ordered import DELETED, ApplyConflict, OrderedStats, OrderedSubscriber, Position, Run
 from ._projector import Projector, read_view

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from eventcore import CorruptEntry, Envelope
 from eventcore._codec import decode_entry
+from eventcore._groups import CheckpointStore
 
 __all__ = ["CheckpointStore", "Delivery", "Subscriber", "decode_feed_entry"]
 
@@ -50,17 +51,6 @@ class Subscriber(Protocol):
     name: str
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None: ...
-
-
-@runtime_checkable
-class CheckpointStore(Protocol):
-    """Somewhere outside Redis to keep each group's checkpoint per shard (the feed entry id
-    below which everything was acknowledged), so a group lost with Redis's data is recreated
-    from there rather than from ``$``."""
-
-    async def load_checkpoint(self, group: str, shard: int) -> str | None: ...
-
-    async def save_checkpoint(self, group: str, shard: int, entry_id: str) -> None: ...
 
 
 def decode_feed_entry(fields: Mapping[bytes, bytes], where: str) -> Envelope:

@@ -16,16 +16,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from eventcore import EventLog, RedisError
+from eventcore._lifetime import Running
 from eventcore._redis import redis_errors
-
-from ._groups import id_key, id_pred
+from eventcore._redis import text as _s
+from eventcore._streams import ShardStreams
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -38,10 +38,6 @@ log_ = logging.getLogger("eventcore.retention")
 _TRIM_LUA = resources.files("eventcore.subscribers").joinpath("_lua/trim_session.lua").read_text()
 
 
-def _s(v: object) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 @dataclass
 class RetentionReport:
     sessions_scanned: int = 0
@@ -51,8 +47,11 @@ class RetentionReport:
     dead_letters_trimmed: int = 0
 
 
-class Retention:
+class Retention(Running):
     """Trims session streams and shard feeds every ``interval_s`` (or once: :meth:`run_once`).
+
+    ``async with Retention(...)`` runs it in the background (the first pass starts at once);
+    :meth:`aclose` stops it.
 
     ``hot_window_s``: how long envelopes stay in Redis after publication even when archived
     (live readers and SSE catch-up stay on Redis). ``groups``: consumer groups that must exist
@@ -83,36 +82,28 @@ class Retention:
         self.scan_count = scan_count
         self.last: RetentionReport | None = None
         self._passed = anyio.Event()
-        self._tg: TaskGroup | None = None
         self._trim: AsyncScript | None = None
-
-    async def __aenter__(self) -> Self:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        await self._tg.start(self.run)
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
+        self._feeds = ShardStreams(log.redis, log.keys.feed, log.keys.all_shards())
+        self._scope: anyio.CancelScope | None = None
 
     async def aclose(self) -> None:
-        if self._tg is not None:
-            tg, self._tg = self._tg, None
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
+        """Stop the background passes (a pass in progress is abandoned: trims are idempotent)."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            try:
-                self.last = await self.run_once()
-                self._passed.set()
-                self._passed = anyio.Event()
-            except RedisError as exc:
-                log_.warning("retention pass failed: %s", exc)
-            await anyio.sleep(self.interval_s)
+        """A pass every ``interval_s`` until :meth:`aclose` (or cancelled)."""
+        with anyio.CancelScope() as self._scope:
+            task_status.started()
+            while True:
+                try:
+                    self.last = await self.run_once()
+                    self._passed.set()
+                    self._passed = anyio.Event()
+                except RedisError as exc:
+                    log_.warning("retention pass failed: %s", exc)
+                await anyio.sleep(self.interval_s)
+        self._scope = None
 
     async def next_pass(self) -> RetentionReport:
         """The report of the next pass the background task completes."""
@@ -170,39 +161,10 @@ class Retention:
             if cursor == 0:
                 return
 
-    async def feed_floor(self, shard: int) -> str | None:
-        """The id below which every group on the shard's feed has acknowledged everything, or
-        None when the feed must not be trimmed."""
-        feed, redis = self.log.keys.feed(shard), self.log.redis
-        with redis_errors("retention groups"):
-            try:
-                groups = await redis.xinfo_groups(feed)
-            except Exception as exc:
-                if "no such key" in str(exc).lower():
-                    return None
-                raise
-            names = [_s(g["name"]) for g in groups]
-            if not names or (self.groups and not set(self.groups) <= set(names)):
-                return None
-            floors = []
-            for g in groups:
-                pending = await redis.xpending(feed, _s(g["name"]))
-                if pending.get("min"):
-                    floors.append(id_pred(_s(pending["min"])))
-                else:
-                    floors.append(_s(g["last-delivered-id"]))
-        return min(floors, key=id_key)
-
     async def trim_feeds(self, report: RetentionReport) -> None:
-        for shard in self.log.keys.all_shards():
-            floor = await self.feed_floor(shard)
-            if floor is None:
+        trimmed = await self._feeds.trim(require=self.groups or ())
+        for shard, n in trimmed.items():
+            if n is None:
                 report.feeds_skipped.append(shard)
-                continue
-            # MINID keeps the floor entry itself: it is acknowledged, but keeping one entry
-            # costs nothing and keeps the arithmetic on ids simple.
-            with redis_errors("retention trim feed"):
-                report.feed_entries_trimmed += int(
-                    await self.log.redis.xtrim(self.log.keys.feed(shard), minid=floor,
-                                               approximate=False)
-                )
+            else:
+                report.feed_entries_trimmed += n

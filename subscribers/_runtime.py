@@ -3,9 +3,10 @@
 One loop per runner, so a batch is handled, acknowledged and only then is the next one read:
 
 1. retries that are due (entries whose handling failed, after a backoff);
-2. every ``claim_interval_ms``: a fenced XAUTOCLAIM pass (``_lua/reclaim.lua``) taking entries
-   idle for ``claim_idle_ms`` from dead or stuck consumers; entries delivered more than
-   ``max_deliveries`` times go to the dead-letter stream instead;
+2. every ``claim_interval_ms``: a fenced XAUTOCLAIM pass (the core runtime's
+   ``ConsumerGroup.reclaim``) taking entries idle for ``claim_idle_ms`` from dead or stuck
+   consumers; entries delivered more than ``max_deliveries`` times go to the dead-letter stream
+   instead;
 3. XREADGROUP over all shard feeds (up to ``batch`` per shard), blocking at most until the next
    retry or reclaim is due.
 
@@ -25,18 +26,19 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
 from eventcore._codec import entry_incarnation
+from eventcore._groups import Claimed, ConsumerGroup
+from eventcore._lifetime import Running
+from eventcore._streams import ShardStreams
 from eventcore.errors import UsageError, ValidationError
 
-from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
-from ._groups import Claimed, FeedGroup, is_nogroup
+from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry, entry_ids
 from ._metrics import SubscriberMetrics
 
 __all__ = ["SubscriberRunner", "default_consumer_name", "is_transient"]
@@ -73,7 +75,7 @@ class _Retry:
     item: _Item
 
 
-class SubscriberRunner:
+class SubscriberRunner(Running):
     """Runs one :class:`Subscriber` as consumer ``consumer`` of group ``group`` (default: the
     subscriber's ``name``) on every shard feed (or ``shards``).
 
@@ -131,7 +133,7 @@ class SubscriberRunner:
         self.metrics_interval_s = metrics_interval_s
         self.drain_timeout_s = drain_timeout_s
         self.metrics = SubscriberMetrics(self.group, self.consumer)
-        self._fg: FeedGroup | None = None
+        self._fg: ConsumerGroup | None = None
         self._retry: dict[tuple[int, str], _Retry] = {}
         self._inflight: dict[tuple[int, str], _Item] = {}
         self._cursor = dict.fromkeys(self.shards, "0-0")
@@ -144,38 +146,23 @@ class SubscriberRunner:
         self._running = False
         self._done = anyio.Event()
         self._progress = anyio.Event()
-        self._tg: TaskGroup | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
-    async def __aenter__(self) -> Self:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        try:
-            await self._tg.start(self.run)
-        except BaseException as exc:
-            await self._tg.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-        if self._tg is not None:
-            tg, self._tg = self._tg, None
-            await tg.__aexit__(et, e, tb)
-
     @property
-    def group_ops(self) -> FeedGroup:
+    def group_ops(self) -> ConsumerGroup:
+        """The consumer-group runtime this runner drives (group ``group`` on the feeds)."""
         if self._fg is None:
-            self._fg = FeedGroup(self.log.redis, self.log.keys, self.group, self.consumer,
-                                 self.shards, store=self.checkpoints)
+            log = self.log
+            self._fg = ConsumerGroup(
+                ShardStreams(log.redis, log.keys.feed, self.shards), log.keys, self.group,
+                self.consumer, start_id=self.start_id, store=self.checkpoints,
+                on_recovered=self._recovered)
         return self._fg
 
     async def ensure_groups(self) -> None:
         """Create the group on every shard feed where it is missing (at the checkpoint, else
         at ``start_id``)."""
-        await self.group_ops.ensure(self.start_id)
+        await self.group_ops.ensure()
 
     def stop(self) -> None:
         """Ask the runner to stop: the batch in hand is finished and acknowledged; nothing new
@@ -237,7 +224,7 @@ class SubscriberRunner:
             return
         try:
             with anyio.move_on_after(2):
-                await self._fg.release()
+                await self._fg.release_leases()
         except RedisError:
             pass  # they expire anyway
 
@@ -298,8 +285,7 @@ class SubscriberRunner:
                 more = await self._step(burst)
                 self._outage_streak = 0
             except RedisError as exc:
-                if is_nogroup(exc):
-                    await self._recover_groups()
+                if await self.group_ops.recovered(exc):
                     continue
                 if "UNBLOCKED" in str(exc):  # the feed was deleted under a blocked read
                     continue
@@ -311,8 +297,7 @@ class SubscriberRunner:
             if not more:
                 return
 
-    async def _recover_groups(self) -> None:
-        created = await self.group_ops.ensure(self.start_id)
+    async def _recovered(self, created: list[int]) -> None:
         self._cursor = dict.fromkeys(self.shards, "0-0")
         self.metrics.nogroup_recoveries += 1
         log_.warning("subscriber %s: consumer group was gone on shards %s; recreated from "
@@ -360,13 +345,13 @@ class SubscriberRunner:
     async def _reclaim_pass(self) -> list[_Item]:
         found: list[tuple[int, Claimed]] = []
         for shard in self.shards:
-            _, cursor, claimed, dead = await self.group_ops.reclaim(
+            step = await self.group_ops.reclaim(
                 shard, cursor=self._cursor[shard], min_idle_ms=self.claim_idle_ms,
                 count=self.batch, lease_ms=self.lease_ms, max_deliveries=self.max_deliveries,
             )
-            self._cursor[shard] = cursor
-            self.metrics.dead_lettered += dead
-            found += [(shard, c) for c in claimed if (shard, c.entry_id) not in self._retry]
+            self._cursor[shard] = step.cursor
+            self.metrics.dead_lettered += step.dead
+            found += [(shard, c) for c in step.claimed if (shard, c.entry_id) not in self._retry]
         if not found:
             return []
         self.metrics.reclaimed += len(found)
@@ -377,10 +362,10 @@ class SubscriberRunner:
         """Feed entries to deliveries; an entry that is not an envelope is dead-lettered at once
         (no retry can fix it)."""
         items: list[_Item] = []
-        feeds = self.group_ops.feed_names
+        stream = self.group_ops.stream
         for shard, entry_id, fields, attempt in raw:
             try:
-                env = decode_feed_entry(fields, f"{feeds[shard]} {entry_id}")
+                env = decode_feed_entry(fields, f"{stream(shard)} {entry_id}")
             except CorruptEntry as exc:
                 await self._dead_letter(shard, entry_id, fields, attempt, exc)
                 continue
@@ -408,10 +393,7 @@ class SubscriberRunner:
         try:
             self.metrics.delivered += len(items)
             ok, failed = await self._handle(items)
-            acks: dict[int, list[str]] = {}
-            for item in ok:
-                acks.setdefault(item.delivery.shard, []).append(item.delivery.entry_id)
-            await self.group_ops.ack(acks)
+            await self.group_ops.ack(entry_ids([i.delivery for i in ok]))
             self.metrics.acked += len(ok)
             outage = bool(failed) and all(is_transient(exc) for _, exc in failed)
             self._backend_streak = self._backend_streak + 1 if outage else 0

@@ -29,7 +29,11 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import EventLog, validate_session_id
+from eventcore._groups import ConsumerGroup
+from eventcore._lifetime import Running
 from eventcore._redis import redis_errors, run_script
+from eventcore._redis import text as _text
+from eventcore._streams import ShardStreams
 from eventcore.errors import (
     EventcoreError,
     NoSuchAgent,
@@ -62,11 +66,12 @@ async def _no_handler(session: Session) -> None:
     raise NoSuchAgent(f"no agent named {session.agent!r} is registered in this worker's app")
 
 
-class Worker:
+class Worker(Running):
     """Hosts sessions of ``app``'s agents from the dispatch streams of ``log``.
 
-    ``await tg.start(worker.run)`` returns once the consumer groups exist and the worker is
-    consuming; :meth:`run_burst` returns when there is nothing left to do. ``concurrency`` is
+    ``async with worker:`` (or ``await tg.start(worker.run)``) returns once the consumer groups
+    exist and the worker is consuming, and leaving the block stops it (:meth:`aclose`);
+    :meth:`run_burst` returns when there is nothing left to do. ``concurrency`` is
     ``max_concurrent_sessions``; ``lease_ttl_s`` is how long a dead worker's sessions wait
     before another worker takes them over.
     """
@@ -133,14 +138,9 @@ class Worker:
                          on_failure=self.supervisor.failed, on_success=self.supervisor.ok,
                          on_rewound=self._rewound)
         self._release: Coalescer | None = None
+        self._group: ConsumerGroup | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
-    async def __aenter__(self) -> Worker:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
     async def aclose(self) -> None:
         """Stop now: running sessions are handed back at once (no drain timeout)."""
         if self._running:
@@ -183,6 +183,9 @@ class Worker:
         self._running = True
         redis = self.log.redis
         keys = self.log.keys
+        self._group = ConsumerGroup(
+            ShardStreams(redis, keys.dispatch, keys.all_shards()), keys, GROUP, self.id,
+            start_id="0", kind="worker", on_recovered=self._recovered)
         self._release = Coalescer(redis, RELEASE_LUA, lambda shard: (
             [keys.dispatch(shard), keys.delayed(shard), keys.dead(shard)],
             [self.id, GROUP, int(time.time() * 1000)]))
@@ -197,7 +200,7 @@ class Worker:
             max_failures=self.supervisor.limit,
         )
         try:
-            await self._ensure_groups()
+            await self._group.ensure()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await tg.start(self.feed.run)
@@ -241,23 +244,15 @@ class Worker:
                 "load": round(self.metrics.load, 4),
                 "state": "draining" if self._draining else "running"}
 
-    async def _ensure_groups(self) -> None:
-        redis = self.log.redis
-        for shard in self.log.keys.all_shards():
-            try:
-                with redis_errors("xgroup create"):
-                    await redis.xgroup_create(self.log.keys.dispatch(shard), GROUP, id="0",
-                                              mkstream=True)
-            except RedisError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+    async def _recovered(self, shards: list[int]) -> None:
+        log.warning("worker %s: the dispatch group was gone on shards %s; recreated",
+                    self.id, shards)
 
     # -- taking sessions -------------------------------------------------------------------------
     async def _consume(self, burst: bool) -> None:
-        keys = self.log.keys
-        streams: dict[Any, Any] = {keys.dispatch(shard): ">" for shard in keys.all_shards()}
-        shard_of = {name: shard for shard, name in enumerate(streams)}
-        slots = self._slots
+        assert self._group is not None
+        group, slots = self._group, self._slots
+        span = group.span
         while not self._draining:
             free = slots.free
             if free <= 0:
@@ -271,22 +266,15 @@ class Worker:
             # meanwhile) must not starve behind an idle read. What the read brings beyond the
             # room left when it returns waits in the backlog, claimed in order as slots free.
             want = min(free, self.read_batch)
-            # XREADGROUP's COUNT is per stream: ask each shard for a share
-            per_stream = max(1, -(-want // len(streams)))
             try:
-                with redis_errors("xreadgroup"):
-                    got = await self.log.redis.xreadgroup(
-                        GROUP, self.id, streams, count=per_stream,
-                        block=100 if burst else self.block_ms)
+                entries = await group.read(span.share(want), 100 if burst else self.block_ms,
+                                           span)
                 self.supervisor.ok("dispatch")
             except RedisError as exc:
-                if "NOGROUP" in str(exc):
-                    await self._ensure_groups()
-                self.supervisor.failed("dispatch", exc)
-                await anyio.sleep(self.supervisor.backoff_s("dispatch"))
+                if not await group.recovered(exc):
+                    self.supervisor.failed("dispatch", exc)
+                    await anyio.sleep(self.supervisor.backoff_s("dispatch"))
                 continue
-            entries = [(shard_of[_text(name)], _text(eid), fields)
-                       for name, items in got or () for eid, fields in items]
             room = max(0, min(want, slots.free))
             self._backlog.extend(entries[room:])
             if room and entries:
@@ -363,8 +351,8 @@ class Worker:
             self.supervisor.failed("dispatch", group.exceptions[0])
 
     async def _ack_malformed(self, shard: int, eid: str) -> None:
-        with redis_errors("ack"):
-            await self.log.redis.xack(self.log.keys.dispatch(shard), GROUP, eid)
+        assert self._group is not None
+        await self._group.ack({shard: [eid]})
 
     def _start(self, shard: int, sid: str, eid: str, res: Sequence[Any], reclaimed: bool
                ) -> None:
@@ -566,25 +554,11 @@ class Worker:
                 self.supervisor.failed("maintenance", exc)
 
     async def _trim(self) -> None:
-        """Drop dispatch entries that are delivered and acknowledged: below both the group's
-        last-delivered id and its oldest pending entry (exact MINID: never an unacknowledged
-        or undelivered entry)."""
-        keys = self.log.keys
-        redis: Any = self.log.redis
-        for shard in keys.all_shards():
-            stream = keys.dispatch(shard)
-            with redis_errors("trim"):
-                groups = await redis.xinfo_groups(stream)
-                group = next((g for g in groups if _text(g["name"]) == GROUP), None)
-                if group is None or len(groups) != 1:
-                    continue  # another group reads this stream: leave it alone
-                floor = _text(group["last-delivered-id"])
-                summary = await redis.xpending(stream, GROUP)
-                if summary["pending"]:
-                    oldest = _text(summary["min"])
-                    floor = min(floor, oldest, key=_id_key)
-                if floor not in ("0-0", ""):
-                    await redis.xtrim(stream, minid=floor, approximate=False)
+        """Drop dispatch entries that are delivered and acknowledged: below every group's
+        last-delivered id and oldest pending entry (exact MINID: never an unacknowledged or
+        undelivered entry)."""
+        assert self._group is not None
+        await self._group.trim()
 
     async def _move_delayed(self) -> None:
         keys = self.log.keys
@@ -597,62 +571,35 @@ class Worker:
     async def _reclaim(self) -> None:
         """Take over dispatch entries nobody has renewed for a lease TTL (their worker died
         or stalled). XAUTOCLAIM scans the pending list a window at a time: follow its cursor
-        round the whole list, as long as this worker has room."""
-        keys, slots = self.log.keys, self._slots
-        for shard in keys.all_shards():
+        round the whole list, as long as this worker has room. Unfenced: claim.lua's leases
+        and epochs decide who hosts, and it judges the delivery counts (dead letters)."""
+        assert self._group is not None
+        group, slots = self._group, self._slots
+        for shard in self.log.keys.all_shards():
             start = "0-0"
             while (free := min(slots.free, 100)) > 0:
                 with slots.reserve(free):
-                    with redis_errors("xautoclaim"):
-                        res = await self.log.redis.xautoclaim(
-                            keys.dispatch(shard), GROUP, self.id,
-                            min_idle_time=int(self.lease_ttl_s * 1000), start_id=start,
-                            count=free)
-                    entries = [(shard, _text(eid), fields) for eid, fields in res[1] if fields]
+                    step = await group.reclaim(
+                        shard, cursor=start, min_idle_ms=int(self.lease_ttl_s * 1000),
+                        count=free)
+                    entries = [(shard, c.entry_id, c.fields) for c in step.claimed]
                     alive = [e for e in entries if self._hosting(e)]
                     if alive:
-                        await self._keep(shard, [eid for _, eid, _ in alive])
+                        # sessions hosted here (their heartbeat came late, or they were
+                        # claimed long after they were read): alive, so nothing is taken
+                        # over, and the delivery XAUTOCLAIM counted is taken back (only
+                        # hostings that died count towards the crash-loop limit)
+                        await group.touch({shard: [eid for _, eid, _ in alive]}, uncount=True)
                         entries = [e for e in entries if not self._hosting(e)]
                     if entries:
                         await self._claim(entries, reclaimed=True)
-                start = _text(res[0])
+                start = step.cursor
                 if start in ("0-0", "0"):
                     break
             if slots.free <= 0:
                 return
 
-
     def _hosting(self, entry: tuple[int, str, Any]) -> bool:
         shard, eid, fields = entry
         s = self._hosts.get(_text(fields.get(b"sid", b"")))
         return s is not None and (s.shard, s.entry_id) == (shard, eid)
-
-    async def _keep(self, shard: int, ids: list[str]) -> None:
-        """XAUTOCLAIM took entries of sessions hosted here (their heartbeat came late, or they
-        were claimed long after they were read): they are alive, so nothing is taken over,
-        and the delivery it counted is taken back (only hostings that died count towards the
-        crash-loop limit)."""
-        stream = self.log.keys.dispatch(shard)
-        redis: Any = self.log.redis
-        with redis_errors("keep"):
-            async with redis.pipeline(transaction=False) as pipe:
-                for eid in ids:
-                    pipe.xpending_range(stream, GROUP, eid, eid, 1, self.id)
-                pending = await pipe.execute()
-            async with redis.pipeline(transaction=False) as pipe:
-                for eid, found in zip(ids, pending, strict=True):
-                    if found:
-                        pipe.xclaim(stream, GROUP, self.id, 0, [eid], justid=True,
-                                    retrycount=max(int(found[0]["times_delivered"]) - 1, 0))
-                await pipe.execute()
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return "" if value is None else str(value)

@@ -30,7 +30,8 @@ from httpx_sse import ServerSentEvent
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from eventcore import EventLog
-from eventcore.subscribers._groups import FeedGroup
+from eventcore._groups import ConsumerGroup
+from eventcore._streams import ShardStreams
 from eventcore.testing._server import free_port
 
 HERE = Path(__file__).parent
@@ -604,8 +605,8 @@ class Sampler:
         self.knobs = knobs
         self.samples: list[dict[str, Any]] = []
         self.phase = "start"
-        self.groups = {g: FeedGroup(log.redis, log.keys, g, "soak-sampler",
-                                    list(log.keys.all_shards())) for g in GROUPS}
+        feeds = ShardStreams(log.redis, log.keys.feed, log.keys.all_shards())
+        self.groups = {g: ConsumerGroup(feeds, log.keys, g, "soak-sampler") for g in GROUPS}
         self._added: int | None = None
         self._probe = driver.connection()  # how long the API takes to answer anything
         self._at = time.monotonic()

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-import anyio
 import pytest
 import worker_apps
 
@@ -22,13 +21,8 @@ DEFAULTS: dict[str, Any] = {
 @asynccontextmanager
 async def _hosting(log: EventLog, app: App | None = None, **kwargs: Any
                    ) -> AsyncIterator[Worker]:
-    w = Worker(app or worker_apps.app, log, **{**DEFAULTS, **kwargs})
-    async with anyio.create_task_group() as tg:
-        await tg.start(w.run)
-        try:
-            yield w
-        finally:
-            await w.aclose()
+    async with Worker(app or worker_apps.app, log, **{**DEFAULTS, **kwargs}) as w:
+        yield w
 
 
 @pytest.fixture

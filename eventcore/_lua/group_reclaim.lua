@@ -1,20 +1,23 @@
--- Reclaim feed entries left idle by dead or stuck consumers, for one (group, shard), fenced by a
--- lease: only the lease holder claims, and holding the lease and claiming are one atomic step,
--- so a reclaimer whose lease lapsed (paused, partitioned) claims nothing. The lease expires on
--- its own, so a killed reclaimer blocks nobody for longer than the lease.
+-- Reclaim stream entries left idle by dead or stuck consumers, for one (group, shard). Fenced
+-- by a lease when ARGV[2] > 0: only the lease holder claims, and holding the lease and claiming
+-- are one atomic step, so a reclaimer whose lease lapsed (paused, partitioned) claims nothing.
+-- The lease expires on its own, so a killed reclaimer blocks nobody for longer than the lease.
 --
--- KEYS[1] lease, KEYS[2] feed, KEYS[3] dead-letter stream
--- ARGV[1] this consumer (the lease token), ARGV[2] lease ms, ARGV[3] group, ARGV[4] min idle ms,
--- ARGV[5] cursor, ARGV[6] count, ARGV[7] max deliveries, ARGV[8] dead-letter error JSON
+-- KEYS[1] lease, KEYS[2] stream, KEYS[3] dead-letter stream
+-- ARGV[1] this consumer (the lease token), ARGV[2] lease ms (0: no fence), ARGV[3] group,
+-- ARGV[4] min idle ms, ARGV[5] cursor, ARGV[6] count, ARGV[7] max deliveries (0: no limit
+-- here, the caller judges the counts), ARGV[8] dead-letter error JSON, ARGV[9] dead-letter kind
 --
 -- Returns {0, holder} when another consumer holds the lease, else
 -- {1, next cursor, {{id, deliveries, {field, value, ...}}, ...}, dead-lettered count}.
 -- Entries already delivered max deliveries times (XAUTOCLAIM counts itself as one more) go to
 -- the dead-letter stream with their fields, and are acknowledged, in the same step.
 local me, group = ARGV[1], ARGV[3]
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= me then return {0, holder} end
-redis.call('SET', KEYS[1], me, 'PX', ARGV[2])
+if tonumber(ARGV[2]) > 0 then
+  local holder = redis.call('GET', KEYS[1])
+  if holder and holder ~= me then return {0, holder} end
+  redis.call('SET', KEYS[1], me, 'PX', ARGV[2])
+end
 local r = redis.call('XAUTOCLAIM', KEYS[2], group, me, ARGV[4], ARGV[5], 'COUNT', ARGV[6])
 local max = tonumber(ARGV[7])
 local out, dead, claimed, missing = {}, 0, {}, false
@@ -24,8 +27,8 @@ for _, e in ipairs(r[2]) do
     claimed[id] = true
     local p = redis.call('XPENDING', KEYS[2], group, id, id, 1)
     local n = (p[1] and tonumber(p[1][4])) or 1
-    if n > max then
-      local f = {'kind', 'subscriber', 'group', group, 'consumer', me, 'feed', KEYS[2],
+    if max > 0 and n > max then
+      local f = {'kind', ARGV[9], 'group', group, 'consumer', me, 'feed', KEYS[2],
                  'entry', id, 'deliveries', tostring(n - 1), 'error', ARGV[8]}
       for i = 1, #e[2], 2 do
         f[#f + 1] = 'f.' .. e[2][i]

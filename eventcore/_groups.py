@@ -1,0 +1,334 @@
+"""The consumer-group runtime over a set of shard streams (:mod:`eventcore._streams`): the one
+implementation the worker pool (dispatch streams) and the subscribers (shard feeds) both use.
+
+:class:`ConsumerGroup` is one group on those streams as seen by one consumer: ensure (BUSYGROUP
+tolerated, at the checkpoint if one is known), NOGROUP recovery (recreated from the checkpoint,
+never from ``$``), read (XREADGROUP over one :class:`~eventcore._streams.Span`, COUNT per
+shard), ack, keep-alive, the reclaim of idle entries (XAUTOCLAIM, optionally fenced by a lease,
+optionally with a delivery limit whose entries go to the dead-letter stream in the same step),
+dead letters, group state, checkpoints, and the trim below every group's floor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol, runtime_checkable
+
+import redis.exceptions as rexc
+
+from ._codec import encode
+from ._envelope import ErrorInfo
+from ._keys import Keys
+from ._redis import redis_errors
+from ._redis import text as _s
+from ._streams import GroupState, ShardStreams, Span, id_key, spans
+from .errors import EventcoreError
+
+__all__ = [
+    "CheckpointStore",
+    "Claimed",
+    "ConsumerGroup",
+    "Entry",
+    "Reclaimed",
+    "is_nogroup",
+]
+
+_TOUCH_CHUNK = 1000
+
+
+def _script(name: str) -> str:
+    return resources.files("eventcore").joinpath(f"_lua/group_{name}.lua").read_text()
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was converted from) says the consumer group is gone."""
+    cur: BaseException | None = exc
+    while cur is not None:
+        if isinstance(cur, rexc.ResponseError) and "NOGROUP" in str(cur):
+            return True
+        cur = cur.__cause__
+    return False
+
+
+#: one entry read or reclaimed: (shard, entry id, fields)
+Entry = tuple[int, str, dict[bytes, bytes]]
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """Somewhere outside Redis to keep each group's checkpoint per shard (the entry id below
+    which everything was acknowledged), so a group lost with Redis's data is recreated from
+    there rather than from ``$``."""
+
+    async def load_checkpoint(self, group: str, shard: int) -> str | None: ...
+
+    async def save_checkpoint(self, group: str, shard: int, entry_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """An entry a reclaim took over: its id, how often it has been delivered (this time
+    included) and its fields."""
+
+    entry_id: str
+    deliveries: int
+    fields: dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """One reclaim step on one shard: whether it held the reclaim lease (always, unfenced),
+    where the next step continues (``"0-0"``: the pending list was gone through), what it took
+    and how many entries it dead-lettered instead."""
+
+    held: bool
+    cursor: str
+    claimed: tuple[Claimed, ...] = ()
+    dead: int = 0
+
+
+class ConsumerGroup:
+    """Consumer group ``group`` on ``streams``, as seen by consumer ``consumer``.
+
+    ``start_id``: where a group with no checkpoint starts (never ``$``). ``store``: an external
+    checkpoint store beside the one in Redis. ``on_recovered(shards)`` runs after a NOGROUP
+    recovery recreated the group on those shards. ``kind`` tags this group's dead letters."""
+
+    def __init__(
+        self, streams: ShardStreams, keys: Keys, group: str, consumer: str, *,
+        start_id: str = "0", store: CheckpointStore | None = None, kind: str = "subscriber",
+        on_recovered: Callable[[list[int]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.streams = streams
+        self.redis = streams.redis
+        self.keys = keys
+        self.group = group
+        self.consumer = consumer
+        self.start_id = start_id
+        self.store = store
+        self.kind = kind
+        self.on_recovered = on_recovered
+        self.shards = streams.shards
+        #: the checkpoints this process knows: raised by :meth:`save_checkpoints` and :meth:`trim`
+        self.checkpoints: dict[int, str] = {}
+        self.recoveries = 0
+        self.spans = spans(self.shards, streams.stream)
+        redis = self.redis
+        self._reclaim = redis.register_script(_script("reclaim"))
+        self._touch = redis.register_script(_script("touch"))
+        self._raise_checkpoint = redis.register_script(_script("checkpoint"))
+        self._release = redis.register_script(_script("release"))
+
+    @property
+    def span(self) -> Span:
+        """The span of a single-node deployment: every shard in one read."""
+        (only,) = self.spans
+        return only
+
+    def stream(self, shard: int) -> str:
+        return self.streams.stream(shard)
+
+    # -- the group's existence -------------------------------------------------------------------
+    async def checkpoint_of(self, shard: int) -> str | None:
+        """The highest checkpoint known: this process's, Redis's, the external store's."""
+        found = [self.checkpoints.get(shard)]
+        with redis_errors("checkpoint"):
+            raw = await self.redis.get(self.keys.checkpoint(self.group, shard))
+        found.append(_s(raw) if raw is not None else None)
+        if self.store is not None:
+            found.append(await self.store.load_checkpoint(self.group, shard))
+        known = [c for c in found if c]
+        return max(known, key=id_key) if known else None
+
+    async def ensure(self, shards: Iterable[int] | None = None) -> list[int]:
+        """Create the group on each stream where it is missing, at the shard's checkpoint if
+        one is known, else at ``start_id``. Returns the shards where it was created."""
+        created = []
+        for shard in self.shards if shards is None else shards:
+            start = await self.checkpoint_of(shard) or self.start_id
+            try:
+                with redis_errors("create group"):
+                    await self.redis.xgroup_create(self.stream(shard), self.group, id=start,
+                                                   mkstream=True)
+                created.append(shard)
+            except EventcoreError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        return created
+
+    async def recover(self) -> list[int]:
+        """The group was gone (NOGROUP: Redis lost it, or someone destroyed it): recreate it
+        where missing, from the checkpoint."""
+        created = await self.ensure()
+        self.recoveries += 1
+        if self.on_recovered is not None:
+            await self.on_recovered(created)
+        return created
+
+    async def recovered(self, exc: BaseException) -> bool:
+        """If ``exc`` says the group is gone (NOGROUP, from any call of this group): recover
+        and return True (the call is to be retried), else False."""
+        if not is_nogroup(exc):
+            return False
+        await self.recover()
+        return True
+
+    # -- reading and acknowledging ---------------------------------------------------------------
+    async def read(self, count: int, block_ms: int | None, span: Span | None = None
+                   ) -> list[Entry]:
+        """XREADGROUP of new entries over ``span`` (default: :attr:`span`), up to ``count``
+        per shard, blocking up to ``block_ms`` (None: not at all). A lost group raises (see
+        :meth:`recovered`)."""
+        span = span or self.span
+        with redis_errors("xreadgroup"):
+            got = await self.redis.xreadgroup(
+                self.group, self.consumer, dict.fromkeys(span.streams, ">"), count=count,
+                block=block_ms)
+        return [(span.shard_of(_s(name)), _s(eid), fields)
+                for name, items in got or () for eid, fields in items]
+
+    async def ack(self, ids: Mapping[int, Sequence[str]]) -> None:
+        if not any(ids.values()):
+            return
+        with redis_errors("ack"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard, entry_ids in ids.items():
+                    if entry_ids:
+                        pipe.xack(self.stream(shard), self.group, *entry_ids)
+                await pipe.execute()
+
+    async def touch(self, ids: Mapping[int, Sequence[str]], *, uncount: bool = False) -> int:
+        """Keep entries this consumer still owns from looking idle to a reclaim (XCLAIM JUSTID
+        to itself); ``uncount``: also take back one delivery of each (a reclaim took them, but
+        they are alive here). Returns how many it kept."""
+        kept = 0
+        with redis_errors("touch"):
+            for shard, entry_ids in ids.items():
+                for i in range(0, len(entry_ids), _TOUCH_CHUNK):
+                    chunk = list(entry_ids[i : i + _TOUCH_CHUNK])
+                    kept += int(await self._touch(
+                        keys=[self.stream(shard)],
+                        args=[self.group, self.consumer, "1" if uncount else "0", *chunk]))
+        return kept
+
+    # -- reclaiming idle entries ---------------------------------------------------------------
+    async def reclaim(
+        self, shard: int, *, cursor: str, min_idle_ms: int, count: int, lease_ms: int = 0,
+        max_deliveries: int = 0,
+    ) -> Reclaimed:
+        """One XAUTOCLAIM step on ``shard`` from ``cursor``: entries idle for ``min_idle_ms``
+        become this consumer's. ``lease_ms`` > 0 fences it by the (group, shard) reclaim lease
+        (held that long; another holder's lease means nothing is claimed). ``max_deliveries``
+        > 0: entries delivered more often go to the dead-letter stream instead (0: the caller
+        judges :attr:`Claimed.deliveries` itself)."""
+        error = encode(ErrorInfo(
+            type="DeliveryLimit", retryable=False,
+            message=f"delivered more than {max_deliveries} times without an acknowledgement "
+                    "(its consumers died or timed out)",
+        )) if max_deliveries > 0 else b""
+        with redis_errors("reclaim"):
+            res = await self._reclaim(
+                keys=[self.keys.reclaim_lock(self.group, shard), self.stream(shard),
+                      self.keys.dead(shard)],
+                args=[self.consumer, lease_ms, self.group, min_idle_ms, cursor, count,
+                      max_deliveries, error, self.kind])
+        if int(res[0]) == 0:
+            return Reclaimed(False, cursor)
+        claimed = []
+        for entry_id, n, flat in res[2]:
+            fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+            claimed.append(Claimed(_s(entry_id), int(n), fields))
+        return Reclaimed(True, _s(res[1]), tuple(claimed), int(res[3]))
+
+    async def release_leases(self) -> None:
+        """Give up the reclaim leases this consumer holds (they would expire anyway)."""
+        with redis_errors("release lease"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in self.shards:
+                    await self._release(keys=[self.keys.reclaim_lock(self.group, shard)],
+                                        args=[self.consumer], client=pipe)
+                await pipe.execute()
+
+    async def dead_letter(
+        self, shard: int, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int,
+        error: ErrorInfo,
+    ) -> None:
+        """Move one entry to the shard's dead-letter stream with the error, and ack it, in one
+        transaction (both keys are in the shard's slot); the record is the one the reclaim
+        script writes for entries past the delivery limit."""
+        record: dict[str | bytes, Any] = {
+            "kind": self.kind, "group": self.group, "consumer": self.consumer,
+            "feed": self.stream(shard), "entry": entry_id, "deliveries": str(deliveries),
+            "error": encode(error),
+        }
+        for name, value in fields.items():
+            record[b"f." + name] = value
+        with redis_errors("dead-letter"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.keys.dead(shard), record)  # type: ignore[arg-type]
+                pipe.xack(self.stream(shard), self.group, entry_id)
+                await pipe.execute()
+
+    # -- state, checkpoints, trimming ----------------------------------------------------------
+    async def state(self) -> list[GroupState]:
+        """Each shard's state of this group, lag included (``exists=False`` where it is
+        missing)."""
+        groups = await self.streams.groups(lag_of=self.group)
+        return [groups[shard].get(self.group, GroupState(shard, exists=False))
+                for shard in self.shards]
+
+    def _raise(self, shard: int, entry_id: str) -> bool:
+        old = self.checkpoints.get(shard)
+        if old is not None and id_key(old) >= id_key(entry_id):
+            return False
+        self.checkpoints[shard] = entry_id
+        return True
+
+    async def save_checkpoints(self, states: Sequence[GroupState]) -> None:
+        """Raise each shard's checkpoint to what the group has acknowledged: in this process,
+        in Redis, and in the external store if there is one."""
+        moved = [st.shard for st in states if st.exists and self._raise(st.shard, st.safe_id)]
+        if not moved:
+            return
+        with redis_errors("checkpoint"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in moved:
+                    await self._raise_checkpoint(
+                        keys=[self.keys.checkpoint(self.group, shard)],
+                        args=[self.checkpoints[shard]], client=pipe)
+                await pipe.execute()
+        if self.store is not None:
+            for shard in moved:
+                await self.store.save_checkpoint(self.group, shard, self.checkpoints[shard])
+
+    async def trim(self) -> dict[int, int | None]:
+        """Trim the streams below what every group on them still needs (this one must exist
+        there), and remember what this group has acknowledged as this process's checkpoints:
+        a NOGROUP recovery starts there rather than at ``start_id``."""
+        groups = await self.streams.groups()
+        for named in groups.values():
+            mine = named.get(self.group)
+            if mine is not None:
+                self._raise(mine.shard, mine.safe_id)
+        return await self.streams.trim_at(self.streams.floors_of(groups, [self.group]))
+
+    async def forget_idle_consumers(self, idle_ms: int) -> int:
+        """Delete consumers with nothing pending that have been silent for ``idle_ms`` (each
+        process start adds a consumer name; dead ones would otherwise pile up)."""
+        removed = 0
+        for shard in self.shards:
+            stream = self.stream(shard)
+            with redis_errors("consumers"):
+                try:
+                    consumers = await self.redis.xinfo_consumers(stream, self.group)
+                except rexc.ResponseError:
+                    continue
+                for c in consumers:
+                    name = _s(c.get("name"))
+                    if (name != self.consumer and int(c.get("pending", 0)) == 0
+                            and int(c.get("idle", 0)) > idle_ms):
+                        await self.redis.xgroup_delconsumer(stream, self.group, name)
+                        removed += 1
+        return removed
