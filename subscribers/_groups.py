@@ -5,26 +5,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis.exceptions as rexc
 
 from eventcore import ErrorInfo, Keys
-from eventcore._codec import encode
+from eventcore._codec import encode, subscriber_dead_letter
 from eventcore._redis import Redis, redis_errors
+from eventcore._scripts import lua
 
 from ._delivery import CheckpointStore
 
 __all__ = ["FeedGroup", "GroupState", "id_key", "id_pred", "is_nogroup"]
 
-_LUA = resources.files("subscribers").joinpath("_lua")
+_LUA = "eventcore.subscribers"
 _MAX_U64 = 2**64 - 1
 _TOUCH_CHUNK = 1000
 
 
 def _script(name: str) -> str:
-    return _LUA.joinpath(name).read_text()
+    return lua(_LUA, name.removesuffix(".lua"))
 
 
 def id_key(entry_id: str) -> tuple[int, int]:
@@ -157,13 +157,9 @@ class FeedGroup:
     ) -> None:
         """Move one entry to the shard's dead-letter stream with the error, and ack it, in one
         transaction (both keys are in the shard's slot)."""
-        record: dict[str | bytes, Any] = {
-            "kind": "subscriber", "group": self.group, "consumer": self.consumer,
-            "feed": self.keys.feed(shard), "entry": entry_id, "deliveries": str(deliveries),
-            "error": encode(error),
-        }
-        for name, value in fields.items():
-            record[b"f." + name] = value
+        record = subscriber_dead_letter(
+            group=self.group, consumer=self.consumer, feed=self.keys.feed(shard),
+            entry_id=entry_id, deliveries=deliveries, error=error, fields=fields)
         with redis_errors("dead-letter"):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(self.keys.dead(shard), record)  # type: ignore[arg-type]

@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -24,6 +23,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import EventLog, RedisError
 from eventcore._redis import redis_errors
+from eventcore._scripts import lua
 
 from ._groups import id_key, id_pred
 from ._persistence import Persistence
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["Retention", "RetentionReport"]
 
 log_ = logging.getLogger("eventcore.retention")
-_TRIM_LUA = resources.files("subscribers").joinpath("_lua/trim_session.lua").read_text()
+_TRIM_LUA = lua("eventcore.subscribers", "trim_session")
 
 
 def _s(v: object) -> str:

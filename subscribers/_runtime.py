@@ -32,7 +32,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
-from eventcore._codec import entry_incarnation
+from eventcore._codec import entry_has_blob, entry_incarnation
 from eventcore.errors import UsageError, ValidationError
 
 from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
@@ -386,9 +386,9 @@ class SubscriberRunner:
                 continue
             items.append(_Item(Delivery(entry_id, shard, env, attempt,
                                         entry_incarnation(fields)), fields))
-        refs = [i for i in items if b"r" in i.fields]
+        refs = [i for i in items if entry_has_blob(i.fields)]
         if refs:
-            items = [i for i in items if b"r" not in i.fields]
+            items = [i for i in items if not entry_has_blob(i.fields)]
             for item in refs:  # rare (large payloads): one by one, so a missing blob is isolated
                 try:
                     (env,) = await self.log.hydrate([item.delivery.envelope])

@@ -10,11 +10,11 @@ many sessions a worker hosts.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from eventcore._coalesce import ShardCoalescer
 from eventcore._redis import Redis, redis_errors, run_script
+from eventcore._scripts import lua
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -25,7 +25,7 @@ GROUP = "workers"
 
 
 def load_script(name: str) -> str:
-    return resources.files("workers").joinpath(f"_lua/{name}.lua").read_text()
+    return lua("eventcore.workers", name)
 
 
 Head = Callable[[int], tuple[list[str], list[Any]]]

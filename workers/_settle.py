@@ -27,6 +27,7 @@ import msgspec
 from eventcore import Envelope, ErrorInfo
 from eventcore._append import HostingAck
 from eventcore._codec import encode
+from eventcore._layout import SESSION_CHECKPOINT, SESSION_STARTED
 from eventcore.errors import HistoryGone, SessionEnded, StaleHost
 
 from ._scripts import GROUP
@@ -39,8 +40,7 @@ __all__ = ["settle", "started_body"]
 
 log = logging.getLogger("workers")
 _QUIET = ("lost", "handback", "unload")
-_STARTED = "session.started"  # its event key too: a re-hosting dedupes to the first one
-_CHECKPOINT = "session.checkpoint"
+# session.started's type is its event key too: a re-hosting dedupes to the first one
 _AGENT = b'{"agent":"'
 
 
@@ -48,8 +48,8 @@ def started_body(session_id: str) -> tuple[bytes, bytes]:
     """The ``session.started`` envelope as the append script takes it (encoded as the appender
     encodes it, without seq and opening brace), split where the claim script splices in the
     agent, which only it reads: (head, tail)."""
-    body = encode(Envelope(type=_STARTED, session_id=session_id, payload={"agent": ""},
-                           event_key=_STARTED))[1:]
+    body = encode(Envelope(type=SESSION_STARTED, session_id=session_id, payload={"agent": ""},
+                           event_key=SESSION_STARTED))[1:]
     cut = body.rindex(_AGENT + b'"') + len(_AGENT)
     return body[:cut], body[cut:]
 
@@ -79,7 +79,7 @@ async def _restore(w: Worker, s: Session) -> None:
         page = await w.log.read(s.id, s.checkpoint_seq - 1, 1)
     except HistoryGone:
         page = []
-    if not page or page[0].seq != s.checkpoint_seq or page[0].type != _CHECKPOINT:
+    if not page or page[0].seq != s.checkpoint_seq or page[0].type != SESSION_CHECKPOINT:
         log.warning("session %s: checkpoint at seq %d not found; replaying from the start",
                     s.id, s.checkpoint_seq)
         return
@@ -94,7 +94,7 @@ async def _run(s: Session, started: bool) -> tuple[str, Exception | None]:
             scope.cancel()
         try:
             if not started:
-                await s._append(_STARTED, {"agent": s.agent}, _STARTED)
+                await s._append(SESSION_STARTED, {"agent": s.agent}, SESSION_STARTED)
             await s.spec.handler(s)
             result = ("completed", None)
         except StaleHost:

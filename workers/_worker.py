@@ -29,6 +29,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import EventLog, validate_session_id
+from eventcore._codec import dispatch_session
 from eventcore._redis import redis_errors, run_script
 from eventcore.errors import (
     EventcoreError,
@@ -305,7 +306,7 @@ class Worker:
         by_shard: dict[int, list[str]] = {}
         while self._backlog:
             shard, eid, fields = self._backlog.popleft()
-            by_shard.setdefault(shard, []).extend((eid, _text(fields.get(b"sid", b""))))
+            by_shard.setdefault(shard, []).extend((eid, dispatch_session(fields)))
         for shard, args in by_shard.items():
             with redis_errors("requeue"):
                 await run_script(self._requeue_script, [self.log.keys.dispatch(shard)],
@@ -325,7 +326,7 @@ class Worker:
     async def _claim(self, entries: Sequence[tuple[int, str, Any]], *, reclaimed: bool) -> None:
         by_shard: dict[int, list[tuple[str, str]]] = {}
         for shard, eid, fields in entries:
-            sid = _text(fields.get(b"sid", b""))
+            sid = dispatch_session(fields)
             try:
                 validate_session_id(sid)
             except ValidationError:
@@ -624,7 +625,7 @@ class Worker:
 
     def _hosting(self, entry: tuple[int, str, Any]) -> bool:
         shard, eid, fields = entry
-        s = self._hosts.get(_text(fields.get(b"sid", b"")))
+        s = self._hosts.get(dispatch_session(fields))
         return s is not None and (s.shard, s.entry_id) == (shard, eid)
 
     async def _keep(self, shard: int, ids: list[str]) -> None:

@@ -59,7 +59,7 @@ import redis.exceptions as rexc
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import Envelope, EventLog, HistoryGone, SessionNotFound, client_json
-from eventcore._codec import decode_entry, entry_incarnation
+from eventcore._codec import decode_entry, entry_client_json, entry_has_blob, entry_incarnation
 from eventcore._redis import redis_errors
 from eventcore._sessions import INCARNATION_FIELDS, current_incarnation
 from eventcore.errors import EventcoreError, HubClosed, ValidationError
@@ -446,7 +446,7 @@ class Hub:
         for n, (_, fields) in enumerate(entries):
             size = sum(len(k) + len(v) for k, v in fields.items())
             largest = max(largest, size)
-            blob = b"r" in fields
+            blob = entry_has_blob(fields)
             if n and (blob or used + size > self.buffer_bytes):
                 return entries[:n], largest
             if blob:
@@ -508,7 +508,7 @@ class Hub:
 
     async def _events_of(self, entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]],
                          where: str) -> list[HubEvent]:
-        if not any(b"r" in f for _, f in entries):
+        if not any(entry_has_blob(f) for _, f in entries):
             return [_event(i, f) for i, f in entries]
         envs = await self.log.hydrate(
             [decode_entry(f, where=f"{where} {i!r}") for i, f in entries]
@@ -715,7 +715,7 @@ class Hub:
 
 
 def _event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> HubEvent:
-    return HubEvent(_seq(entry_id), fields[b"t"].decode(), fields[b"d"],
+    return HubEvent(_seq(entry_id), *entry_client_json(fields),
                     entry_incarnation(fields))
 
 
