@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AppendResult", "Appender", "PreparedAppend"]
 
-APPEND_LUA = lua("eventcore", "append")
+APPEND_LUA = lua("eventcore", "append", with_prelude=True)
 
 _STALE, _MISSING, _ENDED = "2", "3", "4"
 _BLOB_PREFIX = "sha256:"

@@ -36,6 +36,7 @@ __all__ = [
     "entry_type",
     "feed_ref",
     "session_info",
+    "session_started_parts",
     "subscriber_dead_letter",
 ]
 
@@ -118,6 +119,19 @@ def decode_entry(fields: Mapping[bytes, bytes], *, where: str = "") -> Envelope:
 def feed_ref(fields: Mapping[bytes, bytes]) -> tuple[bytes | None, bytes | None]:
     """The (session id, seq) fields of a feed entry, as stored (None where absent)."""
     return fields.get(_FEED_SID), fields.get(_FEED_SEQ)
+
+
+_AGENT = b'{"agent":"'
+
+
+def session_started_parts(session_id: str) -> tuple[bytes, bytes]:
+    """The ``session.started`` envelope as the append script takes it (without seq and opening
+    brace), split where the claim script puts in the agent, which only it reads: (head,
+    tail). Its type is its event key too: a re-hosting dedupes to the first one."""
+    body = encode(Envelope(type=L.SESSION_STARTED, session_id=session_id, payload={"agent": ""},
+                           event_key=L.SESSION_STARTED))[1:]
+    cut = body.rindex(_AGENT + b'"') + len(_AGENT)
+    return body[:cut], body[cut:]
 
 
 # -- dispatch entries --------------------------------------------------------------------------

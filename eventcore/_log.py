@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DELETE_LUA", "EventLog", "HistoryArchive"]
 
-DELETE_LUA = lua("eventcore", "delete")
+DELETE_LUA = lua("eventcore", "delete", with_prelude=True)
 
 T = TypeVar("T")
 

@@ -24,8 +24,9 @@ __all__ = ["GROUP", "Coalescer", "load_script"]
 GROUP = "workers"
 
 
-def load_script(name: str) -> str:
-    return lua("eventcore.workers", name)
+def load_script(name: str, *, with_prelude: bool = False) -> str:
+    """A worker script; ``with_prelude`` for those that write entries or session state."""
+    return lua("eventcore.workers", name, with_prelude=with_prelude)
 
 
 Head = Callable[[int], tuple[list[str], list[Any]]]

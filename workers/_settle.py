@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import anyio
 import msgspec
 
-from eventcore import Envelope, ErrorInfo
+from eventcore import ErrorInfo
 from eventcore._append import HostingAck
 from eventcore._codec import encode
 from eventcore._layout import SESSION_CHECKPOINT, SESSION_STARTED
@@ -36,24 +36,10 @@ from ._session import Session
 if TYPE_CHECKING:
     from ._worker import Worker
 
-__all__ = ["settle", "started_body"]
+__all__ = ["settle"]
 
 log = logging.getLogger("workers")
 _QUIET = ("lost", "handback", "unload")
-# session.started's type is its event key too: a re-hosting dedupes to the first one
-_AGENT = b'{"agent":"'
-
-
-def started_body(session_id: str) -> tuple[bytes, bytes]:
-    """The ``session.started`` envelope as the append script takes it (encoded as the appender
-    encodes it, without seq and opening brace), split where the claim script splices in the
-    agent, which only it reads: (head, tail)."""
-    body = encode(Envelope(type=SESSION_STARTED, session_id=session_id, payload={"agent": ""},
-                           event_key=SESSION_STARTED))[1:]
-    cut = body.rindex(_AGENT + b'"') + len(_AGENT)
-    return body[:cut], body[cut:]
-
-
 async def settle(w: Worker, s: Session, dead: bool, error: str, *, fresh: bool = False,
                  started: bool = False) -> None:
     """``started``: the claim recorded (or found) ``session.started`` already."""

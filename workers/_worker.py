@@ -29,7 +29,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import EventLog, validate_session_id
-from eventcore._codec import dispatch_session
+from eventcore._codec import dispatch_session, session_started_parts
 from eventcore._redis import redis_errors, run_script
 from eventcore.errors import (
     EventcoreError,
@@ -46,17 +46,17 @@ from ._heartbeat import Heartbeat, LeaseRec
 from ._metrics import WorkerMetrics
 from ._scripts import GROUP, Coalescer, load_script
 from ._session import Session
-from ._settle import settle, started_body
+from ._settle import settle
 from ._slots import Slots
 from ._supervisor import Supervisor
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("workers")
-CLAIM_LUA = load_script("claim")
-RELEASE_LUA = load_script("release")
-DELAYED_LUA = load_script("delayed")
-REQUEUE_LUA = load_script("requeue")
+CLAIM_LUA = load_script("claim", with_prelude=True)
+RELEASE_LUA = load_script("release", with_prelude=True)
+DELAYED_LUA = load_script("delayed", with_prelude=True)
+REQUEUE_LUA = load_script("requeue", with_prelude=True)
 
 
 async def _no_handler(session: Session) -> None:
@@ -344,7 +344,7 @@ class Worker:
             for sid, eid in items:
                 sk = lk.session(sid)
                 keys += (sk.meta, sk.lease, sk.stream, sk.dedupe)
-                head, args[6] = started_body(sid)  # (the tail is the same for all)
+                head, args[6] = session_started_parts(sid)  # (the tail is the same for all)
                 args += (eid, sid, head)
             with redis_errors("claim"):
                 results = await run_script(self._claim_script, keys, args)

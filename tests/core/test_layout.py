@@ -5,9 +5,13 @@ defined once."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
+from eventcore import ErrorInfo, EventLog
 from eventcore import _layout as L
+from eventcore._codec import decode_dead_letter, subscriber_dead_letter
+from eventcore._scripts import lua, lua_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("eventcore", "workers", "subscribers", "sinks")
@@ -94,3 +98,66 @@ def test_layout_constants_are_defined_once() -> None:
         assert len(values) == len(set(values)), prefix
     entry = {v for k, v in layout.items() if k.startswith("ENTRY_")}
     assert not entry & {L.FEED_SESSION, L.FEED_SEQ}
+
+
+LUA_DIRS = ("eventcore/_lua", "workers/_lua", "subscribers/_lua")
+
+
+def test_only_the_prelude_adds_stream_entries() -> None:
+    """Session entries, feed entries, dispatch entries and worker dead letters are written by
+    the prelude's functions only (reclaim.lua moves a feed entry to the dead letters as a
+    subscriber record, the shape subscriber_dead_letter writes, until the group runtime moves
+    into core)."""
+    writers = sorted(
+        path.relative_to(ROOT).as_posix()
+        for d in LUA_DIRS for path in (ROOT / d).glob("*.lua") if "'XADD'" in path.read_text()
+    )
+    assert writers == ["eventcore/_lua/prelude.lua", "subscribers/_lua/reclaim.lua"]
+
+
+async def test_the_lua_side_has_the_same_layout(event_log: EventLog) -> None:
+    got = await event_log.redis.eval(lua_layout() + "return cjson.encode(L)", 0)
+    assert json.loads(got) == L.constants()
+    # every script that writes entries or state loads with the prelude in front, and parses
+    for package, name in [("eventcore", "append"), ("eventcore", "delete"),
+                          ("eventcore.workers", "claim"), ("eventcore.workers", "release"),
+                          ("eventcore.workers", "delayed"), ("eventcore.workers", "requeue")]:
+        src = lua(package, name, with_prelude=True)
+        assert src.startswith(lua_layout()) and src.endswith(lua(package, name))
+        sha = await event_log.redis.script_load(src)
+        assert await event_log.redis.script_exists(sha) == [True]
+
+
+def test_dead_letter_records_of_both_kinds_and_older_shapes() -> None:
+    err = b'{"type":"Boom","message":"no","retryable":false}'
+    session = {b"sid": b"s-1", b"agent": b"a", b"attempts": b"3", b"error": err,
+               b"worker": b"w-1", b"at": b"1700000000000", b"entry": b"5-0"}
+    new = decode_dead_letter(b"1-0", {b"kind": b"session", **session})
+    old = decode_dead_letter(b"1-0", session)  # written before records carried a kind
+    assert new == old
+    assert new is not None and new.kind == L.DEAD_KIND_SESSION
+    assert (new.session_id, new.agent, new.attempts, new.worker, new.at_ms, new.entry) == (
+        "s-1", "a", 3, "w-1", 1700000000000, "5-0")
+    assert new.error.type == "Boom" and new.error.retryable is False
+    sub = {b"group": b"audit", b"consumer": b"c-1", b"feed": b"ec:{0}:feed", b"entry": b"9-1",
+           b"deliveries": b"4", b"error": err, b"f.sid": b"s-2", b"f.seq": b"7"}
+    for fields in ({b"kind": b"subscriber", **sub}, sub):
+        rec = decode_dead_letter("2-0", fields)
+        assert rec is not None and rec.kind == L.DEAD_KIND_SUBSCRIBER
+        assert (rec.group, rec.worker, rec.feed, rec.entry, rec.attempts) == (
+            "audit", "c-1", "ec:{0}:feed", "9-1", 4)
+        assert rec.fields == {b"sid": b"s-2", b"seq": b"7"}
+    written = subscriber_dead_letter(
+        group="audit", consumer="c-1", feed="ec:{0}:feed", entry_id="9-1", deliveries=4,
+        error=ErrorInfo(type="Boom", message="no", retryable=False),
+        fields={b"sid": b"s-2", b"seq": b"7"})
+    as_stored = {(k if isinstance(k, bytes) else k.encode()): v if isinstance(v, bytes)
+                 else v.encode() for k, v in written.items()}
+    assert decode_dead_letter("2-0", as_stored) == decode_dead_letter("2-0", {
+        b"kind": b"subscriber", **sub})
+    # not ours: no error, or a kind nobody writes
+    assert decode_dead_letter("3-0", {b"sid": b"s-1"}) is None
+    assert decode_dead_letter("3-0", {b"kind": b"other", b"error": err}) is None
+    # an unparseable error is kept as text
+    rec = decode_dead_letter("4-0", {**session, b"error": b"kaput"})
+    assert rec is not None and rec.error.message == "kaput"
