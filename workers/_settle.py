@@ -129,14 +129,14 @@ async def _failed(w: Worker, s: Session, exc: Exception) -> None:
         log.warning("session %s attempt %d failed (%s: %s); retrying in %.2f s", s.id,
                     s.attempt, info.type, info.message, delay)
         due = int((time.time() + delay) * 1000)
-        if await w.release(s, "retry", due, s.attempt + 1) == "ok":
+        if await w.release_retry(s, due_ms=due, attempt=s.attempt + 1) == "ok":
             w.metrics.retries += 1
         else:
             w.fenced(s)
         return
     log.error("session %s failed for good after %d attempt(s): %s: %s", s.id, s.attempt,
               info.type, info.message)
-    if await w.release(s, "dead", encode(info).decode(), s.agent) != "ok":
+    if await w.release_dead(s, error_json=encode(info).decode()) != "ok":
         w.fenced(s)
         return
     if await _end_and_ack(w, s, "failed", info):
@@ -173,7 +173,7 @@ async def _end(w: Worker, s: Session, reason: str, error: ErrorInfo | None,
 
 
 async def _ack(w: Worker, s: Session) -> bool:
-    if await w.release(s, "ack") == "ok":
+    if await w.release_ack(s) == "ok":
         return True
     w.fenced(s)
     return False
