@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["run_effect"]
 
 T = TypeVar("T")
-CLAIM_LUA = lua("eventcore", "effect_claim")
+CLAIM_LUA = lua("eventcore", "effect_claim", with_layout=True)
 # Delete the effect key's field only while it still holds this caller's claim.
 RELEASE_LUA = """
 local v = redis.call('HGET', KEYS[1], ARGV[1])

@@ -33,8 +33,12 @@ def _prelude() -> str:
 
 
 @functools.cache
-def lua(package: str, name: str, *, with_prelude: bool = False) -> str:
+def lua(package: str, name: str, *, with_prelude: bool = False, with_layout: bool = False
+        ) -> str:
     """The source of ``<package>/_lua/<name>.lua`` (``package`` as imported, e.g.
-    ``eventcore.workers``), with the shared prelude in front when ``with_prelude``."""
+    ``eventcore.workers``), with the shared prelude in front when ``with_prelude``, or only the
+    layout's table ``L`` when ``with_layout`` (scripts that read fields but write none)."""
     text = resources.files(package).joinpath(f"_lua/{name}.lua").read_text()
-    return _prelude() + text if with_prelude else text
+    if with_prelude:
+        return _prelude() + text
+    return lua_layout() + text if with_layout else text

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Projector", "read_view"]
 
-_CAS = lua("eventcore.subscribers", "view_cas")
+_CAS = lua("eventcore.subscribers", "view_cas", with_layout=True)
 _decode_view = msgspec.json.Decoder(SessionView).decode
 _encode = msgspec.json.Encoder().encode
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["Retention", "RetentionReport"]
 
 log_ = logging.getLogger("eventcore.retention")
-_TRIM_LUA = lua("eventcore.subscribers", "trim_session")
+_TRIM_LUA = lua("eventcore.subscribers", "trim_session", with_layout=True)
 
 
 def _s(v: object) -> str:

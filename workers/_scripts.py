@@ -28,8 +28,9 @@ GROUP = "workers"
 
 
 def load_script(name: str, *, with_prelude: bool = False) -> str:
-    """A worker script; ``with_prelude`` for those that write entries or session state."""
-    return lua("eventcore.workers", name, with_prelude=with_prelude)
+    """A worker script, after the layout's table ``L``; ``with_prelude`` for those that write
+    entries or session state (see :func:`eventcore._scripts.lua`)."""
+    return lua("eventcore.workers", name, with_prelude=with_prelude, with_layout=True)
 
 
 def _text(v: Any) -> str:
