@@ -20,7 +20,6 @@ import itertools
 import os
 import time
 from collections.abc import Sequence
-from importlib import resources
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -30,7 +29,9 @@ from ._coalesce import ShardCoalescer
 from ._codec import encode
 from ._envelope import Envelope
 from ._keys import Keys, SessionKeys, validate_key, validate_session_id
+from ._layout import ENTRY_BLOB
 from ._redis import _SCRIPT_LOADS, Redis, redis_errors
+from ._scripts import lua
 from .errors import (
     CorruptEntry,
     EventcoreError,
@@ -47,10 +48,12 @@ if TYPE_CHECKING:
 
 __all__ = ["AppendResult", "Appender", "PreparedAppend"]
 
-APPEND_LUA = resources.files("eventcore").joinpath("_lua/append.lua").read_text()
+APPEND_LUA = lua("eventcore", "append", with_prelude=True)
 
 _STALE, _MISSING, _ENDED = "2", "3", "4"
 _BLOB_PREFIX = "sha256:"
+# the flag that makes the append script mark the entry blob-backed (its ENTRY_BLOB field)
+_BLOB_FLAG = ENTRY_BLOB.encode()
 _KEY_CACHE = 65536
 _KEYED = frozenset({"signal", "effect"})
 _KNOWN_TYPES = frozenset({
@@ -212,7 +215,7 @@ class Appender:
         if len(server_data) > self._max_payload:
             raise PayloadTooLarge(f"server_data is {len(server_data)} bytes")
         if server_data or blob or aux:
-            extra = (b"r" if blob else b"") + b"\0" + server_data + b"\0" + aux.encode()
+            extra = (_BLOB_FLAG if blob else b"") + b"\0" + server_data + b"\0" + aux.encode()
         else:
             extra = b""
         return PreparedAppend(

@@ -1,4 +1,5 @@
-"""Envelopes <-> stream entry fields. The only place that knows the entry layout.
+"""Envelopes and records <-> the fields Redis holds. The only Python module that reads or
+writes raw stream, hash and dead-letter fields; their names are in :mod:`eventcore._layout`.
 
 A stream entry has ``t`` (type, so readers can filter without decoding), ``d`` (the client
 envelope JSON, seq included, server_data excluded), optional ``sd`` (server_data JSON),
@@ -9,21 +10,55 @@ carried them). Feed entries add ``sid`` and ``seq``.
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from ._envelope import Envelope
+from . import _layout as L
+from ._envelope import Envelope, ErrorInfo
+from ._sessions import SessionInfo, ms_datetime
 from .errors import CorruptEntry
 
-__all__ = ["client_json", "decode_entry", "encode", "entry_incarnation"]
+__all__ = [
+    "DeadLetterRecord",
+    "body_fields",
+    "client_json",
+    "decode_body",
+    "decode_dead_letter",
+    "decode_entry",
+    "decode_envelope",
+    "dispatch_session",
+    "encode",
+    "entry_client_event",
+    "entry_has_blob",
+    "entry_incarnation",
+    "entry_seq",
+    "entry_size",
+    "entry_type",
+    "feed_ref",
+    "seq_id",
+    "session_info",
+    "session_started_parts",
+    "subscriber_dead_letter",
+]
 
 _encoder = msgspec.json.Encoder()
 _env_decoder = msgspec.json.Decoder(Envelope)
 _any_decoder = msgspec.json.Decoder()
 
 encode = _encoder.encode
+
+_T = L.ENTRY_TYPE.encode()
+_D = L.ENTRY_BODY.encode()
+_SD = L.ENTRY_SERVER_DATA.encode()
+_R = L.ENTRY_BLOB.encode()
+_INC = L.ENTRY_INCARNATION.encode()
+_FEED_SID = L.FEED_SESSION.encode()
+_FEED_SEQ = L.FEED_SEQ.encode()
+_DISPATCH_SID = L.DISPATCH_SESSION.encode()
 
 
 def client_json(envelope: Envelope) -> bytes:
@@ -37,24 +72,201 @@ def decode_json(data: bytes) -> Any:
     return _any_decoder.decode(data)
 
 
+# -- session stream and feed entries -----------------------------------------------------------
 def entry_incarnation(fields: Mapping[bytes, bytes]) -> str:
     """The incarnation a stream or feed entry belongs to; ``""`` where the entry does not say."""
-    return fields.get(b"inc", b"").decode(errors="replace")
+    return fields.get(_INC, b"").decode(errors="replace")
+
+
+def entry_type(fields: Mapping[bytes, bytes]) -> str:
+    """The entry's event type, read without decoding its JSON (``""`` when it has none)."""
+    return fields.get(_T, b"").decode(errors="replace")
+
+
+def entry_has_blob(fields: Mapping[bytes, bytes]) -> bool:
+    """Whether the entry's payload lives in a blob (the envelope needs hydrating)."""
+    return _R in fields
+
+
+def entry_client_json(fields: Mapping[bytes, bytes]) -> tuple[str, bytes]:
+    """(type, client envelope JSON) of an entry, as stored: forwarded without decoding."""
+    return fields[_T].decode(), fields[_D]
+
+
+def body_fields(body: bytes, server_data: bytes | None = None) -> dict[bytes, bytes]:
+    """The fields of an entry holding this envelope JSON (and server_data JSON)."""
+    fields = {_D: body}
+    if server_data is not None:
+        fields[_SD] = server_data
+    return fields
+
+
+def decode_body(body: bytes, *, where: str = "") -> Envelope:
+    """Decode an envelope stored as JSON alone (signal and effect hashes, the archive)."""
+    return decode_entry({_D: body}, where=where)
 
 
 def decode_entry(fields: Mapping[bytes, bytes], *, where: str = "") -> Envelope:
     """Decode one stream (or feed) entry; :class:`CorruptEntry` if it is not ours."""
-    body = fields.get(b"d")
+    body = fields.get(_D)
     if body is None:
-        raise CorruptEntry(f"stream entry {where} has no envelope field 'd'")
+        raise CorruptEntry(f"stream entry {where} has no envelope field {L.ENTRY_BODY!r}")
     try:
         env = _env_decoder.decode(body)
-        sd = fields.get(b"sd")
+        sd = fields.get(_SD)
         if sd is not None:
             env = msgspec.structs.replace(env, server_data=_any_decoder.decode(sd))
     except (msgspec.DecodeError, RecursionError) as exc:  # nested past the C stack
         raise CorruptEntry(f"stream entry {where} is not a valid envelope: {exc}") from exc
     return env
+
+
+def feed_ref(fields: Mapping[bytes, bytes]) -> tuple[bytes | None, bytes | None]:
+    """The (session id, seq) fields of a feed entry, as stored (None where absent)."""
+    return fields.get(_FEED_SID), fields.get(_FEED_SEQ)
+
+
+_AGENT = b'{"agent":"'
+
+
+def session_started_parts(session_id: str) -> tuple[bytes, bytes]:
+    """The ``session.started`` envelope as the append script takes it (without seq and opening
+    brace), split where the claim script puts in the agent, which only it reads: (head,
+    tail). Its type is its event key too: a re-hosting dedupes to the first one."""
+    body = encode(Envelope(type=L.SESSION_STARTED, session_id=session_id, payload={"agent": ""},
+                           event_key=L.SESSION_STARTED))[1:]
+    cut = body.rindex(_AGENT + b'"') + len(_AGENT)
+    return body[:cut], body[cut:]
+
+
+# -- dispatch entries --------------------------------------------------------------------------
+def dispatch_session(fields: Mapping[bytes, bytes]) -> str:
+    """The session id a dispatch entry names (``""`` when it names none)."""
+    return fields.get(_DISPATCH_SID, b"").decode(errors="replace")
+
+
+# -- the session meta hash ---------------------------------------------------------------------
+def _ts(raw: bytes | None) -> _dt.datetime | None:
+    if not raw:
+        return None
+    return ms_datetime(int(raw))
+
+
+def session_info(session_id: str, raw: Mapping[bytes, bytes]) -> SessionInfo:
+    """A session's metadata from its ``HGETALL``; :class:`CorruptEntry` when malformed."""
+    def get(name: str, default: bytes = b"") -> bytes:
+        return raw.get(name.encode(), default)
+
+    try:
+        state = get(L.META_STATE).decode()
+        if state not in L.STATES:
+            raise ValueError(f"unknown state {state!r}")
+        host = raw.get(L.META_HOST.encode())
+        return SessionInfo(
+            session_id=session_id,
+            state=state,  # type: ignore[arg-type]
+            agent=get(L.META_AGENT).decode() or None,
+            labels=msgspec.json.decode(get(L.META_LABELS, b"{}"), type=dict[str, str]),
+            last_seq=int(get(L.META_SEQ, b"0")),
+            epoch=int(get(L.META_EPOCH, b"0")),
+            host=host.decode() if host else None,
+            created_at=_ts(raw.get(L.META_CREATED_AT.encode())),
+            updated_at=_ts(raw.get(L.META_UPDATED_AT.encode())),
+            ended_at=_ts(raw.get(L.META_ENDED_AT.encode())),
+            ttl_s=int(get(L.META_TTL, b"0")),
+            incarnation=get(L.META_INCARNATION).decode(),
+        )
+    except (ValueError, msgspec.DecodeError) as exc:
+        raise CorruptEntry(f"session {session_id!r} metadata is malformed: {exc}") from exc
+
+
+# -- dead letters ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    """One record of a shard's dead-letter stream, of either kind.
+
+    ``kind`` ``session``: a worker gave up hosting ``session_id`` (``agent``, ``attempts``,
+    ``worker``, ``at_ms``; ``entry`` is its dispatch entry). ``kind`` ``subscriber``: consumer
+    group ``group`` gave up on feed entry ``entry`` of ``feed`` after ``attempts`` deliveries;
+    ``fields`` are that entry's fields.
+    """
+
+    entry_id: str
+    kind: str
+    error: ErrorInfo
+    entry: str
+    session_id: str = ""
+    agent: str = ""
+    attempts: int = 1
+    worker: str = ""
+    at_ms: int = 0
+    group: str = ""
+    feed: str = ""
+    fields: Mapping[bytes, bytes] | None = None
+
+
+def _error(raw: bytes) -> ErrorInfo:
+    try:
+        return msgspec.json.decode(raw, type=ErrorInfo)
+    except msgspec.MsgspecError:
+        return ErrorInfo(type="Error", message=raw.decode(errors="replace"))
+
+
+def decode_dead_letter(entry_id: bytes | str, f: Mapping[bytes, bytes]) -> DeadLetterRecord | None:
+    """Decode one dead-letter record; None when it is neither kind (not ours).
+
+    Records written before they carried ``kind`` are read too: a worker's had ``sid``, a
+    subscriber's ``group``."""
+    def get(name: str, default: bytes = b"") -> bytes:
+        return f.get(name.encode(), default)
+
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    kind = get(L.DEAD_KIND).decode(errors="replace")
+    if not kind:  # an older record
+        if L.DEAD_SESSION.encode() in f:
+            kind = L.DEAD_KIND_SESSION
+        elif L.DEAD_GROUP.encode() in f:
+            kind = L.DEAD_KIND_SUBSCRIBER
+    raw_error = f.get(L.DEAD_ERROR.encode())
+    if raw_error is None:
+        return None
+    try:
+        if kind == L.DEAD_KIND_SESSION:
+            sid = f.get(L.DEAD_SESSION.encode())
+            if sid is None:
+                return None
+            return DeadLetterRecord(
+                entry_id=eid, kind=kind, error=_error(raw_error),
+                entry=get(L.DEAD_ENTRY).decode(), session_id=sid.decode(),
+                agent=get(L.DEAD_AGENT).decode(), attempts=int(get(L.DEAD_ATTEMPTS, b"1")),
+                worker=get(L.DEAD_WORKER).decode(), at_ms=int(get(L.DEAD_AT, b"0")))
+        if kind == L.DEAD_KIND_SUBSCRIBER:
+            prefix = L.DEAD_FIELD_PREFIX.encode()
+            return DeadLetterRecord(
+                entry_id=eid, kind=kind, error=_error(raw_error),
+                entry=get(L.DEAD_ENTRY).decode(), attempts=int(get(L.DEAD_DELIVERIES, b"1")),
+                worker=get(L.DEAD_CONSUMER).decode(), group=get(L.DEAD_GROUP).decode(),
+                feed=get(L.DEAD_FEED).decode(),
+                fields={k[len(prefix):]: v for k, v in f.items() if k.startswith(prefix)})
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def subscriber_dead_letter(
+    *, group: str, consumer: str, feed: str, entry_id: str, deliveries: int,
+    error: ErrorInfo, fields: Mapping[bytes, bytes],
+) -> dict[str | bytes, Any]:
+    """The dead-letter record of a feed entry a consumer group gave up on."""
+    record: dict[str | bytes, Any] = {
+        L.DEAD_KIND: L.DEAD_KIND_SUBSCRIBER, L.DEAD_GROUP: group, L.DEAD_CONSUMER: consumer,
+        L.DEAD_FEED: feed, L.DEAD_ENTRY: entry_id, L.DEAD_DELIVERIES: str(deliveries),
+        L.DEAD_ERROR: encode(error),
+    }
+    prefix = L.DEAD_FIELD_PREFIX.encode()
+    for name, value in fields.items():
+        record[prefix + name] = value
+    return record
 
 
 # follower decoders
@@ -74,16 +286,11 @@ def entry_client_event(entry_id: bytes, fields: Mapping[bytes, bytes]
     """Seq, type, client JSON, incarnation and server_data JSON of an entry whose payload is
     inline, taken from the entry as they are (no JSON decoding: the followers' fast path)."""
     try:
-        return (entry_seq(entry_id), fields[b"t"].decode(), fields[b"d"],
-                entry_incarnation(fields), fields.get(b"sd"))
+        return (entry_seq(entry_id), fields[_T].decode(), fields[_D],
+                entry_incarnation(fields), fields.get(_SD))
     except (KeyError, ValueError) as exc:
         raise CorruptEntry(f"stream entry {entry_id!r} is not an envelope entry: {exc!r}"
                            ) from exc
-
-
-def entry_has_ref(fields: Mapping[bytes, bytes]) -> bool:
-    """Whether the entry's payload lives in a blob (it must be hydrated before it is sent)."""
-    return b"r" in fields
 
 
 def entry_size(fields: Mapping[bytes, bytes]) -> int:

@@ -6,16 +6,16 @@ import contextlib
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
-from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import msgspec
 
-from ._codec import decode_entry
+from ._codec import decode_body
 from ._envelope import EffectPayload, Envelope, ErrorInfo
 from ._keys import MAX_KEY_BYTES, validate_key, validate_session_id
 from ._redis import redis_errors, run_script
+from ._scripts import lua
 from .errors import (
     CorruptEntry,
     EffectFailed,
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["run_effect"]
 
 T = TypeVar("T")
-CLAIM_LUA = resources.files("eventcore").joinpath("_lua/effect_claim.lua").read_text()
+CLAIM_LUA = lua("eventcore", "effect_claim", with_layout=True)
 # Delete the effect key's field only while it still holds this caller's claim.
 RELEASE_LUA = """
 local v = redis.call('HGET', KEYS[1], ARGV[1])
@@ -82,7 +82,7 @@ async def run_effect(
             )
         verdict = verdict.decode()
         if verdict == "done":
-            (record,) = await log.hydrate([decode_entry({b"d": value}, where=keys.effects)])
+            (record,) = await log.hydrate([decode_body(value, where=keys.effects)])
             return _outcome(record, session_id, key)
         if verdict == "wait":
             # Another caller runs fn: poll with backoff until it records or its claim expires.

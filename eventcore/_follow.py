@@ -37,7 +37,7 @@ from ._codec import (
     decode_envelope,
     encode,
     entry_client_event,
-    entry_has_ref,
+    entry_has_blob,
     entry_incarnation,
     entry_seq,
     entry_size,
@@ -232,7 +232,7 @@ class PageReader:
         for n, (_, fields) in enumerate(entries):
             size = entry_size(fields)
             largest = max(largest, size)
-            blob = entry_has_ref(fields)
+            blob = entry_has_blob(fields)
             if n and (blob or used + size > self.buffer_bytes):
                 return entries[:n], largest
             if blob:
@@ -242,7 +242,7 @@ class PageReader:
 
     async def events_of(self, entries: Entries, where: str) -> list[Event]:
         """The events of stream entries, blob-backed payloads hydrated."""
-        if not any(entry_has_ref(f) for _, f in entries):
+        if not any(entry_has_blob(f) for _, f in entries):
             return [Event(*entry_client_event(i, f)) for i, f in entries]
         envs = await self.log.hydrate(
             [decode_entry(f, where=f"{where} {i!r}") for i, f in entries]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Protocol, runtime_checkable
 
 import redis.exceptions as rexc
@@ -22,6 +21,7 @@ from ._codec import encode
 from ._envelope import ErrorInfo
 from ._keys import Keys
 from ._redis import redis_errors
+from ._scripts import lua
 from ._redis import text as _s
 from ._streams import GroupState, ShardStreams, Span, id_key, spans
 from .errors import EventcoreError
@@ -39,7 +39,8 @@ _TOUCH_CHUNK = 1000
 
 
 def _script(name: str) -> str:
-    return resources.files("eventcore").joinpath(f"_lua/group_{name}.lua").read_text()
+    # reclaim writes dead letters: it gets the prelude's one writer of that record
+    return lua("eventcore", f"group_{name}", with_prelude=name == "reclaim", with_layout=True)
 
 
 def is_nogroup(exc: BaseException) -> bool:

@@ -1,4 +1,5 @@
-"""Every Redis key and channel name eventcore uses is built here (and nowhere else).
+"""Every Redis key and channel name eventcore uses is built here (and nowhere else); the
+fields inside the keys are named in :mod:`eventcore._layout`.
 
 Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
 

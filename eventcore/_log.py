@@ -6,7 +6,6 @@ import hashlib
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from importlib import resources
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast
 
@@ -15,7 +14,15 @@ import msgspec
 
 from . import _effects
 from ._append import Appender, AppendResult, HostingAck
-from ._codec import decode_entry, decode_json, encode
+from ._codec import (
+    decode_body,
+    decode_entry,
+    decode_json,
+    encode,
+    entry_has_blob,
+    entry_type,
+    session_info,
+)
 from ._embedded import EmbeddedRedis
 from ._envelope import (
     Envelope,
@@ -27,13 +34,14 @@ from ._envelope import (
 )
 from ._follow import LogFollowers, closing_iter
 from ._keys import validate_key, validate_session_id
+from ._layout import META_SEQ
 from ._redis import Redis, connect_redis, redis_errors, run_script
+from ._scripts import lua
 from ._sessions import (
     INCARNATION_FIELDS,
     SessionInfo,
     current_incarnation,
     ms_datetime,
-    session_info,
 )
 from ._settings import Settings, load_settings
 from ._values import validate_value
@@ -44,7 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DELETE_LUA", "EventLog", "HistoryArchive"]
 
-DELETE_LUA = resources.files("eventcore").joinpath("_lua/delete.lua").read_text()
+DELETE_LUA = lua("eventcore", "delete", with_prelude=True)
 
 T = TypeVar("T")
 
@@ -215,7 +223,7 @@ class EventLog:
             with redis_errors("read"):
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.xrange(keys.stream, f"({_sid(after)}", "+", count=limit)
-                    pipe.hget(keys.meta, "seq")
+                    pipe.hget(keys.meta, META_SEQ)
                     entries, last = await pipe.execute()
             if entries:
                 return await self._page(session_id, after, limit, types)  # appended meanwhile
@@ -249,9 +257,10 @@ class EventLog:
     ) -> list[Envelope]:
         out = []
         for entry_id, fields in entries:
-            if types is not None and fields.get(b"t", b"").decode(errors="replace") not in types:
+            if types is not None and entry_type(fields) not in types:
                 continue
-            out.append((decode_entry(fields, where=f"{where} {entry_id!r}"), b"r" in fields))
+            env = decode_entry(fields, where=f"{where} {entry_id!r}")
+            out.append((env, entry_has_blob(fields)))
         if any(ref for _, ref in out):
             return await self.hydrate([e for e, _ in out])
         return [e for e, _ in out]
@@ -308,7 +317,7 @@ class EventLog:
     async def last_seq(self, session_id: str) -> int:
         with redis_errors("last_seq"):
             raw = await _aw(self.redis.hget(
-                self.keys.session(validate_session_id(session_id)).meta, "seq"
+                self.keys.session(validate_session_id(session_id)).meta, META_SEQ
             ))
         return int(raw) if raw is not None else 0
 
@@ -509,7 +518,7 @@ class EventLog:
                 raw = {n.encode(): v for n, v in zip(keys, values, strict=True) if v is not None}
         out = {}
         for name, data in raw.items():
-            out[name.decode()] = decode_entry({b"d": data}, where=f"{k} {name!r}")
+            out[name.decode()] = decode_body(data, where=f"{k} {name!r}")
         hydrated = await self.hydrate(list(out.values()))
         return dict(zip(out, hydrated, strict=True))
 
@@ -541,7 +550,7 @@ class EventLog:
         with redis_errors("effects"):
             raw = await _aw(self.redis.hgetall(k))
         return {
-            name.decode(): decode_entry({b"d": data}, where=k)
+            name.decode(): decode_body(data, where=k)
             for name, data in raw.items()
             if data.startswith(b"{")
         }

@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 from eventcore import CorruptEntry, Envelope
 from eventcore._codec import decode_entry
 from eventcore._groups import CheckpointStore
+from eventcore._codec import decode_entry, feed_ref
 
 __all__ = ["CheckpointStore", "Delivery", "Subscriber", "decode_feed_entry"]
 
@@ -55,7 +56,7 @@ class Subscriber(Protocol):
 
 def decode_feed_entry(fields: Mapping[bytes, bytes], where: str) -> Envelope:
     """The envelope of a feed entry, checked against its ``sid`` and ``seq`` fields."""
-    sid, seq = fields.get(b"sid"), fields.get(b"seq")
+    sid, seq = feed_ref(fields)
     if sid is None or seq is None or not seq.isdigit():
         raise CorruptEntry(f"feed entry {where} has no valid 'sid'/'seq' fields")
     env = decode_entry(fields, where=where)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from eventcore import CorruptEntry, Envelope, EventLog
+from eventcore._layout import SESSION_DELETED
 from eventcore.errors import ApplyConflict, UsageError
 
 from ._delivery import Delivery
@@ -18,7 +19,7 @@ __all__ = ["DELETED", "ApplyConflict", "OrderedStats", "OrderedSubscriber", "Pos
 log_ = logging.getLogger("eventcore.subscribers")
 
 
-DELETED: Final = "session.deleted"
+DELETED: Final = SESSION_DELETED
 """The type of the feed entry ``EventLog.delete_session`` writes for the deleted incarnation."""
 
 

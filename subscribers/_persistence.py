@@ -37,7 +37,7 @@ import sqlalchemy.exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from eventcore import ConfigError, Envelope, EventLog, client_json, load_settings
-from eventcore._codec import decode_entry, encode
+from eventcore._codec import body_fields, decode_entry, encode
 from eventcore._extras import require_extra
 from eventcore.errors import UsageError
 
@@ -448,9 +448,7 @@ def _row(env: Envelope) -> dict[str, Any]:
 
 
 def _envelope(session_id: str, d: str, sd: str | None) -> Envelope:
-    fields = {b"d": d.encode()}
-    if sd is not None:
-        fields[b"sd"] = sd.encode()
+    fields = body_fields(d.encode(), None if sd is None else sd.encode())
     return decode_entry(fields, where=f"archive {session_id!r}")
 
 

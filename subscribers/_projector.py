@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Collection, Mapping, Sequence
-from importlib import resources
 from typing import TYPE_CHECKING, cast
 
 import msgspec
 
 from eventcore import CorruptEntry, EventLog, validate_session_id
+from eventcore._layout import VIEW_INCARNATION, VIEW_SEQ, VIEW_VALUE
 from eventcore._redis import redis_errors
+from eventcore._scripts import lua
 
 from ._ordered import OrderedSubscriber, Position, Run
 from ._view import SessionView, fold
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Projector", "read_view"]
 
-_CAS = resources.files("eventcore.subscribers").joinpath("_lua/view_cas.lua").read_text()
+_CAS = lua("eventcore.subscribers", "view_cas", with_layout=True)
 _decode_view = msgspec.json.Decoder(SessionView).decode
 _encode = msgspec.json.Encoder().encode
 
@@ -40,7 +41,8 @@ async def read_view(
     again after an expiry shows nothing of its predecessor's, whose view may outlive it a bit."""
     key = log.keys.view(validate_session_id(session_id))
     with redis_errors("read view"):
-        raw, inc = await cast("Awaitable[list[bytes | None]]", log.redis.hmget(key, ["v", "inc"]))
+        raw, inc = await cast("Awaitable[list[bytes | None]]",
+                              log.redis.hmget(key, [VIEW_VALUE, VIEW_INCARNATION]))
     if raw is None or (incarnation is not None and (inc or b"").decode() != incarnation):
         return None
     return _decode(session_id, raw)
@@ -74,7 +76,7 @@ class Projector(OrderedSubscriber):
         with redis_errors("read views"):
             async with self.log.redis.pipeline(transaction=False) as pipe:
                 for sid in session_ids:
-                    pipe.hmget(keys.view(sid), ["seq", "v", "inc"])
+                    pipe.hmget(keys.view(sid), [VIEW_SEQ, VIEW_VALUE, VIEW_INCARNATION])
                 raw = await pipe.execute()
         return {sid: (Position(int(seq or 0), (inc or b"").decode()), v)
                 for sid, (seq, v, inc) in zip(session_ids, raw, strict=True)}

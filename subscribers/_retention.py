@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import TYPE_CHECKING
 
 import anyio
@@ -25,6 +24,7 @@ from eventcore import EventLog, RedisError
 from eventcore._lifetime import Running
 from eventcore._redis import redis_errors
 from eventcore._redis import text as _s
+from eventcore._scripts import lua
 from eventcore._streams import ShardStreams
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Retention", "RetentionReport"]
 
 log_ = logging.getLogger("eventcore.retention")
-_TRIM_LUA = resources.files("eventcore.subscribers").joinpath("_lua/trim_session.lua").read_text()
+_TRIM_LUA = lua("eventcore.subscribers", "trim_session", with_layout=True)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from eventcore._codec import entry_incarnation
 from eventcore._groups import Claimed, ConsumerGroup
 from eventcore._lifetime import Running
 from eventcore._streams import ShardStreams
+from eventcore._codec import entry_has_blob, entry_incarnation
 from eventcore.errors import UsageError, ValidationError
 
 from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry, entry_ids
@@ -371,9 +372,9 @@ class SubscriberRunner(Running):
                 continue
             items.append(_Item(Delivery(entry_id, shard, env, attempt,
                                         entry_incarnation(fields)), fields))
-        refs = [i for i in items if b"r" in i.fields]
+        refs = [i for i in items if entry_has_blob(i.fields)]
         if refs:
-            items = [i for i in items if b"r" not in i.fields]
+            items = [i for i in items if not entry_has_blob(i.fields)]
             for item in refs:  # rare (large payloads): one by one, so a missing blob is isolated
                 try:
                     (env,) = await self.log.hydrate([item.delivery.envelope])

@@ -7,6 +7,8 @@ from typing import Any
 import msgspec
 
 from eventcore import AppendResult, Envelope, ErrorInfo, EventLog
+from eventcore._codec import decode_dead_letter
+from eventcore._layout import CONTROL_CANCEL, DEAD_KIND_SESSION, META_DISPATCHED
 from eventcore._redis import redis_errors
 
 __all__ = ["DeadLetter", "cancel", "dead_letters"]
@@ -28,13 +30,13 @@ async def cancel(
     if run_id is not None:
         payload["run_id"] = run_id
     res = await log.append(Envelope(
-        type="control.cancel", session_id=session_id, payload=payload,
-        event_key=f"control.cancel:{idempotency_key}" if idempotency_key else ""))
+        type=CONTROL_CANCEL, session_id=session_id, payload=payload,
+        event_key=f"{CONTROL_CANCEL}:{idempotency_key}" if idempotency_key else ""))
     if run_id is None:
         info = await log.get_session(session_id)
         redis: Any = log.redis  # redis-py's command stubs mix sync and async return types
         with redis_errors("cancel"):
-            raw = await redis.hget(log.keys.session(session_id).meta, "dispatched")
+            raw = await redis.hget(log.keys.session(session_id).meta, META_DISPATCHED)
         if info.state in ("idle", "created") and raw is None:
             # No host and no dispatch outstanding: nobody else will see the request. A host
             # that appears meanwhile sees it in the history and records the same end (the
@@ -62,15 +64,10 @@ async def dead_letters(log: EventLog, *, count: int = 1000) -> list[DeadLetter]:
         with redis_errors("dead letters"):
             entries = await log.redis.xrange(log.keys.dead(shard), count=count)
         for eid, f in entries:
-            if b"sid" not in f or b"error" not in f:
-                continue  # not a worker's entry (the dead stream is shared with subscribers)
-            try:
-                error = msgspec.json.decode(f[b"error"], type=ErrorInfo)
-            except msgspec.MsgspecError:
-                error = ErrorInfo(type="Error", message=f[b"error"].decode(errors="replace"))
+            rec = decode_dead_letter(eid, f)
+            if rec is None or rec.kind != DEAD_KIND_SESSION:
+                continue  # a subscriber's record (the dead stream is shared with subscribers)
             out.append(DeadLetter(
-                entry_id=eid.decode(), session_id=f[b"sid"].decode(),
-                agent=f.get(b"agent", b"").decode(), attempts=int(f.get(b"attempts", b"1")),
-                error=error, worker=f.get(b"worker", b"").decode(),
-                at_ms=int(f.get(b"at", b"0"))))
+                entry_id=rec.entry_id, session_id=rec.session_id, agent=rec.agent,
+                attempts=rec.attempts, error=rec.error, worker=rec.worker, at_ms=rec.at_ms))
     return out

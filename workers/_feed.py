@@ -24,7 +24,8 @@ import anyio
 from anyio.abc import TaskStatus
 
 from eventcore import Envelope, EventLog
-from eventcore._codec import decode_entry
+from eventcore._codec import decode_entry, entry_type
+from eventcore._layout import META_SEQ
 from eventcore._redis import redis_errors
 from eventcore.errors import EventcoreError
 
@@ -167,7 +168,7 @@ class Feed:
             with redis_errors("poll"):
                 async with self._log.redis.pipeline(transaction=False) as pipe:
                     for s in chunk:
-                        pipe.hget(self._log.keys.session(s.id).meta, "seq")
+                        pipe.hget(self._log.keys.session(s.id).meta, META_SEQ)
                     seqs = await pipe.execute()
             for s, cursor, seq in zip(chunk, cursors, seqs, strict=True):
                 if seq is None or self._hosts.get(s.id) is not s:
@@ -232,7 +233,7 @@ class Feed:
                 continue
             items: Items = []
             for entry_id, fields in entries:
-                typ = fields.get(b"t", b"").decode(errors="replace")
+                typ = entry_type(fields)
                 env = None
                 if typ in WANTED:
                     env = decode_entry(fields, where=f"{s.id} {entry_id!r}")

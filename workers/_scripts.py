@@ -10,22 +10,76 @@ many sessions a worker hosts.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from importlib import resources
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from eventcore._coalesce import ShardCoalescer
 from eventcore._redis import Redis, redis_errors, run_script
+from eventcore._redis import text as _text
+from eventcore._scripts import lua
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
-__all__ = ["GROUP", "Coalescer", "load_script"]
+__all__ = ["GROUP", "Claim", "Coalescer", "decode_claim", "load_script", "release_item"]
 
 GROUP = "workers"
 
 
-def load_script(name: str) -> str:
-    return resources.files("eventcore.workers").joinpath(f"_lua/{name}.lua").read_text()
+def load_script(name: str, *, with_prelude: bool = False) -> str:
+    """A worker script, after the layout's table ``L``; ``with_prelude`` for those that write
+    entries or session state (see :func:`eventcore._scripts.lua`)."""
+    return lua("eventcore.workers", name, with_prelude=with_prelude, with_layout=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What claim.lua answered for one dispatch entry (see the script's header).
+
+    ``verdict``: ``ok`` (the caller hosts it now), ``held`` (``detail`` = the lease holder),
+    ``gone``, ``ended``, ``missing``, ``corrupt`` (``detail`` = why). The rest is set for ``ok``:
+    ``last_seq`` is the session's seq at the claim (before session.started); ``started`` the
+    seq of session.started recorded by the claim, ``-seq`` of an earlier hosting's, 0 when the
+    handler's task must append it; ``dead``: the session is dead-lettered; ``checkpoint_seq``
+    the handler's last session.checkpoint (0: none)."""
+
+    verdict: str
+    detail: str = ""
+    epoch: int = 0
+    agent: str = ""
+    attempt: int = 1
+    dead: bool = False
+    error: str = ""
+    created_at_ms: int | None = None
+    labels: dict[str, Any] = field(default_factory=dict)
+    last_seq: int = 0
+    started: int = 0
+    checkpoint_seq: int = 0
+
+
+def decode_claim(res: Sequence[Any]) -> Claim:
+    """One item of claim.lua's reply, by name (the script's positional order, in one place)."""
+    verdict = _text(res[0])
+    if verdict != "ok":
+        return Claim(verdict, _text(res[1]) if len(res) > 1 else "")
+    (_, epoch, agent, attempt, dead, error, created_at, labels, seq, started,
+     checkpoint) = res
+    decoded = msgspec.json.decode(labels or b"{}")
+    return Claim(
+        verdict, epoch=int(epoch), agent=_text(agent), attempt=int(_text(attempt) or 1),
+        dead=_text(dead) == "1", error=_text(error),
+        created_at_ms=int(_text(created_at)) if _text(created_at) else None,
+        labels=decoded if isinstance(decoded, dict) else {}, last_seq=int(_text(seq) or 0),
+        started=int(started), checkpoint_seq=int(_text(checkpoint) or 0))
+
+
+def release_item(mode: str, session_id: str, epoch: int, entry_id: str, a: Any = "",
+                 b: Any = "") -> tuple[str, str, int, str, Any, Any]:
+    """The args of one release.lua item; ``a``/``b`` mean what ``mode`` says (the script's
+    header): only the Worker's per-mode release methods call this."""
+    return (mode, session_id, epoch, entry_id, a, b)
 
 
 Head = Callable[[int], tuple[list[str], list[Any]]]

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 import anyio
 import msgspec
 
-from eventcore import Envelope, ErrorInfo
+from eventcore import ErrorInfo
 from eventcore._append import HostingAck
 from eventcore._codec import encode
+from eventcore._layout import SESSION_CHECKPOINT, SESSION_STARTED
 from eventcore.errors import HistoryGone, SessionEnded, StaleHost
 
 from ._scripts import GROUP
@@ -35,25 +36,10 @@ from ._session import Session
 if TYPE_CHECKING:
     from ._worker import Worker
 
-__all__ = ["settle", "started_body"]
+__all__ = ["settle"]
 
 log = logging.getLogger("workers")
 _QUIET = ("lost", "handback", "unload")
-_STARTED = "session.started"  # its event key too: a re-hosting dedupes to the first one
-_CHECKPOINT = "session.checkpoint"
-_AGENT = b'{"agent":"'
-
-
-def started_body(session_id: str) -> tuple[bytes, bytes]:
-    """The ``session.started`` envelope as the append script takes it (encoded as the appender
-    encodes it, without seq and opening brace), split where the claim script splices in the
-    agent, which only it reads: (head, tail)."""
-    body = encode(Envelope(type=_STARTED, session_id=session_id, payload={"agent": ""},
-                           event_key=_STARTED))[1:]
-    cut = body.rindex(_AGENT + b'"') + len(_AGENT)
-    return body[:cut], body[cut:]
-
-
 async def settle(w: Worker, s: Session, dead: bool, error: str, *, fresh: bool = False,
                  started: bool = False) -> None:
     """``started``: the claim recorded (or found) ``session.started`` already."""
@@ -79,7 +65,7 @@ async def _restore(w: Worker, s: Session) -> None:
         page = await w.log.read(s.id, s.checkpoint_seq - 1, 1)
     except HistoryGone:
         page = []
-    if not page or page[0].seq != s.checkpoint_seq or page[0].type != _CHECKPOINT:
+    if not page or page[0].seq != s.checkpoint_seq or page[0].type != SESSION_CHECKPOINT:
         log.warning("session %s: checkpoint at seq %d not found; replaying from the start",
                     s.id, s.checkpoint_seq)
         return
@@ -94,7 +80,7 @@ async def _run(s: Session, started: bool) -> tuple[str, Exception | None]:
             scope.cancel()
         try:
             if not started:
-                await s._append(_STARTED, {"agent": s.agent}, _STARTED)
+                await s._append(SESSION_STARTED, {"agent": s.agent}, SESSION_STARTED)
             await s.spec.handler(s)
             result = ("completed", None)
         except StaleHost:
@@ -143,14 +129,14 @@ async def _failed(w: Worker, s: Session, exc: Exception) -> None:
         log.warning("session %s attempt %d failed (%s: %s); retrying in %.2f s", s.id,
                     s.attempt, info.type, info.message, delay)
         due = int((time.time() + delay) * 1000)
-        if await w.release(s, "retry", due, s.attempt + 1) == "ok":
+        if await w.release_retry(s, due_ms=due, attempt=s.attempt + 1) == "ok":
             w.metrics.retries += 1
         else:
             w.fenced(s)
         return
     log.error("session %s failed for good after %d attempt(s): %s: %s", s.id, s.attempt,
               info.type, info.message)
-    if await w.release(s, "dead", encode(info).decode(), s.agent) != "ok":
+    if await w.release_dead(s, error_json=encode(info).decode()) != "ok":
         w.fenced(s)
         return
     if await _end_and_ack(w, s, "failed", info):
@@ -187,7 +173,7 @@ async def _end(w: Worker, s: Session, reason: str, error: ErrorInfo | None,
 
 
 async def _ack(w: Worker, s: Session) -> bool:
-    if await w.release(s, "ack") == "ok":
+    if await w.release_ack(s) == "ok":
         return True
     w.fenced(s)
     return False

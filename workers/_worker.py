@@ -25,12 +25,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
-import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import EventLog, validate_session_id
 from eventcore._groups import ConsumerGroup
 from eventcore._lifetime import Running
+from eventcore._codec import dispatch_session, session_started_parts
 from eventcore._redis import redis_errors, run_script
 from eventcore._redis import text as _text
 from eventcore._streams import ShardStreams
@@ -47,19 +47,19 @@ from ._app import AgentSpec, App, RetryPolicy
 from ._feed import Feed
 from ._heartbeat import Heartbeat, LeaseRec
 from ._metrics import WorkerMetrics
-from ._scripts import GROUP, Coalescer, load_script
+from ._scripts import GROUP, Claim, Coalescer, decode_claim, load_script, release_item
 from ._session import Session
-from ._settle import settle, started_body
+from ._settle import settle
 from ._slots import Slots
 from ._supervisor import Supervisor
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("workers")
-CLAIM_LUA = load_script("claim")
-RELEASE_LUA = load_script("release")
-DELAYED_LUA = load_script("delayed")
-REQUEUE_LUA = load_script("requeue")
+CLAIM_LUA = load_script("claim", with_prelude=True)
+RELEASE_LUA = load_script("release", with_prelude=True)
+DELAYED_LUA = load_script("delayed", with_prelude=True)
+REQUEUE_LUA = load_script("requeue", with_prelude=True)
 
 
 async def _no_handler(session: Session) -> None:
@@ -293,7 +293,7 @@ class Worker(Running):
         by_shard: dict[int, list[str]] = {}
         while self._backlog:
             shard, eid, fields = self._backlog.popleft()
-            by_shard.setdefault(shard, []).extend((eid, _text(fields.get(b"sid", b""))))
+            by_shard.setdefault(shard, []).extend((eid, dispatch_session(fields)))
         for shard, args in by_shard.items():
             with redis_errors("requeue"):
                 await run_script(self._requeue_script, [self.log.keys.dispatch(shard)],
@@ -313,7 +313,7 @@ class Worker(Running):
     async def _claim(self, entries: Sequence[tuple[int, str, Any]], *, reclaimed: bool) -> None:
         by_shard: dict[int, list[tuple[str, str]]] = {}
         for shard, eid, fields in entries:
-            sid = _text(fields.get(b"sid", b""))
+            sid = dispatch_session(fields)
             try:
                 validate_session_id(sid)
             except ValidationError:
@@ -331,16 +331,16 @@ class Worker(Running):
             for sid, eid in items:
                 sk = lk.session(sid)
                 keys += (sk.meta, sk.lease, sk.stream, sk.dedupe)
-                head, args[6] = started_body(sid)  # (the tail is the same for all)
+                head, args[6] = session_started_parts(sid)  # (the tail is the same for all)
                 args += (eid, sid, head)
             with redis_errors("claim"):
                 results = await run_script(self._claim_script, keys, args)
             for (sid, eid), res in zip(items, results, strict=True):
-                verdict = _text(res[0])
-                if verdict == "ok":
-                    self._start(shard, sid, eid, res, reclaimed)
-                elif verdict == "corrupt":
-                    log.error("dispatch entry %s of session %r: %s", eid, sid, _text(res[1]))
+                claim = decode_claim(res)
+                if claim.verdict == "ok":
+                    self._start(shard, sid, eid, claim, reclaimed)
+                elif claim.verdict == "corrupt":
+                    log.error("dispatch entry %s of session %r: %s", eid, sid, claim.detail)
 
         try:
             async with anyio.create_task_group() as tg:
@@ -354,22 +354,19 @@ class Worker(Running):
         assert self._group is not None
         await self._group.ack({shard: [eid]})
 
-    def _start(self, shard: int, sid: str, eid: str, res: Sequence[Any], reclaimed: bool
-               ) -> None:
-        epoch, agent, attempt = int(res[1]), _text(res[2]), int(_text(res[3]) or 1)
-        dead, error, created_at = _text(res[4]), _text(res[5]), _text(res[6])
-        labels = msgspec.json.decode(res[7] or b"{}")
+    def _start(self, shard: int, sid: str, eid: str, claim: Claim, reclaimed: bool) -> None:
+        epoch, agent, attempt = claim.epoch, claim.agent, claim.attempt
         spec = self.app.get(agent) or AgentSpec(agent, _no_handler)
         old = self._hosts.get(sid)
         if old is not None:  # our own entry came back to us: that hosting is superseded
             old._stop("lost")
         deadline = math.inf
         session_timeout = spec.session_timeout_s or self.session_timeout_s
-        if session_timeout and created_at:
-            left = int(created_at) / 1000 + session_timeout - time.time()
+        if session_timeout and claim.created_at_ms is not None:
+            left = claim.created_at_ms / 1000 + session_timeout - time.time()
             deadline = anyio.current_time() + left
         s = Session(self, sid, spec, epoch=epoch, attempt=attempt, entry_id=eid, shard=shard,
-                    labels=labels if isinstance(labels, dict) else {}, deadline=deadline,
+                    labels=claim.labels, deadline=deadline,
                     run_timeout_s=spec.run_timeout_s or self.run_timeout_s,
                     idle_timeout_s=spec.idle_timeout_s or self.idle_timeout_s)
         self._hosts[sid] = s
@@ -384,15 +381,15 @@ class Worker(Running):
         assert self._sessions is not None
         # the claim recorded session.started (> 0: its seq, own: not read back) or found an
         # earlier hosting's (< 0); 0: the handler's task appends it
-        started = int(res[9]) if len(res) > 9 else 0
+        started = claim.started
         if started > 0:
             s._own_seq(started)
-        s.checkpoint_seq = int(_text(res[10]) or 0) if len(res) > 10 else 0
+        s.checkpoint_seq = claim.checkpoint_seq
         # a brand-new session's stream held only session.created: skip reading it back
-        fresh = old is None and dead != "1" and len(res) > 8 and _text(res[8]) == "1"
+        fresh = old is None and not claim.dead and claim.last_seq == 1
         if fresh:
             self.feed.adopt(s, 1)
-        self._sessions.start_soon(self._host, s, dead == "1", error, fresh, started != 0)
+        self._sessions.start_soon(self._host, s, claim.dead, claim.error, fresh, started != 0)
 
     async def _host(self, s: Session, dead: bool, error: str, fresh: bool, started: bool
                     ) -> None:
@@ -415,7 +412,7 @@ class Worker(Running):
 
     # -- what sessions call back -------------------------------------------------------------
     async def unload(self, s: Session) -> None:
-        res = await self.release(s, "unload", s.cursor)
+        res = await self.release_unload(s)
         if res == "ok":
             self._forget(s)
             self.metrics.unloaded += 1
@@ -437,12 +434,28 @@ class Worker(Running):
         self._forget(s)
         s._stop("lost")
 
-    async def release(self, s: Session, mode: str, a: Any = "", b: Any = "") -> str:
+    async def release_ack(self, s: Session) -> str:
+        """The session ended: acknowledge its dispatch entry, drop the lease."""
+        return await self._release_one(s, "ack")
+
+    async def release_unload(self, s: Session) -> str:
+        """Idle: unload unless its seq moved past the host's read cursor (then ``busy``)."""
+        return await self._release_one(s, "unload", s.cursor)
+
+    async def release_retry(self, s: Session, *, due_ms: int, attempt: int) -> str:
+        """Host attempt ``attempt`` again at ``due_ms`` (through the delayed set)."""
+        return await self._release_one(s, "retry", due_ms, attempt)
+
+    async def release_dead(self, s: Session, *, error_json: str) -> str:
+        """Dead-letter the session once (its end is recorded, then :meth:`release_ack`)."""
+        return await self._release_one(s, "dead", error_json, s.agent)
+
+    async def _release_one(self, s: Session, mode: str, a: Any = "", b: Any = "") -> str:
         assert self._release is not None
         sk = self.log.keys.session(s.id)
         with self.releasing(s) as released:
-            res = _text(await self._release.call(s.shard, (sk.meta, sk.lease),
-                                                 (mode, s.id, s.epoch, s.entry_id, a, b)))
+            res = _text(await self._release.call(
+                s.shard, (sk.meta, sk.lease), release_item(mode, s.id, s.epoch, s.entry_id, a, b)))
             released(res != "busy")
         return res
 
@@ -527,7 +540,8 @@ class Worker(Running):
             items = []
             for s in group:
                 sk = self.log.keys.session(s.id)
-                items.append(((sk.meta, sk.lease), ("handback", s.id, s.epoch, s.entry_id, "", "")))
+                items.append(((sk.meta, sk.lease),
+                              release_item("handback", s.id, s.epoch, s.entry_id)))
             results = await self._release.run_batch(shard, items)
             self.metrics.handed_back += sum(1 for r in results if _text(r) == "ok")
 
@@ -601,5 +615,5 @@ class Worker(Running):
 
     def _hosting(self, entry: tuple[int, str, Any]) -> bool:
         shard, eid, fields = entry
-        s = self._hosts.get(_text(fields.get(b"sid", b"")))
+        s = self._hosts.get(dispatch_session(fields))
         return s is not None and (s.shard, s.entry_id) == (shard, eid)

@@ -41,6 +41,8 @@ for _, k in ipairs({feed, dispatch}) do
   end
 end
 local E0 = 7 + nsess  -- first event arg
+local CREATED, ENDED, CHECKPOINT = L.SESSION_CREATED, L.SESSION_ENDED,
+  L.SESSION_CHECKPOINT
 
 local function new_incarnation()
   local t = redis.call('TIME')
@@ -78,8 +80,8 @@ local function load(sidx)
   local m = {sid = ARGV[6 + sidx], kb = kb}
   sessions[sidx] = m
   order[#order + 1] = m
-  local r = redis.pcall('HMGET', KEYS[kb + 2], 'seq', 'state', 'epoch', 'dispatched', 'ttl',
-                        'inc')
+  local r = redis.pcall('HMGET', KEYS[kb + 2], L.META_SEQ, L.META_STATE, L.META_EPOCH,
+                        L.META_DISPATCHED, L.META_TTL, L.META_INCARNATION)
   if r.err then m.corrupt = r.err; return m end
   if (r[1] and not tonumber(r[1])) or (r[3] and not tonumber(r[3])) then
     m.corrupt = 'session metadata holds a non-numeric seq or epoch'
@@ -117,7 +119,7 @@ for i = 1, n do
       string.sub(extra, p2 + 1)
   end
   local created = nil
-  if typ == 'session.created' then
+  if typ == CREATED then
     local ok, c = pcall(cjson.decode, aux)
     if ok and type(c) == 'table' then created = c else created = false end
   end
@@ -126,16 +128,16 @@ for i = 1, n do
     out[i] = '5:' .. m.corrupt
   elseif dup then
     out[i] = -dup
-  elseif typ == 'session.created' and m.seq ~= nil then
+  elseif typ == CREATED and m.seq ~= nil then
     out[i] = -1  -- the session exists: its creation is seq 1
-  elseif m.seq == nil and typ ~= 'session.created' then
+  elseif m.seq == nil and typ ~= CREATED then
     out[i] = '3:'
-  elseif m.state == 'ended' then
+  elseif m.state == L.STATE_ENDED then
     out[i] = '4:' .. m.seq
   elseif epoch ~= '' and tonumber(epoch) ~= m.epoch then
     out[i] = '2:' .. m.epoch
   elseif created == false then
-    out[i] = '5:session.created needs its aux JSON'
+    out[i] = '5:' .. CREATED .. ' needs its aux JSON'
   elseif (typ == 'signal' and not typed(KEYS[m.kb + 4], 'hash'))
       or (typ == 'effect' and not typed(KEYS[m.kb + 5], 'hash')) then
     out[i] = '5:WRONGTYPE signal/effect key of session ' .. m.sid .. ' is not a hash'
@@ -143,37 +145,12 @@ for i = 1, n do
     local kb = m.kb
     local seq = (m.seq or 0) + 1
     local sseq = tostring(seq)
-    local d = '{"seq":' .. sseq .. ',' .. body
+    local d = ec_body(sseq, body)
     local sid = m.sid
     local inc = m.inc
     if created then inc = new_incarnation() end
-    local x
-    if extra == '' then
-      if inc == '' then  -- a session created before incarnations existed
-        x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. sseq, 't', typ, 'd', d)
-        if not x.err then
-          redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 't', typ, 'd', d)
-        end
-      else
-        x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. sseq, 'inc', inc, 't', typ, 'd', d)
-        if not x.err then
-          redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 'inc', inc, 't', typ, 'd', d)
-        end
-      end
-    else
-      local f = {'t', typ, 'd', d}
-      if sd ~= '' then f[#f + 1] = 'sd'; f[#f + 1] = sd end
-      if string.find(flags, 'r', 1, true) then f[#f + 1] = 'r'; f[#f + 1] = '1' end
-      if inc == '' then
-        x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. seq, unpack(f))
-        if not x.err then redis.call('XADD', feed, '*', 'sid', sid, 'seq', seq, unpack(f)) end
-      else
-        x = redis.pcall('XADD', KEYS[kb + 1], '0-' .. seq, 'inc', inc, unpack(f))
-        if not x.err then
-          redis.call('XADD', feed, '*', 'sid', sid, 'seq', seq, 'inc', inc, unpack(f))
-        end
-      end
-    end
+    local x = ec_entry(KEYS[kb + 1], feed, sid, sseq, inc, typ, d, sd,
+      extra ~= '' and string.find(flags, L.ENTRY_BLOB, 1, true) ~= nil)
     if x.err then
       out[i] = '5:' .. x.err
       m.corrupt = x.err
@@ -192,23 +169,25 @@ for i = 1, n do
       if created then
         local set = {}
         m.set = set
-        m.state = 'created'
+        m.state = L.STATE_CREATED
         m.ttl = tonumber(created.ttl)
         m.inc = inc
         local agent = created.agent or ''
-        set.state, set.agent, set.labels = 'created', agent, created.labels or '{}'
-        set.created_at, set.ttl, set.epoch = tonumber(created.at) or now, created.ttl or 0, 0
-        set.inc = inc
+        set[L.META_STATE], set[L.META_AGENT] = L.STATE_CREATED, agent
+        set[L.META_LABELS] = created.labels or '{}'
+        set[L.META_CREATED_AT] = tonumber(created.at) or now
+        set[L.META_TTL], set[L.META_EPOCH] = created.ttl or 0, 0
+        set[L.META_INCARNATION] = inc
         if agent ~= '' then
-          redis.call('XADD', dispatch, '*', 'sid', sid, 'reason', 'created')
-          set.dispatched = '1'
+          ec_dispatch(dispatch, sid, 'created')
+          set[L.META_DISPATCHED] = '1'
           m.dispatched = '1'
         end
-      elseif typ == 'session.ended' then
-        m.state = 'ended'
+      elseif typ == ENDED then
+        m.state = L.STATE_ENDED
         m.ended = true
         if m.set == nil then m.set = {} end
-        m.set.state, m.set.ended_at = 'ended', now
+        m.set[L.META_STATE], m.set[L.META_ENDED_AT] = L.STATE_ENDED, now
         if aux ~= '' and epoch ~= '' then
           local q1 = string.find(aux, '\0', 1, true)
           local q2 = q1 and string.find(aux, '\0', q1 + 1, true)
@@ -216,22 +195,22 @@ for i = 1, n do
             local host = string.sub(aux, q2 + 1)
             redis.call('XACK', dispatch, string.sub(aux, 1, q1 - 1), string.sub(aux, q1 + 1, q2 - 1))
             if redis.call('GET', KEYS[kb + 6]) == host then redis.call('DEL', KEYS[kb + 6]) end
-            redis.call('HDEL', KEYS[kb + 2], 'dispatched')
-            m.set.host = ''
+            redis.call('HDEL', KEYS[kb + 2], L.META_DISPATCHED)
+            m.set[L.META_HOST] = ''
           end
         end
-      elseif typ == 'session.checkpoint' then
+      elseif typ == CHECKPOINT then
         if m.set == nil then m.set = {} end
-        m.set.checkpoint = seq
+        m.set[L.META_CHECKPOINT] = seq
       elseif typ == 'signal' then
         redis.call('HSET', KEYS[kb + 4], aux, d)
       elseif typ == 'effect' then
         -- overwriting the field also releases the caller's claim on the key
         redis.call('HSET', KEYS[kb + 5], aux, d)
-      elseif typ == 'input' and m.state == 'idle' and m.dispatched ~= '1' then
-        redis.call('XADD', dispatch, '*', 'sid', sid, 'reason', 'input')
+      elseif typ == 'input' and m.state == L.STATE_IDLE and m.dispatched ~= '1' then
+        ec_dispatch(dispatch, sid, 'input')
         if m.set == nil then m.set = {} end
-        m.set.dispatched = '1'
+        m.set[L.META_DISPATCHED] = '1'
         m.dispatched = '1'
       end
       if created then out[i] = {seq, inc} else out[i] = seq end
@@ -245,11 +224,11 @@ for _, m in ipairs(order) do
     any = true
     local kb = m.kb
     if m.set == nil then
-      redis.call('HSET', KEYS[kb + 2], 'seq', m.seq, 'updated_at', now)
+      ec_set(KEYS[kb + 2], L.META_SEQ, m.seq, L.META_UPDATED_AT, now)
     else
-      local hs = {'seq', m.seq, 'updated_at', now}
+      local hs = {L.META_SEQ, m.seq, L.META_UPDATED_AT, now}
       for f, v in pairs(m.set) do hs[#hs + 1] = f; hs[#hs + 1] = v end
-      redis.call('HSET', KEYS[kb + 2], unpack(hs))
+      ec_set(KEYS[kb + 2], unpack(hs))
     end
     local nk = m.newkeys
     if nk ~= nil then
@@ -258,9 +237,7 @@ for _, m in ipairs(order) do
         redis.call('HSET', KEYS[kb + 3], unpack(nk, j, math.min(j + 399, #nk)))
       end
     end
-    local note = m.sid .. ' ' .. m.seq
-    redis.call('PUBLISH', ARGV[3], note)
-    if m.outside then redis.call('PUBLISH', ARGV[4], note) end
+    ec_publish(ARGV[3], ARGV[4], m.sid, m.seq, m.outside)
     if m.ended and m.ttl and m.ttl > 0 then
       for j = 1, 5 do redis.call('EXPIRE', KEYS[kb + j], m.ttl) end
     end

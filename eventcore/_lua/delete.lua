@@ -4,13 +4,10 @@
 -- ARGV[1] the incarnation to delete, ARGV[2] the session id, ARGV[3] the session.deleted
 -- envelope JSON without seq and without its opening brace.
 -- Returns 1 when deleted, 0 when there is no such session or it is another incarnation now.
-local cur = redis.call('HMGET', KEYS[2], 'seq', 'inc')
+local cur = redis.call('HMGET', KEYS[2], L.META_SEQ, L.META_INCARNATION)
 if not cur[1] or (cur[2] or '') ~= ARGV[1] then return 0 end
 local seq = tostring((tonumber(cur[1]) or 0) + 1)  -- after everything the session held
-local f = {'sid', ARGV[2], 'seq', seq}
-if ARGV[1] ~= '' then f[#f + 1] = 'inc'; f[#f + 1] = ARGV[1] end
-f[#f + 1] = 't'; f[#f + 1] = 'session.deleted'
-f[#f + 1] = 'd'; f[#f + 1] = '{"seq":' .. seq .. ',' .. ARGV[3]
-redis.call('XADD', KEYS[8], '*', unpack(f))
+ec_feed_entry(KEYS[8], ARGV[2], seq, ARGV[1], L.SESSION_DELETED, ec_body(seq, ARGV[3]), '',
+  false)
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 return 1

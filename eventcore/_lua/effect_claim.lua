@@ -8,7 +8,7 @@
 --   {'stale', epoch} / {'missing', ''} / {'ended', ''} / {'corrupt', why}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local meta = redis.call('HMGET', KEYS[2], 'seq', 'state', 'epoch')
+local meta = redis.call('HMGET', KEYS[2], L.META_SEQ, L.META_STATE, L.META_EPOCH)
 if not meta[1] then return {'missing', ''} end
 local attempt = 1
 local v = redis.call('HGET', KEYS[1], ARGV[1])
@@ -38,7 +38,7 @@ if v then
     if expires > now and token ~= ARGV[2] then return {'wait', expires - now} end
   end
 end
-if meta[2] == 'ended' then return {'ended', ''} end
+if meta[2] == L.STATE_ENDED then return {'ended', ''} end
 if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= (tonumber(meta[3]) or 0) then
   return {'stale', meta[3] or '0'}
 end

@@ -28,13 +28,7 @@ for _, e in ipairs(r[2]) do
     local p = redis.call('XPENDING', KEYS[2], group, id, id, 1)
     local n = (p[1] and tonumber(p[1][4])) or 1
     if max > 0 and n > max then
-      local f = {'kind', ARGV[9], 'group', group, 'consumer', me, 'feed', KEYS[2],
-                 'entry', id, 'deliveries', tostring(n - 1), 'error', ARGV[8]}
-      for i = 1, #e[2], 2 do
-        f[#f + 1] = 'f.' .. e[2][i]
-        f[#f + 1] = e[2][i + 1]
-      end
-      redis.call('XADD', KEYS[3], '*', unpack(f))
+      ec_dead_entry(KEYS[3], group, me, KEYS[2], id, tostring(n - 1), ARGV[8], ARGV[9], e[2])
       redis.call('XACK', KEYS[2], group, id)
       dead = dead + 1
     else

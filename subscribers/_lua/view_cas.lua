@@ -7,14 +7,15 @@
 -- Returns -1 when stored, -2 when the incarnation is not the session's (nothing stored), else
 -- the current seq. A view of another (older) incarnation counts as seq 0: a run from 0
 -- replaces it.
-if redis.call('EXISTS', KEYS[2]) == 0 or (redis.call('HGET', KEYS[2], 'inc') or '') ~= ARGV[1] then
+if redis.call('EXISTS', KEYS[2]) == 0 or (redis.call('HGET', KEYS[2], L.META_INCARNATION) or '') ~= ARGV[1] then
   return -2
 end
-local v = redis.call('HMGET', KEYS[1], 'seq', 'inc')
+local v = redis.call('HMGET', KEYS[1], L.VIEW_SEQ, L.VIEW_INCARNATION)
 local same = (v[2] or '') == ARGV[1]
 local cur = same and (tonumber(v[1] or '0') or 0) or 0
 if cur ~= tonumber(ARGV[2]) then return cur end
 if not same then redis.call('DEL', KEYS[1]) end  -- its fields and its expiry go with it
-redis.call('HSET', KEYS[1], 'seq', ARGV[3], 'v', ARGV[4], 'inc', ARGV[1])
+redis.call('HSET', KEYS[1], L.VIEW_SEQ, ARGV[3], L.VIEW_VALUE, ARGV[4], L.VIEW_INCARNATION,
+  ARGV[1])
 if ARGV[5] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 return -1

@@ -11,6 +11,7 @@ import pytest
 from subscriber_helpers import Recorder, all_keys, fast, populate
 
 from eventcore import EventLog
+from eventcore._codec import DeadLetterRecord, decode_dead_letter
 from eventcore.subscribers import Delivery, SubscriberRunner
 
 
@@ -27,6 +28,16 @@ async def dead_letters(log: EventLog) -> list[dict[str, str]]:
     for shard in log.keys.all_shards():
         for _, fields in await log.redis.xrange(log.keys.dead(shard)):
             out.append({k.decode(): v.decode(errors="replace") for k, v in fields.items()})
+    return out
+
+
+async def decoded_dead_letters(log: EventLog) -> list[DeadLetterRecord]:
+    out = []
+    for shard in log.keys.all_shards():
+        for eid, fields in await log.redis.xrange(log.keys.dead(shard)):
+            rec = decode_dead_letter(eid, fields)
+            assert rec is not None
+            out.append(rec)
     return out
 
 
@@ -108,6 +119,10 @@ async def test_poison_entry_is_dead_lettered_and_the_rest_flows(event_log: Event
     d = dead[0]
     assert (d["group"], d["f.sid"], d["f.seq"], d["deliveries"]) == ("rec", bad_sid, "5", "3")
     assert json.loads(d["error"])["message"] == f"poison: {bad_sid} seq 5"
+    (rec_,) = await decoded_dead_letters(event_log)  # the one decoder reads it
+    assert (rec_.kind, rec_.group, rec_.attempts, rec_.error.message) == (
+        "subscriber", "rec", 3, f"poison: {bad_sid} seq 5")
+    assert rec_.fields is not None and rec_.fields[b"sid"] == bad_sid.encode()
     m = await runner.refresh_metrics()
     assert (m.dead_lettered, m.pending, m.lag) == (1, 0, 0)
     assert m.failures == 3 and m.redeliveries == 2
@@ -162,6 +177,10 @@ async def test_reclaim_dead_letters_entries_past_the_delivery_limit(event_log: E
     dead = await dead_letters(event_log)
     assert [(d["entry"], d["deliveries"]) for d in dead] == [(victim, "4")]
     assert json.loads(dead[0]["error"])["type"] == "DeliveryLimit"
+    # reclaim.lua writes the same record shape as the runtime's dead_letter
+    (rec_,) = await decoded_dead_letters(event_log)
+    assert (rec_.kind, rec_.entry, rec_.attempts, rec_.error.type) == (
+        "subscriber", victim, 4, "DeliveryLimit")
     assert len(rec.got) == len(all_keys(last)) - 1
     assert (await runner.refresh_metrics()).pending == 0
 

@@ -168,6 +168,30 @@ async def test_run_timeout_is_recorded_retried_then_dead_lettered(
         assert dead.attempts == 2 and dead.agent == "slow"
         assert dead.error.type == "RunTimedOut"
         check_log(await read_all(log, sid))
+        # one record shape: a kind, shared with the subscribers' records
+        raw = [f for _, f in await log.redis.xrange(log.keys.dead(log.keys.shard_of(sid)))]
+        assert [f[b"kind"] for f in raw if f.get(b"sid") == sid.encode()] == [b"session"]
+
+
+async def test_dead_letters_reads_records_written_before_they_had_a_kind(
+    event_log: EventLog,
+) -> None:
+    from eventcore.workers import dead_letters
+
+    log = event_log
+    dead = log.keys.dead(0)
+    error = b'{"type":"CrashLoop","message":"kept dying","retryable":false}'
+    # the worker's record as it was written before records carried a kind
+    await log.redis.xadd(dead, {"sid": "old-1", "agent": "a", "attempts": "2", "error": error,
+                                "worker": "w-old", "at": "1700000000000", "entry": "3-0"})
+    # a subscriber's record (in the same stream): not a dead session
+    await log.redis.xadd(dead, {"kind": "subscriber", "group": "audit", "consumer": "c",
+                                "feed": log.keys.feed(0), "entry": "4-0", "deliveries": "4",
+                                "error": error, "f.sid": "x", "f.seq": "1"})
+    (old,) = await dead_letters(log)
+    assert (old.session_id, old.agent, old.attempts, old.worker, old.at_ms) == (
+        "old-1", "a", 2, "w-old", 1700000000000)
+    assert old.error.type == "CrashLoop" and old.error.retryable is False
 
 
 async def test_session_timeout_times_out_the_run_and_ends(event_log: EventLog,

@@ -32,11 +32,11 @@ local dispatch, deadstream, feed, me, ttl, group = KEYS[1], KEYS[2], KEYS[3], AR
 local max_deliveries, now, notify, tail = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
 local ft = redis.call('TYPE', feed).ok
 local feed_ok = ft == 'none' or ft == 'stream'
-local STARTED = 'session.started'
+local STARTED = L.SESSION_STARTED
 
--- session.started exactly as the append script writes it (entry t, d with seq spliced in
--- first; feed entry sid, seq, inc (when the session has one), t, d; dedupe event key -> seq; notify "<sid> <seq>"). Returns the
--- seq, -seq of a duplicate, or 0 to leave it to the caller's append.
+-- session.started as the append script records it (the prelude's entry writer; dedupe event
+-- key -> seq; meta seq; notify "<sid> <seq>"). Returns the seq, -seq of a duplicate, or 0 to
+-- leave it to the caller's append.
 local function started(kmeta, kstream, kdedupe, sid, head, agent, seq0)
   -- the agent is spliced into the body as is: only when JSON needs no escaping of it
   if not feed_ok or not seq0 or string.find(agent, '[^ -~]') or string.find(agent, '["\\]')
@@ -51,29 +51,21 @@ local function started(kmeta, kstream, kdedupe, sid, head, agent, seq0)
     return 0
   end
   local sseq = tostring(seq0 + 1)
-  local body = '{"seq":' .. sseq .. ',' .. head .. agent .. tail
-  -- the session's incarnation, on its entries (stream and feed) as the append script puts it
-  local inc = redis.call('HGET', kmeta, 'inc')
-  if inc and inc ~= '' then
-    local x = redis.pcall('XADD', kstream, '0-' .. sseq, 'inc', inc, 't', STARTED, 'd', body)
-    if x.err then return 0 end
-    redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 'inc', inc, 't', STARTED, 'd', body)
-  else
-    local x = redis.pcall('XADD', kstream, '0-' .. sseq, 't', STARTED, 'd', body)
-    if x.err then return 0 end
-    redis.call('XADD', feed, '*', 'sid', sid, 'seq', sseq, 't', STARTED, 'd', body)
-  end
+  local inc = redis.call('HGET', kmeta, L.META_INCARNATION) or ''
+  local x = ec_entry(kstream, feed, sid, sseq, inc, STARTED, ec_body(sseq, head .. agent .. tail),
+    '', false)
+  if x.err then return 0 end
   redis.call('HSET', kdedupe, STARTED, sseq)
-  redis.call('HSET', kmeta, 'seq', sseq, 'updated_at', now)
-  redis.call('PUBLISH', notify, sid .. ' ' .. sseq)
+  ec_set(kmeta, L.META_SEQ, sseq, L.META_UPDATED_AT, now)
+  ec_publish(notify, nil, sid, sseq, false)
   return seq0 + 1
 end
 
 local function claim(kmeta, klease, kstream, kdedupe, id, sid, head)
   local mine = redis.call('XPENDING', dispatch, group, id, id, 1, me)
   if #mine == 0 then return {'gone'} end
-  local m = redis.pcall('HMGET', kmeta, 'state', 'agent', 'attempt', 'dead', 'error',
-    'created_at', 'labels', 'seq', 'checkpoint')
+  local m = redis.pcall('HMGET', kmeta, L.META_STATE, L.META_AGENT, L.META_ATTEMPT,
+    L.META_DEAD, L.META_ERROR, L.META_CREATED_AT, L.META_LABELS, L.META_SEQ, L.META_CHECKPOINT)
   if m.err then
     redis.call('XACK', dispatch, group, id)
     return {'corrupt', m.err}
@@ -82,9 +74,9 @@ local function claim(kmeta, klease, kstream, kdedupe, id, sid, head)
     redis.call('XACK', dispatch, group, id)
     return {'missing'}
   end
-  if m[1] == 'ended' then
+  if m[1] == L.STATE_ENDED then
     redis.call('XACK', dispatch, group, id)
-    redis.call('HDEL', kmeta, 'dispatched')
+    redis.call('HDEL', kmeta, L.META_DISPATCHED)
     return {'ended'}
   end
   local holder = redis.pcall('GET', klease)
@@ -101,17 +93,15 @@ local function claim(kmeta, klease, kstream, kdedupe, id, sid, head)
       math.max(tonumber(mine[1][4]) - 1, 0), 'JUSTID')
     return {'held', holder}
   end
-  local epoch = redis.call('HINCRBY', kmeta, 'epoch', 1)
+  local epoch = redis.call('HINCRBY', kmeta, L.META_EPOCH, 1)
   redis.call('SET', klease, me, 'PX', ttl)
-  redis.call('HSET', kmeta, 'state', 'active', 'host', me, 'dispatched', '1')
+  ec_set(kmeta, L.META_STATE, L.STATE_ACTIVE, L.META_HOST, me, L.META_DISPATCHED, '1')
   local dead, err = m[4] or '', m[5] or ''
   if dead ~= '1' and tonumber(mine[1][4]) > max_deliveries then
     dead = '1'
     err = cjson.encode({type = 'CrashLoop', retryable = false, message =
       'dispatched ' .. mine[1][4] .. ' times without finishing: its hosts kept dying'})
-    redis.call('XADD', deadstream, '*', 'sid', sid, 'agent', m[2] or '', 'attempts',
-      m[3] or '1', 'error', err, 'worker', me, 'at', now, 'entry', id)
-    redis.call('HSET', kmeta, 'dead', '1', 'error', err)
+    ec_dead_session(deadstream, kmeta, sid, m[2] or '', m[3] or '1', err, me, now, id)
   end
   local rec = 0
   if dead ~= '1' then

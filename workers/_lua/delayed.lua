@@ -4,6 +4,6 @@
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, sid in ipairs(due) do
   redis.call('ZREM', KEYS[1], sid)
-  redis.call('XADD', KEYS[2], '*', 'sid', sid, 'reason', 'retry')
+  ec_dispatch(KEYS[2], sid, 'retry')
 end
 return #due

@@ -12,7 +12,7 @@ local ids = {}
 for i = 1, (#KEYS - 1) / 2 do
   local kmeta, klease = KEYS[2 * i], KEYS[2 * i + 1]
   local epoch, id = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
-  local m = redis.call('HMGET', kmeta, 'epoch', 'host', 'state')
+  local m = redis.call('HMGET', kmeta, L.META_EPOCH, L.META_HOST, L.META_STATE)
   local holder = redis.call('GET', klease)
   if m[1] ~= epoch then
     out[i] = 1
@@ -20,7 +20,7 @@ for i = 1, (#KEYS - 1) / 2 do
     redis.call('PEXPIRE', klease, ttl)
     ids[#ids + 1] = id
     out[i] = 0
-  elseif not holder and m[2] == me and m[3] == 'active' then
+  elseif not holder and m[2] == me and m[3] == L.STATE_ACTIVE then
     redis.call('SET', klease, me, 'PX', ttl)
     ids[#ids + 1] = id
     out[i] = 2

@@ -22,34 +22,33 @@ for i = 1, (#KEYS - 3) / 2 do
   local b0 = 3 + (i - 1) * 6
   local mode, sid, epoch, id = ARGV[b0 + 1], ARGV[b0 + 2], ARGV[b0 + 3], ARGV[b0 + 4]
   local a, b = ARGV[b0 + 5], ARGV[b0 + 6]
-  local m = redis.call('HMGET', kmeta, 'epoch', 'seq', 'attempt', 'dead')
+  local m = redis.call('HMGET', kmeta, L.META_EPOCH, L.META_SEQ, L.META_ATTEMPT, L.META_DEAD)
   if m[1] ~= epoch then
     out[i] = 'stale'
   elseif mode == 'unload' and tonumber(m[2] or '0') > tonumber(a) then
     out[i] = 'busy'
   elseif mode == 'dead' then
     if m[4] ~= '1' then
-      redis.call('XADD', dead, '*', 'sid', sid, 'agent', b, 'attempts', m[3] or '1',
-        'error', a, 'worker', me, 'at', now, 'entry', id)
-      redis.call('HSET', kmeta, 'dead', '1', 'error', a)
+      ec_dead_session(dead, kmeta, sid, b, m[3] or '1', a, me, now, id)
     end
     out[i] = 'ok'
   else
     if redis.call('GET', klease) == me then redis.call('DEL', klease) end
     redis.call('XACK', dispatch, group, id)
     if mode == 'ack' then
-      redis.call('HSET', kmeta, 'host', '')
-      redis.call('HDEL', kmeta, 'dispatched')
+      ec_set(kmeta, L.META_HOST, '')
+      redis.call('HDEL', kmeta, L.META_DISPATCHED)
     elseif mode == 'unload' then
-      redis.call('HSET', kmeta, 'state', 'idle', 'host', '')
-      redis.call('HDEL', kmeta, 'dispatched')
+      ec_set(kmeta, L.META_STATE, L.STATE_IDLE, L.META_HOST, '')
+      redis.call('HDEL', kmeta, L.META_DISPATCHED)
     elseif mode == 'retry' then
       redis.call('ZADD', delayed, a, sid)
-      redis.call('HSET', kmeta, 'state', 'idle', 'host', '', 'attempt', b, 'dispatched', '1')
+      ec_set(kmeta, L.META_STATE, L.STATE_IDLE, L.META_HOST, '', L.META_ATTEMPT, b,
+        L.META_DISPATCHED, '1')
     elseif mode == 'handback' then
-      redis.call('HINCRBY', kmeta, 'epoch', 1)
-      redis.call('XADD', dispatch, '*', 'sid', sid, 'reason', 'handback')
-      redis.call('HSET', kmeta, 'state', 'idle', 'host', '', 'dispatched', '1')
+      redis.call('HINCRBY', kmeta, L.META_EPOCH, 1)
+      ec_dispatch(dispatch, sid, 'handback')
+      ec_set(kmeta, L.META_STATE, L.STATE_IDLE, L.META_HOST, '', L.META_DISPATCHED, '1')
     end
     out[i] = 'ok'
   end

@@ -8,7 +8,7 @@ for i = 3, #ARGV, 2 do
   local id, sid = ARGV[i], ARGV[i + 1]
   if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2]) == 1 then
     redis.call('XACK', KEYS[1], ARGV[1], id)
-    redis.call('XADD', KEYS[1], '*', 'sid', sid, 'reason', 'requeue')
+    ec_dispatch(KEYS[1], sid, 'requeue')
     n = n + 1
   end
 end

@@ -1,0 +1,44 @@
+"""The one loader of eventcore's Lua scripts (every package's).
+
+``lua(package, name)`` is the source of ``<package>/_lua/<name>.lua``, read through the
+package (so it works from an installed wheel and from any working directory). Scripts that
+write session entries or session state are loaded ``with_prelude``: the layout's constants
+(:mod:`eventcore._layout`, as the Lua table ``L``) and the shared prelude
+(``eventcore/_lua/prelude.lua``: one writer of session-stream + feed entries, of session
+state, of dead letters and of the live notification) are joined in front of the script. The
+result is sent as one script (EVALSHA of prelude..script): Redis 6.2 has no FUNCTION LOAD.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+
+from . import _layout
+
+__all__ = ["lua", "lua_layout"]
+
+
+def lua_layout() -> str:
+    """The layout's constants as a Lua table ``L`` (one source for Python and Lua)."""
+    items = ", ".join(f"{k} = {json.dumps(v)}" for k, v in sorted(_layout.constants().items()))
+    return f"local L = {{{items}}}\n"
+
+
+@functools.cache
+def _prelude() -> str:
+    text = resources.files("eventcore").joinpath("_lua/prelude.lua").read_text()
+    return lua_layout() + text
+
+
+@functools.cache
+def lua(package: str, name: str, *, with_prelude: bool = False, with_layout: bool = False
+        ) -> str:
+    """The source of ``<package>/_lua/<name>.lua`` (``package`` as imported, e.g.
+    ``eventcore.workers``), with the shared prelude in front when ``with_prelude``, or only the
+    layout's table ``L`` when ``with_layout`` (scripts that read fields but write none)."""
+    text = resources.files(package).joinpath(f"_lua/{name}.lua").read_text()
+    if with_prelude:
+        return _prelude() + text
+    return lua_layout() + text if with_layout else text
