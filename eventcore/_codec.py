@@ -255,11 +255,11 @@ def decode_dead_letter(entry_id: bytes | str, f: Mapping[bytes, bytes]) -> DeadL
 
 def subscriber_dead_letter(
     *, group: str, consumer: str, feed: str, entry_id: str, deliveries: int,
-    error: ErrorInfo, fields: Mapping[bytes, bytes],
+    error: ErrorInfo, fields: Mapping[bytes, bytes], kind: str = L.DEAD_KIND_SUBSCRIBER,
 ) -> dict[str | bytes, Any]:
     """The dead-letter record of a feed entry a consumer group gave up on."""
     record: dict[str | bytes, Any] = {
-        L.DEAD_KIND: L.DEAD_KIND_SUBSCRIBER, L.DEAD_GROUP: group, L.DEAD_CONSUMER: consumer,
+        L.DEAD_KIND: kind, L.DEAD_GROUP: group, L.DEAD_CONSUMER: consumer,
         L.DEAD_FEED: feed, L.DEAD_ENTRY: entry_id, L.DEAD_DELIVERIES: str(deliveries),
         L.DEAD_ERROR: encode(error),
     }

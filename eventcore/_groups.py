@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import redis.exceptions as rexc
 
-from ._codec import encode
+from ._codec import encode, subscriber_dead_letter
 from ._envelope import ErrorInfo
 from ._keys import Keys
 from ._redis import redis_errors
-from ._scripts import lua
 from ._redis import text as _s
+from ._scripts import lua
 from ._streams import GroupState, ShardStreams, Span, id_key, spans
 from .errors import EventcoreError
 
@@ -259,13 +259,9 @@ class ConsumerGroup:
         """Move one entry to the shard's dead-letter stream with the error, and ack it, in one
         transaction (both keys are in the shard's slot); the record is the one the reclaim
         script writes for entries past the delivery limit."""
-        record: dict[str | bytes, Any] = {
-            "kind": self.kind, "group": self.group, "consumer": self.consumer,
-            "feed": self.stream(shard), "entry": entry_id, "deliveries": str(deliveries),
-            "error": encode(error),
-        }
-        for name, value in fields.items():
-            record[b"f." + name] = value
+        record = subscriber_dead_letter(
+            group=self.group, consumer=self.consumer, feed=self.stream(shard),
+            entry_id=entry_id, deliveries=deliveries, error=error, fields=fields, kind=self.kind)
         with redis_errors("dead-letter"):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(self.keys.dead(shard), record)  # type: ignore[arg-type]

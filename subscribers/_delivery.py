@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from eventcore import CorruptEntry, Envelope
-from eventcore._codec import decode_entry
-from eventcore._groups import CheckpointStore
 from eventcore._codec import decode_entry, feed_ref
+from eventcore._groups import CheckpointStore
 
 __all__ = ["CheckpointStore", "Delivery", "Subscriber", "decode_feed_entry"]
 

@@ -32,11 +32,10 @@ import anyio
 from anyio.abc import TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
-from eventcore._codec import entry_incarnation
+from eventcore._codec import entry_has_blob, entry_incarnation
 from eventcore._groups import Claimed, ConsumerGroup
 from eventcore._lifetime import Running
 from eventcore._streams import ShardStreams
-from eventcore._codec import entry_has_blob, entry_incarnation
 from eventcore.errors import UsageError, ValidationError
 
 from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry, entry_ids

@@ -28,9 +28,9 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import EventLog, validate_session_id
+from eventcore._codec import dispatch_session, session_started_parts
 from eventcore._groups import ConsumerGroup
 from eventcore._lifetime import Running
-from eventcore._codec import dispatch_session, session_started_parts
 from eventcore._redis import redis_errors, run_script
 from eventcore._redis import text as _text
 from eventcore._streams import ShardStreams
