@@ -18,7 +18,7 @@ from ._delivery import CheckpointStore
 
 __all__ = ["FeedGroup", "GroupState", "id_key", "id_pred", "is_nogroup"]
 
-_LUA = resources.files("subscribers").joinpath("_lua")
+_LUA = resources.files("eventcore.subscribers").joinpath("_lua")
 _MAX_U64 = 2**64 - 1
 _TOUCH_CHUNK = 1000
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Projector", "read_view"]
 
-_CAS = resources.files("subscribers").joinpath("_lua/view_cas.lua").read_text()
+_CAS = resources.files("eventcore.subscribers").joinpath("_lua/view_cas.lua").read_text()
 _decode_view = msgspec.json.Decoder(SessionView).decode
 _encode = msgspec.json.Encoder().encode
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["Retention", "RetentionReport"]
 
 log_ = logging.getLogger("eventcore.retention")
-_TRIM_LUA = resources.files("subscribers").joinpath("_lua/trim_session.lua").read_text()
+_TRIM_LUA = resources.files("eventcore.subscribers").joinpath("_lua/trim_session.lua").read_text()
 
 
 def _s(v: object) -> str:

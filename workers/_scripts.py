@@ -25,7 +25,7 @@ GROUP = "workers"
 
 
 def load_script(name: str) -> str:
-    return resources.files("workers").joinpath(f"_lua/{name}.lua").read_text()
+    return resources.files("eventcore.workers").joinpath(f"_lua/{name}.lua").read_text()
 
 
 Head = Callable[[int], tuple[list[str], list[Any]]]

@@ -25,7 +25,7 @@ __all__ = ["ui_html", "ui_router"]
 @cache
 def ui_html() -> tuple[bytes, str]:
     """The page and its Content-Security-Policy."""
-    text = resources.files("eventcore").joinpath("_static/ui.html").read_text("utf-8")
+    text = resources.files("eventcore.server").joinpath("_static/ui.html").read_text("utf-8")
 
     def hashes(tag: str) -> str:
         bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.S)
