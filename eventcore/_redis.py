@@ -327,6 +327,22 @@ class _ClusterClient(RedisCluster):
     def __init__(self, *args: Any, retry_budget_s: float = 15.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.retry_budget_s = retry_budget_s
+        self._seeds = {n.name: (n.host, n.port) for n in self.nodes_manager.startup_nodes.values()}
+
+    async def initialize(self) -> RedisCluster:
+        # redis-py drops a node from its seeds whenever a command on it loses its connection,
+        # and it drops every connection when one fails: a burst across a restart can leave no
+        # seed at all ("Redis Cluster cannot be connected ... None"). Every node ever seen
+        # stays a seed here.
+        if self._initialize:
+            seeds = self.nodes_manager.startup_nodes
+            for name, (host, port) in self._seeds.items():
+                if name not in seeds:
+                    seeds[name] = ClusterNode(host, port, **self.connection_kwargs)
+        await super().initialize()
+        for node in self.nodes_manager.nodes_cache.values():
+            self._seeds.setdefault(node.name, (node.host, node.port))
+        return self
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         budget = _Budget(self.retry_budget_s)
