@@ -284,8 +284,36 @@ class LocalCluster:
             break
         raise LookupError(f"no live node knows who serves slot {slot}")
 
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        """A replica of ``master`` (the cluster was made with replicas)."""
+        master_id = master.command("CLUSTER", "MYID")
+        for line in master.command("CLUSTER", "NODES").splitlines():
+            parts = line.split()
+            if len(parts) > 3 and parts[3] == master_id:
+                port = int(parts[1].split("@")[0].rpartition(":")[2])
+                return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"127.0.0.1:{master.port} has no replica")
+
+    def wait_synced(self, timeout: float = 30.0) -> None:
+        """Wait until every live replica has everything its master has written so far (so a
+        failover loses nothing that was acknowledged before this call)."""
+        deadline = time.monotonic() + timeout
+        for master in self.masters():
+            target = int(_fields(master.command("INFO", "replication"))["master_repl_offset"])
+            while True:
+                repl = _fields(master.command("INFO", "replication"))
+                offsets = [int(_fields(v.replace(",", "\n").replace("=", ":"))["offset"])
+                           for k, v in repl.items() if k.startswith("slave")]
+                if len(offsets) >= self.replicas and all(o >= target for o in offsets):
+                    break
+                if time.monotonic() > deadline:
+                    raise EmbeddedRedisError(
+                        f"replicas of 127.0.0.1:{master.port} not in sync after {timeout}s")
+                time.sleep(0.02)  # polling: replication offsets have no notification
+
     def keyslot(self, key: str) -> int:
-        return int(self.nodes[0].command("CLUSTER", "KEYSLOT", key))
+        live = next(n for n in self.nodes if n.proc is not None and n.proc.poll() is None)
+        return int(live.command("CLUSTER", "KEYSLOT", key))
 
     def cleanup(self) -> None:
         for node in self.nodes:

@@ -15,7 +15,9 @@ from eventcore.testing.invariants import assert_acknowledged_present, check_log,
 pytestmark = pytest.mark.redis_restart
 
 
-def _sessions_on_every_master(cluster: LocalCluster, log: EventLog, per: int) -> dict[int, list[str]]:
+def _sessions_on_every_master(
+    cluster: LocalCluster, log: EventLog, per: int
+) -> dict[int, list[str]]:
     """``per`` session ids served by each master (by port)."""
     out: dict[int, list[str]] = {n.port: [] for n in cluster.masters()}
     i = 0
@@ -123,3 +125,35 @@ async def test_master_down_past_the_budget(
         await anyio.to_thread.run_sync(cluster.wait_ok)
         assert (await log.emit(lost, "m", 2)).seq == 2  # and it recovers once the master is back
         check_log(await read_all(log, lost))
+
+
+async def test_failover_to_a_replica(redis_cluster_factory: Callable[..., LocalCluster]) -> None:
+    """SIGKILL a master with a replica: the replica is promoted (it has no scripts: Redis 7
+    does not replicate the script cache) and appends go on within the budget."""
+    cluster = redis_cluster_factory(replicas=1, node_timeout_ms=2000)
+    settings = load_settings(redis_url=cluster.url, namespace="fo", shards=16,
+                             retry_budget_s=30)
+    async with EventLog(settings) as log:
+        by_master = _sessions_on_every_master(cluster, log, 2)
+        sessions = [s for group in by_master.values() for s in group]
+        for sid in sessions:
+            await log.create_session(session_id=sid)
+            await log.append_many([Envelope(type="m", session_id=sid, payload=i,
+                                            event_key=f"before-{i}") for i in range(5)])
+        victim = cluster.node_of_slot(cluster.keyslot(log.keys.session(sessions[0]).stream))
+        replica = cluster.replica_of(victim)
+        await anyio.to_thread.run_sync(cluster.wait_synced)  # what was acknowledged is there
+        victim.kill()
+        with anyio.fail_after(60):
+            for sid in sessions:  # the victim's first: they wait for the promotion
+                r = await log.emit(sid, "m", "after", event_key="after")
+                assert r.seq == 7 and not r.duplicate
+                again = await log.emit(sid, "m", "after", event_key="after")
+                assert again.duplicate and again.seq == 7
+        slot = cluster.keyslot(log.keys.session(sessions[0]).stream)
+        assert cluster.node_of_slot(slot) is replica  # promoted
+        for sid in sessions:
+            full = await read_all(log, sid)
+            check_log(full)
+            assert [e.event_key for e in full[1:]] == [*(f"before-{i}" for i in range(5)),
+                                                       "after"]
