@@ -141,7 +141,11 @@ class EventLog:
             if await self.redis.set(key, shards, nx=True):
                 return
             stored = await self.redis.get(key)
-        if stored is not None and int(stored) != shards:
+        if stored is None:  # deleted in between: the next start records it again
+            return
+        if not stored.isdigit():
+            raise CorruptEntry(f"{key} holds {stored[:40]!r}, not a shard count")
+        if int(stored) != shards:
             raise ConfigError(
                 f"EVENTCORE_SHARDS is {shards} but this deployment (namespace "
                 f"{self.settings.namespace!r}) was created with {int(stored)} shards: the shard "

@@ -209,7 +209,10 @@ async def open_redis(
         return single
     try:
         with redis_errors("connect"):
-            info = await single.info("cluster")
+            try:
+                info = await single.info("cluster")
+            except rexc.ResponseError:  # INFO denied (ACL, renamed): EVENTCORE_REDIS_MODE decides
+                info = {}
     except BaseException:
         await single.aclose()
         raise

@@ -5,6 +5,7 @@ detected or forced; seed nodes."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -164,5 +165,19 @@ async def test_seed_nodes(redis_cluster: LocalCluster) -> None:
     async with EventLog(redis_url=dead, redis_cluster_nodes=seeds,
                         namespace=unique_namespace(), retry_budget_s=2) as log:
         assert is_cluster(log.redis)
+        s = await log.create_session()
+        assert (await log.emit(s.session_id, "m", 1)).seq == 2
+
+
+async def test_auto_mode_where_info_is_denied(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """Some managed services deny INFO: auto mode then takes the server for a single node."""
+    server = redis_server_factory()
+    assert server.command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all",
+                          "-info") == "OK"
+    url = server.url.replace("redis://", "redis://app:pw@")
+    async with EventLog(redis_url=url, namespace=unique_namespace()) as log:
+        assert not is_cluster(log.redis)
         s = await log.create_session()
         assert (await log.emit(s.session_id, "m", 1)).seq == 2

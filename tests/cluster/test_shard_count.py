@@ -3,6 +3,11 @@ another ``EVENTCORE_SHARDS`` refuses to start (on a single node and on a cluster
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import anyio
 import pytest
 
 from eventcore import ConfigError, EventLog, load_settings
@@ -52,3 +57,20 @@ def test_the_shard_count_key_is_in_shard_0s_slot(redis_cluster: LocalCluster) ->
     keys = load_settings(namespace="ec").keys()
     assert keys.shard_count() == "ec:{0}:shards"
     assert redis_cluster.keyslot(keys.shard_count()) == redis_cluster.keyslot(keys.feed(0))
+
+
+async def test_tail_with_another_shard_count_says_so(url: str) -> None:
+    """What used to say "session does not exist" now names the mismatch."""
+    ns = unique_namespace()
+    async with EventLog(redis_url=url, namespace=ns, shards=16) as log:
+        s = await log.create_session()
+        env = {**os.environ, "EVENTCORE_REDIS_URL": url, "EVENTCORE_NAMESPACE": ns,
+               "EVENTCORE_SHARDS": "4"}
+        with anyio.fail_after(60):
+            done = await anyio.run_process(
+                [sys.executable, "-c", "from eventcore.server._cli import main; main()",
+                 "tail", s.session_id], env=env, check=False, stdin=subprocess.DEVNULL)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "EVENTCORE_SHARDS is 4" in err and "created with 16 shards" in err, err
+    assert "does not exist" not in err
