@@ -348,7 +348,7 @@ class _ClusterClient(RedisCluster):
         return self
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        budget = _Budget(self.retry_budget_s)
+        budget: _Budget | None = None  # made on the first failure: most commands never fail
         while True:
             try:
                 return await super().execute_command(*args, **dict(kwargs))
@@ -356,6 +356,7 @@ class _ClusterClient(RedisCluster):
                 pinned = not isinstance(kwargs.get("target_nodes", ""), str)  # nodes, not a flag
                 if pinned or not _transient(exc):
                     raise
+                budget = budget or _Budget(self.retry_budget_s)
                 await budget.wait(exc)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:

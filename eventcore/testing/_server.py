@@ -167,16 +167,18 @@ class LocalCluster:
         self.node_timeout_ms = node_timeout_ms
         self.nodes: list[RedisServer] = []
         for _ in range(masters * (1 + replicas)):
-            bus = free_port()  # the cluster bus port (default port + 10000 may be taken)
-            self.nodes.append(RedisServer(binary, extra=(
+            port, bus = _cluster_ports()
+            node = RedisServer(binary, port=port, extra=(
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms),
-                "--cluster-port", str(bus),
                 # a test may stop a master with no replica: the other masters keep serving
                 # their own slots meanwhile
                 "--cluster-require-full-coverage", "no",
-            )))
+            ))
+            if not node.version.startswith(("6.", "5.")):  # cluster-port is 7.0+; before it
+                node.extra += ("--cluster-port", str(bus))  # the bus is port + 10000
+            self.nodes.append(node)
 
     @property
     def url(self) -> str:
@@ -326,6 +328,20 @@ class LocalCluster:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.cleanup()
+
+
+def _cluster_ports() -> tuple[int, int]:
+    """A free port whose cluster bus port (port + 10000, Redis before 7.0) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 >= 65536:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port, port + 10000
 
 
 def _fields(text: str) -> dict[str, str]:
