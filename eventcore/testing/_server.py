@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from .._embedded import find_redis_server
 from ..errors import EmbeddedRedisError
@@ -312,6 +313,39 @@ class LocalCluster:
                     raise EmbeddedRedisError(
                         f"replicas of 127.0.0.1:{master.port} not in sync after {timeout}s")
                 time.sleep(0.02)  # polling: replication offsets have no notification
+
+    def move_slot(self, slot: int, to: RedisServer, *, batch: int = 10) -> int:
+        """Migrate ``slot`` to the master ``to`` as ``redis-cli --cluster reshard`` does (mark
+        it importing and migrating, MIGRATE its keys ``batch`` at a time, then hand it over),
+        while clients go on: they meet ASK and TRYAGAIN meanwhile. Returns the keys moved."""
+        import redis  # the synchronous client: fixture bookkeeping runs in a thread
+
+        source = self.node_of_slot(slot)
+        if source is to:
+            return 0
+
+        def client(node: RedisServer) -> redis.Redis:
+            return redis.Redis(host="127.0.0.1", port=node.port, decode_responses=True)
+
+        def run(c: redis.Redis, *args: Any) -> Any:
+            return c.execute_command(*args)  # type: ignore[no-untyped-call]
+
+        src, dst = client(source), client(to)
+        moved = 0
+        try:
+            src_id, dst_id = run(src, "CLUSTER MYID"), run(dst, "CLUSTER MYID")
+            run(dst, "CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+            run(src, "CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := run(src, "CLUSTER GETKEYSINSLOT", slot, batch):
+                run(src, "MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+            for node in self.masters():
+                with client(node) as c:
+                    run(c, "CLUSTER SETSLOT", slot, "NODE", dst_id)
+        finally:
+            src.close()
+            dst.close()
+        return moved
 
     def keyslot(self, key: str) -> int:
         live = next(n for n in self.nodes if n.proc is not None and n.proc.poll() is None)

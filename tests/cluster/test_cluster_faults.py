@@ -157,3 +157,65 @@ async def test_failover_to_a_replica(redis_cluster_factory: Callable[..., LocalC
             check_log(full)
             assert [e.event_key for e in full[1:]] == [*(f"before-{i}" for i in range(5)),
                                                        "after"]
+
+
+async def test_slot_migrated_while_appending(
+    redis_cluster_factory: Callable[..., LocalCluster],
+) -> None:
+    """A shard's slot moves to another master under a burst of appends to its sessions (ASK,
+    TRYAGAIN, then MOVED): no acknowledged append lost, none twice."""
+    cluster = redis_cluster_factory()
+    settings = load_settings(redis_url=cluster.url, namespace="mv", shards=16,
+                             retry_budget_s=30)
+    async with EventLog(settings) as log:
+        sid0 = "mv-0"
+        shard = log.keys.shard_of(sid0)
+        sessions = [s for s in (f"mv-{i}" for i in range(2000))
+                    if log.keys.shard_of(s) == shard][:6]
+        for sid in sessions:
+            await log.create_session(session_id=sid)
+        slot = cluster.keyslot(log.keys.feed(shard))
+        source = cluster.node_of_slot(slot)
+        target = next(n for n in cluster.masters() if n is not source)
+        acked: dict[str, dict[str, int]] = {s: {} for s in sessions}
+        started = anyio.Event()
+        migrating = migrated = False
+        during = after = 0
+
+        async def producer(p: int) -> None:
+            nonlocal after, during
+            for i in range(60):
+                sid = sessions[(p + i) % len(sessions)]
+                r = await log.append(Envelope(type="m", session_id=sid, payload=[p, i],
+                                              event_key=f"p{p}-{i}"))
+                assert not r.duplicate
+                acked[sid][r.event_key] = r.seq
+                after += migrated
+                during += migrating and not migrated
+                if i == 5:
+                    started.set()
+
+        moved = 0
+
+        async def run_migration() -> None:
+            nonlocal moved, migrating, migrated
+            await started.wait()
+            migrating = True
+            # one key per MIGRATE: a long migration, which the appends run into
+            moved = await anyio.to_thread.run_sync(
+                lambda: cluster.move_slot(slot, target, batch=1))
+            migrated = True
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_migration)
+                for p in range(12):
+                    tg.start_soon(producer, p)
+        assert moved > 6 * 5  # the sessions' keys, the feed, the dispatch stream...
+        assert during > 0 and after > 0  # appends acknowledged mid-migration and after it
+        assert cluster.node_of_slot(slot) is target
+        for sid in sessions:
+            full = await read_all(log, sid)
+            check_log(full)
+            assert_acknowledged_present(full, acked[sid])
+            assert len(full) == len(acked[sid]) + 1
