@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - hiredis comes with redis[hiredis]
 __all__ = [
     "Redis",
     "RedisMode",
+    "connect_cluster",
     "connect_redis",
     "is_cluster",
     "open_redis",

@@ -181,3 +181,28 @@ async def test_auto_mode_where_info_is_denied(
         assert not is_cluster(log.redis)
         s = await log.create_session()
         assert (await log.emit(s.session_id, "m", 1)).seq == 2
+
+
+async def test_tail_follows_live_on_every_master(cluster_event_log: EventLog) -> None:
+    log = cluster_event_log
+    by_shard = _session_per_shard(log)
+    seen: dict[str, list[int]] = {sid: [] for sid in by_shard.values()}
+    following = {sid: anyio.Event() for sid in by_shard.values()}
+
+    async def follow(sid: str) -> None:
+        async for env in log.tail(sid, block_ms=200):
+            seen[sid].append(env.seq)
+            if env.seq == 1:
+                following[sid].set()  # caught up: what comes next is live
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for sid in by_shard.values():
+                await log.create_session(session_id=sid)
+                tg.start_soon(follow, sid)
+            for sid in by_shard.values():
+                await following[sid].wait()
+                for i in range(3):
+                    await log.emit(sid, "m", i)
+                await log.end_session(sid)
+    assert all(seqs == [1, 2, 3, 4, 5] for seqs in seen.values()), seen
