@@ -30,7 +30,7 @@ from ._codec import encode
 from ._envelope import Envelope
 from ._keys import Keys, SessionKeys, validate_key, validate_session_id
 from ._layout import ENTRY_BLOB
-from ._redis import _SCRIPT_LOADS, Redis, redis_errors
+from ._redis import _SCRIPT_LOADS, Redis, is_cluster, redis_errors, run_script
 from ._scripts import lua
 from .errors import (
     CorruptEntry,
@@ -302,11 +302,16 @@ class Appender:
                     for key, data in blobs.items():
                         pipe.set(key, data, nx=True)
                     await pipe.execute()
-            conn = await self._acquire()
-            try:
-                raw = await self._evalsha(conn, keys, args)
-            finally:
-                self._release(conn)
+            if is_cluster(self._redis):
+                # no pool of its own to draw from: the cluster client routes by the first key
+                # (the shard's slot), follows MOVED/ASK, reloads on NOSCRIPT on every master
+                raw = await run_script(self._script, keys, args)
+            else:
+                conn = await self._acquire()
+                try:
+                    raw = await self._evalsha(conn, keys, args)
+                finally:
+                    self._release(conn)
         self.round_trips += 1
         if len(raw) != len(batch):
             raise CorruptEntry(f"append script answered {len(raw)} results for {len(batch)}")

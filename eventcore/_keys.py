@@ -19,6 +19,7 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
                              answered from it instead of appending twice
     ns:{N}:incarnation       string: the last incarnation issued in the shard (16 digits,
                              increasing): a session id created again is a new incarnation
+    ns:{0}:shards            string: the deployment's shard count (checked at every start)
     ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
     ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
                              epoch (inputs, signals, control, ends from outside): what a host
@@ -190,3 +191,9 @@ class Keys:
     def session_pattern(self) -> str:
         """SCAN pattern matching every session stream of the namespace."""
         return f"{self.namespace}:{{*}}:session/*"
+
+    def shard_count(self) -> str:
+        """String: the deployment's shard count, set by the first process to start. In shard
+        0's slot (shard 0 exists whatever the count): a known slot, which scripts of shard 0
+        may read, and outside the ``session_pattern``."""
+        return f"{self._tag(0)}:shards"

@@ -35,7 +35,7 @@ from ._envelope import (
 from ._follow import LogFollowers, closing_iter
 from ._keys import validate_key, validate_session_id
 from ._layout import META_SEQ
-from ._redis import Redis, connect_redis, redis_errors, run_script
+from ._redis import Redis, open_redis, redis_errors, run_script
 from ._scripts import lua
 from ._sessions import (
     INCARNATION_FIELDS,
@@ -45,7 +45,14 @@ from ._sessions import (
 )
 from ._settings import Settings, load_settings
 from ._values import validate_value
-from .errors import CorruptEntry, HistoryGone, SessionNotFound, UsageError, ValidationError
+from .errors import (
+    ConfigError,
+    CorruptEntry,
+    HistoryGone,
+    SessionNotFound,
+    UsageError,
+    ValidationError,
+)
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -125,14 +132,34 @@ class EventLog:
             if url is None:
                 self._embedded = EmbeddedRedis(self.settings.data_dir, self.settings.redis_server)
                 url = await anyio.to_thread.run_sync(self._embedded.start)
-            self._bind(
-                connect_redis(
-                    url, retry_budget_s=self.settings.retry_budget_s,
-                    max_connections=self.settings.pool_size,
-                )
-            )
+            s = self.settings
+            self._bind(await open_redis(
+                url, mode=s.redis_mode if self._embedded is None else "single",
+                cluster_nodes=s.redis_cluster_nodes, retry_budget_s=s.retry_budget_s,
+                max_connections=s.pool_size,
+            ))
         with redis_errors("connect"):
             await self.redis.ping()
+        await self._check_shards()
+
+    async def _check_shards(self) -> None:
+        """The first process of a deployment records its shard count; every later one must
+        have the same (with another count, sessions would be looked up in the wrong shard)."""
+        key, shards = self.keys.shard_count(), self.keys.shards
+        with redis_errors("connect"):
+            if await self.redis.set(key, shards, nx=True):
+                return
+            stored = await self.redis.get(key)
+        if stored is None:  # deleted in between: the next start records it again
+            return
+        if not stored.isdigit():
+            raise CorruptEntry(f"{key} holds {stored[:40]!r}, not a shard count")
+        if int(stored) != shards:
+            raise ConfigError(
+                f"EVENTCORE_SHARDS is {shards} but this deployment (namespace "
+                f"{self.settings.namespace!r}) was created with {int(stored)} shards: the shard "
+                f"count is fixed for the life of a deployment; set EVENTCORE_SHARDS="
+                f"{int(stored)} (or use another namespace)")
 
     async def aclose(self) -> None:
         if self._appender is not None:

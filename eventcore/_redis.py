@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
+import anyio
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.client import EMPTY_RESPONSE, NEVER_DECODE
 
-from .errors import CorruptEntry, RedisError, RedisUnavailable
+from .errors import ConfigError, CorruptEntry, RedisError, RedisUnavailable
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -23,9 +28,21 @@ try:
 except ImportError:  # pragma: no cover - hiredis comes with redis[hiredis]
     _hiredis = None
 
-__all__ = ["Redis", "connect_redis", "redis_errors", "run_script", "run_scripts", "text"]
+__all__ = [
+    "Redis",
+    "RedisMode",
+    "connect_cluster",
+    "connect_redis",
+    "is_cluster",
+    "open_redis",
+    "redis_errors",
+    "run_script",
+    "run_scripts",
+    "text",
+]
 
 Redis = aioredis.Redis
+RedisMode = Literal["auto", "single", "cluster"]
 
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 1.0
@@ -143,6 +160,10 @@ async def run_scripts(
         except rexc.NoScriptError:
             if attempt == _SCRIPT_LOADS - 1:
                 raise
+            if is_cluster(client):
+                # a cluster pipeline does not load scripts before it runs (a single node's
+                # does): SCRIPT LOAD goes to every master, a new one after a failover included
+                script.sha = await client.script_load(script.script)
     raise AssertionError("unreachable")
 
 
@@ -156,9 +177,272 @@ def redis_errors(what: str) -> Iterator[None]:
     except rexc.ResponseError as exc:
         if "WRONGTYPE" in str(exc):  # Redis 6.2 wraps script errors in "Error running script"
             raise CorruptEntry(f"{what}: a key holds the wrong type: {exc}") from exc
+        if str(exc).startswith(("MOVED ", "ASK ")):  # the cluster client parses these itself
+            raise RedisError(f"{what}: {exc}: a Redis Cluster node answered a single-node "
+                             "client (EVENTCORE_REDIS_MODE=single?)") from exc
         raise RedisError(f"{what}: {exc}") from exc
     except rexc.RedisError as exc:
         raise RedisError(f"{what}: {exc}") from exc
+    except rexc.RedisClusterException as exc:  # not a RedisError in redis-py
+        if _unreachable(exc):
+            raise RedisUnavailable(f"{what}: Redis Cluster unavailable after retries: {exc}"
+                                   ) from exc
+        raise RedisError(f"{what}: {exc}") from exc
+
+
+# -- Redis Cluster ----------------------------------------------------------------------------
+
+async def open_redis(
+    url: str,
+    *,
+    mode: RedisMode = "auto",
+    cluster_nodes: Sequence[str] = (),
+    retry_budget_s: float = 15.0,
+    max_connections: int = 64,
+) -> Redis:
+    """The client for ``url``: a single-node client, or a cluster client when ``mode`` says so
+    or (``auto``) when the server says ``cluster_enabled:1``. ``cluster_nodes`` (``host:port``)
+    are extra seeds, tried when the URL's node is down at start."""
+    if mode == "cluster" or (mode == "auto" and cluster_nodes):
+        return await connect_cluster(url, cluster_nodes, retry_budget_s=retry_budget_s,
+                                     max_connections=max_connections)
+    single = connect_redis(url, retry_budget_s=retry_budget_s, max_connections=max_connections)
+    if mode == "single" or url.startswith("unix://"):
+        return single
+    try:
+        with redis_errors("connect"):
+            try:
+                info = await single.info("cluster")
+            except rexc.ResponseError:  # INFO denied (ACL, renamed): EVENTCORE_REDIS_MODE decides
+                info = {}
+    except BaseException:
+        await single.aclose()
+        raise
+    if not info.get("cluster_enabled"):
+        return single
+    await single.aclose()
+    return await connect_cluster(url, cluster_nodes, retry_budget_s=retry_budget_s,
+                                 max_connections=max_connections)
+
+
+async def connect_cluster(
+    url: str, seeds: Sequence[str] = (), *, retry_budget_s: float = 15.0,
+    max_connections: int = 64,
+) -> Redis:
+    """A Redis Cluster client (redis-py's, following MOVED and ASK) whose commands and
+    pipelines retry transient errors (connection loss, CLUSTERDOWN, TRYAGAIN, a slot not
+    covered during a failover) for ``retry_budget_s``, re-reading the slot map between tries.
+
+    Typed as :data:`Redis`: the command API is the same. What differs: there is no
+    ``connection_pool`` (each node has its own connections), a pipeline runs on the nodes of
+    its keys' slots, and ``pipeline(transaction=True)`` (MULTI/EXEC) needs every key in one
+    slot.
+    """
+    if url.startswith("unix://"):
+        raise ConfigError("Redis Cluster needs redis:// or rediss:// URLs, not unix://")
+    startup = []
+    for seed in seeds:
+        host, sep, port = seed.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"cluster node {seed!r} is not host:port")
+        startup.append(ClusterNode(host, int(port)))
+    client = _ClusterClient.from_url(
+        url,
+        startup_nodes=startup or None,
+        retry_budget_s=retry_budget_s,
+        # a dead node's connect fails fast: the budget is spent re-reading the slot map (a
+        # replica may have been promoted meanwhile), not on one address
+        retry=Retry(ExponentialWithJitterBackoff(base=_BACKOFF_BASE, cap=_BACKOFF_CAP), 2),
+        retry_on_error=[rexc.ConnectionError, rexc.TimeoutError],
+        cluster_error_retry_attempts=1,
+        # per node; a command finding them all busy waits (within the budget) for one
+        max_connections=max_connections,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+    )
+    # nodes found at initialize() take the class from here (the startup nodes only ask
+    # CLUSTER SLOTS)
+    client.connection_kwargs["connection_class"] = _fast_packing(
+        client.connection_kwargs.get("connection_class", Connection))
+    try:
+        with redis_errors("connect"):
+            await client.execute_command("PING", target_nodes=RedisCluster.RANDOM)
+    except BaseException:
+        await client.aclose()
+        raise
+    return cast(Redis, client)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` is a Redis Cluster client (see :func:`connect_cluster`)."""
+    return isinstance(client, RedisCluster)
+
+
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    rexc.ConnectionError,  # with LOADING (BusyLoadingError) and a node's MaxConnectionsError
+    rexc.TimeoutError,
+    rexc.ClusterError,  # CLUSTERDOWN, and redis-py's "TTL exhausted" after many redirections
+    rexc.TryAgainError,
+    rexc.SlotNotCoveredError,
+    # a transaction queued on a master that stopped serving its slot (failover, reshard)
+    rexc.AskError,  # MOVED too
+    rexc.ReadOnlyError,
+)
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, _TRANSIENT) or _unreachable(exc)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """redis-py's "no startup node answered" (the whole cluster, or what we knew of it, down)."""
+    return isinstance(exc, rexc.RedisClusterException) and isinstance(
+        exc.__cause__, (rexc.ConnectionError, rexc.TimeoutError, OSError))
+
+
+class _Budget:
+    """Exponential backoff (base 50 ms, cap 1 s, jitter) until ``budget_s`` is spent."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.deadline = time.monotonic() + budget_s
+        self.backoff = ExponentialWithJitterBackoff(base=_BACKOFF_BASE, cap=_BACKOFF_CAP)
+        self.failures = 0
+
+    async def wait(self, exc: BaseException) -> None:
+        """Sleep before the next try, or raise ``exc`` if the budget is spent."""
+        self.failures += 1
+        delay = self.backoff.compute(self.failures)
+        if time.monotonic() + delay > self.deadline:
+            raise exc
+        await anyio.sleep(delay)
+
+
+_NOT_CALLBACK_OPTIONS = frozenset({"keys", EMPTY_RESPONSE, NEVER_DECODE})
+
+
+class _ClusterClient(RedisCluster):
+    """redis-py's cluster client with eventcore's retry budget around every command.
+
+    redis-py retries a failed command at once, a fixed number of times: a restarting master
+    or a failover (seconds) outlasts that. Here each command is tried again, with backoff,
+    until the budget is spent; each try re-reads the slot map when the last one failed on a
+    connection or CLUSTERDOWN (redis-py drops its map then).
+    """
+
+    def __init__(self, *args: Any, retry_budget_s: float = 15.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.retry_budget_s = retry_budget_s
+        self._seeds = {n.name: (n.host, n.port) for n in self.nodes_manager.startup_nodes.values()}
+
+    async def initialize(self) -> RedisCluster:
+        # redis-py drops a node from its seeds whenever a command on it loses its connection,
+        # and it drops every connection when one fails: a burst across a restart can leave no
+        # seed at all ("Redis Cluster cannot be connected ... None"). Every node ever seen
+        # stays a seed here.
+        if self._initialize:
+            seeds = self.nodes_manager.startup_nodes
+            for name, (host, port) in self._seeds.items():
+                if name not in seeds:
+                    seeds[name] = ClusterNode(host, port, **self.connection_kwargs)
+        await super().initialize()
+        for node in self.nodes_manager.nodes_cache.values():
+            self._seeds.setdefault(node.name, (node.host, node.port))
+        return self
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        budget: _Budget | None = None  # made on the first failure: most commands never fail
+        while True:
+            try:
+                return await super().execute_command(*args, **dict(kwargs))
+            except Exception as exc:
+                pinned = not isinstance(kwargs.get("target_nodes", ""), str)  # nodes, not a flag
+                if pinned or not _transient(exc):
+                    raise
+                budget = budget or _Budget(self.retry_budget_s)
+                await budget.wait(exc)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            raise rexc.RedisClusterException("shard_hint is not supported in cluster mode")
+        return _ClusterPipeline(self, transaction=bool(transaction))  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A cluster pipeline within the retry budget; with ``transaction``, MULTI/EXEC on the
+    master of the one slot all its keys are in (redis-py 5's cluster pipeline has no
+    transactions)."""
+
+    def __init__(self, client: _ClusterClient, *, transaction: bool) -> None:
+        super().__init__(client)
+        self._cluster = client
+        self._transaction = transaction
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        stack = self._command_stack
+        if not stack:
+            return []
+        budget = _Budget(self._cluster.retry_budget_s)
+        try:
+            while True:
+                try:
+                    if self._cluster._initialize:
+                        await self._cluster.initialize()
+                    if self._transaction:
+                        return await self._multi_exec(stack)
+                    return await self._execute(
+                        self._cluster, stack, raise_on_error=raise_on_error,
+                        allow_redirections=allow_redirections)
+                except Exception as exc:
+                    if not _transient(exc):
+                        raise
+                    if not isinstance(exc, rexc.MaxConnectionsError):
+                        # a node failed or a slot moved: read the slot map again next time
+                        await self._cluster.aclose()
+                    await budget.wait(exc)
+        finally:
+            self._command_stack = []
+
+    async def _multi_exec(self, stack: list[Any]) -> list[Any]:
+        client = self._cluster
+        slots = {await client._determine_slot(*cmd.args) for cmd in stack}
+        if len(slots) != 1:
+            raise rexc.RedisClusterException(
+                "a transaction in Redis Cluster needs every key in one slot "
+                f"(these are in {len(slots)})")
+        node = client.nodes_manager.get_node_from_slot(slots.pop())
+        conn = node.acquire_connection()
+        try:
+            await conn.send_packed_command(conn.pack_commands(
+                [("MULTI",), *(cmd.args for cmd in stack), ("EXEC",)]), False)
+            await conn.read_response()
+            queued: list[BaseException] = []
+            for _ in stack:
+                try:
+                    await conn.read_response()
+                except rexc.ResponseError as exc:
+                    queued.append(exc)
+            try:
+                replies = await conn.read_response()
+            except rexc.ExecAbortError:
+                raise queued[0] if queued else rexc.ExecAbortError("EXECABORT") from None
+        except BaseException:
+            await conn.disconnect()  # a reply may still be on the wire
+            raise
+        finally:
+            node._free.append(conn)
+        if replies is None:
+            raise rexc.WatchError("transaction aborted")
+        out = []
+        for cmd, reply in zip(stack, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            callback = node.response_callbacks.get(cmd.args[0])
+            # as redis-py's ClusterNode.parse_response: these options are not the callback's
+            options = {k: v for k, v in cmd.kwargs.items() if k not in _NOT_CALLBACK_OPTIONS}
+            out.append(callback(reply, **options) if callback else reply)
+        return out
 
 
 def text(value: Any) -> str:

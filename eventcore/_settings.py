@@ -24,6 +24,14 @@ class Settings(BaseSettings):
         default=None,
         description="Redis to use (redis://, rediss://, unix://). Unset: start an embedded one.",
     )
+    redis_mode: Literal["auto", "single", "cluster"] = pydantic.Field(
+        default="auto", description="auto: ask the server (INFO cluster) and use the Redis "
+        "Cluster client when cluster mode is enabled; single or cluster: force either.",
+    )
+    redis_cluster_nodes: Annotated[tuple[str, ...], NoDecode] = pydantic.Field(
+        default=(), description="Extra seed nodes of a Redis Cluster (host:port, "
+        "comma-separated), tried when the URL's node is down at start. Implies cluster mode.",
+    )
     data_dir: Path = pydantic.Field(
         default=Path(".eventcore"),
         description="Embedded Redis files, SQLite history, and other local state.",
@@ -129,6 +137,35 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from exc
         return value
 
+    @pydantic.field_validator("redis_cluster_nodes", mode="before")
+    @classmethod
+    def _split_nodes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @pydantic.field_validator("redis_cluster_nodes")
+    @classmethod
+    def _check_nodes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for node in value:
+            host, sep, port = node.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{node!r} is not host:port")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _check_mode(self) -> Settings:
+        if self.redis_url is None and (self.redis_mode == "cluster" or self.redis_cluster_nodes):
+            raise ValueError("Redis Cluster needs EVENTCORE_REDIS_URL (the embedded Redis is a "
+                             "single node)")
+        if self.redis_url is not None and self.redis_url.startswith("unix://") and (
+                self.redis_mode == "cluster" or self.redis_cluster_nodes):
+            raise ValueError("Redis Cluster needs a redis:// or rediss:// URL, not unix://")
+        if self.redis_mode == "single" and self.redis_cluster_nodes:
+            raise ValueError("EVENTCORE_REDIS_CLUSTER_NODES contradicts EVENTCORE_REDIS_MODE="
+                             "single")
+        return self
+
     @pydantic.field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
@@ -171,6 +208,7 @@ def load_settings(**overrides: Any) -> Settings:
     except pydantic.ValidationError as exc:
         problems = "; ".join(
             f"EVENTCORE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            if err["loc"] else err["msg"].removeprefix("Value error, ")  # a check across fields
             for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from exc

