@@ -20,7 +20,8 @@ import itertools
 import os
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 import msgspec
 from redis.exceptions import NoScriptError
@@ -246,12 +247,21 @@ class Appender:
             out.append(got)
         return out
 
-    async def aclose(self) -> None:
-        """Wait for the batches already queued to be sent (their callers are waiting)."""
-        await self._commit.aclose()
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.disconnect()
+    async def __aenter__(self) -> Self:
+        await self._commit.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Send the batches already queued (their callers are waiting), then let go of the
+        connections."""
+        try:
+            await self._commit.__aexit__(et, e, tb)
+        finally:
+            idle, self._idle = self._idle, []
+            for conn in idle:
+                await conn.disconnect()
 
     async def _acquire(self) -> Connection:
         """A connection of the appender's own (a pool checkout costs more than the Python side

@@ -1,15 +1,26 @@
 """Group commit per shard: calls queued in one event-loop tick go to Redis as one round trip.
 
-Used by the core appender and the worker's scripts. A flush task started for a shard runs on the
+Used by the core appender and the worker's scripts. A flush started for a shard runs on the
 next tick and sends everything queued so far; while that round trip is in flight, new items
 queue for the next one. One flush in flight per shard keeps each shard's items in order.
+
+The coalescer is an async context manager: its flushes run in its task group, so none outlives
+it (leaving the block waits for the batches already queued). Each round trip is shielded from
+cancellation: the callers of a batch are waiting for its answers, and a round trip cut off
+halfway would leave them not knowing whether it was applied.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from types import TracebackType
+from typing import Generic, Self, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .errors import UsageError
 
 __all__ = ["ShardCoalescer"]
 
@@ -22,33 +33,48 @@ Send = Callable[[int, list[I]], Awaitable[Sequence[R | BaseException]]]
 class ShardCoalescer(Generic[I, R]):
     """``await submit(shard, item)`` -> that item's result. ``send(shard, items)`` answers one
     result per item, in order; an exception in its answer is raised to that item's caller
-    only, an exception raised by ``send`` to every caller of the batch."""
+    only, an exception raised by ``send`` to every caller of the batch.
+
+    Use inside ``async with coalescer:`` (entered and left in one task); ``submit`` may be
+    called from any task meanwhile."""
 
     def __init__(self, send: Send[I, R], *, max_batch: int) -> None:
         self._send = send
         self._max_batch = max_batch
         self._pending: dict[int, list[tuple[I, asyncio.Future[R]]]] = {}
         self._flushing: set[int] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._tg is not None:
+            raise UsageError("this coalescer is already entered")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        tg, self._tg = self._tg, None
+        if tg is None:
+            return None
+        # the flushes already started send what is queued, then end: the task group waits
+        return await tg.__aexit__(et, e, tb)
 
     async def submit(self, shard: int, item: I) -> R:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[R] = loop.create_future()
+        tg = self._tg
+        if tg is None:
+            raise UsageError("submit() outside the coalescer's lifetime (not started or closed)")
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         queue = self._pending.get(shard)
         if queue is None:
             queue = self._pending[shard] = []
         queue.append((item, fut))
         if shard not in self._flushing:
             self._flushing.add(shard)
-            task = loop.create_task(self._drain(shard))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            tg.start_soon(self._drain, shard)
         return await fut
-
-    async def aclose(self) -> None:
-        """Wait for the batches already queued to be sent (their callers are waiting)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _drain(self, shard: int) -> None:
         queue = self._pending[shard]
@@ -56,15 +82,16 @@ class ShardCoalescer(Generic[I, R]):
             while queue:
                 batch = queue[: self._max_batch]
                 del queue[: self._max_batch]
-                try:
-                    results = await self._send(shard, [item for item, _ in batch])
-                except BaseException as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
+                with anyio.CancelScope(shield=True):
+                    try:
+                        results = await self._send(shard, [item for item, _ in batch])
+                    except BaseException as exc:
+                        for _, fut in batch:
+                            if not fut.done():
+                                fut.set_exception(exc)
+                        if not isinstance(exc, Exception):
+                            raise
+                        continue
                 for (_, fut), res in zip(batch, results, strict=True):
                     if fut.done():
                         continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import uuid
@@ -94,6 +95,7 @@ class EventLog:
         self._owns_redis = redis is None
         self._redis: Redis | None = redis
         self._appender: Appender | None = None
+        self._lifetime: contextlib.AsyncExitStack | None = None
         self._delete_script: AsyncScript | None = None
         if redis is not None:
             self._bind(redis)
@@ -119,9 +121,16 @@ class EventLog:
         await self.aclose()
 
     async def start(self) -> None:
-        """Connect (starting the embedded Redis if no URL is set) and check the server."""
+        """Connect (starting the embedded Redis if no URL is set) and check the server.
+
+        ``start()`` and :meth:`aclose` must run in the same task (what ``async with`` does):
+        the appender's group commit runs in a task group of that task."""
+        if self._lifetime is not None:
+            raise UsageError("this EventLog is already started")
+        self._lifetime = contextlib.AsyncExitStack()
         try:
             await self._connect()
+            await self._lifetime.enter_async_context(self.appender)
         except BaseException:
             await self.aclose()
             raise
@@ -162,8 +171,9 @@ class EventLog:
                 f"{int(stored)} (or use another namespace)")
 
     async def aclose(self) -> None:
-        if self._appender is not None:
-            await self._appender.aclose()
+        lifetime, self._lifetime = self._lifetime, None
+        if lifetime is not None:
+            await lifetime.aclose()  # the appender sends what is queued, then stops
         if self._redis is not None and self._owns_redis:
             await self._redis.aclose()
             self._redis = None

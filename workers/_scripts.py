@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
 
@@ -96,6 +97,15 @@ class Coalescer:
         self._max_batch = max_batch
         self._commit: ShardCoalescer[Item, Any] = ShardCoalescer(self._send,
                                                                   max_batch=max_batch)
+
+    async def __aenter__(self) -> Self:
+        await self._commit.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        return await self._commit.__aexit__(et, e, tb)
 
     async def call(self, shard: int, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self._commit.submit(shard, (keys, args))

@@ -199,32 +199,33 @@ class Worker(Running):
             status=self._status, metrics=self.metrics, loop=asyncio.get_running_loop(),
             max_failures=self.supervisor.limit,
         )
-        try:
-            await self._group.ensure()
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                await tg.start(self.feed.run)
-                heartbeat.start()
-                tg.start_soon(self._maintain)
-                async with anyio.create_task_group() as sessions:
-                    self._sessions = sessions
-                    task_status.started()
-                    await self._consume(burst)
-                    await self._drain_sessions()
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                try:
-                    if self._hosts:
-                        await self._handback(list(self._hosts.values()))
-                    if self._backlog:
-                        await self._requeue_backlog()
-                except EventcoreError as exc:  # Redis is gone: the leases lapse instead
-                    log.warning("worker %s could not hand sessions back: %s", self.id, exc)
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(heartbeat.stop)
-                self._running = False
-                self._stopped.set()
+        async with self._release:  # its round trips end with the worker's
+            try:
+                await self._group.ensure()
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    await tg.start(self.feed.run)
+                    heartbeat.start()
+                    tg.start_soon(self._maintain)
+                    async with anyio.create_task_group() as sessions:
+                        self._sessions = sessions
+                        task_status.started()
+                        await self._consume(burst)
+                        await self._drain_sessions()
+                    tg.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    try:
+                        if self._hosts:
+                            await self._handback(list(self._hosts.values()))
+                        if self._backlog:
+                            await self._requeue_backlog()
+                    except EventcoreError as exc:  # Redis is gone: the leases lapse instead
+                        log.warning("worker %s could not hand sessions back: %s", self.id, exc)
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(heartbeat.stop)
+                    self._running = False
+                    self._stopped.set()
         if self._fatal is not None:
             component, cause = self._fatal
             raise WorkerFailed(

@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from eventcore._coalesce import ShardCoalescer
+from eventcore.errors import UsageError
 
 
 class Counter:
@@ -55,10 +56,9 @@ async def test_one_round_trip_per_tick_and_every_answer_is_its_own(counter: Coun
         except ValueError as exc:
             results[i] = str(exc)
 
-    async with anyio.create_task_group() as tg:
+    async with co, anyio.create_task_group() as tg:
         for i in range(300):
             tg.start_soon(call, i)
-    await co.aclose()
     assert results == {i: (f"odd {i}" if i % 7 == 6 else 1) for i in range(300)}
     assert sorted(i for b in counter.batches for i in b) == list(range(300))
     assert max(len(b) for b in counter.batches) <= 64
@@ -67,7 +67,9 @@ async def test_one_round_trip_per_tick_and_every_answer_is_its_own(counter: Coun
         assert len({i % 2 for i in b}) == 1 and b == sorted(b)
 
 
-async def test_a_leader_cancelled_mid_flight_still_answers_its_batch(counter: Counter) -> None:
+async def test_a_caller_cancelled_mid_flight_costs_no_batch_mate_its_answer(
+    counter: Counter,
+) -> None:
     co: ShardCoalescer[int, int] = ShardCoalescer(counter.send, max_batch=8)
     counter.gate = anyio.Event()
     got: dict[int, int] = {}
@@ -75,7 +77,7 @@ async def test_a_leader_cancelled_mid_flight_still_answers_its_batch(counter: Co
     async def call(i: int) -> None:
         got[i] = await co.submit(0, i)
 
-    async with anyio.create_task_group() as tg:
+    async with co, anyio.create_task_group() as tg:
         leader = anyio.CancelScope()
 
         async def lead() -> None:
@@ -94,3 +96,43 @@ async def test_a_leader_cancelled_mid_flight_still_answers_its_batch(counter: Co
     assert got == {i: 1 for i in range(5)}
     assert counter.batches == [[100], [0, 1, 2, 3, 4]]
     assert await counter.redis.get(f"{counter.key}:0:100") == b"1"  # the leader's was sent
+
+
+async def test_leaving_sends_what_is_queued_even_when_cancelled(counter: Counter) -> None:
+    """The owner's scope is cancelled while a round trip is in flight and more are queued:
+    leaving the block still sends and answers all of them (shielded), then ends."""
+    co: ShardCoalescer[int, int] = ShardCoalescer(counter.send, max_batch=2)
+    counter.gate = anyio.Event()
+    got: dict[int, object] = {}
+
+    async def call(i: int) -> None:
+        try:
+            got[i] = await co.submit(0, i)
+        except BaseException as exc:  # the callers are cancelled with the owner
+            got[i] = type(exc).__name__
+            raise
+
+    with anyio.CancelScope() as owner:
+        async with co, anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(call, i)
+            await counter.in_flight.wait()
+            await anyio.wait_all_tasks_blocked()
+            owner.cancel()
+            counter.gate.set()
+    assert owner.cancelled_caught
+    # every item went to Redis exactly once, in order, whatever its caller saw
+    assert [i for b in counter.batches for i in b] == [0, 1, 2, 3, 4]
+    for i in range(5):
+        assert await counter.redis.get(f"{counter.key}:0:{i}") == b"1"
+
+
+async def test_submit_outside_the_lifetime_is_a_usage_error(counter: Counter) -> None:
+    co: ShardCoalescer[int, int] = ShardCoalescer(counter.send, max_batch=2)
+    with pytest.raises(UsageError):
+        await co.submit(0, 1)
+    async with co:
+        assert await co.submit(0, 1) == 1
+    with pytest.raises(UsageError):
+        await co.submit(0, 2)
+    assert counter.batches == [[1]]

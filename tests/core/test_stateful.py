@@ -135,25 +135,23 @@ class LogMachine(RuleBasedStateMachine):
         self.portal: BlockingPortal = self._portal_cm.__enter__()
         LogMachine.counter += 1
         self.namespace = f"sm{LogMachine.counter}"
-        self.log: EventLog = self.portal.call(self._open)
+        # the log is entered and left in one task of the portal (its group commit's task group)
+        self._log_cm = self.portal.wrap_async_context_manager(EventLog(load_settings(
+            redis_url=self.server.url, namespace=self.namespace, shards=2, retry_budget_s=30,
+            max_batch=16)))
+        self.log: EventLog = self._log_cm.__enter__()
         self.model: dict[str, list[Envelope]] = {}
         self.ended: set[str] = set()
         self.faults = 0
         self.runs: dict[tuple[str, str], int] = {}
         self.effect_results: dict[tuple[str, str], object] = {}
 
-    async def _open(self) -> EventLog:
-        log = EventLog(load_settings(redis_url=self.server.url, namespace=self.namespace,
-                                     shards=2, retry_budget_s=30, max_batch=16))
-        await log.start()
-        return log
-
     def teardown(self) -> None:
         if os.environ.get("EVENTCORE_SM_STATS"):
             sizes = {sid: len(m) for sid, m in self.model.items()}
             print(f"example: faults={self.faults} ended={sorted(self.ended)} sizes={sizes}")
         try:
-            self.portal.call(self.log.aclose)
+            self._log_cm.__exit__(None, None, None)
         finally:
             self._portal_cm.__exit__(None, None, None)
 
