@@ -288,13 +288,16 @@ class LocalCluster:
         raise LookupError(f"no live node knows who serves slot {slot}")
 
     def replica_of(self, master: RedisServer) -> RedisServer:
-        """A replica of ``master`` (the cluster was made with replicas)."""
-        master_id = master.command("CLUSTER", "MYID")
-        for line in master.command("CLUSTER", "NODES").splitlines():
-            parts = line.split()
-            if len(parts) > 3 and parts[3] == master_id:
-                port = int(parts[1].split("@")[0].rpartition(":")[2])
-                return next(n for n in self.nodes if n.port == port)
+        """A replica of ``master`` (the cluster was made with replicas), as the master's own
+        replication info names it: the cluster bus may not have gossiped the pairing yet."""
+        repl = _fields(master.command("INFO", "replication"))
+        for key, value in repl.items():
+            if key.startswith("slave") and key[5:].isdigit():
+                attrs = dict(kv.partition("=")[::2] for kv in value.split(","))
+                port = int(attrs.get("port", 0))
+                found = [n for n in self.nodes if n.port == port]
+                if found:
+                    return found[0]
         raise LookupError(f"127.0.0.1:{master.port} has no replica")
 
     def wait_synced(self, timeout: float = 30.0) -> None:
