@@ -314,12 +314,7 @@ class Persistence(OrderedSubscriber):
             if rows and self._dialect == "postgresql":
                 await self._copy_rows(conn, rows)
             elif rows:
-                insert = self._insert(events).on_conflict_do_nothing(
-                    index_elements=["session_id", "seq"]
-                )
-                for chunk in _chunks(rows):
-                    await conn.execute(insert, [dict(zip(_COLUMNS, r, strict=True))
-                                                for r in chunk])
+                await self._insert_rows(conn, rows)
             b_sid = sa.bindparam("b_sid", type_=sa.String)
             b_last = sa.bindparam("b_last", type_=sa.BigInteger)
             b_inc = sa.bindparam("b_inc", type_=sa.String)
@@ -363,6 +358,17 @@ class Persistence(OrderedSubscriber):
         await driver.execute(
             f"INSERT INTO {events} ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} "
             f"FROM {stage} ON CONFLICT (session_id, seq) DO NOTHING")
+
+    async def _insert_rows(self, conn: AsyncConnection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """SQLite: one executemany of the row tuples on the transaction's own connection
+        (``INSERT OR IGNORE``: idempotent on (session_id, seq)), without SQLAlchemy's per-row
+        parameter processing, which cost more than the inserts themselves."""
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        events = conn.dialect.identifier_preparer.format_table(self.tables["events"])
+        marks = ", ".join("?" * len(_COLUMNS))
+        await driver.executemany(
+            f"INSERT OR IGNORE INTO {events} ({', '.join(_COLUMNS)}) VALUES ({marks})", rows)
 
     async def deleted(self, session_id: str, incarnation: str) -> None:
         """Purge the deleted incarnation's rows (and an older one's), leaving the sessions row
