@@ -13,9 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "service"))
 
-from service_support import API_KEY, MAIN, Service  # noqa: E402
+from service_support import API_KEY, MAIN, Service
 
-from eventcore import EventLog, load_settings  # noqa: E402
+from eventcore import EventLog, load_settings
 
 __all__ = ["API_KEY"]
 

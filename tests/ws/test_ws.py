@@ -93,7 +93,7 @@ async def test_api_restart_mid_stream(service: Service, service_log: EventLog) -
     await r.until_seq(11)
     async with anyio.create_task_group() as tg:
         tg.start_soon(anyio.to_thread.run_sync, service.api.stop)
-        code, _, seen = await close_code(ws, timeout=30)
+        code, _, seen = await close_code(ws, limit_s=30)
     assert code == 1012  # service restart: resume on any server
     for m in seen:
         if m["type"] == "events":

@@ -40,10 +40,10 @@ async def open_ws(http_url: str, session_id: str, token: str | None, *, after: i
     return ws
 
 
-async def close_code(ws: ClientConnection, timeout: float = 15) -> tuple[int, str, list[Any]]:
+async def close_code(ws: ClientConnection, limit_s: float = 15) -> tuple[int, str, list[Any]]:
     """Read until the server closes: its code, reason and the messages before."""
     seen: list[Any] = []
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(limit_s):
         try:
             while True:
                 seen.append(json.loads(await ws.recv()))
@@ -73,14 +73,14 @@ class Reader:
             self.others.append(msg)
         return msg
 
-    async def until_seq(self, seq: int, timeout: float = 20) -> None:
-        with anyio.fail_after(timeout):
+    async def until_seq(self, seq: int, limit_s: float = 20) -> None:
+        with anyio.fail_after(limit_s):
             while not self.envelopes or self.envelopes[-1]["seq"] < seq:
                 await self.one()
 
-    async def reply(self, timeout: float = 20) -> dict[str, Any]:
+    async def reply(self, limit_s: float = 20) -> dict[str, Any]:
         """The next ack/error (events meanwhile are collected)."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(limit_s):
             while True:
                 msg = await self.one()
                 if msg["type"] in ("ack", "error"):
