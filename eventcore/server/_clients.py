@@ -126,9 +126,11 @@ def refusal(status: int, error: str, detail: str, *, deleted: bool = False) -> I
 async def client_input(
     log: EventLog, session_id: str, incarnation: str, kind: Literal["input", "signal"], *,
     payload: Any = None, idempotency_key: str | None = None, key: str = "", value: Any = None,
+    server_data: Any = None,
 ) -> InputOutcome:
-    """Append an input (``payload``, ``idempotency_key``) or a signal (``key``, ``value``) to
-    ``session_id`` if it is still ``incarnation``; never raises for the client's mistakes."""
+    """Append an input (``payload``, ``idempotency_key``, ``server_data``) or a signal (``key``,
+    ``value``) to ``session_id`` if it is still ``incarnation``; never raises for the client's
+    mistakes."""
     from ._http._routes import input_event_key  # not at import: _routes imports SSE, and SSE this
 
     try:
@@ -142,7 +144,7 @@ async def client_input(
             event_key = "" if idempotency_key is None else input_event_key(idempotency_key)
             res = await log.append(Envelope(type="input", session_id=session_id,
                                             payload=validate_value(payload, "payload"),
-                                            event_key=event_key))
+                                            event_key=event_key, server_data=server_data))
         else:
             res = await log.signal(session_id, key, value)
     except PayloadTooLarge as exc:
