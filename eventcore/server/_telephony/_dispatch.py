@@ -34,8 +34,6 @@ import base64
 import contextlib
 import hashlib
 import logging
-import math
-import time
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -195,20 +193,19 @@ async def _call(ctx: ServiceContext, conn: WsConn, token: str) -> None:
     logger.info("telephony %s call on session %s (stream %s)", start.provider, sid, stream)
     follow = ClientFollow(ctx.hub, sid, started.seq, incarnation=inc, types=OUTPUT_TYPES)
     call = _Call(ctx, conn, framing, start, sid, inc, mode, batch_ms)
-    exp = claims.get("exp")
-    budget = math.inf if not isinstance(exp, int) else max(0.0, exp - time.time())
-    with anyio.move_on_after(budget) as expiry:
-        async with anyio.create_task_group() as tg:
+    # The token must be valid when the provider connects (or reconnects); a call in progress
+    # is not cut at its expiry.
+    async with anyio.create_task_group() as tg:
 
-            async def inbound() -> None:
-                await call.inbound()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(inbound)
-            await call.outbound(follow)
+        async def inbound() -> None:
+            await call.inbound()
             tg.cancel_scope.cancel()
+
+        tg.start_soon(inbound)
+        await call.outbound(follow)
+        tg.cancel_scope.cancel()
     with anyio.CancelScope(shield=True):
-        await call.finish("token_expired" if expiry.cancelled_caught else None)
+        await call.finish()
 
 
 async def _handshake(conn: WsConn, wanted: object) -> tuple[Framing, CallStart]:
@@ -351,14 +348,12 @@ class _Call:
         elif end.reason == "error":
             self.close_code, self.close_reason = CLOSE["unavailable"], "the log is unavailable"
 
-    async def finish(self, why: str | None) -> None:
+    async def finish(self) -> None:
         """Record what is left (audio, the stop) and close the socket."""
-        if why == "token_expired":
-            self.close_code, self.close_reason = CLOSE["unauthorized"], "the call token expired"
         with contextlib.suppress(_Refused):
             await self.flush()
-            reason = self.stopped or why or ("socket_closed" if self.conn.closed is not None
-                                             else "server_closed")
+            reason = self.stopped or ("socket_closed" if self.conn.closed is not None
+                                      else "server_closed")
             await self._append({"telephony": "stop", "reason": reason}, "stop")
         await self.conn.close(self.close_code, self.close_reason)
 
