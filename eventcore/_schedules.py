@@ -496,6 +496,8 @@ class Scheduler(Running):
                 await self.tick()
             except RedisError as exc:  # Redis down or failing over: look again next time
                 logger.warning("scheduler: %s", exc)
+            except EventcoreError as exc:
+                logger.error("scheduler: %s", exc)
             with anyio.move_on_after(self.interval_s):
                 await self._stop.wait()
 

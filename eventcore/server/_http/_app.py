@@ -25,6 +25,7 @@ from ._middleware import EdgeMiddleware
 from ._models import EventsPage
 from ._problems import PROBLEM_JSON, ProblemModel, install_problem_handlers
 from ._routes import router as v1_router
+from ._schedules import router as schedules_router
 from ._transport import AbortableApp
 
 __all__ = ["ServiceFactory", "create_app"]
@@ -123,6 +124,7 @@ def create_app(
     app.state.metrics = metrics
     install_problem_handlers(app)
     app.include_router(v1_router)
+    app.include_router(schedules_router)
     app.include_router(health_router)
     for router in routers:
         app.include_router(router)
