@@ -55,7 +55,14 @@ from ._lifetime import Running
 from ._log import EventLog
 from ._redis import redis_errors, run_script
 from ._scripts import lua
-from .errors import CorruptEntry, EventcoreError, RedisError, ValidationError
+from .errors import (
+    CorruptEntry,
+    EventcoreError,
+    RedisError,
+    ScheduleConflict,
+    ScheduleNotFound,
+    ValidationError,
+)
 
 __all__ = [
     "CATCHUP_POLICIES",
@@ -87,19 +94,6 @@ FIRE_LUA = (lua("eventcore", "prelude", with_layout=True)
             + "local function ec_append(KEYS, ARGV)\n" + lua("eventcore", "append")
             + "\nend\n" + lua("eventcore", "schedule_fire"))
 PUT_LUA = lua("eventcore", "schedule_put", with_layout=True)
-
-
-class ScheduleNotFound(EventcoreError, LookupError):
-    """No schedule has this id."""
-
-    def __init__(self, schedule_id: str) -> None:
-        self.schedule_id = schedule_id
-        super().__init__(f"schedule {schedule_id!r} does not exist")
-
-
-class ScheduleConflict(EventcoreError):
-    """A schedule with this id exists with a different definition (creating the same one again
-    is idempotent), or it kept changing while being updated."""
 
 
 # -- validation and cron arithmetic --------------------------------------------------------------
