@@ -458,6 +458,8 @@ class Scheduler(Running):
     - ``interval_s``: how often the due schedules are looked for.
     - ``grace_s``: an occurrence found due later than this is *missed* (catch-up policy).
     - ``catchup_max``: most missed occurrences one look starts sessions for (policy ``all``).
+    - ``batch``: most due schedules taken per shard and look; ``concurrency``: schedules fired
+      at once (the occurrences of one schedule always in order).
     """
 
     def __init__(
@@ -469,6 +471,7 @@ class Scheduler(Running):
         grace_s: float | None = None,
         catchup_max: int | None = None,
         batch: int = 100,
+        concurrency: int = 16,
     ) -> None:
         s = log.settings
         self._log = log
@@ -478,6 +481,7 @@ class Scheduler(Running):
         self.grace_ms = int(1000 * (s.schedule_grace_s if grace_s is None else grace_s))
         self.catchup_max = s.schedule_catchup_max if catchup_max is None else catchup_max
         self._batch = batch
+        self._concurrency = concurrency
         self._fire = log.redis.register_script(FIRE_LUA)
         self._stop = anyio.Event()
         self.fired = 0
@@ -510,11 +514,20 @@ class Scheduler(Running):
                 due = [i.decode() for got in await pipe.execute() for i in got]
         random.shuffle(due)  # racing schedulers start on different ones
         started = 0
-        for schedule_id in due:
-            try:
-                started += await self._fire_due(schedule_id, now_ms)
-            except (CorruptEntry, ValidationError) as exc:
-                logger.error("scheduler: schedule %r: %s", schedule_id, exc)
+        limiter = anyio.CapacityLimiter(self._concurrency)
+
+        async def fire(schedule_id: str) -> None:
+            nonlocal started
+            async with limiter:
+                try:
+                    n = await self._fire_due(schedule_id, now_ms)
+                    started += n  # not `started += await ...`: that reads before awaiting
+                except (CorruptEntry, ValidationError) as exc:
+                    logger.error("scheduler: schedule %r: %s", schedule_id, exc)
+
+        async with anyio.create_task_group() as tg:
+            for schedule_id in due:
+                tg.start_soon(fire, schedule_id)
         self.fired += started
         return started
 
