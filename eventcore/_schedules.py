@@ -458,8 +458,8 @@ class Scheduler(Running):
     - ``interval_s``: how often the due schedules are looked for.
     - ``grace_s``: an occurrence found due later than this is *missed* (catch-up policy).
     - ``catchup_max``: most missed occurrences one look starts sessions for (policy ``all``).
-    - ``batch``: most due schedules taken per shard and look; ``concurrency``: schedules fired
-      at once (the occurrences of one schedule always in order).
+    - ``batch``: most due schedules taken per shard and look; ``concurrency``: schedules read
+      in one round trip and fired at once (the occurrences of one schedule always in order).
     """
 
     def __init__(
@@ -471,7 +471,7 @@ class Scheduler(Running):
         grace_s: float | None = None,
         catchup_max: int | None = None,
         batch: int = 100,
-        concurrency: int = 16,
+        concurrency: int = 32,
     ) -> None:
         s = log.settings
         self._log = log
@@ -514,20 +514,26 @@ class Scheduler(Running):
                 due = [i.decode() for got in await pipe.execute() for i in got]
         random.shuffle(due)  # racing schedulers start on different ones
         started = 0
-        limiter = anyio.CapacityLimiter(self._concurrency)
 
-        async def fire(schedule_id: str) -> None:
+        async def fire(schedule_id: str, raw: Mapping[bytes, bytes]) -> None:
             nonlocal started
-            async with limiter:
-                try:
-                    n = await self._fire_due(schedule_id, now_ms)
-                    started += n  # not `started += await ...`: that reads before awaiting
-                except (CorruptEntry, ValidationError) as exc:
-                    logger.error("scheduler: schedule %r: %s", schedule_id, exc)
+            try:
+                n = await self._fire_due(schedule_id, raw, now_ms)
+                started += n  # not `started += await ...`: that reads before awaiting
+            except (CorruptEntry, ValidationError) as exc:
+                logger.error("scheduler: schedule %r: %s", schedule_id, exc)
 
-        async with anyio.create_task_group() as tg:
-            for schedule_id in due:
-                tg.start_soon(fire, schedule_id)
+        for at in range(0, len(due), self._concurrency):
+            chunk = due[at:at + self._concurrency]
+            with redis_errors("read schedules"):  # one round trip for a chunk's states
+                async with redis.pipeline(transaction=False) as pipe:
+                    for schedule_id in chunk:
+                        pipe.hgetall(self._keys.schedule(schedule_id))
+                    raws = await pipe.execute()
+            async with anyio.create_task_group() as tg:
+                for schedule_id, raw in zip(chunk, raws, strict=True):
+                    if raw:
+                        tg.start_soon(fire, schedule_id, raw)
         self.fired += started
         return started
 
@@ -560,11 +566,8 @@ class Scheduler(Running):
             steps[0] = (head[0], head[1], head[2] + 1)
         return steps
 
-    async def _fire_due(self, schedule_id: str, now_ms: int) -> int:
-        with redis_errors("read schedule"):
-            raw = await self._log.redis.hgetall(self._keys.schedule(schedule_id))  # type: ignore[misc]
-        if not raw:
-            return 0
+    async def _fire_due(self, schedule_id: str, raw: Mapping[bytes, bytes], now_ms: int
+                        ) -> int:
         st = _decode_state(schedule_id, raw)
         if not st.enabled or st.next_ms is None or st.next_ms > now_ms:
             return 0
