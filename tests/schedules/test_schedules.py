@@ -252,3 +252,20 @@ async def test_fuzz_create_validates_before_writing(event_log: EventLog, expr: s
         return
     assert made.next_run_at is not None
     await s.delete("fz")
+
+
+async def test_a_month_down_catches_up_within_bounds(event_log: EventLog) -> None:
+    clock = Clock(T0)
+    s = Schedules(event_log, now=clock)
+    await s.create("long", cron="* * * * *", agent="echo", catchup="all")
+    await s.create("one", cron="* * * * *", agent="echo", catchup="once")
+    clock.t += 30 * 86400  # 43200 minutely occurrences missed
+    sch = Scheduler(event_log, now=clock, grace_s=0, catchup_max=10)
+    assert await sch.tick() == 11
+    assert len(await _sessions_of(event_log, "long")) == 10
+    assert len(await _sessions_of(event_log, "one")) == 1
+    for sid in ("long", "one"):
+        got = await s.get(sid)
+        assert got.next_run_at is not None and got.next_run_at.timestamp() > clock.t
+        assert got.skipped >= 9_990  # counted up to what one look enumerates
+    assert await sch.tick() == 0
