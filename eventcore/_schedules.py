@@ -484,8 +484,9 @@ class Scheduler(Running):
         self._concurrency = concurrency
         self._fire = log.redis.register_script(FIRE_LUA)
         self._stop = anyio.Event()
-        self.fired = 0
-        self.lost = 0
+        self.fired = 0  # sessions this scheduler started
+        self.lost = 0  # fires another process (or a change of the schedule) got to first
+        self.failures = 0  # looks that failed (Redis unavailable past the retry budget)
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -493,8 +494,10 @@ class Scheduler(Running):
             try:
                 await self.tick()
             except RedisError as exc:  # Redis down or failing over: look again next time
+                self.failures += 1
                 logger.warning("scheduler: %s", exc)
             except EventcoreError as exc:
+                self.failures += 1
                 logger.error("scheduler: %s", exc)
             with anyio.move_on_after(self.interval_s):
                 await self._stop.wait()
@@ -514,14 +517,17 @@ class Scheduler(Running):
                 due = [i.decode() for got in await pipe.execute() for i in got]
         random.shuffle(due)  # racing schedulers start on different ones
         started = 0
+        down: list[RedisError] = []
 
         async def fire(schedule_id: str, raw: Mapping[bytes, bytes]) -> None:
             nonlocal started
             try:
                 n = await self._fire_due(schedule_id, raw, now_ms)
                 started += n  # not `started += await ...`: that reads before awaiting
-            except (CorruptEntry, ValidationError) as exc:
+            except (CorruptEntry, ValidationError) as exc:  # this schedule's problem
                 logger.error("scheduler: schedule %r: %s", schedule_id, exc)
+            except RedisError as exc:  # everyone's: ends the look after this chunk
+                down.append(exc)
 
         for at in range(0, len(due), self._concurrency):
             chunk = due[at:at + self._concurrency]
@@ -534,6 +540,9 @@ class Scheduler(Running):
                 for schedule_id, raw in zip(chunk, raws, strict=True):
                     if raw:
                         tg.start_soon(fire, schedule_id, raw)
+            if down:
+                self.fired += started
+                raise down[0]
         self.fired += started
         return started
 

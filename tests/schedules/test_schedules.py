@@ -4,6 +4,7 @@ schedulers on a controlled clock, catch-up policies, DST, and hostile expression
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventcore import EventLog, ValidationError
+from eventcore import EventLog, ValidationError, load_settings
 from eventcore._schedules import due_between, next_after
 from eventcore.schedules import (
     ScheduleConflict,
@@ -23,6 +24,7 @@ from eventcore.schedules import (
     validate_cron,
     validate_timezone,
 )
+from eventcore.testing._server import RedisServer
 from eventcore.testing.invariants import read_all
 
 T0 = dt.datetime(2026, 6, 1, 12, 0, 30, tzinfo=dt.UTC).timestamp()  # 30 s past a minute
@@ -269,3 +271,31 @@ async def test_a_month_down_catches_up_within_bounds(event_log: EventLog) -> Non
         assert got.next_run_at is not None and got.next_run_at.timestamp() > clock.t
         assert got.skipped >= 9_990  # counted up to what one look enumerates
     assert await sch.tick() == 0
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    """Poll with a deadline (the scheduler's counters have no event to wait on)."""
+    with anyio.fail_after(30):
+        while True:
+            if check():
+                return
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.redis_restart
+async def test_the_scheduler_outlives_redis_being_down(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_server_factory()
+    clock = Clock(T0)
+    settings = load_settings(redis_url=server.url, namespace="down", shards=4,
+                             retry_budget_s=0.3)
+    async with EventLog(settings) as log:
+        await Schedules(log, now=clock).create("x", cron="* * * * *", agent="echo")
+        async with Scheduler(log, now=clock, interval_s=0.02, grace_s=600) as sch:
+            server.stop()  # longer than the retry budget
+            clock.t += 60
+            await _until(lambda: sch.failures >= 3)  # looks failed, the scheduler lives on
+            server.start()
+            await _until(lambda: sch.fired == 1)
+        assert (await Schedules(log).get("x")).fired == 1
