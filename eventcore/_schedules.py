@@ -583,16 +583,18 @@ class Scheduler(Running):
         expected = st.next_ms
         started = 0
         for occurrence, after, skipped in self.plan(st.definition, expected, now_ms):
-            ok = await self._step(schedule_id, st, expected, occurrence, after, skipped)
-            if not ok:
+            done = await self._step(schedule_id, st, expected, occurrence, after, skipped)
+            if done is None:
                 self.lost += 1
                 break
-            started += occurrence is not None
+            started += done
             expected = after
         return started
 
     async def _step(self, schedule_id: str, st: _State, expected: int, occurrence: int | None,
-                    after: int, skipped: int) -> bool:
+                    after: int, skipped: int) -> int | None:
+        """One step of a plan: 1 a session started, 0 moved on without one (skipped, or the
+        occurrence's session existed already), None the schedule was not where it was read."""
         keys = self._keys
         shard = keys.schedule_shard(schedule_id)
         kk: list[Any] = [keys.schedule(schedule_id), keys.schedules(shard)]
@@ -632,15 +634,16 @@ class Scheduler(Running):
                     await pipe.execute()
             got = await run_script(self._fire, kk, args)
         if got[0] == 0:
-            return False
+            return None
         if got[0] == 2:
             assert first is not None
             err = _result(first, got[1])
             raise CorruptEntry(f"could not start session {session_id!r}: {err}")
-        if occurrence is not None:
-            logger.info("schedule %r fired %s: session %s", schedule_id,
-                        ms_utc(occurrence).isoformat(), session_id)
-        return True
+        if occurrence is None or got[1] == -1:  # -1: the append found the session there
+            return 0
+        logger.info("schedule %r fired %s: session %s", schedule_id,
+                    ms_utc(occurrence).isoformat(), session_id)
+        return 1
 
 
 def scheduler_for(log: EventLog) -> Any:

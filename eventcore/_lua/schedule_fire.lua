@@ -29,7 +29,7 @@ if ARGV[4] ~= '' then
   created = out[1]
   if type(created) == 'string' then return {2, created} end
   set[3], set[4], set[5], set[6] = L.SCHEDULE_LAST_RUN, ARGV[4], L.SCHEDULE_LAST_SESSION, ARGV[6]
-  redis.call('HINCRBY', KEYS[1], L.SCHEDULE_FIRED, 1)
+  if created ~= -1 then redis.call('HINCRBY', KEYS[1], L.SCHEDULE_FIRED, 1) end
 end
 if tonumber(ARGV[7]) > 0 then redis.call('HINCRBY', KEYS[1], L.SCHEDULE_SKIPPED, ARGV[7]) end
 redis.call('HSET', KEYS[1], unpack(set))

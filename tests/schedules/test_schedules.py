@@ -299,3 +299,20 @@ async def test_the_scheduler_outlives_redis_being_down(
             server.start()
             await _until(lambda: sch.fired == 1)
         assert (await Schedules(log).get("x")).fired == 1
+
+
+async def test_an_occurrence_whose_session_exists_starts_nothing(event_log: EventLog) -> None:
+    """The session id of an occurrence is the dedupe of last resort: an occurrence fired again
+    (a schedule's expression changed back, a clock behind) finds its session and adds none."""
+    clock = Clock(T0)
+    s = Schedules(event_log, now=clock)
+    await s.create("again", cron="* * * * *", agent="echo")
+    occ = _ms(dt.datetime(2026, 6, 1, 12, 1, tzinfo=dt.UTC))
+    sid = occurrence_session_id(event_log.keys, "again", occ)
+    made = await event_log.create_session("echo", session_id=sid)
+    clock.t += 60
+    assert await Scheduler(event_log, now=clock).tick() == 0
+    got = await s.get("again")
+    assert got.fired == 0 and got.last_session_id == sid
+    assert got.next_run_at == dt.datetime(2026, 6, 1, 12, 2, tzinfo=dt.UTC)
+    assert (await event_log.get_session(sid)).incarnation == made.incarnation
