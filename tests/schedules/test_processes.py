@@ -128,13 +128,13 @@ async def test_three_processes_fire_each_occurrence_once_through_kills_and_resta
             advance(m)
             await _wait(all_fired, f"minute {minute}")
 
-        # 2. SIGKILL mid-fire: only the victim runs, the clock jumps 10 minutes (a backlog of
-        #    200 occurrences), and it is killed once it has fired some but not all of them
+        # 2. SIGKILL mid-fire: only the victim runs, the clock jumps 30 minutes (a backlog of
+        #    600 occurrences), and it is killed once it has fired some but not all of them
         victim, *others = f.procs
         for p in others:
             p.send_signal(signal.SIGSTOP)
         base = N * minute
-        advance(minute + 10)
+        advance(minute + 30)
 
         async def started() -> bool:
             return await _fired(log) > base
