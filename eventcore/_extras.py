@@ -18,6 +18,7 @@ EXTRAS: Final[dict[str, tuple[str, ...]]] = {
     "webrtc": ("aiortc",),
     "sql": ("sqlalchemy", "aiosqlite"),
     "postgres": ("sqlalchemy", "asyncpg"),
+    "schedules": ("cronsim",),
 }
 
 

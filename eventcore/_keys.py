@@ -19,6 +19,10 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
                              answered from it instead of appending twice
     ns:{N}:incarnation       string: the last incarnation issued in the shard (16 digits,
                              increasing): a session id created again is a new incarnation
+    ns:{N}:schedule:<id>     hash: a schedule (eventcore._schedules): definition JSON, revision,
+                             enabled, next / last occurrence, last session, counters
+    ns:{N}:schedules         zset: the shard's schedule ids scored by their next occurrence (ms;
+                             +inf while disabled): what the scheduler polls
     ns:{0}:shards            string: the deployment's shard count (checked at every start)
     ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
     ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
@@ -197,3 +201,17 @@ class Keys:
         0's slot (shard 0 exists whatever the count): a known slot, which scripts of shard 0
         may read, and outside the ``session_pattern``."""
         return f"{self._tag(0)}:shards"
+
+    # Schedules (eventcore._schedules): a schedule lives on the shard of its id, and the
+    # sessions it starts are given ids on that same shard, so firing one occurrence (advance the
+    # schedule, create the session) is one script in one cluster slot.
+    def schedule_shard(self, schedule_id: str) -> int:
+        return self.shard_of(schedule_id)
+
+    def schedule(self, schedule_id: str) -> str:
+        """Hash: one schedule's definition and firing state, in its shard's slot."""
+        return f"{self._tag(self.schedule_shard(schedule_id))}:schedule:{schedule_id}"
+
+    def schedules(self, shard: int) -> str:
+        """Zset: the shard's schedule ids, scored by their next occurrence (epoch ms)."""
+        return f"{self._tag(shard)}:schedules"

@@ -88,6 +88,17 @@ DEAD_FEED: Final = "feed"
 DEAD_DELIVERIES: Final = "deliveries"
 DEAD_FIELD_PREFIX: Final = "f."  # the feed entry's own fields, each under f.<name>
 
+# -- a schedule's hash (eventcore._schedules) ---------------------------------------------------
+SCHEDULE_DEFINITION: Final = "def"  # the definition JSON (cron, timezone, agent, input, ...)
+SCHEDULE_REVISION: Final = "rev"  # bumped by every change of the definition or of enabled
+SCHEDULE_ENABLED: Final = "enabled"  # "1" or "0"
+SCHEDULE_NEXT: Final = "next"  # the next occurrence, epoch ms ("" while disabled)
+SCHEDULE_LAST_RUN: Final = "last_run"  # the occurrence fired last, epoch ms
+SCHEDULE_LAST_SESSION: Final = "last_session"  # the session it started
+SCHEDULE_FIRED: Final = "fired"  # how many sessions the schedule started
+SCHEDULE_SKIPPED: Final = "skipped"  # occurrences skipped by the catch-up policy
+SCHEDULE_UPDATED_AT: Final = "updated_at_ms"
+
 # -- event types the runtime writes itself -----------------------------------------------------
 SESSION_CREATED: Final = "session.created"
 SESSION_STARTED: Final = "session.started"

@@ -14,7 +14,7 @@ import anyio
 import msgspec
 
 from . import _effects
-from ._append import Appender, AppendResult, HostingAck
+from ._append import Appender, AppendResult, HostingAck, PreparedAppend
 from ._codec import (
     decode_body,
     decode_entry,
@@ -371,6 +371,29 @@ class EventLog:
     ) -> SessionInfo:
         """Create a session (and, with ``agent``, dispatch it atomically). Creating again with the
         same ``session_id`` or ``idempotency_key`` returns the existing session."""
+        items, info = self.prepare_session(agent, session_id=session_id, labels=labels,
+                                           input=input, ttl_s=ttl_s,
+                                           idempotency_key=idempotency_key)
+        results = await self.appender.append_many(items)
+        if results[0].duplicate:  # it existed: its state now, not ours
+            return await self.get_session(info.session_id)
+        return msgspec.structs.replace(info, last_seq=results[-1].seq,
+                                       incarnation=results[0].incarnation)
+
+    def prepare_session(
+        self,
+        agent: str | None = None,
+        *,
+        session_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        input: Any = None,
+        ttl_s: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[list[PreparedAppend], SessionInfo]:
+        """What :meth:`create_session` appends (``session.created``, then the first input), as
+        prepared entries for the append script, and the new session as it will read back
+        (``last_seq`` and ``incarnation`` are known once it is appended). For callers that run
+        the append script inside a script of their own (the scheduler)."""
         if idempotency_key is not None:
             validate_key(idempotency_key, "idempotency_key")
             digest = hashlib.sha256(
@@ -405,14 +428,11 @@ class EventLog:
             first = Envelope(type="input", session_id=session_id, event_key="session.input",
                              payload=input)
             items.append(self.appender.prepare(first))
-        results = await self.appender.append_many(items)
-        if results[0].duplicate:  # it existed: its state now, not ours
-            return await self.get_session(session_id)
         when = ms_datetime(at)
-        return SessionInfo(
+        return items, SessionInfo(
             session_id=session_id, state="created", agent=agent, labels=labels,
-            last_seq=results[-1].seq, epoch=0, host=None, created_at=when, updated_at=when,
-            ended_at=None, ttl_s=ttl, incarnation=results[0].incarnation,
+            last_seq=len(items), epoch=0, host=None, created_at=when, updated_at=when,
+            ended_at=None, ttl_s=ttl,
         )
 
     async def incarnations(self, session_ids: Sequence[str]) -> dict[str, str | None]:

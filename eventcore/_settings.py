@@ -121,6 +121,22 @@ class Settings(BaseSettings):
         default="xread", description="The SSE hub's live path (measured: benchmarks/sse.py)."
     )
 
+    schedules: bool = pydantic.Field(
+        default=True, description="Run the cron scheduler in `eventcore serve` and `eventcore "
+        "worker` processes (any number may: each occurrence fires once).",
+    )
+    schedule_interval_s: float = pydantic.Field(
+        default=1.0, gt=0, le=60, description="How often a scheduler looks for due schedules.",
+    )
+    schedule_grace_s: float = pydantic.Field(
+        default=60.0, ge=0, description="An occurrence found due later than this is missed "
+        "(the schedule's catch-up policy applies).",
+    )
+    schedule_catchup_max: int = pydantic.Field(
+        default=100, ge=0, description="Most missed occurrences a schedule with catch-up "
+        "policy `all` starts sessions for (the most recent ones).",
+    )
+
     @pydantic.field_validator("redis_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:

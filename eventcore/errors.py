@@ -15,6 +15,8 @@
     ├── EffectFailed                an effect's recorded failure (terminal, or retried too soon)
     ├── HistoryGone                 asked for history that is gone from Redis and the archive
     ├── SinkFailed                  published to the log, but an inline sink or hook failed
+    ├── ScheduleNotFound            no schedule has this id (eventcore.schedules)
+    ├── ScheduleConflict            a schedule id exists with another definition
     ├── Overloaded                  a configured capacity limit is reached; retry later
     ├── UsageError                  used outside its lifetime: not started, closed, already
     │                               running, ... (a programming error; also a RuntimeError)
@@ -50,6 +52,8 @@ __all__ = [
     "RedisError",
     "RedisUnavailable",
     "RunTimedOut",
+    "ScheduleConflict",
+    "ScheduleNotFound",
     "SessionEnded",
     "SessionError",
     "SessionNotFound",
@@ -227,3 +231,16 @@ class WorkerFailed(WorkerError):
 
 class EmbeddedRedisError(EventcoreError):
     """The embedded redis-server could not be found or started."""
+
+
+class ScheduleNotFound(EventcoreError, LookupError):
+    """No schedule has this id (:mod:`eventcore.schedules`)."""
+
+    def __init__(self, schedule_id: str) -> None:
+        self.schedule_id = schedule_id
+        super().__init__(f"schedule {schedule_id!r} does not exist")
+
+
+class ScheduleConflict(EventcoreError):
+    """A schedule with this id exists with another definition (creating the same one again is
+    idempotent), or it kept changing while being updated."""

@@ -66,10 +66,11 @@ def service_app(
     ``agents`` (a :class:`eventcore.workers.App`) restricts ``POST /v1/sessions`` to its agent
     names. ``webrtc=None`` serves WebRTC when the ``webrtc`` extra is installed; ``True``
     requires it (:class:`eventcore.MissingExtra` if it is not)."""
+    from ._http._schedules import scheduler_service
     from ._ui import ui_router
     from ._webrtc_http import webrtc_router, webrtc_service
 
-    services: list[Any] = []
+    services: list[Any] = [scheduler_service]  # cron schedules (EVENTCORE_SCHEDULES)
     routers: list[Any] = [ui_router]
     groups: list[GroupSpec] = []
     if subscribers:

@@ -15,6 +15,7 @@ from anyio.abc import TaskStatus
 
 from eventcore import EventLog, load_settings
 from eventcore._imports import import_object
+from eventcore._schedules import scheduler_for
 from eventcore.errors import ConfigError, WorkerFailed
 from eventcore.workers._app import App, RetryPolicy
 from eventcore.workers._worker import Worker
@@ -82,7 +83,7 @@ def worker(
         raise typer.Exit(2) from exc
 
     async def main() -> None:
-        async with EventLog(settings) as event_log:
+        async with EventLog(settings) as event_log, scheduler_for(event_log):
             w = Worker(the_app, event_log, concurrency=concurrency, lease_ttl_s=lease_ttl,
                        drain_timeout_s=drain_timeout, worker_id=worker_id,
                        idle_timeout_s=idle_timeout, run_timeout_s=run_timeout,

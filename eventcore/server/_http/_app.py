@@ -25,6 +25,7 @@ from ._middleware import EdgeMiddleware
 from ._models import EventsPage
 from ._problems import PROBLEM_JSON, ProblemModel, install_problem_handlers
 from ._routes import router as v1_router
+from ._schedules import router as schedules_router
 from ._transport import AbortableApp
 from ._ws import router as ws_router
 
@@ -126,6 +127,7 @@ def create_app(
     app.include_router(v1_router)
     app.include_router(ws_router)
     app.include_router(_telephony_router())
+    app.include_router(schedules_router)
     app.include_router(health_router)
     for router in routers:
         app.include_router(router)
