@@ -351,6 +351,7 @@ def test_hostile_fuzz_finds_no_server_error(shared_service: Service) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # thousands of examples: minutes on a busy 2-core machine
 def test_hostile_fuzz_long(shared_service: Service) -> None:
     _fuzz(shared_service, 4000)
 
