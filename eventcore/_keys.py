@@ -19,6 +19,9 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
                              answered from it instead of appending twice
     ns:{N}:incarnation       string: the last incarnation issued in the shard (16 digits,
                              increasing): a session id created again is a new incarnation
+    ns:{N}:sessions          zset: session id -> its incarnation (as a number: microseconds,
+                             increasing per shard), written by the script that creates the
+                             session, removed by the one that deletes it (the listing index)
     ns:{0}:shards            string: the deployment's shard count (checked at every start)
     ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
     ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
@@ -93,6 +96,7 @@ class SessionKeys:
     notify: str
     wake: str
     incarnation: str
+    sessions: str
 
     @property
     def per_session(self) -> tuple[str, ...]:
@@ -138,6 +142,7 @@ class Keys:
             notify=f"{t}:notify",
             wake=f"{t}:wake",
             incarnation=f"{t}:incarnation",
+            sessions=f"{t}:sessions",
         )
 
     def view(self, session_id: str) -> str:
@@ -167,6 +172,10 @@ class Keys:
 
     def batch(self, shard: int, token: str) -> str:
         return f"{self._tag(shard)}:batch:{token}"
+
+    def sessions(self, shard: int) -> str:
+        """Zset: the shard's sessions, scored by incarnation (the listing index)."""
+        return f"{self._tag(shard)}:sessions"
 
     def all_shards(self) -> range:
         return range(self.shards)
