@@ -8,12 +8,14 @@ from rich.console import Console
 
 from eventcore.errors import ConfigError, EventcoreError
 
+from ._sessions_cli import sessions_app
 from ._worker_cli import worker as _worker_command
 
 app = typer.Typer(help="eventcore: event-sourced streaming sessions on Redis Streams.",
                   no_args_is_help=True)
 console = Console()
 app.command("worker")(_worker_command)
+app.add_typer(sessions_app, name="sessions")
 
 
 def _print_version(value: bool) -> None:

@@ -15,6 +15,8 @@ __all__ = [
     "CancelIn",
     "CreateSessionIn",
     "CreateSessionOut",
+    "DeadLetterOut",
+    "DeadLettersOut",
     "EnvelopeModel",
     "EventsPage",
     "InputIn",
@@ -172,3 +174,19 @@ class SessionListOut(BaseModel):
     sessions: list[SessionSummary]
     next_cursor: str | None
 
+
+
+class DeadLetterOut(BaseModel):
+    """A session a worker gave up on (its handler kept failing, or its hosts kept dying)."""
+
+    entry_id: str
+    session_id: str
+    agent: str
+    attempts: int
+    error: dict[str, Any] = Field(description="{type, message, retryable}")
+    worker: str
+    at: _dt.datetime | None
+
+
+class DeadLettersOut(BaseModel):
+    dead_letters: list[DeadLetterOut]

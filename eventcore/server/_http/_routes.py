@@ -17,11 +17,12 @@ from eventcore._codec import client_json
 from eventcore._envelope import Envelope
 from eventcore._keys import validate_key
 from eventcore._listing import SessionFilter, list_sessions
-from eventcore._sessions import SessionInfo
+from eventcore._sessions import SessionInfo, ms_datetime
 from eventcore.errors import CorruptEntry
 
 from ._auth import Principal
 from ._context import (
+    SESSION_ID_PATTERN,
     ServiceContext,
     SessionAccess,
     get_context,
@@ -33,6 +34,8 @@ from ._models import (
     CancelIn,
     CreateSessionIn,
     CreateSessionOut,
+    DeadLetterOut,
+    DeadLettersOut,
     InputIn,
     SeqOut,
     SessionListOut,
@@ -293,3 +296,24 @@ async def post_token(access: Reader, body: Annotated[TokenIn | None, Body()] = N
                                  ttl_s=ttl)
     return TokenOut(token=token, scope=req.scope, expires_in=ttl)
 
+
+
+@router.get("/dead-letters", response_model=DeadLettersOut, tags=["operations"],
+            summary="Sessions the workers gave up on, oldest first (API key only)")
+async def get_dead_letters(
+    _: Annotated[Principal, Depends(require_admin)],
+    ctx: Ctx,
+    session: Annotated[str | None, Query(min_length=1, max_length=128,
+                                         pattern=f"^{SESSION_ID_PATTERN}$",
+                                         description="Only this session's")] = None,
+    limit: Annotated[PageSize, Query(description="Most records per shard")] = 100,
+) -> DeadLettersOut:
+    from eventcore.workers import dead_letters
+
+    records = await dead_letters(ctx.log, count=limit)
+    return DeadLettersOut(dead_letters=[
+        DeadLetterOut(entry_id=d.entry_id, session_id=d.session_id, agent=d.agent,
+                      attempts=d.attempts, error=msgspec.to_builtins(d.error), worker=d.worker,
+                      at=ms_datetime(d.at_ms) if d.at_ms else None)
+        for d in records if session is None or d.session_id == session
+    ])
