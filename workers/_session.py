@@ -477,14 +477,14 @@ class Run:
         if exc is None or isinstance(exc, StaleHost | SessionEnded):
             return False
         if isinstance(exc, Exception):
-            tb = format_traceback(exc)
+            trace = format_traceback(exc)
             # one line here: the handler may catch it; the worker logs the traceback when the
             # error ends the handler (workers._settle), and run.failed keeps it in server_data
             _log.warning("session %s: run %s (%s) failed on attempt %d: %s: %s", s.id,
                          self.name, self.id, s.attempt, type(exc).__name__, str(exc)[:500])
             await self._finish("run.failed", f"{self.id}/failed@{s.attempt}",
                                ErrorInfo.from_exception(exc), ms,
-                               server_data={"traceback": tb})
+                               server_data={"traceback": trace})
         return False
 
     async def _finish(self, type: str, key: str, error: ErrorInfo | None, ms: float, *,

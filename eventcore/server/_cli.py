@@ -49,12 +49,42 @@ def demo(
                                             help="Stop by itself after this many seconds."),
 ) -> None:
     """Run the whole system on the embedded Redis with the sample echo agent."""
-    from ._demo import run_demo
+    from eventcore._settings import load_settings
 
+    from ._demo import run_demo
+    from ._dev import embedded_redis, terminate_on_sigterm
+
+    terminate_on_sigterm()  # until the demo's own handlers are in place: still a clean stop
     try:
-        anyio.run(lambda: run_demo(host=host, port=port, exit_after=exit_after, console=console))
+        settings = load_settings()
+    except ConfigError as exc:
+        raise _fatal("demo", exc) from None
+    try:
+        # the embedded redis-server is started (and stopped, however the demo ends) here
+        with embedded_redis(settings) as running:
+            anyio.run(lambda: run_demo(host=host, port=port, exit_after=exit_after,
+                                       console=console, settings=running,
+                                       embedded=settings.redis_url is None))
     except KeyboardInterrupt:
         console.print("demo stopped")
+    except EventcoreError as exc:
+        typer.echo(f"eventcore demo: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def dev(
+    agents: str = typer.Argument(..., metavar="APP", help="module:attribute of your "
+                                 "workers.App (the current directory is importable)."),
+    host: str = typer.Option("127.0.0.1", help="Interface the API listens on."),
+    port: int = typer.Option(8000, help="API port (a free one is picked if it is taken)."),
+    reload: bool = typer.Option(True, help="Restart the app process when a *.py file under "
+                                "the current directory changes."),
+) -> None:
+    """Run your app on the embedded Redis: API, /ui, /docs and a worker, reloaded on change."""
+    from ._dev import dev_command
+
+    dev_command(agents, host=host, port=port, reload=reload, out=console)
 
 
 @app.command()
