@@ -55,10 +55,13 @@ def demo(
     from ._dev import embedded_redis, terminate_on_sigterm
 
     terminate_on_sigterm()  # until the demo's own handlers are in place: still a clean stop
+    from ._preflight import require_redis
+
     try:
         settings = load_settings()
     except ConfigError as exc:
         raise _fatal("demo", exc) from None
+    require_redis("demo", settings)
     try:
         # the embedded redis-server is started (and stopped, however the demo ends) here
         with embedded_redis(settings) as running:
@@ -108,10 +111,16 @@ def serve(
         from ._worker_cli import load_app
 
         app_obj = load_app(agents)
+    from eventcore._settings import load_settings
+
+    from ._preflight import require_redis
+
     try:
-        service = service_app(app_obj, subscribers=subscribers)
+        settings = load_settings()
+        service = service_app(app_obj, settings, subscribers=subscribers)
     except ConfigError as exc:
         raise _fatal("serve", exc) from None
+    require_redis("serve", settings)
     auth = service.state.auth
     if auth.generated_key:  # shown once, so the developer can use it; never logged
         typer.echo("eventcore serve: EVENTCORE_API_KEY is not set; API key of this process: "

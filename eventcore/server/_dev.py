@@ -349,6 +349,9 @@ def dev_command(spec: str, *, host: str, port: int, reload: bool, out: Console) 
         typer.echo(f"eventcore dev: error: could not load {spec}: {type(exc).__name__}: {exc}",
                    err=True)
         raise typer.Exit(2) from None
+    from ._preflight import require_redis
+
+    require_redis("dev", settings)
     api_key = key or secrets.token_urlsafe(24)
     port = pick_port(host, port)
     base = f"http://{host}:{port}"
