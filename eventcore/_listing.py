@@ -33,7 +33,7 @@ from ._codec import session_info
 from ._keys import validate_session_id
 from ._redis import redis_errors, run_script
 from ._scripts import lua
-from ._sessions import SessionInfo
+from ._sessions import LISTING_FIELDS, SessionInfo, listing_fields
 from .errors import CorruptEntry, ValidationError
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ __all__ = ["SessionFilter", "SessionPage", "list_sessions"]
 
 PRUNE_LUA = lua("eventcore", "sessions_prune")
 MAX_LIMIT = 1000
-DEFAULT_BUDGET = 5000
+DEFAULT_BUDGET = 2000
 # the index orders by the Redis clock, created_at is the creating process's: a created range is
 # looked up in the index this much wider, then applied exactly to created_at
 _CLOCK_MARGIN_US = 60 * 1_000_000
@@ -239,6 +239,17 @@ async def list_sessions(
                 break  # a shard's next entry is unknown: it may come before the others' heads
             best = max(live, key=lambda sh: sh.buf[0])
             batch.append(best.buf.popleft())
+        if flt.active:  # the filters' fields first; only the matches are read whole
+            pre = await _prefilter(log, flt, batch, stale)
+            examined += len(batch) - len(pre)
+            if pre:
+                last_dropped = batch[-1]
+                batch = pre
+            else:
+                last = batch[-1]
+                continue
+        else:
+            last_dropped = None
         metas = await _metas(log, [sid for _, sid in batch])
         leftover = False
         for i, ((score, sid), raw) in enumerate(zip(batch, metas, strict=True)):
@@ -256,13 +267,57 @@ async def list_sessions(
             if flt.matches(info):
                 out.append(info)
                 if len(out) == limit:
-                    leftover = i + 1 < len(batch)
+                    leftover = i + 1 < len(batch) or (last_dropped is not None
+                                                     and last_dropped != last)
                     break
+        else:
+            if last_dropped is not None:
+                last = last_dropped
     if stale:
         await _prune(log, stale)
     remaining = leftover or any(sh.buf or not sh.done for sh in shards)
     next_cursor = encode_cursor(last[0], last[1], digest) if remaining and last else None
     return SessionPage(sessions=out, next_cursor=next_cursor, examined=examined)
+
+
+async def _prefilter(log: EventLog, flt: SessionFilter, batch: Sequence[tuple[int, str]],
+                     stale: list[tuple[str, str, int, str]]) -> list[tuple[int, str]]:
+    """The candidates whose filter fields match (and are of the indexed incarnation); those
+    with no metadata are noted as stale."""
+    if not batch:
+        return []
+    keys = log.keys
+    with redis_errors("list_sessions"):
+        async with log.redis.pipeline(transaction=False) as pipe:
+            for _, sid in batch:
+                pipe.hmget(keys.session(sid).meta, list(LISTING_FIELDS))
+            replies = await pipe.execute()
+    after_ms = int(flt.created_after.timestamp() * 1000) if flt.created_after else None
+    before_ms = int(flt.created_before.timestamp() * 1000) if flt.created_before else None
+    out = []
+    for (score, sid), raw in zip(batch, replies, strict=True):
+        f = listing_fields(raw, labels=bool(flt.labels))
+        if f is None:
+            if all(v is None for v in raw):
+                stale.append((keys.sessions(keys.shard_of(sid)), keys.session(sid).meta,
+                              score, sid))
+            continue
+        if f.incarnation.isdigit() and int(f.incarnation) != score:
+            continue
+        if flt.agent is not None and f.agent != flt.agent:
+            continue
+        if flt.states is not None and f.state not in flt.states:
+            continue
+        if f.labels is not None and any(
+                k not in f.labels or (v is not None and f.labels[k] != v)
+                for k, v in flt.labels.items()):
+            continue
+        if after_ms is not None and (f.created_ms is None or f.created_ms < after_ms):
+            continue
+        if before_ms is not None and (f.created_ms is None or f.created_ms >= before_ms):
+            continue
+        out.append((score, sid))
+    return out
 
 
 async def _metas(log: EventLog, sids: Sequence[str]) -> list[dict[bytes, bytes]]:

@@ -73,8 +73,8 @@ async def test_filters(event_log: EventLog) -> None:
     b1 = await event_log.create_session("beta", labels={"team": "y"})
     a2 = await event_log.create_session("alpha", labels={"team": "y"})
     await event_log.end_session(b1.session_id)
-    for _ in range(20):
-        await event_log.create_session("noise")
+    noise = [(await event_log.create_session("noise", labels={"n": str(i % 3)})).session_id
+             for i in range(20)]
 
     async def ids(**kw: object) -> list[str]:
         return await _all(event_log, SessionFilter(**kw), limit=2)  # type: ignore[arg-type]
@@ -89,6 +89,12 @@ async def test_filters(event_log: EventLog) -> None:
     assert await ids(agent="alpha", created_before=a2.created_at) == [a1.session_id]
     future = _dt.datetime.now(_dt.UTC) + _dt.timedelta(hours=1)
     assert await ids(created_after=future) == []
+    # many matches, pages of 2: each once, in order (pages end inside a pre-filtered batch)
+    assert await ids(agent="noise") == noise[::-1]
+    assert await ids(labels={"n": "1"}) == [s for i, s in enumerate(noise) if i % 3 == 1][::-1]
+    for budget in (1, 3, 7):
+        got = await _all(event_log, SessionFilter(labels={"n": "2"}), limit=2, budget=budget)
+        assert got == [s for i, s in enumerate(noise) if i % 3 == 2][::-1]
     # a small budget: short pages that still get through everything
     got = await _all(event_log, SessionFilter(agent="alpha"), limit=2, budget=3)
     assert got == [a2.session_id, a1.session_id]

@@ -22,7 +22,7 @@ async def test_uses_the_fixture(event_log):
     assert [e.seq for e in await event_log.read(s.session_id)] == [1, 2]
 '''
 
-# exactly the README's lines (section "Testing your code")
+# the settings the README names (section "Testing your code"): the plugin then steps aside
 CONFIGS = {
     "pyproject.toml": '[tool.pytest.ini_options]\nanyio_mode = "auto"\n',
     "pytest.ini": "[pytest]\nanyio_mode = auto\n",
