@@ -8,6 +8,8 @@ Modes (each its own server process on its own port, same redis-server):
 - ``pubsub``:   eventcore's app, hub live path = the append script's pub/sub notifications
 - ``xread``:    eventcore's app, hub live path = one multiplexed XREAD over watched streams
 - ``baseline``: a plain sse-starlette endpoint doing one blocking XREAD per client
+- ``ws``:       eventcore's app (XREAD live path), clients on ``GET /v1/sessions/{id}/ws``
+  instead of SSE (``websockets`` clients: the same follower, another framing)
 
 Load: ``clients / per_session`` sessions, ``per_session`` clients on each, every session gets
 ``rate`` events/s (appended through EventLog, group-committed), so each client should receive
@@ -44,11 +46,12 @@ def run_server(mode: str, port: int, redis_url: str, namespace: str) -> None:
     from eventcore import load_settings
     from eventcore.server._http import serve
 
-    if mode in ("pubsub", "xread"):
+    if mode in ("pubsub", "xread", "ws"):
         from eventcore.server._http import create_app
 
         settings = load_settings(redis_url=redis_url, namespace=namespace, shards=16,
-                                 api_key=API_KEY, sse_live=mode, pool_size=256)
+                                 api_key=API_KEY, sse_live="pubsub" if mode == "pubsub"
+                                 else "xread", pool_size=256)
         app = create_app(settings)
     else:
         app = baseline_app(redis_url, namespace)
@@ -170,6 +173,41 @@ async def connect_all(port: int, paths: list[str], stats: Stats) -> list[asyncio
     return transports
 
 
+async def connect_ws(port: int, sessions: list[str], stats: Stats) -> list[Any]:
+    """WebSocket clients: each sends its hello, then records the latency of every envelope."""
+    from websockets.asyncio.client import connect
+
+    sem = asyncio.Semaphore(200)
+    conns: list[Any] = []
+
+    async def reader(ws: Any) -> None:
+        async for msg in ws:
+            if stats.recording:
+                now = time.time()
+                found = _T.findall(msg if isinstance(msg, bytes) else msg.encode())
+                stats.events += len(found)
+                stats.latencies += [now - float(t) for t in found]
+
+    async def one(sid: str) -> None:
+        async with sem:
+            try:
+                ws = await connect(f"ws://127.0.0.1:{port}/v1/sessions/{sid}/ws",
+                                   subprotocols=["eventcore.v1",  # type: ignore[list-item]
+                                                 f"eventcore.token.{API_KEY}"],
+                                   max_size=None, open_timeout=30, ping_interval=None)
+                await ws.send(json.dumps({"type": "hello", "after": 1}))
+                ready = json.loads(await ws.recv())
+                assert ready["type"] == "ready", ready
+            except (OSError, TimeoutError, AssertionError):
+                stats.errors += 1
+                return
+            stats.connected += 1
+            conns.append((ws, asyncio.create_task(reader(ws))))
+
+    await asyncio.gather(*(one(s) for s in sessions))
+    return conns
+
+
 async def append_load(log: Any, sessions: list[str], rate: float, stop: asyncio.Event) -> int:
     """Every session gets ``rate`` events/s, spread evenly over 10 ms ticks."""
     from eventcore import Envelope
@@ -237,7 +275,13 @@ async def scenario(mode: str, redis_url: str, clients: int, per_session: int, ra
             paths = [f"/v1/sessions/{sessions[i % n_sessions]}/events?after=1"
                      for i in range(clients)]
             t0 = time.monotonic()
-            transports = await connect_all(port, paths, stats)
+            if mode == "ws":
+                transports: list[Any] = []
+                wss = await connect_ws(port, [sessions[i % n_sessions] for i in range(clients)],
+                                       stats)
+            else:
+                transports = await connect_all(port, paths, stats)
+                wss = []
             connect_s = time.monotonic() - t0
             stop = asyncio.Event()
             load = asyncio.create_task(append_load(log, sessions, rate, stop))
@@ -256,6 +300,9 @@ async def scenario(mode: str, redis_url: str, clients: int, per_session: int, ra
             await load
             for t in transports:
                 t.close()
+            for ws, task in wss:
+                task.cancel()
+                ws.transport.abort()
         lat = stats.latencies
         return {
             "clients": clients, "connected": stats.connected, "errors": stats.errors,

@@ -121,12 +121,17 @@ async def postgres_ok() -> bool:
     return True
 
 
-async def main(sessions: int, events: int, runs: int, use_pg: bool) -> dict[str, Any]:
+MODES = ("bare_xreadgroup_xack", "projector", "persistence_sqlite", "persistence_postgres")
+
+
+async def main(sessions: int, events: int, runs: int, use_pg: bool,
+               only: tuple[str, ...] = ()) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="eventcore-bench-"))
     use_pg = use_pg and await postgres_ok()
-    modes = ["bare_xreadgroup_xack", "projector", "persistence_sqlite"]
-    if use_pg:
-        modes.append("persistence_postgres")
+    # the bare loop always runs: every ratio is to it, in the same run
+    modes = [m for m in MODES if m == MODES[0] or not only or m in only]
+    if not use_pg and "persistence_postgres" in modes:
+        modes.remove("persistence_postgres")
     results: dict[str, list[float]] = {m: [] for m in modes}
     try:
         with RedisServer(appendonly=False) as server:
@@ -136,14 +141,16 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool) -> dict[str,
                 for r in range(runs):
                     results["bare_xreadgroup_xack"].append(
                         await timed(total, bare(log, f"bare{r}")))
-                    await log.redis.delete(*[log.keys.view(s) for s in sids])
-                    results["projector"].append(
-                        await timed(total, run_subscriber(log, Projector(log), f"proj{r}")))
-                    url = f"sqlite+aiosqlite:///{tmp / f'run{r}.sqlite3'}"
-                    async with Persistence(log, url) as store:
-                        results["persistence_sqlite"].append(
-                            await timed(total, run_subscriber(log, store, f"sqlite{r}")))
-                    if use_pg:
+                    if "projector" in modes:
+                        await log.redis.delete(*[log.keys.view(s) for s in sids])
+                        results["projector"].append(
+                            await timed(total, run_subscriber(log, Projector(log), f"proj{r}")))
+                    if "persistence_sqlite" in modes:
+                        url = f"sqlite+aiosqlite:///{tmp / f'run{r}.sqlite3'}"
+                        async with Persistence(log, url) as store:
+                            results["persistence_sqlite"].append(
+                                await timed(total, run_subscriber(log, store, f"sqlite{r}")))
+                    if "persistence_postgres" in modes:
                         prefix = f"bench{uuid.uuid4().hex[:8]}_"
                         async with Persistence(log, PG_URL, prefix=prefix) as store:
                             try:
@@ -176,7 +183,9 @@ if __name__ == "__main__":
     ap.add_argument("--events", type=int, default=200)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--only", action="append", choices=MODES[1:], default=[],
+                    help="run only these modes (repeatable; the bare loop always runs)")
     a = ap.parse_args()
-    out = asyncio.run(main(a.sessions, a.events, a.runs, not a.no_postgres))
+    out = asyncio.run(main(a.sessions, a.events, a.runs, not a.no_postgres, tuple(a.only)))
     json.dump(out, sys.stdout, indent=2)
     print()

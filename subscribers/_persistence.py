@@ -310,13 +310,11 @@ class Persistence(OrderedSubscriber):
             resets = [r.session_id for r in ok if r.reset]
             for sids in _chunks(resets):
                 await conn.execute(events.delete().where(events.c.session_id.in_(sids)))
-            rows = [_row(e) for run in ok for e in run.envelopes]
-            if rows:
-                insert = self._insert(events).on_conflict_do_nothing(
-                    index_elements=["session_id", "seq"]
-                )
-                for chunk in _chunks(rows):
-                    await conn.execute(insert, list(chunk))
+            rows = [_record(e) for run in ok for e in run.envelopes]
+            if rows and self._dialect == "postgresql":
+                await self._copy_rows(conn, rows)
+            elif rows:
+                await self._insert_rows(conn, rows)
             b_sid = sa.bindparam("b_sid", type_=sa.String)
             b_last = sa.bindparam("b_last", type_=sa.BigInteger)
             b_inc = sa.bindparam("b_inc", type_=sa.String)
@@ -334,6 +332,43 @@ class Persistence(OrderedSubscriber):
                 for part in _chunks(marks):
                     await conn.execute(update, list(part))
         return conflicts
+
+    async def _copy_rows(self, conn: AsyncConnection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """PostgreSQL: COPY the rows into a temporary staging table, then one INSERT ... SELECT
+        ON CONFLICT DO NOTHING (idempotent on (session_id, seq), as the multi-row insert is).
+
+        The COPY goes through the transaction's own asyncpg connection, which has begun the
+        transaction already (the session rows are locked first), and the staging table keeps
+        its rows only until that transaction ends: a rollback leaves nothing behind. (SQLAlchemy's
+        executemany took 1.37 s of 1.81 s in ``apply`` in the benchmark; this takes 0.4 s.)"""
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        if not driver.is_in_transaction():  # pragma: no cover - _lock always ran a statement
+            raise UsageError("persistence: COPY outside the write transaction")
+        quote = conn.dialect.identifier_preparer
+        events = quote.format_table(self.tables["events"])
+        name = f"{self.prefix}events_stage"
+        stage = quote.quote(name)
+        # in every transaction, not once per connection: behind a transaction-mode pooler the
+        # next transaction may run on another server connection (one small round trip)
+        await driver.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
+                             f"(LIKE {events} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        await driver.copy_records_to_table(name, records=rows, columns=_COLUMNS,
+                                           schema_name="pg_temp")
+        await driver.execute(
+            f"INSERT INTO {events} ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} "
+            f"FROM {stage} ON CONFLICT (session_id, seq) DO NOTHING")
+
+    async def _insert_rows(self, conn: AsyncConnection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """SQLite: one executemany of the row tuples on the transaction's own connection
+        (``INSERT OR IGNORE``: idempotent on (session_id, seq)), without SQLAlchemy's per-row
+        parameter processing, which cost more than the inserts themselves."""
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        events = conn.dialect.identifier_preparer.format_table(self.tables["events"])
+        marks = ", ".join("?" * len(_COLUMNS))
+        await driver.executemany(
+            f"INSERT OR IGNORE INTO {events} ({', '.join(_COLUMNS)}) VALUES ({marks})", rows)
 
     async def deleted(self, session_id: str, incarnation: str) -> None:
         """Purge the deleted incarnation's rows (and an older one's), leaving the sessions row
@@ -434,17 +469,15 @@ class Persistence(OrderedSubscriber):
         await self._retrying(go, budget_s=self.read_budget_s)
 
 
-def _row(env: Envelope) -> dict[str, Any]:
-    return {
-        "session_id": env.session_id,
-        "seq": env.seq,
-        "type": env.type,
-        "run_id": env.run_id,
-        "event_key": env.event_key,
-        "ts_ms": int(env.ts.timestamp() * 1000),
-        "envelope": client_json(env).decode(),
-        "server_data": None if env.server_data is None else encode(env.server_data).decode(),
-    }
+_COLUMNS: Final = ("session_id", "seq", "type", "run_id", "event_key", "ts_ms", "envelope",
+                   "server_data")
+
+
+def _record(env: Envelope) -> tuple[Any, ...]:
+    """One events row, in ``_COLUMNS`` order."""
+    return (env.session_id, env.seq, env.type, env.run_id, env.event_key,
+            int(env.ts.timestamp() * 1000), client_json(env).decode(),
+            None if env.server_data is None else encode(env.server_data).decode())
 
 
 def _envelope(session_id: str, d: str, sd: str | None) -> Envelope:

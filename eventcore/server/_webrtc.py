@@ -48,22 +48,18 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from eventcore._envelope import Envelope
 from eventcore._follow import Followers, LogFollowers, closing_iter
 from eventcore._keys import validate_session_id
 from eventcore._log import EventLog
-from eventcore._values import validate_value
 from eventcore.errors import (
-    EventcoreError,
     HistoryGone,
     Overloaded,
-    PayloadTooLarge,
-    SessionEnded,
     SessionNotFound,
     UsageError,
     ValidationError,
 )
 
+from ._clients import ClientFollow, StreamEnd, client_input
 from ._webrtc_wire import (
     STREAM_ERRORS,
     Channel,
@@ -363,27 +359,28 @@ class WebRTCGateway:
                                             "new events channel to start elsewhere"))
 
     async def _stream(self, peer: Peer, ch: Channel, resume: Resume) -> None:
-        last = resume.after
+        follow = ClientFollow(self.followers, peer.session_id, resume.after,
+                              incarnation=peer.incarnation, types=resume.types,
+                              retry_cap_s=_RETRY_CAP_S)
         try:
-            async with (
-                self.followers.subscribe(peer.session_id, resume.after, types=resume.types,
-                                         incarnation=peer.incarnation,
-                                         retry_cap_s=_RETRY_CAP_S) as follower,
-                closing_iter(follower.batches()) as batches,
-            ):
-                async for batch in batches:
-                    if isinstance(batch, HistoryGone):
+            async with closing_iter(follow.items()) as items:
+                async for item in items:
+                    if isinstance(item, StreamEnd):
+                        # final notices go out without a checkpoint: on shutdown this task is
+                        # already cancelled when the hub ends its subscription, and the notice
+                        # must still leave
+                        self._end(peer, ch, item)
+                        return
+                    if isinstance(item, HistoryGone):
                         # history is gone everywhere: say so, then carry on after the hole
-                        await ch.send(control("gap", after=batch.after,
-                                               first_available=batch.first_available))
+                        await ch.send(control("gap", after=item.after,
+                                               first_available=item.first_available))
+                        follow.sent = item.resume_after
                         continue
-                    for ev in batch:
+                    for ev in item:
                         await ch.send_json(ev.seq, ev.data)
-                        last = ev.seq
+                        follow.sent = ev.seq
                         self.stats.events_sent += 1
-            # final notices go out without a checkpoint: on shutdown this task is already
-            # cancelled when the hub ends its subscription, and the notice must still leave
-            ch.send_now(control("end", last_seq=last))
         except Closed:
             pass
         except Stalled:
@@ -391,20 +388,26 @@ class WebRTCGateway:
         except anyio.get_cancelled_exc_class():
             if peer.expired and not ch.mid_message:
                 with contextlib.suppress(Closed):
-                    ch.send_now(control("token_expired", last_seq=last))
+                    ch.send_now(control("token_expired", last_seq=follow.sent))
             raise
-        except SessionNotFound:
-            # not resumable: the id may name another session now, to be offered for afresh
-            with contextlib.suppress(Closed):
-                ch.send_now(control("session_deleted", last_seq=last,
-                                     incarnation=peer.incarnation))
+
+    def _end(self, peer: Peer, ch: Channel, end: StreamEnd) -> None:
+        with contextlib.suppress(Closed):
+            if end.reason == "ended":
+                ch.send_now(control("end", last_seq=end.last_seq))
+            elif end.reason == "deleted":
+                # not resumable: the id may name another session now, to be offered for afresh
+                ch.send_now(control("session_deleted", last_seq=end.last_seq,
+                                     incarnation=end.incarnation))
+            else:
+                # the hub shutting down, Redis gone for good, ...
+                name = "HubClosed" if end.error is None else type(end.error).__name__
+                ch.send_now(control("error", error=STREAM_ERRORS.get(name, "unavailable"),
+                                     detail=str(end.error or "the event hub is shutting down"
+                                                )[:300],
+                                     last_seq=end.last_seq, retry=True))
+        if end.reason == "deleted":
             self._deleted(peer)
-        except EventcoreError as exc:
-            # the hub shutting down, Redis gone for good, ...
-            code = STREAM_ERRORS.get(type(exc).__name__, "unavailable")
-            with contextlib.suppress(Closed):
-                ch.send_now(control("error", error=code, detail=str(exc)[:300],
-                                     last_seq=last, retry=True))
 
     # -- inputs ----------------------------------------------------------------------------------
     async def _inputs(self, peer: Peer, ch: Channel) -> None:
@@ -436,34 +439,17 @@ class WebRTCGateway:
         if not peer.writable:
             return refused(msg.id, 403, "read_only",
                             "this connection was opened with a read-only token")
-        try:
-            # the peer was opened for one incarnation; appends go by session id, and the id
-            # may name another session now (one read per input: inputs come at human pace)
-            current = (await self.log.incarnations([peer.session_id]))[peer.session_id]
-            if current != peer.incarnation:
-                peer.deleted = True
-                return refused(msg.id, 404, "session_deleted", f"session {peer.session_id!r} "
-                               "was deleted (its id may name a new session now)")
-            if isinstance(msg, InputMsg):
-                key = ("" if msg.idempotency_key is None
-                       else input_event_key(msg.idempotency_key))
-                payload = validate_value(msg.payload, "payload")
-                res = await self.log.append(Envelope(type="input", session_id=peer.session_id,
-                                                     payload=payload, event_key=key))
-            else:
-                res = await self.log.signal(peer.session_id, msg.key, msg.value)
-        except PayloadTooLarge as exc:
-            return refused(msg.id, 413, "too_large", str(exc))
-        except ValidationError as exc:
-            return refused(msg.id, 400, "invalid", str(exc))
-        except SessionEnded as exc:
-            return refused(msg.id, 409, "session_ended", str(exc))
-        except SessionNotFound as exc:
-            return refused(msg.id, 404, "not_found", str(exc))
-        except EventcoreError as exc:
-            logger.warning("webrtc input for %s failed: %s", peer.session_id, exc)
-            return refused(msg.id, 503, "unavailable", str(exc))
-        return True, reply("ack", msg.id, seq=res.seq, duplicate=res.duplicate)
+        if isinstance(msg, InputMsg):
+            out = await client_input(self.log, peer.session_id, peer.incarnation, "input",
+                                     payload=msg.payload, idempotency_key=msg.idempotency_key)
+        else:
+            out = await client_input(self.log, peer.session_id, peer.incarnation, "signal",
+                                     key=msg.key, value=msg.value)
+        if out.deleted:
+            peer.deleted = True
+        if not out.accepted:
+            return refused(msg.id, out.status, out.error, out.detail)
+        return True, reply("ack", msg.id, seq=out.seq, duplicate=out.duplicate)
 
 
 def _close(peer: Peer) -> None:

@@ -27,6 +27,7 @@ from ._models import EventsPage
 from ._problems import PROBLEM_JSON, ProblemModel, install_problem_handlers
 from ._routes import router as v1_router
 from ._transport import AbortableApp
+from ._ws import router as ws_router
 
 __all__ = ["ServiceFactory", "create_app"]
 
@@ -124,6 +125,8 @@ def create_app(
     app.state.metrics = metrics
     install_problem_handlers(app)
     app.include_router(v1_router)
+    app.include_router(ws_router)
+    app.include_router(_telephony_router())
     app.include_router(health_router)
     for router in routers:
         app.include_router(router)
@@ -144,6 +147,13 @@ async def _drain_on_shutdown(ctx: ServiceContext, *, task_status: anyio.abc.Task
     await ctx.shutdown.wait()
     logger.info("draining: closing %d event stream(s) with a retry hint", ctx.hub.clients)
     ctx.hub.drain()
+
+
+def _telephony_router() -> APIRouter:
+    # at call time: the telephony package uses this one's dependencies
+    from eventcore.server._telephony import router
+
+    return router
 
 
 def _install_redaction() -> None:

@@ -116,6 +116,30 @@ class Auth:
         return Principal(admin=False, session_id=sid, scope=scope,
                          expires_at=int(claims["exp"]), incarnation=inc)
 
+    def sign(self, claims: dict[str, object], *, audience: str, ttl_s: int) -> str:
+        """A token for another purpose than opening a session (e.g. a telephony call's URL),
+        signed with the session tokens' secret under its own ``audience``, so neither kind is
+        ever accepted as the other."""
+        if audience == _AUDIENCE:
+            raise ValueError("use mint() for session tokens")
+        now = int(time.time())
+        return jwt.encode({**claims, "iat": now, "exp": now + ttl_s, "aud": audience},
+                          self._secret, algorithm=_ALGORITHM)
+
+    def verify_signed(self, token: str, *, audience: str) -> dict[str, object]:
+        """The claims of a :meth:`sign` token of ``audience``, or a 401 :class:`Problem`."""
+        if len(token) > _MAX_CREDENTIAL:
+            raise _unauthorized("the token is too long")
+        try:
+            claims: dict[str, object] = jwt.decode(
+                token, self._secret, algorithms=[_ALGORITHM], audience=audience,
+                options={"require": ["exp", "iat", "aud"]})
+        except jwt.ExpiredSignatureError:
+            raise Problem(401, "token-expired", "the token has expired") from None
+        except jwt.PyJWTError:
+            raise _unauthorized("the token is not valid here") from None
+        return claims
+
     def from_header(self, authorization: str | None) -> Principal | None:
         if authorization is None:
             return None

@@ -58,7 +58,11 @@ def uvicorn_config(
         app, host=host, port=port, lifespan="on", log_level=log_level, access_log=access_log,
         log_config=None, timeout_graceful_shutdown=int(graceful_timeout_s),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES, server_header=False,
-        proxy_headers=False, **kwargs,
+        proxy_headers=False,
+        # WebSocket frames of a session are the same bytes for each of its clients; deflate
+        # would compress them once per client (benchmarks/sse.py --modes ws: 1,000 clients
+        # got a fifth of their events with it)
+        ws_per_message_deflate=False, **kwargs,
     )
 
 

@@ -42,8 +42,10 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from eventcore.errors import HistoryGone, HubClosed, SessionNotFound
+from eventcore._follow import closing_iter
+from eventcore.errors import HistoryGone
 
+from .._clients import ClientFollow, StreamEnd
 from ._context import SessionAccess, session_reader
 from ._params import PageSize, SeqParam, parse_digits
 from ._problems import Problem
@@ -243,45 +245,57 @@ async def _frames(
 
     metrics = ctx.metrics
     metrics.sse_clients.inc()
+    follow = ClientFollow(ctx.hub, session_id, progress.cursor, incarnation=incarnation,
+                          types=types)
     try:
-        async with ctx.hub.subscribe(session_id, progress.cursor, types=types,
-                                     incarnation=incarnation) as sub:
-            async for batch in sub.batches():
+        async with closing_iter(follow.items()) as items:
+            async for item in items:
                 # progress moves once the consumer asks for more: the frame has been sent
-                if isinstance(batch, HistoryGone):
+                if isinstance(item, StreamEnd):
+                    end = _end_frame(item, progress.cursor)
+                    if end is not None:
+                        yield end
+                    return
+                if isinstance(item, HistoryGone):
                     yield ServerSentEvent(
-                        data=msgspec.json.encode({"after": batch.after,
-                                                  "first_available": batch.first_available}
+                        data=msgspec.json.encode({"after": item.after,
+                                                  "first_available": item.first_available}
                                                  ).decode(),
-                        event="stream.reset", id=str(batch.resume_after), sep=_SEP,
+                        event="stream.reset", id=str(item.resume_after), sep=_SEP,
                     ).encode()
-                    progress.cursor = batch.resume_after
+                    progress.cursor = follow.sent = item.resume_after
                     continue
                 parts: list[bytes] = []
                 size = 0
-                for i, ev in enumerate(batch):
+                for i, ev in enumerate(item):
                     frame = sse_frame(ev)
                     parts.append(frame)
                     size += len(frame)
-                    if size >= _CHUNK_BYTES or i == len(batch) - 1:
+                    if size >= _CHUNK_BYTES or i == len(item) - 1:
                         yield b"".join(parts)
-                        progress.cursor = ev.seq
+                        progress.cursor = follow.sent = ev.seq
                         metrics.sse_events.inc(len(parts))
                         parts, size = [], 0
-    except HubClosed:
-        # Shutting down: tell the client to come back soon, from where it is. A named event
-        # (not a bare retry field, which some clients surface as an empty "message").
-        yield _control("server.shutdown", progress.cursor, retry=RETRY_MS, retry_ms=RETRY_MS)
-    except SessionNotFound:
-        # Deleted (or expired) before the stream reached its end. Not resumable: the id may
-        # name another session now, which the client must open afresh.
-        yield ServerSentEvent(
-            data=msgspec.json.encode({"last_seq": progress.cursor,
-                                      "incarnation": incarnation}).decode(),
-            event="session.deleted", sep=_SEP,
-        ).encode()
     finally:
         metrics.sse_clients.dec()
+
+
+def _end_frame(end: StreamEnd, cursor: int) -> bytes | None:
+    if end.reason == "shutdown":
+        # Shutting down: tell the client to come back soon, from where it is. A named event
+        # (not a bare retry field, which some clients surface as an empty "message").
+        return _control("server.shutdown", cursor, retry=RETRY_MS, retry_ms=RETRY_MS)
+    if end.reason == "deleted":
+        # Deleted (or expired) before the stream reached its end. Not resumable: the id may
+        # name another session now, which the client must open afresh.
+        return ServerSentEvent(
+            data=msgspec.json.encode({"last_seq": cursor,
+                                      "incarnation": end.incarnation}).decode(),
+            event="session.deleted", sep=_SEP,
+        ).encode()
+    if end.error is not None:
+        raise end.error  # Redis gone past the retry budget...: the stream fails, as before
+    return None
 
 
 async def _json_page(

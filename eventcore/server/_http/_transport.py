@@ -43,10 +43,11 @@ def abort(scope: Scope) -> bool:
 
 
 class AbortableApp(FastAPI):
-    """FastAPI whose HTTP requests carry their transport's ``abort`` (see the module doc)."""
+    """FastAPI whose HTTP requests and WebSockets carry their transport's ``abort`` (see the
+    module doc)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             fn = _transport_abort(send)
             if fn is not None:
                 scope["extensions"] = {**(scope.get("extensions") or {}), ABORT_EXTENSION: fn}

@@ -1,0 +1,12 @@
+"""The WebSocket tests run against the real API process of tests/service (``ws_service``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "service"))
+
+from ws_service import service, service_env, service_log
+
+__all__ = ["service", "service_env", "service_log"]
