@@ -17,6 +17,7 @@ from ._envelope import (
     decode_payload,
 )
 from ._keys import Keys, SessionKeys, validate_key, validate_session_id
+from ._listing import SessionFilter, SessionPage, list_sessions
 from ._log import EventLog, HistoryArchive
 from ._sessions import SessionInfo, SessionState
 from ._settings import Settings, load_settings
@@ -85,9 +86,11 @@ __all__ = [
     "SessionEnded",
     "SessionEndedPayload",
     "SessionError",
+    "SessionFilter",
     "SessionInfo",
     "SessionKeys",
     "SessionNotFound",
+    "SessionPage",
     "SessionState",
     "Settings",
     "SignalPayload",
@@ -103,6 +106,7 @@ __all__ = [
     "WorkerFailed",
     "client_json",
     "decode_payload",
+    "list_sessions",
     "load_settings",
     "validate_key",
     "validate_session_id",

@@ -304,6 +304,7 @@ class Appender:
                 idx, item.type, item.wire_key, item.body,
                 "" if item.epoch is None else item.epoch, item.extra,
             )
+        keys.append(first.sessions)  # the shard's listing index, after the sessions' keys
         args = [len(batch), int(time.time() * 1000), first.notify, first.wake,
                 self._token_ttl_s, len(sids), *sids, *events]
         with redis_errors("append"):

@@ -14,7 +14,7 @@ __all__ = ["EXTRAS", "has_extra", "import_optional", "require_extra"]
 # extra -> the importable modules it provides (what the extra's requirements install)
 EXTRAS: Final[dict[str, tuple[str, ...]]] = {
     "server": ("fastapi", "uvicorn", "typer", "rich", "sse_starlette", "jwt", "httpx",
-               "httpx_sse"),
+               "httpx_sse", "fastapi_offline", "watchfiles"),
     "webrtc": ("aiortc",),
     "sql": ("sqlalchemy", "aiosqlite"),
     "postgres": ("sqlalchemy", "asyncpg"),

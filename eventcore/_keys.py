@@ -23,6 +23,9 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
                              enabled, next / last occurrence, last session, counters
     ns:{N}:schedules         zset: the shard's schedule ids scored by their next occurrence (ms;
                              +inf while disabled): what the scheduler polls
+    ns:{N}:sessions          zset: session id -> its incarnation (as a number: microseconds,
+                             increasing per shard), written by the script that creates the
+                             session, removed by the one that deletes it (the listing index)
     ns:{0}:shards            string: the deployment's shard count (checked at every start)
     ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
     ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
@@ -97,6 +100,7 @@ class SessionKeys:
     notify: str
     wake: str
     incarnation: str
+    sessions: str
 
     @property
     def per_session(self) -> tuple[str, ...]:
@@ -142,6 +146,7 @@ class Keys:
             notify=f"{t}:notify",
             wake=f"{t}:wake",
             incarnation=f"{t}:incarnation",
+            sessions=f"{t}:sessions",
         )
 
     def view(self, session_id: str) -> str:
@@ -171,6 +176,10 @@ class Keys:
 
     def batch(self, shard: int, token: str) -> str:
         return f"{self._tag(shard)}:batch:{token}"
+
+    def sessions(self, shard: int) -> str:
+        """Zset: the shard's sessions, scored by incarnation (the listing index)."""
+        return f"{self._tag(shard)}:sessions"
 
     def all_shards(self) -> range:
         return range(self.shards)

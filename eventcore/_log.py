@@ -494,7 +494,8 @@ class EventLog:
             self._delete_script = self.redis.register_script(DELETE_LUA)
         with redis_errors("delete_session"):
             done = await run_script(
-                self._delete_script, [*keys.per_session, self.keys.view(session_id), keys.feed],
+                self._delete_script, [*keys.per_session, self.keys.view(session_id), keys.feed,
+                 keys.sessions],
                 [info.incarnation, session_id, marker],
             )
         return bool(done)

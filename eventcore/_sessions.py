@@ -10,7 +10,8 @@ import msgspec
 
 from . import _layout as L
 
-__all__ = ["INCARNATION_FIELDS", "SessionInfo", "SessionState", "current_incarnation"]
+__all__ = ["INCARNATION_FIELDS", "LISTING_FIELDS", "ListingFields", "SessionInfo", "SessionState",
+           "current_incarnation", "listing_fields"]
 
 INCARNATION_FIELDS = (L.META_SEQ, L.META_INCARNATION)
 """The metadata fields an ``HMGET`` reads to tell a session's current incarnation."""
@@ -49,3 +50,33 @@ def current_incarnation(fields: Sequence[bytes | None]) -> str | None:
 
 def ms_datetime(ms: int) -> _dt.datetime:
     return _dt.datetime.fromtimestamp(ms / 1000, _dt.UTC)
+
+
+LISTING_FIELDS = (L.META_INCARNATION, L.META_STATE, L.META_AGENT, L.META_LABELS,
+                  L.META_CREATED_AT)
+"""The metadata fields a listing's filters look at (``HMGET``), before a match is read whole."""
+
+
+class ListingFields(msgspec.Struct, frozen=True):
+    incarnation: str
+    state: str
+    agent: str | None
+    labels: dict[str, str] | None  # None: not decoded (no label filter asked for it)
+    created_ms: int | None
+
+
+def listing_fields(raw: Sequence[bytes | None], *, labels: bool) -> ListingFields | None:
+    """The fields :data:`LISTING_FIELDS` read; None where there is no such session, or its
+    metadata is unreadable."""
+    inc, state, agent, raw_labels, created = raw
+    if state is None:
+        return None
+    try:
+        return ListingFields(
+            incarnation=(inc or b"").decode(), state=state.decode(),
+            agent=agent.decode() or None if agent is not None else None,
+            labels=msgspec.json.decode(raw_labels or b"{}", type=dict[str, str])
+            if labels else None,
+            created_ms=int(created) if created else None)
+    except (ValueError, msgspec.DecodeError):
+        return None

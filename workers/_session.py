@@ -10,8 +10,10 @@ their recorded result instead of running twice.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
+import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
@@ -47,6 +49,20 @@ A = TypeVar("A")
 
 _RESERVED = ("input", "signal", "effect")
 _RESERVED_PREFIXES = ("session.", "control.", "run.", "tool.")
+_log = logging.getLogger("workers")
+TRACEBACK_LIMIT = 16_000
+"""Characters of a failed run's traceback kept in ``server_data`` (the innermost frames)."""
+
+
+def format_traceback(exc: BaseException) -> str:
+    """The exception's traceback as text, at most :data:`TRACEBACK_LIMIT` characters (the
+    end is kept: the innermost frames and the error)."""
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    if len(text) > TRACEBACK_LIMIT:
+        text = "...\n" + text[-TRACEBACK_LIMIT:]
+    return text
+
+
 RUN_TERMINAL = frozenset({"run.completed", "run.failed", "run.cancelled", "run.timed_out"})
 
 
@@ -461,15 +477,22 @@ class Run:
         if exc is None or isinstance(exc, StaleHost | SessionEnded):
             return False
         if isinstance(exc, Exception):
+            trace = format_traceback(exc)
+            # one line here: the handler may catch it; the worker logs the traceback when the
+            # error ends the handler (workers._settle), and run.failed keeps it in server_data
+            _log.warning("session %s: run %s (%s) failed on attempt %d: %s: %s", s.id,
+                         self.name, self.id, s.attempt, type(exc).__name__, str(exc)[:500])
             await self._finish("run.failed", f"{self.id}/failed@{s.attempt}",
-                               ErrorInfo.from_exception(exc), ms)
+                               ErrorInfo.from_exception(exc), ms,
+                               server_data={"traceback": trace})
         return False
 
-    async def _finish(self, type: str, key: str, error: ErrorInfo | None, ms: float) -> None:
+    async def _finish(self, type: str, key: str, error: ErrorInfo | None, ms: float, *,
+                      server_data: Any = None) -> None:
         s = self.session
         s._finished_runs.add(self.id)
         await s._append(type, RunPayload(name=self.name, error=error, duration_ms=ms), key,
-                        run_id=self.id)
+                        run_id=self.id, server_data=server_data)
 
     # -- inside a run --------------------------------------------------------------------------
     async def emit(self, type: str, payload: Any = None, *, key: str | None = None,

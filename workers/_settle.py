@@ -127,7 +127,7 @@ async def _failed(w: Worker, s: Session, exc: Exception) -> None:
     if info.retryable and s.attempt < policy.max_attempts:
         delay = policy.delay_s(s.attempt)
         log.warning("session %s attempt %d failed (%s: %s); retrying in %.2f s", s.id,
-                    s.attempt, info.type, info.message, delay)
+                    s.attempt, info.type, info.message, delay, exc_info=exc)
         due = int((time.time() + delay) * 1000)
         if await w.release_retry(s, due_ms=due, attempt=s.attempt + 1) == "ok":
             w.metrics.retries += 1
@@ -135,7 +135,7 @@ async def _failed(w: Worker, s: Session, exc: Exception) -> None:
             w.fenced(s)
         return
     log.error("session %s failed for good after %d attempt(s): %s: %s", s.id, s.attempt,
-              info.type, info.message)
+              info.type, info.message, exc_info=exc)
     if await w.release_dead(s, error_json=encode(info).decode()) != "ok":
         w.fenced(s)
         return

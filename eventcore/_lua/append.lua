@@ -2,7 +2,8 @@
 --
 -- KEYS[1] shard feed, KEYS[2] shard dispatch, KEYS[3] this batch's token key, KEYS[4] the
 --   shard's last issued incarnation, then 6 keys per session in the batch: stream, meta,
---   dedupe, signals, effects, lease
+--   dedupe, signals, effects, lease, then (last, optional) the shard's sessions index (zset:
+--   a created session is added with its incarnation as score)
 -- ARGV[1] event count, ARGV[2] now (ms), ARGV[3] notify channel, ARGV[4] wake channel,
 --   ARGV[5] token ttl (s), ARGV[6] session count S, ARGV[7 .. 6+S] the session ids, then 6 args
 --   per event:
@@ -178,6 +179,8 @@ for i = 1, n do
         set[L.META_CREATED_AT] = tonumber(created.at) or now
         set[L.META_TTL], set[L.META_EPOCH] = created.ttl or 0, 0
         set[L.META_INCARNATION] = inc
+        local kindex = KEYS[5 + nsess * 6]
+        if kindex then redis.call('ZADD', kindex, inc, sid) end
         if agent ~= '' then
           ec_dispatch(dispatch, sid, 'created')
           set[L.META_DISPATCHED] = '1'

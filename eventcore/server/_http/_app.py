@@ -18,6 +18,7 @@ from eventcore._settings import Settings, load_settings
 from ._auth import AccessLogRedactor, Auth
 from ._context import ReadyCheck, ServiceContext
 from ._cors import Cors
+from ._docs import install_docs
 from ._health import GroupSpec, builtin_checks
 from ._health import router as health_router
 from ._metrics import Metrics
@@ -116,7 +117,7 @@ def create_app(
                 tg.cancel_scope.cancel()
 
     app = AbortableApp(
-        title="eventcore", version=_version(), lifespan=lifespan,
+        title="eventcore", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
         description="Event-sourced streaming sessions: create sessions, stream their events "
         "over SSE (resumable with Last-Event-ID), send inputs and signals, replay signals.",
     )
@@ -131,6 +132,7 @@ def create_app(
     app.include_router(health_router)
     for router in routers:
         app.include_router(router)
+    install_docs(app)  # /docs and /redoc from local assets: they work offline
     app.add_middleware(EdgeMiddleware, max_body=lambda: cfg.http_max_body,
                        observe=metrics.observe_request)
     if cfg.cors_origins:  # outermost, so the edge's own 413/431 answers are readable too

@@ -15,11 +15,15 @@ __all__ = [
     "CancelIn",
     "CreateSessionIn",
     "CreateSessionOut",
+    "DeadLetterOut",
+    "DeadLettersOut",
     "EnvelopeModel",
     "EventsPage",
     "InputIn",
     "SeqOut",
+    "SessionListOut",
     "SessionOut",
+    "SessionSummary",
     "SignalIn",
     "SignalsOut",
     "TokenIn",
@@ -139,4 +143,50 @@ class SessionOut(BaseModel):
     ended_at: _dt.datetime | None
     projection: dict[str, Any] | None = Field(
         description="The projector's read model of the session, once it has one.")
+    host: str | None = Field(default=None, description="The worker hosting the session now "
+                             "(API key callers only; null for session tokens).")
+    ttl_s: int | None = Field(default=None, description="Seconds the session is kept after it "
+                              "ends (0: forever); API key callers only.")
 
+
+class SessionSummary(BaseModel):
+    """One session of a listing: its metadata (no projection)."""
+
+    session_id: str
+    stream: str
+    incarnation: str = _INCARNATION
+    state: Literal["created", "active", "idle", "ended"]
+    agent: str | None
+    labels: dict[str, str]
+    last_seq: int
+    host: str | None = Field(description="The worker hosting the session now, if any.")
+    created_at: _dt.datetime | None
+    updated_at: _dt.datetime | None
+    ended_at: _dt.datetime | None
+    ttl_s: int
+
+
+class SessionListOut(BaseModel):
+    """A page of sessions, newest first. Pass ``next_cursor`` back as ``cursor`` (with the same
+    filters) for the next page; ``null``: there is no more. A filtered page may hold fewer than
+    ``limit`` sessions and still have a ``next_cursor``."""
+
+    sessions: list[SessionSummary]
+    next_cursor: str | None
+
+
+
+class DeadLetterOut(BaseModel):
+    """A session a worker gave up on (its handler kept failing, or its hosts kept dying)."""
+
+    entry_id: str
+    session_id: str
+    agent: str
+    attempts: int
+    error: dict[str, Any] = Field(description="{type, message, retryable}")
+    worker: str
+    at: _dt.datetime | None
+
+
+class DeadLettersOut(BaseModel):
+    dead_letters: list[DeadLetterOut]

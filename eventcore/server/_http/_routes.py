@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import logging
 import time
 from collections.abc import Iterator
@@ -15,10 +16,13 @@ from starlette.responses import Response
 from eventcore._codec import client_json
 from eventcore._envelope import Envelope
 from eventcore._keys import validate_key
+from eventcore._listing import SessionFilter, list_sessions
+from eventcore._sessions import SessionInfo, ms_datetime
 from eventcore.errors import CorruptEntry
 
 from ._auth import Principal
 from ._context import (
+    SESSION_ID_PATTERN,
     ServiceContext,
     SessionAccess,
     get_context,
@@ -30,15 +34,19 @@ from ._models import (
     CancelIn,
     CreateSessionIn,
     CreateSessionOut,
+    DeadLetterOut,
+    DeadLettersOut,
     InputIn,
     SeqOut,
+    SessionListOut,
     SessionOut,
+    SessionSummary,
     SignalIn,
     SignalsOut,
     TokenIn,
     TokenOut,
 )
-from ._params import SeqParam
+from ._params import PageSize, SeqParam
 from ._problems import Problem
 from ._sse import event_stream
 
@@ -94,6 +102,67 @@ async def _with_timing(ctx: ServiceContext, kind: str, aw: Any) -> Any:
         return await aw
 
 
+_MAX_LABEL_FILTERS = 16
+
+
+def _label_filters(labels: list[str] | None) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for item in labels or ():
+        key, eq, value = item.partition("=")
+        if not key or len(key) > 128 or len(value) > 1024:
+            raise Problem(422, "validation-error", "label filters are `key=value` or `key` "
+                          "(key 1-128 characters, value at most 1024)")
+        out[key] = value if eq else None
+    if len(out) > _MAX_LABEL_FILTERS:
+        raise Problem(422, "validation-error",
+                      f"at most {_MAX_LABEL_FILTERS} label filters")
+    return out
+
+
+def _states(states: list[str] | None) -> frozenset[str] | None:
+    if not states:
+        return None
+    wanted = frozenset(p.strip() for s in states for p in s.split(",") if p.strip())
+    return wanted or None
+
+
+def _summary(info: SessionInfo) -> SessionSummary:
+    return SessionSummary(
+        session_id=info.session_id, stream=info.stream, incarnation=info.incarnation,
+        state=info.state, agent=info.agent, labels=info.labels, last_seq=info.last_seq,
+        host=info.host, created_at=info.created_at, updated_at=info.updated_at,
+        ended_at=info.ended_at, ttl_s=info.ttl_s,
+    )
+
+
+@router.get("/sessions", response_model=SessionListOut,
+            summary="List sessions, newest first, filtered, in pages (API key only)")
+async def get_sessions(
+    _: Annotated[Principal, Depends(require_admin)],
+    ctx: Ctx,
+    agent: Annotated[str | None, Query(min_length=1, max_length=500,
+                                       description="Only sessions of this agent")] = None,
+    state: Annotated[list[str] | None, Query(
+        max_length=8, description="Only these states (repeat, or comma-separate): created, "
+        "active, idle, ended")] = None,
+    label: Annotated[list[str] | None, Query(
+        max_length=_MAX_LABEL_FILTERS, description="`key=value` (that value) or `key` (any "
+        "value); repeat for more, all must hold")] = None,
+    created_after: Annotated[_dt.datetime | None, Query(
+        description="Created at or after (ISO 8601; no offset: UTC)")] = None,
+    created_before: Annotated[_dt.datetime | None, Query(
+        description="Created before (ISO 8601; no offset: UTC)")] = None,
+    limit: Annotated[PageSize, Query(description="Most sessions on the page")] = 50,
+    cursor: Annotated[str | None, Query(min_length=1, max_length=512,
+                                        description="next_cursor of the previous page")] = None,
+) -> SessionListOut:
+    filters = SessionFilter(agent=agent, states=_states(state), labels=_label_filters(label),
+                            created_after=created_after, created_before=created_before)
+    page = await list_sessions(ctx.log, filters=filters, limit=limit, cursor=cursor)
+    return SessionListOut(sessions=[_summary(i) for i in page.sessions],
+                          next_cursor=page.next_cursor)
+
+
 @router.get("/sessions/{session_id}", response_model=SessionOut,
             summary="The session's state (projected, plus its metadata)")
 async def get_session(access: Reader) -> SessionOut:
@@ -104,6 +173,8 @@ async def get_session(access: Reader) -> SessionOut:
         state=info.state, agent=info.agent, labels=info.labels, last_seq=info.last_seq,
         created_at=info.created_at, updated_at=info.updated_at, ended_at=info.ended_at,
         projection=await _projection(access.ctx, access.session_id, info.incarnation),
+        host=info.host if access.principal.admin else None,
+        ttl_s=info.ttl_s if access.principal.admin else None,
     )
 
 
@@ -225,3 +296,24 @@ async def post_token(access: Reader, body: Annotated[TokenIn | None, Body()] = N
                                  ttl_s=ttl)
     return TokenOut(token=token, scope=req.scope, expires_in=ttl)
 
+
+
+@router.get("/dead-letters", response_model=DeadLettersOut, tags=["operations"],
+            summary="Sessions the workers gave up on, oldest first (API key only)")
+async def get_dead_letters(
+    _: Annotated[Principal, Depends(require_admin)],
+    ctx: Ctx,
+    session: Annotated[str | None, Query(min_length=1, max_length=128,
+                                         pattern=f"^{SESSION_ID_PATTERN}$",
+                                         description="Only this session's")] = None,
+    limit: Annotated[PageSize, Query(description="Most records per shard")] = 100,
+) -> DeadLettersOut:
+    from eventcore.workers import dead_letters
+
+    records = await dead_letters(ctx.log, count=limit)
+    return DeadLettersOut(dead_letters=[
+        DeadLetterOut(entry_id=d.entry_id, session_id=d.session_id, agent=d.agent,
+                      attempts=d.attempts, error=msgspec.to_builtins(d.error), worker=d.worker,
+                      at=ms_datetime(d.at_ms) if d.at_ms else None)
+        for d in records if session is None or d.session_id == session
+    ])
