@@ -25,7 +25,7 @@ INTERNAL = {
 
 # The service's own HTTP error (status + problem+json body), raised by user routes too: part of
 # eventcore.server's API, still an EventcoreError.
-SERVER_PUBLIC = {"eventcore.server._http._problems.Problem"}
+SERVER_PUBLIC = {"eventcore.server._http._problems.Problem", "eventcore.server._http._ws.WsClosed"}
 
 
 def _modules() -> list[ModuleType]:

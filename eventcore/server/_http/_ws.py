@@ -209,7 +209,7 @@ _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
 }
 
 
-class _BadFrame(Exception):
+class _BadFrame(EventcoreError):
     def __init__(self, why: Literal["invalid", "policy"], detail: str) -> None:
         super().__init__(detail)
         self.why = why

@@ -42,7 +42,7 @@ from fastapi import APIRouter, Depends, Request, WebSocket
 from pydantic import BaseModel, ConfigDict, Field
 
 from eventcore._follow import closing_iter
-from eventcore.errors import HistoryGone
+from eventcore.errors import EventcoreError, HistoryGone
 
 from .._clients import ClientFollow, InputOutcome, StreamEnd, client_input
 from .._http._auth import Principal
@@ -134,7 +134,7 @@ def detect(first: dict[str, Any], second: dict[str, Any] | None
     return found[0] if len(found) == 1 else None
 
 
-class _Refused(Exception):
+class _Refused(EventcoreError):
     def __init__(self, why: str, reason: str) -> None:
         super().__init__(reason)
         self.why = why
