@@ -5,6 +5,8 @@ that resumes across graceful and crashing server restarts with no gap and no dup
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,6 +20,7 @@ from eventcore import (
     SessionEnded,
     SessionNotFound,
     ValidationError,
+    load_settings,
 )
 from eventcore.client import (
     AsyncClient,
@@ -33,7 +36,7 @@ from eventcore.client import (
     Unauthorized,
     decode_payload,
 )
-from eventcore.testing._server import free_port
+from eventcore.testing._server import RedisServer, free_port
 
 DEADLINE = 90
 
@@ -282,3 +285,39 @@ async def test_list_sessions_when_the_service_has_it(service: Service) -> None:
         assert s.session_id in [row["id"] if "id" in row else row["session_id"]
                                 for row in page["sessions"]]
         assert "next_cursor" in page
+
+
+@pytest.mark.redis_restart
+async def test_the_stream_survives_a_redis_restart(
+    redis_server_factory: Callable[..., RedisServer], service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Redis goes away under the API (readiness fails, the hub and the stream retry or drop
+    the client) and comes back on the same port with its AOF: the client goes on with no gap
+    and no duplicate."""
+    redis = redis_server_factory()
+    env = {**service_env, "EVENTCORE_REDIS_URL": redis.url}
+    svc = Service(env, tmp_path)
+    svc.api.start()
+    settings = load_settings(redis_url=redis.url, namespace=env["EVENTCORE_NAMESPACE"],
+                             shards=4, retry_budget_s=20)
+    try:
+        async with EventLog(settings) as log, AsyncClient(svc.url, API_KEY,
+                                                          backoff_max_s=0.5) as c:
+            s = await c.create_session("echo")
+            sid = s.session_id
+            col = Collector(c, sid)
+            with anyio.fail_after(DEADLINE):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(col.run)
+                    for i in range(3):
+                        res = await log.emit(sid, "message", {"i": i})
+                    await col.reached(res.seq)
+                    await anyio.to_thread.run_sync(redis.restart)  # graceful: AOF kept
+                    for i in range(3):
+                        await log.emit(sid, "message", {"after": i})
+                    await log.end_session(sid)
+                    await col.done.wait()
+            assert col.seqs == list(range(1, 9))
+    finally:
+        svc.api.stop()
