@@ -315,8 +315,7 @@ class AsyncClient:
                             # the server ended the stream without saying why: done if ended
                             state = await self.get_session(session_id)
                             if state.state == "ended" and state.last_seq <= cursor:
-                                return
-                            delay = 0.0
+                                return  # (else: backoff, so a closing server is no hot loop)
             except httpx.TransportError as exc:
                 failure = exc
             if failure is not None:

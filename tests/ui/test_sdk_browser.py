@@ -182,3 +182,33 @@ async def test_a_deleted_session_ends_with_session_deleted(redis_url: str) -> No
             assert await seqs(page) == [1, 2]
             assert await page.evaluate("window.got.at(-1)") == {"control": "deleted",
                                                                 "sid": sid, "last": 2}
+
+
+async def test_a_page_on_another_origin_imports_the_sdk_and_follows(redis_url: str) -> None:
+    """The page is on ``http://localhost:P``, the service ``http://127.0.0.1:P`` (two origins
+    to the browser): the module loads (it is public to every origin) and, with the page's
+    origin in ``EVENTCORE_CORS_ORIGINS``, its calls and the stream (Authorization and
+    Last-Event-ID headers: a preflight) work."""
+    port = free_port()
+    settings = load_settings(redis_url=redis_url, namespace=unique_namespace(), shards=4,
+                             cors_origins=f"http://localhost:{port}")
+    with anyio.fail_after(DEADLINE):
+        async with EventLog(settings) as log, chromium() as browser, \
+                serve(log, port=port) as svc:
+            sid, token = await svc.create_session()
+            await log.emit(sid, "custom.kind", {"x": 1})
+            page: Page = await browser.new_page()
+            await page.navigate(f"http://localhost:{port}/healthz")
+            assert await page.evaluate("location.origin") == f"http://localhost:{port}"
+            await page.evaluate(LOAD.replace("'/ui/eventcore.js'",
+                                             json.dumps(f"{svc.url}/ui/eventcore.js")))
+            await page.evaluate(follow(sid, token=token, options={"baseUrl": svc.url}))
+            await reached(page, 2)
+            seq = await page.evaluate(f"""(async () => (await window.client.sendInput(
+                {json.dumps(sid)}, {{ text: 'cross-origin' }})).seq)()""")
+            assert seq == 3
+            await log.end_session(sid)
+            await done(page)
+            assert await page.evaluate("window.failure") is None
+            assert await page.evaluate("window.got.map(e => e.type)") == [
+                "session.created", "custom.kind", "input", "session.ended"]

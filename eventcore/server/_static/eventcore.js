@@ -306,7 +306,7 @@ export class EventcoreClient {
             // ended without saying why: done if the session has ended and we saw its end
             const s = await this.getSession(id);
             if (s.state === "ended" && s.last_seq <= cursor) { status("ended", { after: cursor }); return; }
-            delay = 0;
+            // else: backoff below, so a server that keeps closing is no hot loop
           }
         }
       } catch (e) {
