@@ -19,9 +19,15 @@ import hashlib
 import re
 from functools import cache
 from importlib import resources
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+import msgspec
+from fastapi import APIRouter, Depends, Query
 from starlette.responses import Response
+
+from ._http._context import SessionAccess, session_reader
+from ._http._params import PageSize, SeqParam
+from ._http._problems import Problem
 
 __all__ = ["sdk_js", "ui_html", "ui_router"]
 
@@ -77,3 +83,30 @@ async def get_sdk() -> Response:
         "Access-Control-Allow-Origin": "*",
         "X-Content-Type-Options": "nosniff",
     })
+
+
+# the kinds whose server_data may explain a failure (the worker keeps a failed run's traceback)
+FAILURE_TYPES = frozenset({"run.failed", "run.timed_out", "session.ended"})
+
+
+@ui_router.get("/ui/api/sessions/{session_id}/failures",
+               summary="Failure details the viewer shows admins (server_data; API key only)")
+async def get_failures(
+    access: Annotated[SessionAccess, Depends(session_reader)],
+    after: Annotated[SeqParam, Query(description="Failures with seq > after")] = 0,
+    limit: Annotated[PageSize, Query(description="Most envelopes scanned")] = 100,
+) -> Response:
+    """``server_data`` of the session's failure envelopes (``run.failed``, ``run.timed_out``,
+    ``session.ended``) after ``after``: what ``/ui`` shows an admin under a failed run (the
+    traceback). ``server_data`` never goes to clients otherwise, so this needs the API key."""
+    if not access.principal.admin:
+        raise Problem(403, "forbidden", "failure details (server_data) need the API key")
+    log = access.ctx.log
+    await log.get_session(access.session_id)  # 404 for an unknown session
+    envs = await log.read(access.session_id, after, limit, types=set(FAILURE_TYPES))
+    out: list[dict[str, Any]] = [
+        {"seq": e.seq, "type": e.type, "run_id": e.run_id, "server_data": e.server_data}
+        for e in envs if e.server_data is not None
+    ]
+    return Response(msgspec.json.encode({"failures": out}), media_type="application/json",
+                    headers={"Cache-Control": "no-store"})

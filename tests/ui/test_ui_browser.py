@@ -300,3 +300,39 @@ async def test_the_session_list_is_live_and_opens_a_session(redis_url: str) -> N
             # and back to the list
             await page.evaluate("document.getElementById('to-list').click()")
             await page.evaluate(wait_for(f'#session-rows tr[data-sid="{first}"]'))
+
+
+async def test_a_failed_runs_traceback_is_shown_to_admins_only(redis_url: str) -> None:
+    """``server_data`` (where the worker keeps a failed run's traceback) never goes to clients:
+    the viewer asks its own endpoint for it, which answers the API key only."""
+    settings = load_settings(redis_url=redis_url, namespace=unique_namespace(), shards=4)
+    trace = "Traceback (most recent call last):\n  File \"agent.py\", line 3\nValueError: <i>x"
+    with anyio.fail_after(DEADLINE):
+        async with EventLog(settings) as log, chromium() as browser, serve(log) as svc:
+            sid, token = await svc.create_session()
+            await log.emit(sid, "run.started", {"name": "step"}, run_id="r1")
+            failed = await log.emit(sid, "run.failed", {
+                "name": "step", "duration_ms": 12.5,
+                "error": {"type": "ValueError", "message": "<i>x", "retryable": True}},
+                run_id="r1", server_data={"traceback": trace})
+            page = await browser.new_page()
+            await page.navigate(f"{svc.url}/ui#session={sid}&token={svc.api_key}")
+            shown = await page.evaluate(wait_for('#runs li.run[data-run="r1"] pre.traceback'))
+            assert shown == trace
+            assert await page.evaluate(
+                "document.querySelector('#runs li.run[data-run=\"r1\"] .dur').textContent") \
+                == "13 ms"
+            assert await page.evaluate("document.querySelectorAll('#runs i').length") == 0
+            # the envelopes themselves never carry it
+            assert "Traceback" not in await page.evaluate(
+                "document.getElementById('rows').textContent")
+            async with svc.client(token) as c:
+                r = await c.get(f"/ui/api/sessions/{sid}/failures")
+                assert r.status_code == 403
+                assert r.headers["content-type"].startswith("application/problem+json")
+            async with svc.client(svc.api_key) as c:
+                r = await c.get(f"/ui/api/sessions/{sid}/failures")
+                assert r.json() == {"failures": [{"seq": failed.seq, "type": "run.failed",
+                                                  "run_id": "r1",
+                                                  "server_data": {"traceback": trace}}]}
+                assert (await c.get("/ui/api/sessions/nope/failures")).status_code == 404
