@@ -11,8 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import API_KEY
-from service_support import Service
+from service_support import API_KEY, Service
 
 from eventcore import (
     EventcoreError,
