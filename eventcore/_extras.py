@@ -15,10 +15,10 @@ __all__ = ["EXTRAS", "has_extra", "import_optional", "require_extra"]
 EXTRAS: Final[dict[str, tuple[str, ...]]] = {
     "server": ("fastapi", "uvicorn", "typer", "rich", "sse_starlette", "jwt", "httpx",
                "httpx_sse"),
-    "client": ("httpx",),
     "webrtc": ("aiortc",),
     "sql": ("sqlalchemy", "aiosqlite"),
     "postgres": ("sqlalchemy", "asyncpg"),
+    "client": ("httpx",),
 }
 
 
