@@ -19,6 +19,7 @@ EXTRAS: Final[dict[str, tuple[str, ...]]] = {
     "sql": ("sqlalchemy", "aiosqlite"),
     "postgres": ("sqlalchemy", "asyncpg"),
     "schedules": ("cronsim",),
+    "client": ("httpx",),
 }
 
 

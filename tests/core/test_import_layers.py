@@ -3,7 +3,8 @@
 reach a higher layer.
 
     eventcore (the log: core modules, eventcore.testing)
-      < eventcore.sinks
+      < eventcore.sinks, eventcore.client          (independent of each other; the client
+                                                    imports the core only, never the server)
       < eventcore.workers, eventcore.subscribers   (independent of each other)
       < eventcore.server                           (HTTP API, SSE hub, WebRTC, /ui, CLI, demo, tail)
 
@@ -25,12 +26,14 @@ LAYER = {
     "eventcore": 0,
     "eventcore.testing": 0,
     "eventcore.sinks": 1,
+    "eventcore.client": 1,
     "eventcore.workers": 2,
     "eventcore.subscribers": 2,
     "eventcore.server": 3,
 }
 # same-layer packages that must stay independent of each other
-INDEPENDENT = {frozenset({"eventcore.workers", "eventcore.subscribers"})}
+INDEPENDENT = {frozenset({"eventcore.workers", "eventcore.subscribers"}),
+               frozenset({"eventcore.client", "eventcore.sinks"})}
 TOP_LEVEL_FOLDERS = {"workers", "subscribers", "sinks"}
 
 

@@ -12,7 +12,7 @@ import eventcore
 from eventcore import errors
 
 PACKAGES = ("eventcore", "eventcore.sinks", "eventcore.subscribers", "eventcore.workers",
-            "eventcore.server")
+            "eventcore.server", "eventcore.client")
 
 # Control flow that never leaves its layer (the module that raises it also catches it), so it
 # stays next to its one use. Anything else is part of the tree in errors.py.
@@ -26,6 +26,13 @@ INTERNAL = {
 # The service's own HTTP error (status + problem+json body), raised by user routes too: part of
 # eventcore.server's API, still an EventcoreError.
 SERVER_PUBLIC = {"eventcore.server._http._problems.Problem", "eventcore.server._http._ws.WsClosed"}
+# The HTTP client's errors (an answer's status + problem document, or the service unreachable):
+# eventcore.client's API, every one a ClientError and so an EventcoreError; the ones with a core
+# meaning are also that core error (NotFound is a SessionNotFound, Conflict a SessionEnded,
+# InvalidRequest a ValidationError). The core never raises them: they stay with the client.
+CLIENT_PUBLIC = {f"eventcore.client._errors.{name}" for name in (
+    "ApiError", "ClientError", "Conflict", "ConnectionLost", "Forbidden", "InvalidRequest",
+    "NotFound", "ServiceUnavailable", "Unauthorized")}
 
 
 def _modules() -> list[ModuleType]:
@@ -68,12 +75,13 @@ def test_public_exceptions_live_in_errors() -> None:
             obj = getattr(pkg, attr)
             if inspect.isclass(obj) and issubclass(obj, BaseException) \
                     and obj.__module__ != "eventcore.errors" \
-                    and f"{obj.__module__}.{obj.__qualname__}" not in SERVER_PUBLIC:
+                    and f"{obj.__module__}.{obj.__qualname__}" not in SERVER_PUBLIC | CLIENT_PUBLIC:
                 outside.append(f"{name}.{attr} (defined in {obj.__module__})")
     assert outside == []
     elsewhere = sorted(name for c in _exception_classes() if c.__module__ != "eventcore.errors"
                        and not c.__name__.startswith("_")
-                       and (name := f"{c.__module__}.{c.__qualname__}") not in INTERNAL)
+                       and (name := f"{c.__module__}.{c.__qualname__}")
+                       not in INTERNAL | CLIENT_PUBLIC)
     assert elsewhere == []
 
 

@@ -42,7 +42,8 @@ def test_the_wheel_installs_one_top_level_package(wheel: Path) -> None:
     for needed in ("eventcore/workers/_worker.py", "eventcore/subscribers/_projector.py",
                    "eventcore/sinks/_base.py", "eventcore/server/_http/_sse.py",
                    "eventcore/server/_static/ui.html", "eventcore/_lua/append.lua",
-                   "eventcore/workers/_lua/claim.lua", "eventcore/workers/py.typed"):
+                   "eventcore/workers/_lua/claim.lua", "eventcore/workers/py.typed",
+                   "eventcore/server/_static/eventcore.js", "eventcore/client/_async.py"):
         assert needed in names, needed
 
 
@@ -77,6 +78,15 @@ try:
     eventcore.subscribers.Persistence
 except eventcore.MissingExtra as exc:
     print("persistence:", exc)
+try:
+    import httpx
+except ImportError:
+    try:
+        import eventcore.client
+    except eventcore.MissingExtra as exc:
+        print("client:", exc)
+else:
+    print("client: httpx is installed")
 """
 
 
@@ -87,6 +97,9 @@ def test_core_only_install_imports_and_names_missing_extras(core_env: Path) -> N
     assert any(line.startswith("server:") and "pip install 'eventcore[server]'" in line
                for line in lines), lines
     assert any(line.startswith("persistence:") and "'sql' extra" in line for line in lines), lines
+    assert any(line.startswith("client:") and ("pip install 'eventcore[client]'" in line
+                                               or "httpx is installed" in line)
+               for line in lines), lines
 
 
 def test_the_console_script_without_the_server_extra_is_one_line(core_env: Path) -> None:

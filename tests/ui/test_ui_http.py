@@ -19,29 +19,30 @@ async def test_ui_is_a_self_contained_page_with_a_strict_csp(service: Service) -
     csp = r.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
     assert "frame-ancestors 'none'" in csp and "'unsafe-inline'" not in csp
+    assert "script-src 'self' 'sha256-" in csp  # the SDK from this origin, the page by hash
     for tag in ("script", "style"):
-        (body,) = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        (body,) = re.findall(rf"<{tag}(?:\s[^>]*)?>(.*?)</{tag}>", html, flags=re.S)
         digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
         assert f"'sha256-{digest}'" in csp  # exactly this inline code may run
     assert r.headers["x-frame-options"] == "DENY"
     assert r.headers["referrer-policy"] == "no-referrer"
-    # nothing is loaded from anywhere else, and nothing is built
+    # nothing is loaded from anywhere else, and nothing is built: one module, the SDK
     assert not re.search(r"""(src|href)\s*=\s*["'](https?:)?//""", html)
-    assert "<script src" not in html and "import " not in html
-    assert "new EventSource(" in html
+    assert "<script src" not in html
+    assert re.findall(r"^import .*$", html, flags=re.M) == [
+        'import { EventcoreClient } from "./ui/eventcore.js";']
+    assert "new EventSource(" not in html and "access_token" not in html
 
 
 async def test_the_requests_the_page_makes_work_as_it_makes_them(service: Service) -> None:
-    """The page's flow: mint a read token with the user's credential (header), then open the
-    stream with that token in the URL (an EventSource cannot set headers)."""
+    """The SDK's stream request: the credential in the Authorization header (never in the
+    URL) and the cursor in Last-Event-ID."""
     sid, token = await service.create_session()
     await service.log.emit(sid, "message", {"text": "hello"})
-    async with service.client(token) as c:
-        r = await c.post(f"/v1/sessions/{sid}/tokens", json={"scope": "read", "ttl_s": 300})
-        assert r.status_code == 200
-        read = r.json()["token"]
-    async with service.client() as c, httpx_sse.aconnect_sse(
-        c, "GET", f"/v1/sessions/{sid}/events", params={"after": 0, "access_token": read}
+    await service.log.emit(sid, "message", {"text": "again"})
+    async with service.client(token) as c, httpx_sse.aconnect_sse(
+        c, "GET", f"/v1/sessions/{sid}/events", params={"after": 1},
+        headers={"Last-Event-ID": "1", "Accept": "text/event-stream"},
     ) as source:
         assert source.response.status_code == 200
         events = []
@@ -50,7 +51,7 @@ async def test_the_requests_the_page_makes_work_as_it_makes_them(service: Servic
                 events.append((int(sse.id), sse.event))
             if len(events) == 2:
                 break
-    assert events == [(1, "session.created"), (2, "message")]
+    assert events == [(2, "message"), (3, "message")]
 
 
 async def test_ui_answers_only_get(service: Service) -> None:
