@@ -1,9 +1,10 @@
 """Shard streams and their entry ids, whatever consumer groups read them.
 
 - :func:`id_key` / :func:`id_pred`: the ordering of entry ids, and the id just below one.
-- :class:`Span`: which shards one blocking read covers. Today one read covers every shard (a
-  single Redis node); on Redis Cluster there is one span per node (:func:`spans` is the one
-  place that decides), and each span gets its own blocking read.
+- :class:`Span`: which shards one read covers. On a single Redis node one blocking read
+  covers every shard; on Redis Cluster there is one span per master node, the shards whose
+  slots it serves now (:func:`spans` is the one place that decides, from the client's slot
+  map, so a moved slot or a failover re-groups them at the next read).
 - :class:`ShardStreams`: every group's state on each stream, the trim floor (the oldest id any
   group still needs: its oldest pending entry, else its last delivered one) and the exact
   MINID trim below it.
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._redis import Redis, redis_errors
+from ._redis import Redis, is_cluster, redis_errors
 from ._redis import text as _s
 
 __all__ = ["GroupState", "ShardStreams", "Span", "id_key", "id_pred", "spans"]
@@ -39,10 +40,12 @@ def id_pred(entry_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """The shards one blocking read covers, and their stream names (in the same order)."""
+    """The shards one read covers, and their stream names (in the same order); ``node``: the
+    master serving them (``host:port``) on Redis Cluster, None on a single node."""
 
     shards: tuple[int, ...]
     streams: tuple[str, ...]
+    node: str | None = None
 
     def shard_of(self, stream: str) -> int:
         return self.shards[self.streams.index(stream)]
@@ -52,10 +55,24 @@ class Span:
         return max(1, -(-total // len(self.shards)))
 
 
-def spans(shards: Sequence[int], stream: Callable[[int], str]) -> tuple[Span, ...]:
-    """How the shards are split between blocking reads: one read for all of them on a single
-    Redis node (on Redis Cluster: one span per node, the shards whose slots it serves)."""
-    return (Span(tuple(shards), tuple(stream(s) for s in shards)),)
+def spans(shards: Sequence[int], stream: Callable[[int], str], redis: Redis | None = None
+          ) -> tuple[Span, ...]:
+    """How the shards are split between reads: one read for all of them on a single Redis
+    node; on Redis Cluster (``redis`` a cluster client) one span per master node, the shards
+    whose slots it serves by the client's current slot map (in the order of ``shards``)."""
+    if redis is None or not is_cluster(redis):
+        return (Span(tuple(shards), tuple(stream(s) for s in shards)),)
+    nodes = redis.nodes_manager  # type: ignore[attr-defined]
+    by_node: dict[str, list[tuple[int, str]]] = {}
+    for shard in shards:
+        name = stream(shard)
+        try:
+            node = nodes.get_node_from_slot(redis.keyslot(name)).name  # type: ignore[attr-defined]
+        except Exception:  # the slot map is being re-read (failover): the read re-groups
+            node = ""
+        by_node.setdefault(node, []).append((shard, name))
+    return tuple(Span(tuple(s for s, _ in items), tuple(n for _, n in items), node or None)
+                 for node, items in by_node.items())
 
 
 @dataclass(frozen=True, slots=True)
