@@ -155,7 +155,10 @@ async def run_scripts(
         try:
             async with client.pipeline(transaction=False) as pipe:
                 for keys, args in calls:
-                    await script(keys=keys, args=args, client=pipe)
+                    if is_cluster(client):  # a cluster pipeline refuses pipe.evalsha()
+                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    else:
+                        await script(keys=keys, args=args, client=pipe)
                 return list(await pipe.execute())
         except rexc.NoScriptError:
             if attempt == _SCRIPT_LOADS - 1:
