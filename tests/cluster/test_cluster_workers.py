@@ -8,12 +8,8 @@ import signal
 import time
 
 import anyio
-import worker_apps
-from group_support import (
-    clients_per_master,
-    sessions_per_master,
-    watching,
-)
+from group_support import clients_per_master, sessions_per_master, watching
+from worker_apps import app as echo_app  # tests/workers: on sys.path from group_support
 from workers_support import WorkerProc
 
 from eventcore import Envelope, EventLog, load_settings
@@ -32,7 +28,7 @@ async def test_worker_hosts_and_answers_sessions_on_every_master(
     log = cluster_event_log
     by_master = sessions_per_master(redis_cluster, log, 3, "w")
     sessions = [s for group in by_master.values() for s in group]
-    async with Worker(worker_apps.app, log, **FAST) as w, watching(log) as feed:
+    async with Worker(echo_app, log, **FAST) as w, watching(log) as feed:
         # one span per master: every shard's dispatch stream read on the node serving it
         spans = w._group.spans if w._group else ()
         assert sorted(s.node or "" for s in spans) == sorted(
@@ -109,7 +105,7 @@ async def _connections_added(cluster: LocalCluster, shards: int) -> dict[int, in
     settings = load_settings(redis_url=cluster.url, namespace=unique_namespace(),
                              shards=shards, retry_budget_s=10)
     before = clients_per_master(cluster)
-    async with EventLog(settings) as log, Worker(worker_apps.app, log, **FAST), \
+    async with EventLog(settings) as log, Worker(echo_app, log, **FAST), \
             watching(log) as feed:
         by_master = sessions_per_master(cluster, log, 2, f"c{shards}")
         sessions = [s for group in by_master.values() for s in group]
