@@ -155,9 +155,12 @@ class Retention(Running):
         cursor = 0
         while True:
             with redis_errors("retention scan"):
-                cursor, found = await redis.scan(
+                reply = await redis.scan(
                     cursor, match=keys.session_pattern(), count=self.scan_count,
                     _type="stream", **on)
+            if isinstance(reply, dict):  # a cluster client answers {node name: reply}
+                (reply,) = reply.values()
+            cursor, found = reply
             sids = [_s(k).split(":session/", 1)[1] for k in found]
             report.sessions_scanned += len(sids)
             if sids:
