@@ -158,9 +158,9 @@ class Retention(Running):
                 reply = await redis.scan(
                     cursor, match=keys.session_pattern(), count=self.scan_count,
                     _type="stream", **on)
-            if isinstance(reply, dict):  # a cluster client answers {node name: reply}
-                (reply,) = reply.values()
             cursor, found = reply
+            if isinstance(cursor, dict):  # a cluster client answers {node name: cursor}
+                (cursor,) = cursor.values()
             sids = [_s(k).split(":session/", 1)[1] for k in found]
             report.sessions_scanned += len(sids)
             if sids:
