@@ -16,12 +16,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis.exceptions as rexc
+
 from ._redis import Redis, is_cluster, redis_errors
 from ._redis import text as _s
 
 __all__ = ["GroupState", "ShardStreams", "Span", "id_key", "id_pred", "spans"]
 
 _MAX_U64 = 2**64 - 1
+
+
+def _queue_xinfo(pipe: Any, stream: str) -> None:
+    pipe.xinfo_groups(stream)
+
+
+def _queue_xpending(pipe: Any, stream: str, group: str) -> None:
+    pipe.xpending(stream, group)
 
 
 def id_key(entry_id: str) -> tuple[int, int]:
@@ -112,12 +122,8 @@ class ShardStreams:
         """Every group on each shard's stream (none where the stream does not exist), in two
         round trips for all shards; the lag of group ``lag_of`` too (counted by hand on Redis
         6.2)."""
-        redis = self.redis
         with redis_errors("group floors"):
-            async with redis.pipeline(transaction=False) as pipe:
-                for shard in self.shards:
-                    pipe.xinfo_groups(self.stream(shard))
-                infos = await pipe.execute(raise_on_error=False)
+            infos = await self._each([(_queue_xinfo, self.stream(shard)) for shard in self.shards])
             found: list[tuple[int, dict[str, Any]]] = []
             for shard, groups in zip(self.shards, infos, strict=True):
                 if isinstance(groups, Exception):
@@ -125,10 +131,8 @@ class ShardStreams:
                         continue
                     raise groups
                 found += [(shard, g) for g in groups]
-            async with redis.pipeline(transaction=False) as pipe:
-                for shard, g in found:
-                    pipe.xpending(self.stream(shard), _s(g["name"]))
-                pending = await pipe.execute(raise_on_error=False)
+            pending = await self._each([(_queue_xpending, self.stream(shard), _s(g["name"]))
+                                        for shard, g in found])
             for summary in pending:
                 if isinstance(summary, Exception) and "NOGROUP" not in str(summary):
                     raise summary
@@ -146,6 +150,23 @@ class ShardStreams:
                 min_pending=_s(summary["min"]) if summary.get("min") else None,
                 lag=None if lag is None else int(lag))
         return out
+
+    async def _each(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline of ``calls`` (``(queue, *args)``), each reply or its error. Errors of a
+        command (a missing stream, a group gone) are replies; a transient one (a connection
+        lost, a slot moved: a failover) is retried within the budget first, as any pipeline's
+        (on Redis Cluster re-reading the slot map), and raises when the budget is spent."""
+        redis = self.redis
+        for tolerant in (False, True):
+            try:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for queue, *args in calls:
+                        queue(pipe, *args)
+                    return list(await pipe.execute(raise_on_error=tolerant))
+            except rexc.ResponseError:
+                if tolerant:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _count_after(self, shard: int, last: str, cap: int = 10_000) -> int:
         with redis_errors("lag"):
