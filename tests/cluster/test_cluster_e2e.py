@@ -9,7 +9,7 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import httpx
@@ -22,6 +22,18 @@ from eventcore.testing.invariants import check_log, read_all
 
 API_KEY = "cluster-e2e-key-" + "k" * 24
 SESSIONS = 120
+
+
+def _start_api(env: dict[str, str], err: Path, files: list[IO[bytes]], *, subscribers: bool
+               ) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    f = err.open("wb")
+    files.append(f)
+    proc = subprocess.Popen(
+        [EVENTCORE, "serve", "worker_apps:app", "--port", str(port), "--log-level", "warning",
+         *([] if subscribers else ["--no-subscribers"])],
+        cwd=WORKERS, env=env, stdout=subprocess.DEVNULL, stderr=f)
+    return f"http://127.0.0.1:{port}", proc
 
 
 async def _ready(url: str, proc: subprocess.Popen[bytes]) -> None:
@@ -49,17 +61,13 @@ async def test_two_apis_two_workers_every_input_answered_once(
                 "EVENTCORE_DATA_DIR": str(tmp_path / "data")})
     apis: list[tuple[str, subprocess.Popen[bytes]]] = []
     workers: list[WorkerProc] = []
-    errs = [open(tmp_path / f"api{i}.err", "wb") for i in range(2)]  # noqa: SIM115
+    errs: list[IO[bytes]] = []
     async with EventLog(settings) as log, watching(log) as feed:
         try:
             for i in range(2):
-                port = free_port()
-                proc = subprocess.Popen(
-                    [EVENTCORE, "serve", "worker_apps:app", "--port", str(port),
-                     "--log-level", "warning", *(["--no-subscribers"] if i else [])],
-                    cwd=WORKERS, env=env, stdout=subprocess.DEVNULL,
-                    stderr=errs[i])
-                apis.append((f"http://127.0.0.1:{port}", proc))
+                # the first one runs the built-in subscribers, the second only serves
+                apis.append(_start_api(env, tmp_path / f"api{i}.err", errs,
+                                       subscribers=i == 0))
             for url, proc in apis:
                 await _ready(url, proc)
             for _ in range(2):
