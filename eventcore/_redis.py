@@ -303,6 +303,13 @@ def _unreachable(exc: BaseException) -> bool:
         exc.__cause__, (rexc.ConnectionError, rexc.TimeoutError, OSError))
 
 
+def _reset_under_us(exc: BaseException) -> bool:
+    """redis-py's cluster pipeline reading the default node after another task's failed
+    command reset the client (its ``aclose()``, as redis-py does on a connection error, sets
+    the default node to None until the slot map is read again): retried as transient."""
+    return isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in str(exc)
+
+
 class _Budget:
     """Exponential backoff (base 50 ms, cap 1 s, jitter) until ``budget_s`` is spent."""
 
@@ -398,7 +405,7 @@ class _ClusterPipeline(ClusterPipeline):
                         self._cluster, stack, raise_on_error=raise_on_error,
                         allow_redirections=allow_redirections)
                 except Exception as exc:
-                    if not _transient(exc):
+                    if not (_transient(exc) or _reset_under_us(exc)):
                         raise
                     if not isinstance(exc, rexc.MaxConnectionsError):
                         # a node failed or a slot moved: read the slot map again next time
