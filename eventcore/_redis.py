@@ -387,6 +387,13 @@ class _ClusterPipeline(ClusterPipeline):
         self._cluster = client
         self._transaction = transaction
 
+    async def initialize(self) -> ClusterPipeline:
+        # redis-py reads the slot map here, on entering the block, outside any retry: a dead
+        # node met there (a failover) failed the pipeline at once. execute() reads it within
+        # the retry budget instead.
+        self._command_stack = []
+        return self
+
     async def execute(
         self, raise_on_error: bool = True, allow_redirections: bool = True
     ) -> list[Any]:
