@@ -3,10 +3,12 @@ implementation the worker pool (dispatch streams) and the subscribers (shard fee
 
 :class:`ConsumerGroup` is one group on those streams as seen by one consumer: ensure (BUSYGROUP
 tolerated, at the checkpoint if one is known), NOGROUP recovery (recreated from the checkpoint,
-never from ``$``), read (XREADGROUP over one :class:`~eventcore._streams.Span`, COUNT per
-shard), ack, keep-alive, the reclaim of idle entries (XAUTOCLAIM, optionally fenced by a lease,
-optionally with a delivery limit whose entries go to the dead-letter stream in the same step),
-dead letters, group state, checkpoints, and the trim below every group's floor.
+never from ``$``), read (XREADGROUP over the :class:`~eventcore._streams.Span` of each node,
+COUNT per shard: on a single node one blocking read; on Redis Cluster, where one command may
+only name keys of one slot, one pipelined round trip per master node), ack, keep-alive, the
+reclaim of idle entries (XAUTOCLAIM, optionally fenced by a lease, optionally with a delivery
+limit whose entries go to the dead-letter stream in the same step), dead letters, group state,
+checkpoints, and the trim below every group's floor.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import anyio
 import redis.exceptions as rexc
 
 from ._codec import encode, subscriber_dead_letter
 from ._envelope import ErrorInfo
 from ._keys import Keys
-from ._redis import redis_errors
+from ._redis import is_cluster, redis_errors, run_scripts
 from ._redis import text as _s
 from ._scripts import lua
 from ._streams import GroupState, ShardStreams, Span, id_key, spans
@@ -36,6 +39,9 @@ __all__ = [
 ]
 
 _TOUCH_CHUNK = 1000
+#: Redis Cluster: how long an idle read waits between polls (doubling from the first to the
+#: last) while its blocking time lasts
+CLUSTER_POLL_S = (0.005, 0.1)
 
 
 def _script(name: str) -> str:
@@ -115,7 +121,7 @@ class ConsumerGroup:
         #: the checkpoints this process knows: raised by :meth:`save_checkpoints` and :meth:`trim`
         self.checkpoints: dict[int, str] = {}
         self.recoveries = 0
-        self.spans = spans(self.shards, streams.stream)
+        self.cluster = is_cluster(self.redis)
         redis = self.redis
         self._reclaim = redis.register_script(_script("reclaim"))
         self._touch = redis.register_script(_script("touch"))
@@ -123,10 +129,18 @@ class ConsumerGroup:
         self._release = redis.register_script(_script("release"))
 
     @property
+    def spans(self) -> tuple[Span, ...]:
+        """The shards per node as the slot map says now (one span on a single node)."""
+        return spans(self.shards, self.streams.stream, self.redis)
+
+    @property
     def span(self) -> Span:
-        """The span of a single-node deployment: every shard in one read."""
-        (only,) = self.spans
-        return only
+        """Every shard, as one span (a single node reads it in one blocking XREADGROUP)."""
+        return Span(tuple(self.shards), tuple(self.stream(s) for s in self.shards))
+
+    def share(self, total: int) -> int:
+        """XREADGROUP's COUNT is per stream: each shard's share of ``total`` (at least 1)."""
+        return self.span.share(total)
 
     def stream(self, shard: int) -> str:
         return self.streams.stream(shard)
@@ -179,9 +193,19 @@ class ConsumerGroup:
     # -- reading and acknowledging ---------------------------------------------------------------
     async def read(self, count: int, block_ms: int | None, span: Span | None = None
                    ) -> list[Entry]:
-        """XREADGROUP of new entries over ``span`` (default: :attr:`span`), up to ``count``
+        """XREADGROUP of new entries over ``span`` (default: every shard), up to ``count``
         per shard, blocking up to ``block_ms`` (None: not at all). A lost group raises (see
-        :meth:`recovered`)."""
+        :meth:`recovered`).
+
+        On Redis Cluster a command names keys of one slot only (CROSSSLOT otherwise, even on
+        one node), so a blocking read would hold a connection per shard: instead each poll is
+        one round trip per master node, a pipeline of non-blocking XREADGROUPs of the shards
+        it serves (redis-py splits it by the current slot map and follows MOVED and ASK;
+        within the retry budget it re-reads the map), and an idle read polls again after a
+        pause growing from 5 to 100 ms until ``block_ms`` is spent. The connections stay one
+        per node however many shards there are."""
+        if self.cluster:
+            return await self._poll_nodes(count, block_ms, span or self.span)
         span = span or self.span
         with redis_errors("xreadgroup"):
             got = await self.redis.xreadgroup(
@@ -189,6 +213,24 @@ class ConsumerGroup:
                 block=block_ms)
         return [(span.shard_of(_s(name)), _s(eid), fields)
                 for name, items in got or () for eid, fields in items]
+
+    async def _poll_nodes(self, count: int, block_ms: int | None, span: Span) -> list[Entry]:
+        deadline = anyio.current_time() + (block_ms or 0) / 1000
+        pause, most = CLUSTER_POLL_S
+        while True:
+            with redis_errors("xreadgroup"):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name in span.streams:
+                        pipe.xreadgroup(self.group, self.consumer, {name: ">"}, count=count)
+                    replies = await pipe.execute()
+            out = [(shard, _s(eid), fields)
+                   for shard, got in zip(span.shards, replies, strict=True)
+                   for _, items in got or () for eid, fields in items]
+            left = deadline - anyio.current_time()
+            if out or not block_ms or left <= 0:
+                return out
+            await anyio.sleep(min(pause, left))
+            pause = min(pause * 2, most)
 
     async def ack(self, ids: Mapping[int, Sequence[str]]) -> None:
         if not any(ids.values()):
@@ -246,11 +288,9 @@ class ConsumerGroup:
     async def release_leases(self) -> None:
         """Give up the reclaim leases this consumer holds (they would expire anyway)."""
         with redis_errors("release lease"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for shard in self.shards:
-                    await self._release(keys=[self.keys.reclaim_lock(self.group, shard)],
-                                        args=[self.consumer], client=pipe)
-                await pipe.execute()
+            await run_scripts(self.redis, self._release, [
+                ([self.keys.reclaim_lock(self.group, shard)], [self.consumer])
+                for shard in self.shards])
 
     async def dead_letter(
         self, shard: int, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int,
@@ -290,12 +330,10 @@ class ConsumerGroup:
         if not moved:
             return
         with redis_errors("checkpoint"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for shard in moved:
-                    await self._raise_checkpoint(
-                        keys=[self.keys.checkpoint(self.group, shard)],
-                        args=[self.checkpoints[shard]], client=pipe)
-                await pipe.execute()
+            # raising a checkpoint twice is harmless: the batch may be sent again
+            await run_scripts(self.redis, self._raise_checkpoint, [
+                ([self.keys.checkpoint(self.group, shard)], [self.checkpoints[shard]])
+                for shard in moved])
         if self.store is not None:
             for shard in moved:
                 await self.store.save_checkpoint(self.group, shard, self.checkpoints[shard])

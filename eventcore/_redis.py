@@ -155,7 +155,10 @@ async def run_scripts(
         try:
             async with client.pipeline(transaction=False) as pipe:
                 for keys, args in calls:
-                    await script(keys=keys, args=args, client=pipe)
+                    if is_cluster(client):  # a cluster pipeline refuses pipe.evalsha()
+                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    else:
+                        await script(keys=keys, args=args, client=pipe)
                 return list(await pipe.execute())
         except rexc.NoScriptError:
             if attempt == _SCRIPT_LOADS - 1:
@@ -300,6 +303,13 @@ def _unreachable(exc: BaseException) -> bool:
         exc.__cause__, (rexc.ConnectionError, rexc.TimeoutError, OSError))
 
 
+def _reset_under_us(exc: BaseException) -> bool:
+    """redis-py's cluster pipeline reading the default node after another task's failed
+    command reset the client (its ``aclose()``, as redis-py does on a connection error, sets
+    the default node to None until the slot map is read again): retried as transient."""
+    return isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in str(exc)
+
+
 class _Budget:
     """Exponential backoff (base 50 ms, cap 1 s, jitter) until ``budget_s`` is spent."""
 
@@ -377,6 +387,13 @@ class _ClusterPipeline(ClusterPipeline):
         self._cluster = client
         self._transaction = transaction
 
+    async def initialize(self) -> ClusterPipeline:
+        # redis-py reads the slot map here, on entering the block, outside any retry: a dead
+        # node met there (a failover) failed the pipeline at once. execute() reads it within
+        # the retry budget instead.
+        self._command_stack = []
+        return self
+
     async def execute(
         self, raise_on_error: bool = True, allow_redirections: bool = True
     ) -> list[Any]:
@@ -395,7 +412,7 @@ class _ClusterPipeline(ClusterPipeline):
                         self._cluster, stack, raise_on_error=raise_on_error,
                         allow_redirections=allow_redirections)
                 except Exception as exc:
-                    if not _transient(exc):
+                    if not (_transient(exc) or _reset_under_us(exc)):
                         raise
                     if not isinstance(exc, rexc.MaxConnectionsError):
                         # a node failed or a slot moved: read the slot map again next time

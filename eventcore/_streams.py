@@ -1,9 +1,10 @@
 """Shard streams and their entry ids, whatever consumer groups read them.
 
 - :func:`id_key` / :func:`id_pred`: the ordering of entry ids, and the id just below one.
-- :class:`Span`: which shards one blocking read covers. Today one read covers every shard (a
-  single Redis node); on Redis Cluster there is one span per node (:func:`spans` is the one
-  place that decides), and each span gets its own blocking read.
+- :class:`Span`: which shards one read covers. On a single Redis node one blocking read
+  covers every shard; on Redis Cluster there is one span per master node, the shards whose
+  slots it serves now (:func:`spans` is the one place that decides, from the client's slot
+  map, so a moved slot or a failover re-groups them at the next read).
 - :class:`ShardStreams`: every group's state on each stream, the trim floor (the oldest id any
   group still needs: its oldest pending entry, else its last delivered one) and the exact
   MINID trim below it.
@@ -15,12 +16,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._redis import Redis, redis_errors
+import redis.exceptions as rexc
+
+from ._redis import Redis, is_cluster, redis_errors
 from ._redis import text as _s
 
 __all__ = ["GroupState", "ShardStreams", "Span", "id_key", "id_pred", "spans"]
 
 _MAX_U64 = 2**64 - 1
+
+
+def _queue_xinfo(pipe: Any, stream: str) -> None:
+    pipe.xinfo_groups(stream)
+
+
+def _queue_xpending(pipe: Any, stream: str, group: str) -> None:
+    pipe.xpending(stream, group)
 
 
 def id_key(entry_id: str) -> tuple[int, int]:
@@ -39,10 +50,12 @@ def id_pred(entry_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """The shards one blocking read covers, and their stream names (in the same order)."""
+    """The shards one read covers, and their stream names (in the same order); ``node``: the
+    master serving them (``host:port``) on Redis Cluster, None on a single node."""
 
     shards: tuple[int, ...]
     streams: tuple[str, ...]
+    node: str | None = None
 
     def shard_of(self, stream: str) -> int:
         return self.shards[self.streams.index(stream)]
@@ -52,10 +65,24 @@ class Span:
         return max(1, -(-total // len(self.shards)))
 
 
-def spans(shards: Sequence[int], stream: Callable[[int], str]) -> tuple[Span, ...]:
-    """How the shards are split between blocking reads: one read for all of them on a single
-    Redis node (on Redis Cluster: one span per node, the shards whose slots it serves)."""
-    return (Span(tuple(shards), tuple(stream(s) for s in shards)),)
+def spans(shards: Sequence[int], stream: Callable[[int], str], redis: Redis | None = None
+          ) -> tuple[Span, ...]:
+    """How the shards are split between reads: one read for all of them on a single Redis
+    node; on Redis Cluster (``redis`` a cluster client) one span per master node, the shards
+    whose slots it serves by the client's current slot map (in the order of ``shards``)."""
+    if redis is None or not is_cluster(redis):
+        return (Span(tuple(shards), tuple(stream(s) for s in shards)),)
+    nodes = redis.nodes_manager  # type: ignore[attr-defined]
+    by_node: dict[str, list[tuple[int, str]]] = {}
+    for shard in shards:
+        name = stream(shard)
+        try:
+            node = nodes.get_node_from_slot(redis.keyslot(name)).name  # type: ignore[attr-defined]
+        except Exception:  # the slot map is being re-read (failover): the read re-groups
+            node = ""
+        by_node.setdefault(node, []).append((shard, name))
+    return tuple(Span(tuple(s for s, _ in items), tuple(n for _, n in items), node or None)
+                 for node, items in by_node.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +122,8 @@ class ShardStreams:
         """Every group on each shard's stream (none where the stream does not exist), in two
         round trips for all shards; the lag of group ``lag_of`` too (counted by hand on Redis
         6.2)."""
-        redis = self.redis
         with redis_errors("group floors"):
-            async with redis.pipeline(transaction=False) as pipe:
-                for shard in self.shards:
-                    pipe.xinfo_groups(self.stream(shard))
-                infos = await pipe.execute(raise_on_error=False)
+            infos = await self._each([(_queue_xinfo, self.stream(shard)) for shard in self.shards])
             found: list[tuple[int, dict[str, Any]]] = []
             for shard, groups in zip(self.shards, infos, strict=True):
                 if isinstance(groups, Exception):
@@ -108,10 +131,8 @@ class ShardStreams:
                         continue
                     raise groups
                 found += [(shard, g) for g in groups]
-            async with redis.pipeline(transaction=False) as pipe:
-                for shard, g in found:
-                    pipe.xpending(self.stream(shard), _s(g["name"]))
-                pending = await pipe.execute(raise_on_error=False)
+            pending = await self._each([(_queue_xpending, self.stream(shard), _s(g["name"]))
+                                        for shard, g in found])
             for summary in pending:
                 if isinstance(summary, Exception) and "NOGROUP" not in str(summary):
                     raise summary
@@ -129,6 +150,23 @@ class ShardStreams:
                 min_pending=_s(summary["min"]) if summary.get("min") else None,
                 lag=None if lag is None else int(lag))
         return out
+
+    async def _each(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline of ``calls`` (``(queue, *args)``), each reply or its error. Errors of a
+        command (a missing stream, a group gone) are replies; a transient one (a connection
+        lost, a slot moved: a failover) is retried within the budget first, as any pipeline's
+        (on Redis Cluster re-reading the slot map), and raises when the budget is spent."""
+        redis = self.redis
+        for tolerant in (False, True):
+            try:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for queue, *args in calls:
+                        queue(pipe, *args)
+                    return list(await pipe.execute(raise_on_error=tolerant))
+            except rexc.ResponseError:
+                if tolerant:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _count_after(self, shard: int, last: str, cap: int = 10_000) -> int:
         with redis_errors("lag"):

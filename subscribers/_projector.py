@@ -9,7 +9,7 @@ import msgspec
 
 from eventcore import CorruptEntry, EventLog, validate_session_id
 from eventcore._layout import VIEW_INCARNATION, VIEW_SEQ, VIEW_VALUE
-from eventcore._redis import redis_errors
+from eventcore._redis import redis_errors, run_scripts
 from eventcore._scripts import lua
 
 from ._ordered import OrderedSubscriber, Position, Run
@@ -98,24 +98,23 @@ class Projector(OrderedSubscriber):
         if self._script is None:
             self._script = self.log.redis.register_script(_CAS)
         keys = self.log.keys
+        calls = []
+        for run in runs:
+            sid = run.session_id
+            pos, raw = loaded[sid]
+            base = None
+            if (not run.reset and raw is not None and pos.seq == run.after
+                    and pos.incarnation == run.incarnation):
+                base = _decode(sid, raw)
+            view = fold(run.envelopes, base)
+            assert view is not None
+            calls.append(([keys.view(sid), keys.session(sid).meta],
+                          [run.incarnation, run.after, run.last, _encode(view),
+                           self._ttl(view)]))
         with redis_errors("write views"):
-            async with self.log.redis.pipeline(transaction=False) as pipe:
-                for run in runs:
-                    sid = run.session_id
-                    pos, raw = loaded[sid]
-                    base = None
-                    if (not run.reset and raw is not None and pos.seq == run.after
-                            and pos.incarnation == run.incarnation):
-                        base = _decode(sid, raw)
-                    view = fold(run.envelopes, base)
-                    assert view is not None
-                    await self._script(
-                        keys=[keys.view(sid), keys.session(sid).meta],
-                        args=[run.incarnation, run.after, run.last, _encode(view),
-                              self._ttl(view)],
-                        client=pipe,
-                    )
-                results = await pipe.execute()
+            # a compare-and-set: sent again (NOSCRIPT on a new master), an applied item
+            # answers its new position, which the caller re-reads
+            results = await run_scripts(self.log.redis, self._script, calls)
         # -2: the incarnation was deleted or replaced meanwhile; nothing to retry
         return [r.session_id for r, res in zip(runs, results, strict=True)
                 if int(res) not in (-1, -2)]

@@ -22,7 +22,7 @@ from anyio.abc import TaskStatus
 
 from eventcore import EventLog, RedisError
 from eventcore._lifetime import Running
-from eventcore._redis import redis_errors
+from eventcore._redis import Redis, is_cluster, redis_errors, run_scripts
 from eventcore._redis import text as _s
 from eventcore._scripts import lua
 from eventcore._streams import ShardStreams
@@ -135,14 +135,32 @@ class Retention(Running):
         report.dead_letters_trimmed += sum(int(n) for n in trimmed)
 
     async def trim_sessions(self, report: RetentionReport) -> None:
-        keys, redis = self.log.keys, self.log.redis
+        """SCAN the session streams (on Redis Cluster: every master's keyspace in turn, SCAN
+        being a per-node command) and trim each below what the archive holds, one pipelined
+        script call per session (each in its own slot)."""
+        redis = self.log.redis
+        if not is_cluster(redis):
+            await self._trim_sessions_on(redis, None, report)
+            return
+        with redis_errors("retention scan"):
+            masters = redis.get_primaries()  # type: ignore[attr-defined]
+        for node in masters:
+            await self._trim_sessions_on(redis, node, report)
+
+    async def _trim_sessions_on(self, redis: Redis, node: object, report: RetentionReport
+                                ) -> None:
+        keys = self.log.keys
         cutoff_ms = int((time.time() - self.hot_window_s) * 1000)
+        on = {} if node is None else {"target_nodes": node}
         cursor = 0
         while True:
             with redis_errors("retention scan"):
-                cursor, found = await redis.scan(
-                    cursor, match=keys.session_pattern(), count=self.scan_count, _type="stream"
-                )
+                reply = await redis.scan(
+                    cursor, match=keys.session_pattern(), count=self.scan_count,
+                    _type="stream", **on)
+            cursor, found = reply
+            if isinstance(cursor, dict):  # a cluster client answers {node name: cursor}
+                (cursor,) = cursor.values()
             sids = [_s(k).split(":session/", 1)[1] for k in found]
             report.sessions_scanned += len(sids)
             if sids:
@@ -151,14 +169,12 @@ class Retention(Running):
                     if self._trim is None:
                         self._trim = redis.register_script(_TRIM_LUA)
                     with redis_errors("retention trim"):
-                        async with redis.pipeline(transaction=False) as pipe:
-                            for sid, (seq, inc) in floors.items():
-                                sk = keys.session(sid)
-                                await self._trim(keys=[sk.stream, sk.meta],
-                                                 args=[f"0-{seq + 1}", inc], client=pipe)
-                            trimmed = await pipe.execute()
+                        # a trim is idempotent: the batch may be sent again
+                        trimmed = await run_scripts(redis, self._trim, [
+                            ([keys.session(sid).stream, keys.session(sid).meta],
+                             [f"0-{seq + 1}", inc]) for sid, (seq, inc) in floors.items()])
                     report.session_entries_trimmed += sum(int(n) for n in trimmed)
-            if cursor == 0:
+            if int(cursor) == 0:
                 return
 
     async def trim_feeds(self, report: RetentionReport) -> None:

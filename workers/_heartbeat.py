@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import redis.asyncio as aioredis
 
 from eventcore import Keys
-from eventcore._redis import Redis, run_scripts
+from eventcore._redis import Redis, connect_cluster, is_cluster, run_scripts
 
 from ._metrics import WorkerMetrics
 from ._scripts import GROUP, load_script
@@ -52,8 +53,21 @@ class LeaseRec:
     lease: str
 
 
-def thread_client(redis: Redis) -> Redis:
-    """A client of its own (for another thread's event loop) to the same server."""
+async def thread_client(redis: Redis) -> Redis:
+    """A client of its own (for another thread's event loop) to the same server; on Redis
+    Cluster a cluster client of its own seeded with every node ``redis`` knows (a pipeline of
+    it runs on the nodes of its keys' slots: one round trip per master)."""
+    if is_cluster(redis):
+        kw = redis.connection_kwargs  # type: ignore[attr-defined]
+        nodes = [n.name for n in redis.get_nodes()]  # type: ignore[attr-defined]
+        user, password = kw.get("username"), kw.get("password")
+        auth = (f"{quote(user or '', safe='')}:{quote(password, safe='')}@"
+                if password else "")
+        scheme = "rediss" if kw.get("ssl") or "SSL" in kw["connection_class"].__name__ \
+            else "redis"
+        return await connect_cluster(
+            f"{scheme}://{auth}{nodes[0]}", nodes[1:],
+            retry_budget_s=getattr(redis, "retry_budget_s", 15.0), max_connections=4)
     pool = redis.connection_pool
     new = aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=4,
                                   **pool.connection_kwargs)
@@ -110,7 +124,12 @@ class Heartbeat:
         asyncio.run(self._beat_forever())
 
     async def _beat_forever(self) -> None:
-        client = thread_client(self._redis_template)
+        try:
+            client = await thread_client(self._redis_template)
+        except Exception as exc:
+            log.warning("heartbeat could not connect: %s", exc)
+            self._call_main(self._on_fatal, exc)
+            return
         script: AsyncScript = client.register_script(HEARTBEAT_LUA)
         failures = 0
         last_ok = time.monotonic()

@@ -253,7 +253,6 @@ class Worker(Running):
     async def _consume(self, burst: bool) -> None:
         assert self._group is not None
         group, slots = self._group, self._slots
-        span = group.span
         while not self._draining:
             free = slots.free
             if free <= 0:
@@ -268,8 +267,7 @@ class Worker(Running):
             # room left when it returns waits in the backlog, claimed in order as slots free.
             want = min(free, self.read_batch)
             try:
-                entries = await group.read(span.share(want), 100 if burst else self.block_ms,
-                                           span)
+                entries = await group.read(group.share(want), 100 if burst else self.block_ms)
                 self.supervisor.ok("dispatch")
             except RedisError as exc:
                 if not await group.recovered(exc):
