@@ -20,12 +20,13 @@ INTERNAL = {
     "eventcore.server._http._problems.Problem",  # becomes the problem+json response
     "eventcore.server._webrtc_wire.Closed",  # the data channel closed: the stream ends
     "eventcore.server._webrtc_wire.Stalled",  # the peer stopped reading: the gateway drops it
+    "eventcore.server._http._ws.WsClosed",  # the WebSocket closed or stalled: the stream ends
 }
 
 
 # The service's own HTTP error (status + problem+json body), raised by user routes too: part of
 # eventcore.server's API, still an EventcoreError.
-SERVER_PUBLIC = {"eventcore.server._http._problems.Problem", "eventcore.server._http._ws.WsClosed"}
+SERVER_PUBLIC = {"eventcore.server._http._problems.Problem"}
 # The HTTP client's errors (an answer's status + problem document, or the service unreachable):
 # eventcore.client's API, every one a ClientError and so an EventcoreError; the ones with a core
 # meaning are also that core error (NotFound is a SessionNotFound, Conflict a SessionEnded,
