@@ -19,6 +19,8 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
                              answered from it instead of appending twice
     ns:{N}:incarnation       string: the last incarnation issued in the shard (16 digits,
                              increasing): a session id created again is a new incarnation
+    ns:{N}:epoch             hash: the shard's write counter (wc, one per append batch) and
+                             generation (gen): how appends detect a failover that lost writes
     ns:{0}:shards            string: the deployment's shard count (checked at every start)
     ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
     ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
@@ -167,6 +169,10 @@ class Keys:
 
     def batch(self, shard: int, token: str) -> str:
         return f"{self._tag(shard)}:batch:{token}"
+
+    def epoch(self, shard: int) -> str:
+        """The shard's write counter and generation (``_layout.SHARD_*``)."""
+        return f"{self._tag(shard)}:epoch"
 
     def all_shards(self) -> range:
         return range(self.shards)

@@ -1,7 +1,14 @@
 """``GET /v1/sessions/{id}/events``: SSE through the process's hub, or JSON pages.
 
 Wire format (sse-starlette's encoder): ``id:`` the seq, ``event:`` the envelope type, ``data:``
-the client envelope JSON. Each event is framed once and the bytes shared by every client of the
+the client envelope JSON. Stream epochs: once a divergence was detected on the session (a
+failover lost acknowledged appends; see README "Running on Redis Cluster") its events' ids are
+``<seq>.<generation>``; before that (and on every session never touched by one) the id is the
+bare seq, so the format is unchanged. ``Last-Event-ID`` (and ``?after=`` with ``?epoch=``) take
+either; a bare seq means generation 0. A resume from an older epoch whose history may have been
+rewritten past the cursor, or from beyond the tail, gets ``stream.reset`` with ``reason:
+"diverged"``, the new ``epoch`` and ``resume_after``: discard what is held after it.
+Each event is framed once and the bytes shared by every client of the
 session. A ``: ping`` comment line every heartbeat interval, without the blank line that would
 end an event (some clients, httpx-sse among them, dispatch an empty "message" on a blank line
 once an id has been seen). Four events are not envelopes and carry
@@ -42,7 +49,8 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from eventcore.errors import HistoryGone, HubClosed, SessionNotFound
+from eventcore._follow import divergence
+from eventcore.errors import HistoryDiverged, HistoryGone, HubClosed, SessionNotFound
 
 from ._context import SessionAccess, session_reader
 from ._params import PageSize, SeqParam, parse_digits
@@ -71,9 +79,14 @@ def sse_frame(ev: Event) -> bytes:
 
 
 def _frame(ev: Event) -> bytes:
-    frame: bytes = ServerSentEvent(data=ev.data.decode(), id=str(ev.seq), event=ev.type,
-                                   sep=_SEP).encode()
+    frame: bytes = ServerSentEvent(data=ev.data.decode(), id=_event_id(ev.seq, ev.generation),
+                                   event=ev.type, sep=_SEP).encode()
     return frame
+
+
+def _event_id(seq: int, generation: str) -> str:
+    """``<seq>``, or ``<seq>.<generation>`` once the stream's epoch has one."""
+    return f"{seq}.{generation}" if generation and generation != "0" else str(seq)
 
 
 def parse_types(raw: str | None) -> frozenset[str] | None:
@@ -86,15 +99,26 @@ def parse_types(raw: str | None) -> frozenset[str] | None:
     return types or None
 
 
-def _parse_after(after: int | None, last_event_id: str | None) -> int:
+def _parse_after(after: int | None, last_event_id: str | None, epoch: str | None = None
+                 ) -> tuple[int, str]:
+    """The cursor and the generation of its epoch (``""``: 0)."""
     # The header wins: EventSource reconnects to the same URL (with its original ?after=) and
     # reports the last id it saw in Last-Event-ID.
     if last_event_id:
+        seq, _, gen = last_event_id.partition(".")
         try:
-            return parse_digits(last_event_id, "Last-Event-ID")
+            cursor = parse_digits(seq, "Last-Event-ID")
+            if gen:
+                parse_digits(gen, "Last-Event-ID's epoch", maximum=10**20)
         except ValueError as exc:
-            raise Problem(400, "validation-error", f"{exc} (a seq)") from None
-    return after or 0
+            raise Problem(400, "validation-error", f"{exc} (a seq, or seq.epoch)") from None
+        return cursor, "" if gen.strip("0") == "" else gen
+    if epoch is not None:
+        try:
+            parse_digits(epoch, "epoch", maximum=10**20)
+        except ValueError as exc:
+            raise Problem(422, "validation-error", str(exc)) from None
+    return after or 0, "" if (epoch or "").strip("0") == "" else str(epoch)
 
 
 class _Progress:
@@ -196,24 +220,27 @@ async def event_stream(
     format: Annotated[Literal["sse", "json"], Query()] = "sse",
     limit: Annotated[PageSize, Query(description="format=json page size")] = 100,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    epoch: Annotated[str | None, Query(max_length=20, description="The stream epoch of "
+                                       "`after` (what `epoch` in a JSON page said)")] = None,
 ) -> Response:
     ctx = access.ctx
-    start = _parse_after(after, last_event_id)
+    start, generation = _parse_after(after, last_event_id, epoch)
     wanted = parse_types(types)
     info = await ctx.log.get_session(access.session_id)  # 404 before anything streams
     # a token holder's incarnation was checked; the session may have been re-created since,
     # and then the stream ends at once
     incarnation = info.incarnation if access.principal.admin else access.principal.incarnation
     if format == "json":
-        return await _json_page(ctx, access.session_id, incarnation, start, limit, wanted)
-    if info.state == "ended" and start >= info.last_seq:
+        return await _json_page(ctx, access.session_id, incarnation, start, generation, limit,
+                                wanted)
+    if info.state == "ended" and start == info.last_seq and not generation:
         return Response(status_code=204)
     if ctx.hub.closed or ctx.shutdown.is_set():
         raise Problem(503, "shutting-down", "resume on another server or shortly",
                       headers={"Retry-After": "1"})
     progress = _Progress(start)
     response = _Stream(
-        _frames(ctx, access.session_id, incarnation, progress, wanted),
+        _frames(ctx, access.session_id, incarnation, progress, wanted, generation),
         shutdown_event=ctx.shutdown,
         shutdown_grace_period=2.0,
         ping=ctx.settings.sse_heartbeat_s,
@@ -238,7 +265,7 @@ def _control(event: str, resume_after: int, *, retry: int | None = None, **data:
 
 async def _frames(
     ctx: ServiceContext, session_id: str, incarnation: str, progress: _Progress,
-    types: frozenset[str] | None,
+    types: frozenset[str] | None, generation: str = "",
 ) -> AsyncIterator[bytes]:
 
     metrics = ctx.metrics
@@ -246,8 +273,17 @@ async def _frames(
     try:
         async with ctx.hub.subscribe(session_id, progress.cursor, types=types,
                                      incarnation=incarnation) as sub:
+            sub.generation = generation
             async for batch in sub.batches():
                 # progress moves once the consumer asks for more: the frame has been sent
+                if isinstance(batch, HistoryDiverged):
+                    yield ServerSentEvent(
+                        data=msgspec.json.encode(_reset(batch)).decode(),
+                        event="stream.reset", id=_event_id(batch.resume_after, batch.epoch),
+                        sep=_SEP,
+                    ).encode()
+                    progress.cursor = batch.resume_after
+                    continue
                 if isinstance(batch, HistoryGone):
                     yield ServerSentEvent(
                         data=msgspec.json.encode({"after": batch.after,
@@ -284,13 +320,39 @@ async def _frames(
         metrics.sse_clients.dec()
 
 
+def _reset(gone: HistoryDiverged) -> dict[str, object]:
+    """What ``stream.reset`` (SSE) and ``reset`` (JSON) say about a divergence."""
+    return {"reason": "diverged", "after": gone.after, "resume_after": gone.resume_after,
+            "epoch": gone.epoch, "seen_epoch": gone.seen_epoch or "0",
+            "first_available": gone.first_available}
+
+
 async def _json_page(
-    ctx: ServiceContext, session_id: str, incarnation: str, after: int, limit: int,
-    types: frozenset[str] | None,
+    ctx: ServiceContext, session_id: str, incarnation: str, after: int, generation: str,
+    limit: int, types: frozenset[str] | None,
 ) -> Response:
     # a page of the incarnation the caller opened (404 if it went meanwhile), never the next
-    events, _ = await ctx.hub.read_page(session_id, after, limit, incarnation=incarnation)
+    try:
+        events, _ = await ctx.hub.read_page(session_id, after, limit, incarnation=incarnation)
+    except HistoryDiverged as exc:
+        return _json_reset(exc)
+    for ev in events:
+        if ev.generation != generation:
+            changed = divergence(session_id, after, generation, ev)
+            if isinstance(changed, HistoryDiverged):
+                return _json_reset(changed)
+            if changed is not None:
+                generation = changed
     next_after = events[-1].seq if events else after
     chosen = [e.data for e in events if types is None or e.type in types]
-    body = b'{"events":[' + b",".join(chosen) + b'],"next_after":' + str(next_after).encode() + b"}"
+    body = (b'{"events":[' + b",".join(chosen) + b'],"next_after":' + str(next_after).encode()
+            + b',"epoch":"' + (generation or "0").encode() + b'"}')
     return Response(body, media_type="application/json")
+
+
+def _json_reset(gone: HistoryDiverged) -> Response:
+    """A JSON page that tells the reader its history diverged: no events, where to resume
+    (``next_after``) and in which ``epoch``."""
+    return Response(msgspec.json.encode({
+        "events": [], "next_after": gone.resume_after, "epoch": gone.epoch,
+        "reset": _reset(gone)}), media_type="application/json")
