@@ -1,9 +1,10 @@
 """Failover honesty: a master SIGKILLed right after acknowledged appends, its replica promoted.
 
-Default (asynchronous replication): the replica is stopped (SIGSTOP) while the appends are
-acknowledged, so the promoted replica deterministically lacks them and new appends reuse their
-seqs; every follower that saw the lost seqs gets the reset (``HistoryDiverged``) and then the
-new history, never a silent gap or rewritten seqs. Replicated (``EVENTCORE_APPEND_REPLICAS=1``):
+Default (asynchronous replication): the replica is stopped (SIGSTOP) and its link cut while
+the appends are acknowledged, so the promoted replica deterministically lacks them and new
+appends reuse their seqs; every follower that saw the lost seqs gets the reset
+(``HistoryDiverged``) and then the new history, never a silent gap or rewritten seqs.
+Replicated (``EVENTCORE_APPEND_REPLICAS=1``):
 no acknowledged append is lost, and an append its replica cannot confirm is refused
 (``AppendNotReplicated``) and safe to retry.
 
@@ -62,10 +63,10 @@ def _sessions_on(cluster: LocalCluster, log: EventLog, master: RedisServer, n: i
     return out
 
 
-async def _wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    with anyio.fail_after(timeout):
-        while not check():
-            await anyio.sleep(0.02)  # polling a condition the follower tasks make true
+async def _wait_for(check: Callable[[], bool], what: str) -> None:
+    with anyio.fail_after(60):
+        while not check():  # noqa: ASYNC110 - several followers' state, checked as a whole
+            await anyio.sleep(0.02)
     assert check(), what
 
 
@@ -96,7 +97,20 @@ async def _fail_over(cluster: LocalCluster, victim: RedisServer, replica: RedisS
     victim.kill()
     await anyio.to_thread.run_sync(lambda: replica.command("CLUSTER", "FAILOVER", "TAKEOVER"))
     alive = [n for n in cluster.nodes if n is not victim]
-    await anyio.to_thread.run_sync(lambda: cluster.wait_ok(60, nodes=alive))
+
+    def promoted() -> bool:
+        try:
+            return all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in alive) and \
+                all(f":{replica.port}@" in line and "master" in line
+                    for n in alive for line in n.command("CLUSTER", "NODES").splitlines()
+                    if line.split()[0] == replica_id)
+        except OSError:
+            return False
+
+    replica_id = replica.command("CLUSTER", "MYID").strip()
+    with anyio.fail_after(60):
+        while not await anyio.to_thread.run_sync(promoted):  # noqa: ASYNC110 - cluster state
+            await anyio.sleep(0.05)
 
 
 async def test_default_mode_every_reader_of_the_lost_seqs_is_reset(
@@ -120,6 +134,10 @@ async def test_default_mode_every_reader_of_the_lost_seqs_is_reset(
         await _wait_for(lambda: all(_cursor(v) == 5 for v in seen.values()), "caught up")
 
         with stopped(replica):
+            # and its link cut from the master's side: what it holds in its socket buffer
+            # (all from before this point) is all it will ever get from this master
+            await anyio.to_thread.run_sync(
+                lambda: victim.command("CLIENT", "KILL", "TYPE", "replica"))
             for sid in sessions:  # acknowledged by the master, never replicated: seqs 6..10
                 got = await log.append_many([Envelope(type="m", session_id=sid,
                                                       payload=["lost", i]) for i in range(5)])
@@ -180,17 +198,30 @@ async def test_replicated_mode_loses_no_acknowledged_append(
             for sid in sessions:
                 tg.start_soon(produce, sid)
         # a replica that cannot confirm: the append is refused, not acknowledged
-        with stopped(replica):
-            with pytest.raises(AppendNotReplicated) as refused:
-                await log.emit(sessions[0], "m", "unconfirmed", event_key="maybe")
+        with stopped(replica), pytest.raises(AppendNotReplicated) as refused:
+            await log.emit(sessions[0], "m", "unconfirmed", event_key="maybe")
         assert refused.value.wanted == 1 and refused.value.replicas == 0
         # no wait for the replica here: what WAIT confirmed is on it already
         await _fail_over(cluster, victim, replica)
         assert cluster.node_of_slot(cluster.keyslot(log.keys.session(sessions[0]).stream)) \
             is replica
+        # the promoted master has no replica yet: nothing it takes is acknowledged
+        with pytest.raises(AppendNotReplicated) as alone:
+            await log.emit(sessions[0], "m", "unconfirmed", event_key="maybe")
+        assert alone.value.replicas == 0
+        # the old master comes back as the new one's replica
+        await anyio.to_thread.run_sync(victim.start)
         with anyio.fail_after(60):
-            # the refused append retried with its key: one copy, whether it survived or not
-            again = await log.emit(sessions[0], "m", "unconfirmed", event_key="maybe")
+            while "state=online" not in replica.command("INFO", "replication"):  # noqa: ASYNC110
+                await anyio.sleep(0.05)  # replication has no notification to await
+            # the refused append retried with its key until acknowledged (the new replica may
+            # still be loading what it was sent): one copy, whether the first survived or not
+            while True:
+                try:
+                    again = await log.emit(sessions[0], "m", "unconfirmed", event_key="maybe")
+                    break
+                except AppendNotReplicated:
+                    continue
         for sid in sessions:
             full = await read_all(log, sid)
             check_log(full)
@@ -253,7 +284,7 @@ async def test_wait_on_a_single_node_with_a_replica(
     master = redis_server_factory()
     replica = redis_server_factory(extra=("--replicaof", "127.0.0.1", str(master.port)))
     with anyio.fail_after(30):
-        while "master_link_status:up" not in replica.command("INFO", "replication"):
+        while "master_link_status:up" not in replica.command("INFO", "replication"):  # noqa: ASYNC110
             await anyio.sleep(0.05)  # replication has no notification to await
     settings = load_settings(redis_url=master.url, namespace="w", shards=2, retry_budget_s=5,
                              append_replicas=1, append_replicas_timeout_ms=300)
