@@ -11,10 +11,15 @@ import uuid
 
 import anyio
 import httpx
+import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
+from hypothesis import given
+from hypothesis import strategies as st
 from service_support import API_KEY, Service
 
 from eventcore import Envelope, EventLog
+from eventcore.server._http._problems import Problem
+from eventcore.server._http._sse import _parse_after
 
 KEY = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -119,3 +124,43 @@ async def test_a_resume_beyond_the_tail_is_reset(
         assert nxt.id == f"35.{data['epoch']}" and int(data["epoch"]) >= int(epoch)
         bad = await c.get(path, headers={**KEY, "Last-Event-ID": "5.x"})
         assert bad.status_code == 400
+
+
+async def test_beyond_the_tail_of_an_ended_session_resets_and_ends(
+    shared_service: Service, shared_log: EventLog
+) -> None:
+    async with shared_service.client() as c:
+        sid = await _session(c)
+        await shared_log.emit(sid, "session.ended", {"reason": "done"})
+        path = f"/v1/sessions/{sid}/events"
+        assert (await c.get(path, headers={**KEY, "Last-Event-ID": "2"})).status_code == 204
+        async with aconnect_sse(c, "GET", path,
+                                headers={**KEY, "Last-Event-ID": "50"}) as sse:
+            with anyio.fail_after(30):
+                events = [e async for e in sse.aiter_sse()]
+        assert [e.event for e in events] == ["stream.reset"]
+        assert json.loads(events[0].data)["resume_after"] == 2
+
+
+@given(st.text(max_size=70) | st.from_regex(r"\A[0-9]{1,25}(\.[0-9]{0,25})?\Z"))
+def test_hostile_last_event_ids(raw: str) -> None:
+    """A Last-Event-ID is a seq or seq.epoch (digits), anything else a clear 400."""
+    try:
+        cursor, gen = _parse_after(None, raw)
+    except Problem as exc:
+        assert exc.status == 400
+        return
+    if not raw:
+        assert (cursor, gen) == (0, "")
+        return
+    seq, _, epoch = raw.partition(".")
+    assert cursor == int(seq)
+    assert gen == "" or (gen == epoch and gen.isdigit())
+
+
+def test_a_bad_epoch_parameter_is_422() -> None:
+    with pytest.raises(Problem) as bad:
+        _parse_after(3, None, "x1")
+    assert bad.value.status == 422
+    assert _parse_after(3, None, "000") == (3, "")
+    assert _parse_after(3, None, "17") == (3, "17")

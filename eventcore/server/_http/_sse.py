@@ -283,6 +283,9 @@ async def _frames(
                         sep=_SEP,
                     ).encode()
                     progress.cursor = batch.resume_after
+                    info = await ctx.log.get_session(session_id)
+                    if info.state == "ended" and batch.resume_after >= info.last_seq:
+                        return  # reset to the end of an ended session: nothing follows
                     continue
                 if isinstance(batch, HistoryGone):
                     yield ServerSentEvent(
