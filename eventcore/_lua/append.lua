@@ -18,8 +18,9 @@
 -- of this very batch, which the token catches: so generated keys skip the dedupe map, saving
 -- its commands and memory. Caller-chosen keys are looked up with one HMGET per session.
 --
--- Returns one value per event, then the shard's write counter after the batch. Per event: seq > 0 appended ({seq, incarnation} for a session.created
---   that was appended); -seq duplicate event key (the first seq); or a string 'code:value':
+-- Returns one value per event, then the shard's write counter after the batch. Per event:
+--   seq > 0 appended ({seq, incarnation} for a session.created that was appended); -seq
+--   duplicate event key (the first seq); or a string 'code:value':
 --   2 stale host epoch (value = current epoch), 3 no such session, 4 session ended (value =
 --   last seq), 5 corrupt key or bad argument (value = error text).
 -- Incarnations: a session id created again after it was deleted (or expired) is a new session.
