@@ -105,14 +105,17 @@ def _parse_after(after: int | None, last_event_id: str | None, epoch: str | None
     # The header wins: EventSource reconnects to the same URL (with its original ?after=) and
     # reports the last id it saw in Last-Event-ID.
     if last_event_id:
-        seq, _, gen = last_event_id.partition(".")
+        seq, sep, gen = last_event_id.partition(".")
         try:
             cursor = parse_digits(seq, "Last-Event-ID")
+            if sep and (gen[:1] == "0" or not gen):
+                # ids carry a generation only once it is not 0, and never with leading zeros
+                raise ValueError("Last-Event-ID's epoch must be a generation sent in an id")
             if gen:
                 parse_digits(gen, "Last-Event-ID's epoch", maximum=10**20)
         except ValueError as exc:
             raise Problem(400, "validation-error", f"{exc} (a seq, or seq.epoch)") from None
-        return cursor, "" if gen.strip("0") == "" else gen
+        return cursor, gen
     if epoch is not None:
         try:
             parse_digits(epoch, "epoch", maximum=10**20)
