@@ -142,7 +142,8 @@ async def test_beyond_the_tail_of_an_ended_session_resets_and_ends(
         assert json.loads(events[0].data)["resume_after"] == 2
 
 
-@given(st.text(max_size=70) | st.from_regex(r"\A[0-9]{1,25}(\.[0-9]{0,25})?\Z"))
+@given(st.text(max_size=70) | st.from_regex(r"\A[0-9]{1,25}(\.[0-9]{0,25})?\Z")
+       | st.from_regex(r"\A[0-9]{1,5}\.[1-9][0-9]{15}\Z"))
 def test_hostile_last_event_ids(raw: str) -> None:
     """A Last-Event-ID is a seq or seq.epoch (digits), anything else a clear 400."""
     try:
@@ -155,12 +156,18 @@ def test_hostile_last_event_ids(raw: str) -> None:
         return
     seq, sep, epoch = raw.partition(".")
     assert cursor == int(seq)
-    assert (gen, sep) == ("", "") or (gen == epoch and gen.isdigit() and gen[0] != "0")
+    assert (gen, sep) == ("", "") or (gen == epoch and len(gen) == 16 and gen.isdigit())
 
 
 def test_a_bad_epoch_parameter_is_422() -> None:
     with pytest.raises(Problem) as bad:
         _parse_after(3, None, "x1")
     assert bad.value.status == 422
-    assert _parse_after(3, None, "000") == (3, "")
-    assert _parse_after(3, None, "17") == (3, "17")
+    assert _parse_after(3, None, "0") == (3, "")
+    assert _parse_after(3, None, "1764655000000001") == (3, "1764655000000001")
+    for bad in ("17", "000", "1.5"):
+        with pytest.raises(Problem):
+            _parse_after(3, None, bad)
+    for bad_id in ("1.5", "1.0", "1.", "1.0000000000000000"):
+        with pytest.raises(Problem):
+            _parse_after(None, bad_id)

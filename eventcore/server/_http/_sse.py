@@ -108,20 +108,22 @@ def _parse_after(after: int | None, last_event_id: str | None, epoch: str | None
         seq, sep, gen = last_event_id.partition(".")
         try:
             cursor = parse_digits(seq, "Last-Event-ID")
-            if sep and (gen[:1] == "0" or not gen):
-                # ids carry a generation only once it is not 0, and never with leading zeros
-                raise ValueError("Last-Event-ID's epoch must be a generation sent in an id")
-            if gen:
-                parse_digits(gen, "Last-Event-ID's epoch", maximum=10**20)
+            if sep and not _generation(gen):
+                # ids carry a generation only once it is not 0: 16 digits, as the server made it
+                raise ValueError("Last-Event-ID's epoch must be the generation an id carried")
         except ValueError as exc:
             raise Problem(400, "validation-error", f"{exc} (a seq, or seq.epoch)") from None
         return cursor, gen
-    if epoch is not None:
-        try:
-            parse_digits(epoch, "epoch", maximum=10**20)
-        except ValueError as exc:
-            raise Problem(422, "validation-error", str(exc)) from None
-    return after or 0, "" if (epoch or "").strip("0") == "" else str(epoch)
+    if epoch is None or epoch == "0":
+        return after or 0, ""
+    if not _generation(epoch):
+        raise Problem(422, "validation-error", "epoch: 0, or the 16-digit epoch a page said")
+    return after or 0, epoch
+
+
+def _generation(text: str) -> bool:
+    """A stream generation as the server issues them: 16 ASCII digits, not all zeros."""
+    return len(text) == 16 and text.isascii() and text.isdigit() and text != "0" * 16
 
 
 class _Progress:
