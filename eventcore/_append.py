@@ -301,11 +301,13 @@ class Appender:
         self._idle.append(conn)
         self._conn_slots.release()
 
-    async def _send(
-        self, batch: Sequence[PreparedAppend], token: str | None = None
-    ) -> list[AppendResult | EventcoreError]:
+    def script_call(self, batch: Sequence[PreparedAppend], token: str
+                    ) -> tuple[list[str], list[Any], dict[str, bytes]]:
+        """The append script's keys and arguments for one shard's batch (``_lua/append.lua``
+        documents them), and the blobs to store first: the one place that lays them out, for
+        callers that run the script inside their own (the scheduler). Its reply is one value
+        per event then the shard's write counter: give it to :meth:`observe_writes`."""
         first = batch[0].keys
-        token = token or f"{_ids.prefix}b{next(_ids.counter)}"
         keys: list[str] = [first.feed, first.dispatch, self._keys.batch(first.shard, token),
                            first.incarnation, self._keys.epoch(first.shard)]
         sids: list[str] = []
@@ -327,6 +329,20 @@ class Appender:
             )
         args = [len(batch), int(time.time() * 1000), first.notify, first.wake,
                 self._token_ttl_s, self.writes.get(first.shard, 0), len(sids), *sids, *events]
+        return keys, args, blobs
+
+    def observe_writes(self, shard: int, counter: Any) -> None:
+        """Remember the shard's write counter an append script answered (how a later append
+        detects that the shard lost acknowledged writes)."""
+        if type(counter) is int and counter > self.writes.get(shard, 0):
+            self.writes[shard] = counter
+
+    async def _send(
+        self, batch: Sequence[PreparedAppend], token: str | None = None
+    ) -> list[AppendResult | EventcoreError]:
+        first = batch[0].keys
+        token = token or f"{_ids.prefix}b{next(_ids.counter)}"
+        keys, args, blobs = self.script_call(batch, token)
         replicated: int | None = None
         with redis_errors("append"):
             if blobs:
@@ -351,9 +367,7 @@ class Appender:
         self.round_trips += 1
         if not isinstance(raw, list) or len(raw) != len(batch) + 1:
             raise CorruptEntry(f"append script answered {raw!r:.80} for {len(batch)} events")
-        counter = raw.pop()
-        if type(counter) is int and counter > self.writes.get(first.shard, 0):
-            self.writes[first.shard] = counter
+        self.observe_writes(first.shard, raw.pop())
         results = [
             AppendResult(item.keys.session_id, value, item.event_key)
             if type(value) is int and value > 0
