@@ -22,12 +22,14 @@ from ._log import EventLog, HistoryArchive
 from ._sessions import SessionInfo, SessionState
 from ._settings import Settings, load_settings
 from .errors import (
+    AppendNotReplicated,
     ApplyConflict,
     ConfigError,
     CorruptEntry,
     EffectFailed,
     EmbeddedRedisError,
     EventcoreError,
+    HistoryDiverged,
     HistoryGone,
     HubClosed,
     MissingExtra,
@@ -56,6 +58,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AppendNotReplicated",
     "AppendResult",
     "ApplyConflict",
     "ConfigError",
@@ -68,6 +71,7 @@ __all__ = [
     "EventLog",
     "EventcoreError",
     "HistoryArchive",
+    "HistoryDiverged",
     "HistoryGone",
     "HubClosed",
     "Keys",

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 import msgspec
+from redis import exceptions as rexc
 from redis.exceptions import NoScriptError
 
 from ._coalesce import ShardCoalescer
@@ -31,9 +32,18 @@ from ._codec import encode
 from ._envelope import Envelope
 from ._keys import Keys, SessionKeys, validate_key, validate_session_id
 from ._layout import ENTRY_BLOB
-from ._redis import _SCRIPT_LOADS, Redis, is_cluster, redis_errors, run_script
+from ._redis import (
+    _SCRIPT_LOADS,
+    Redis,
+    _Budget,
+    _transient,
+    is_cluster,
+    redis_errors,
+    run_script,
+)
 from ._scripts import lua
 from .errors import (
+    AppendNotReplicated,
     CorruptEntry,
     EventcoreError,
     PayloadTooLarge,
@@ -130,6 +140,9 @@ class Appender:
         max_batch: int,
         token_ttl_s: int = 60,
         max_connections: int = 16,
+        replicas: int = 0,
+        replicas_timeout_ms: int = 1000,
+        retry_budget_s: float = 15.0,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -144,6 +157,14 @@ class Appender:
         self._idle: list[Connection] = []
         self._conn_slots = asyncio.Semaphore(max(1, min(keys.shards, max_connections)))
         self.round_trips = 0
+        # replicated acknowledgement: WAIT <replicas> <timeout> after each batch, on its
+        # connection (WAIT waits for that connection's writes)
+        self.replicas = replicas
+        self.replicas_timeout_ms = replicas_timeout_ms
+        self._retry_budget_s = retry_budget_s
+        # per shard: the highest write counter the append script answered this writer (the
+        # script compares it with the shard's to detect lost acknowledged writes)
+        self.writes: dict[int, int] = {}
 
     def session_keys(self, session_id: str) -> SessionKeys:
         """Validated, cached key names of a session (the hot path builds them once)."""
@@ -280,13 +301,15 @@ class Appender:
         self._idle.append(conn)
         self._conn_slots.release()
 
-    async def _send(
-        self, batch: Sequence[PreparedAppend], token: str | None = None
-    ) -> list[AppendResult | EventcoreError]:
+    def script_call(self, batch: Sequence[PreparedAppend], token: str
+                    ) -> tuple[list[str], list[Any], dict[str, bytes]]:
+        """The append script's keys and arguments for one shard's batch (``_lua/append.lua``
+        documents them), and the blobs to store first: the one place that lays them out, for
+        callers that run the script inside their own (the scheduler). Its reply is one value
+        per event then the shard's write counter: give it to :meth:`observe_writes`."""
         first = batch[0].keys
-        token = token or f"{_ids.prefix}b{next(_ids.counter)}"
         keys: list[str] = [first.feed, first.dispatch, self._keys.batch(first.shard, token),
-                           first.incarnation]
+                           first.incarnation, self._keys.epoch(first.shard)]
         sids: list[str] = []
         events: list[Any] = []
         slot: dict[str, int] = {}
@@ -306,7 +329,22 @@ class Appender:
             )
         keys.append(first.sessions)  # the shard's listing index, after the sessions' keys
         args = [len(batch), int(time.time() * 1000), first.notify, first.wake,
-                self._token_ttl_s, len(sids), *sids, *events]
+                self._token_ttl_s, self.writes.get(first.shard, 0), len(sids), *sids, *events]
+        return keys, args, blobs
+
+    def observe_writes(self, shard: int, counter: Any) -> None:
+        """Remember the shard's write counter an append script answered (how a later append
+        detects that the shard lost acknowledged writes)."""
+        if type(counter) is int and counter > self.writes.get(shard, 0):
+            self.writes[shard] = counter
+
+    async def _send(
+        self, batch: Sequence[PreparedAppend], token: str | None = None
+    ) -> list[AppendResult | EventcoreError]:
+        first = batch[0].keys
+        token = token or f"{_ids.prefix}b{next(_ids.counter)}"
+        keys, args, blobs = self.script_call(batch, token)
+        replicated: int | None = None
         with redis_errors("append"):
             if blobs:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -314,37 +352,105 @@ class Appender:
                         pipe.set(key, data, nx=True)
                     await pipe.execute()
             if is_cluster(self._redis):
-                # no pool of its own to draw from: the cluster client routes by the first key
-                # (the shard's slot), follows MOVED/ASK, reloads on NOSCRIPT on every master
-                raw = await run_script(self._script, keys, args)
+                if self.replicas:
+                    raw, replicated = await self._cluster_wait(first.feed, keys, args)
+                else:
+                    # no pool of its own to draw from: the cluster client routes by the first
+                    # key (the shard's slot), follows MOVED/ASK, reloads on NOSCRIPT on every
+                    # master
+                    raw = await run_script(self._script, keys, args)
             else:
                 conn = await self._acquire()
                 try:
-                    raw = await self._evalsha(conn, keys, args)
+                    raw, replicated = await self._evalsha(conn, keys, args)
                 finally:
                     self._release(conn)
         self.round_trips += 1
-        if len(raw) != len(batch):
-            raise CorruptEntry(f"append script answered {len(raw)} results for {len(batch)}")
-        return [
+        if not isinstance(raw, list) or len(raw) != len(batch) + 1:
+            raise CorruptEntry(f"append script answered {raw!r:.80} for {len(batch)} events")
+        self.observe_writes(first.shard, raw.pop())
+        results = [
             AppendResult(item.keys.session_id, value, item.event_key)
             if type(value) is int and value > 0
             else _result(item, value)
             for item, value in zip(batch, raw, strict=True)
         ]
+        if replicated is not None and replicated < self.replicas and any(
+            isinstance(r, AppendResult) for r in results
+        ):
+            # not acknowledged: the master has these, too few replicas confirmed them in time
+            raise AppendNotReplicated(self.replicas, replicated, self.replicas_timeout_ms,
+                                      results)
+        return results
 
 
-    async def _evalsha(self, conn: Connection, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA on ``conn``, loading the script on NOSCRIPT. Transient errors are retried
-        with the client's policy; resending is safe because the batch token makes the script
-        idempotent."""
+    async def _eval_wait(self, conn: Connection, keys: list[str], args: list[Any]
+                         ) -> tuple[Any, int | None]:
+        """EVALSHA on ``conn`` and, with replicated acknowledgement, ``WAIT`` in the same
+        write: both replies are read (an error reply of the script is raised after), so the
+        connection stays in step. Returns the script's reply and the replicas WAIT counted."""
         script = self._script
-
-        async def once() -> Any:
+        if not self.replicas:
             await conn.send_command(
                 "EVALSHA", script.sha, len(keys), *keys, *args, check_health=False
             )
-            return await conn.read_response()
+            return await conn.read_response(), None
+        await conn.send_packed_command(conn.pack_commands([
+            ("EVALSHA", script.sha, len(keys), *keys, *args),
+            ("WAIT", self.replicas, self.replicas_timeout_ms),
+        ]), False)
+        timeout = self.replicas_timeout_ms / 1000 + 10
+        error: rexc.ResponseError | None = None
+        try:
+            raw = await conn.read_response(timeout=timeout)
+        except rexc.ResponseError as exc:
+            error, raw = exc, None
+        replicas = await conn.read_response(timeout=timeout)
+        if error is not None:
+            raise error
+        return raw, int(replicas)
+
+    async def _cluster_wait(self, route_key: str, keys: list[str], args: list[Any]
+                            ) -> tuple[Any, int | None]:
+        """The batch and its WAIT on one connection of the master serving the shard's slot
+        (redis-py's cluster client would send WAIT, which has no key, anywhere). Failover,
+        MOVED/ASK and NOSCRIPT are retried within the retry budget: resending is safe, the
+        batch token makes the script idempotent."""
+        client: Any = self._redis
+        slot = client.keyslot(route_key)
+        budget: _Budget | None = None
+        while True:
+            try:
+                if client._initialize:
+                    await client.initialize()
+                node = client.nodes_manager.get_node_from_slot(slot)
+                conn = node.acquire_connection()
+                try:
+                    return await self._eval_wait(conn, keys, args)
+                except BaseException:
+                    await conn.disconnect()  # a reply may still be on the wire
+                    raise
+                finally:
+                    node._free.append(conn)
+            except NoScriptError:
+                self._script.sha = await client.script_load(self._script.script)
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                if not isinstance(exc, rexc.MaxConnectionsError):
+                    await client.aclose()  # read the slot map again on the next try
+                budget = budget or _Budget(self._retry_budget_s)
+                await budget.wait(exc)
+
+    async def _evalsha(self, conn: Connection, keys: list[str], args: list[Any]
+                       ) -> tuple[Any, int | None]:
+        """EVALSHA (and WAIT, see :meth:`_eval_wait`) on ``conn``, loading the script on
+        NOSCRIPT. Transient errors are retried with the client's policy; resending is safe
+        because the batch token makes the script idempotent."""
+        script = self._script
+
+        async def once() -> tuple[Any, int | None]:
+            return await self._eval_wait(conn, keys, args)
 
         async def fail(error: BaseException) -> None:
             await conn.disconnect()

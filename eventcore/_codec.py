@@ -33,6 +33,7 @@ __all__ = [
     "dispatch_session",
     "encode",
     "entry_client_event",
+    "entry_generation",
     "entry_has_blob",
     "entry_incarnation",
     "entry_seq",
@@ -56,6 +57,7 @@ _D = L.ENTRY_BODY.encode()
 _SD = L.ENTRY_SERVER_DATA.encode()
 _R = L.ENTRY_BLOB.encode()
 _INC = L.ENTRY_INCARNATION.encode()
+_GEN = L.ENTRY_GENERATION.encode()
 _FEED_SID = L.FEED_SESSION.encode()
 _FEED_SEQ = L.FEED_SEQ.encode()
 _DISPATCH_SID = L.DISPATCH_SESSION.encode()
@@ -76,6 +78,16 @@ def decode_json(data: bytes) -> Any:
 def entry_incarnation(fields: Mapping[bytes, bytes]) -> str:
     """The incarnation a stream or feed entry belongs to; ``""`` where the entry does not say."""
     return fields.get(_INC, b"").decode(errors="replace")
+
+
+def entry_generation(fields: Mapping[bytes, bytes]) -> tuple[str, int | None]:
+    """The stream epoch's generation a session-stream entry was appended in (``""``: 0, the
+    entry does not say) and the seq its history is known good up to (``None``: unknown)."""
+    raw = fields.get(_GEN)
+    if raw is None:
+        return "", None
+    gen, _, good = raw.decode(errors="replace").partition(":")
+    return gen, int(good) if good.isdigit() else None
 
 
 def entry_type(fields: Mapping[bytes, bytes]) -> str:

@@ -37,6 +37,7 @@ from ._codec import (
     decode_envelope,
     encode,
     entry_client_event,
+    entry_generation,
     entry_has_blob,
     entry_incarnation,
     entry_seq,
@@ -45,12 +46,21 @@ from ._codec import (
 )
 from ._envelope import Envelope
 from ._keys import validate_session_id
-from ._redis import redis_errors
+from ._redis import redis_errors, run_script
+from ._scripts import lua
 from ._sessions import INCARNATION_FIELDS, current_incarnation
-from .errors import HistoryGone, RedisUnavailable, SessionNotFound, ValidationError
+from .errors import (
+    HistoryDiverged,
+    HistoryGone,
+    RedisUnavailable,
+    SessionNotFound,
+    ValidationError,
+)
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
+
+    from redis.commands.core import AsyncScript
 
     from ._log import EventLog
 
@@ -64,11 +74,15 @@ __all__ = [
     "PageReader",
     "backoff",
     "closing_iter",
+    "divergence",
+    "newer_generation",
     "resolve_incarnation",
     "session_deleted",
 ]
 
 T = TypeVar("T")
+
+DIVERGE_LUA = lua("eventcore", "diverge", with_prelude=True)
 
 Entries = Sequence[tuple[bytes, Mapping[bytes, bytes]]]
 
@@ -97,13 +111,23 @@ class Event:
     data: bytes
     incarnation: str = ""
     server_data: bytes | None = None
+    # the stream epoch's generation it was appended in ("" = 0) and the seq its history is
+    # known good up to (None: not said); see :func:`divergence`
+    generation: str = ""
+    good_to: int | None = None
     _frame: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     @classmethod
-    def of(cls, env: Envelope, incarnation: str = "") -> Event:
+    def of(cls, env: Envelope, incarnation: str = "",
+           generation: tuple[str, int | None] = ("", None)) -> Event:
         """The event of a decoded envelope (an archive page, a hydrated blob)."""
         sd = None if env.server_data is None else encode(env.server_data)
-        return cls(env.seq, env.type, client_json(env), incarnation, sd)
+        return cls(env.seq, env.type, client_json(env), incarnation, sd, *generation)
+
+    @property
+    def epoch(self) -> str:
+        """The stream epoch's generation as clients see it: ``"0"`` until a divergence."""
+        return self.generation or "0"
 
     def envelope(self) -> Envelope:
         """The whole envelope, ``server_data`` included."""
@@ -150,6 +174,30 @@ async def closing_iter(it: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
             await aclose()
 
 
+def newer_generation(a: str, b: str) -> bool:
+    """Whether generation ``a`` is newer than ``b`` (``""`` is 0; both are digits)."""
+    return int(a or 0) > int(b or 0)
+
+
+def divergence(session_id: str, cursor: int, generation: str, ev: Event
+               ) -> HistoryDiverged | str | None:
+    """What ``ev`` means to a reader that holds seqs up to ``cursor`` read in ``generation``:
+    ``None`` nothing new; a generation string: a newer epoch whose history is the reader's up
+    to its cursor (adopt it); :class:`HistoryDiverged`: a newer epoch that may have rewritten
+    seqs the reader holds (it must discard those after ``resume_after``).
+
+    An entry of an older generation is the surviving prefix of the reader's history (async
+    replication keeps a prefix), so only newer ones count. A newer entry without ``good_to``
+    belongs to an incarnation created in that generation: the reader read nothing older."""
+    gen = ev.generation
+    if gen == generation or not newer_generation(gen, generation):
+        return None
+    good = ev.good_to
+    if good is None or cursor <= good:
+        return gen
+    return HistoryDiverged(session_id, cursor, good, gen or "0", generation or "0")
+
+
 def session_deleted(session_id: str) -> SessionNotFound:
     """The error that ends a follower whose incarnation is gone."""
     return SessionNotFound(session_id, f"session {session_id!r} was deleted (its id may name a "
@@ -185,6 +233,7 @@ class PageReader:
         self.archive_page = archive_page
         # per session: how many entries of the size its last read had fit in buffer_bytes
         self._fit: dict[str, int] = {}
+        self._diverge: AsyncScript | None = None
 
     async def read(
         self, session_id: str, after: int, limit: int | None = None, *,
@@ -208,6 +257,13 @@ class PageReader:
                     pipe.hmget(keys.meta, list(INCARNATION_FIELDS))
                     entries, meta = await pipe.execute()
                 _expect(session_id, incarnation, current_incarnation(meta))
+                if not entries and after and int(meta[0]) < after:
+                    # the cursor is beyond the tail: what the reader holds past it is gone
+                    # (a failover lost it), and new appends would reuse those seqs
+                    diverged = await self._beyond_tail(session_id, after, incarnation)
+                    if diverged is not None:
+                        raise diverged
+                    return await self.read(session_id, after, limit, incarnation=incarnation)
         if entries and entry_seq(entries[0][0]) == after + 1:
             page, largest = self._cut(entries)
             if len(self._fit) >= _FIT_SESSIONS:
@@ -223,6 +279,24 @@ class PageReader:
         # A page from the archive stops where Redis starts, however short: only an empty read
         # says this is the end of the log.
         return events, not events
+
+    async def _beyond_tail(self, session_id: str, after: int, incarnation: str
+                           ) -> HistoryDiverged | None:
+        """Give the session a new generation (unless it was appended to meanwhile), so every
+        reader that saw the lost seqs is told once they are reused; the reset for this one."""
+        log = self.log
+        keys = log.keys.session(session_id)
+        if self._diverge is None:
+            self._diverge = log.redis.register_script(DIVERGE_LUA)
+        with redis_errors("follow read"):
+            got = await run_script(self._diverge, [keys.meta, log.keys.epoch(keys.shard)],
+                                   [after, incarnation])
+        if not got:
+            raise session_deleted(session_id)
+        gen, good = _text(got[1]), int(got[2])
+        if good < 0:
+            return None  # appended meanwhile: read again
+        return HistoryDiverged(session_id, after, good, gen or "0")
 
     def _cut(self, entries: list[tuple[bytes, dict[bytes, bytes]]]
              ) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], int]:
@@ -243,11 +317,11 @@ class PageReader:
     async def events_of(self, entries: Entries, where: str) -> list[Event]:
         """The events of stream entries, blob-backed payloads hydrated."""
         if not any(entry_has_blob(f) for _, f in entries):
-            return [Event(*entry_client_event(i, f)) for i, f in entries]
+            return [Event(*entry_client_event(i, f), *entry_generation(f)) for i, f in entries]
         envs = await self.log.hydrate(
             [decode_entry(f, where=f"{where} {i!r}") for i, f in entries]
         )
-        return [Event.of(e, entry_incarnation(f))
+        return [Event.of(e, entry_incarnation(f), entry_generation(f))
                 for e, (_, f) in zip(envs, entries, strict=True)]
 
 
@@ -271,7 +345,13 @@ class LiveSource(Protocol):
 class Follower:
     """One follower of one incarnation of a session from seq ``after``: iterate
     :meth:`batches` (or :meth:`envelopes`). ``cursor`` is the last seq covered (types
-    filtered out included).
+    filtered out included), ``generation`` the stream epoch's generation it was read in
+    (``""``: 0; set it before iterating to resume a reader that was on another one).
+
+    Epochs: an event of a newer generation that may have rewritten seqs up to the cursor, or
+    a cursor beyond the stream's tail, is a :class:`~eventcore.errors.HistoryDiverged` item
+    (the one reset, a :class:`~eventcore.errors.HistoryGone`): the follower then goes on from
+    its ``resume_after`` in the new generation, never silently past reused seqs.
 
     With ``retry_cap_s``, a Redis outage longer than the client's retry budget does not end
     it: it waits (jittered backoff up to that cap, ``on_retry`` told first) and goes on from
@@ -290,6 +370,7 @@ class Follower:
         self.until_ended = until_ended
         self.retry_cap_s = retry_cap_s
         self.on_retry = on_retry
+        self.generation = ""
         self._read_page = read_page
         self._live = live
 
@@ -308,6 +389,8 @@ class Follower:
                     live.rewind()
                     try:
                         items, caught_up = await self._read_page(self.cursor)
+                    except HistoryDiverged as exc:
+                        gone, items, caught_up = exc, [], False
                     except HistoryGone as exc:
                         if exc.first_available <= self.cursor + 1:
                             raise  # nothing to skip to: going on would read the same again
@@ -332,11 +415,20 @@ class Follower:
             attempt = 0
             if gone is not None:
                 self.cursor = gone.resume_after
+                if isinstance(gone, HistoryDiverged):
+                    self.generation = "" if gone.epoch == "0" else gone.epoch
+                    catchup = True
                 yield gone
                 continue
-            out, ended = self._take(items)
+            out, ended, diverged = self._take(items)
             if out:
                 yield out
+            if diverged is not None:
+                self.cursor = diverged.resume_after
+                self.generation = "" if diverged.epoch == "0" else diverged.epoch
+                catchup = True
+                yield diverged
+                continue
             if ended:
                 return
             if not catchup and items and items[-1].seq > self.cursor:
@@ -351,10 +443,17 @@ class Follower:
             for ev in batch:
                 yield ev.envelope()
 
-    def _take(self, items: Sequence[Event]) -> tuple[list[Event], bool]:
+    def _take(self, items: Sequence[Event]) -> tuple[list[Event], bool, HistoryDiverged | None]:
         out: list[Event] = []
         types = self.types
         for ev in items:
+            if ev.generation != self.generation:
+                # checked before the seq: a reused seq at or below the cursor is no duplicate
+                changed = divergence(self.session_id, self.cursor, self.generation, ev)
+                if isinstance(changed, HistoryDiverged):
+                    return out, False, changed
+                if changed is not None:
+                    self.generation = changed
             if ev.seq <= self.cursor:
                 continue
             if ev.seq != self.cursor + 1:
@@ -363,8 +462,8 @@ class Follower:
             if types is None or ev.type in types:
                 out.append(ev)
             if self.until_ended and ev.type == "session.ended":
-                return out, True
-        return out, False
+                return out, True, None
+        return out, False, None
 
 
 class Followers(Protocol):
@@ -435,6 +534,10 @@ class _LogLive:
         if any(e.incarnation and e.incarnation != self.incarnation for e in events):
             raise session_deleted(self.session_id)  # the id names another session now
         return events
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 def _expect(session_id: str, incarnation: str, current: str | None) -> None:

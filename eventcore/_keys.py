@@ -26,6 +26,8 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
     ns:{N}:sessions          zset: session id -> its incarnation (as a number: microseconds,
                              increasing per shard), written by the script that creates the
                              session, removed by the one that deletes it (the listing index)
+    ns:{N}:epoch             hash: the shard's write counter (wc, one per append batch) and
+                             generation (gen): how appends detect a failover that lost writes
     ns:{0}:shards            string: the deployment's shard count (checked at every start)
     ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
     ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
@@ -180,6 +182,9 @@ class Keys:
     def sessions(self, shard: int) -> str:
         """Zset: the shard's sessions, scored by incarnation (the listing index)."""
         return f"{self._tag(shard)}:sessions"
+    def epoch(self, shard: int) -> str:
+        """The shard's write counter and generation (``_layout.SHARD_*``)."""
+        return f"{self._tag(shard)}:epoch"
 
     def all_shards(self) -> range:
         return range(self.shards)

@@ -30,6 +30,9 @@ ENTRY_TYPE: Final = "t"
 ENTRY_BODY: Final = "d"
 ENTRY_SERVER_DATA: Final = "sd"
 ENTRY_BLOB: Final = "r"
+# "<generation>:<seq the generation's history is known good up to>" on session-stream entries
+# appended after a divergence was detected (absent before: generation 0); see _lua/append.lua
+ENTRY_GENERATION: Final = "g"
 
 # -- feed entries: these, then the entry's fields ----------------------------------------------
 FEED_SESSION: Final = "sid"
@@ -56,6 +59,13 @@ META_ATTEMPT: Final = "attempt"
 META_DEAD: Final = "dead"
 META_ERROR: Final = "error"
 META_CHECKPOINT: Final = "checkpoint"
+# the stream epoch's generation ('' = 0) and the lowest seq any of its bumps found as the tail
+META_GENERATION: Final = "gen"
+META_GENERATION_FROM: Final = "genf"
+
+# -- the shard's epoch hash: its write counter and its generation ------------------------------
+SHARD_WRITES: Final = "wc"
+SHARD_GENERATION: Final = "gen"
 
 # session states (META_STATE)
 STATE_CREATED: Final = "created"

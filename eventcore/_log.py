@@ -109,6 +109,8 @@ class EventLog:
             # a batch is resent only within the retry budget: keep its answer a bit longer than
             # that, no more (at 100k appends/s every second of TTL holds ~2,000 answers)
             token_ttl_s=max(30, math.ceil(2 * s.retry_budget_s) + 5),
+            replicas=s.append_replicas, replicas_timeout_ms=s.append_replicas_timeout_ms,
+            retry_budget_s=s.retry_budget_s,
         )
 
     async def __aenter__(self) -> Self:

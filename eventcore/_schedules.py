@@ -610,19 +610,9 @@ class Scheduler(Running):
             items, _ = self._log.prepare_session(d.agent, session_id=session_id, labels=labels,
                                                  input=d.input, ttl_s=d.ttl_s)
             first = items[0]
-            sk = first.keys
             token = f"sch{os.urandom(9).hex()}"
-            # the append script's keys and arguments for one session (as the appender sends
-            # a batch: eventcore/_lua/append.lua documents them)
-            kk += [sk.feed, sk.dispatch, keys.batch(sk.shard, token), sk.incarnation,
-                   sk.stream, sk.meta, sk.dedupe, sk.signals, sk.effects, sk.lease]
-            events: list[Any] = []
-            for item in items:
-                if item.blob is not None:
-                    blobs[item.blob[0]] = item.blob[1]
-                events += (1, item.type, item.wire_key, item.body, "", item.extra)
-            aa = [len(items), int(time.time() * 1000), sk.notify, sk.wake, 60, 1, session_id,
-                  *events]
+            akeys, aa, blobs = self._log.appender.script_call(items, token)
+            kk += akeys
         args: list[Any] = [schedule_id, expected, st.revision,
                            "" if occurrence is None else occurrence, after, session_id,
                            skipped, *aa]
@@ -639,6 +629,8 @@ class Scheduler(Running):
             assert first is not None
             err = _result(first, got[1])
             raise CorruptEntry(f"could not start session {session_id!r}: {err}")
+        if len(got) > 2:  # the append ran: its answer ends with the shard's write counter
+            self._log.appender.observe_writes(keys.schedule_shard(schedule_id), got[2])
         if occurrence is None or got[1] == -1:  # -1: the append found the session there
             return 0
         logger.info("schedule %r fired %s: session %s", schedule_id,

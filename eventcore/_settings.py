@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     max_batch: int = pydantic.Field(
         default=512, ge=1, le=10_000, description="Most envelopes in one append round trip."
     )
+    append_replicas: int = pydantic.Field(
+        default=0, ge=0, le=16, description="Replicated acknowledgement: an append is "
+        "acknowledged only once WAIT confirms this many replicas of the shard's master have it "
+        "(0: as soon as the master has it; asynchronous replication may then lose it on "
+        "failover). Fewer within append_replicas_timeout_ms raises AppendNotReplicated.",
+    )
+    append_replicas_timeout_ms: int = pydantic.Field(
+        default=1000, ge=1, le=600_000, description="How long an append waits for "
+        "append_replicas replicas (WAIT's timeout) before AppendNotReplicated.",
+    )
     pool_size: int = pydantic.Field(default=64, ge=2, description="Redis connections at most.")
     redis_server: str | None = pydantic.Field(
         default=None,

@@ -7,13 +7,15 @@
     │   └── PayloadTooLarge
     ├── RedisError                  a Redis problem, converted at the boundary
     │   ├── RedisUnavailable        transient errors outlived the retry budget
-    │   └── CorruptEntry            a stream entry / key that is not what eventcore wrote
+    │   ├── CorruptEntry            a stream entry / key that is not what eventcore wrote
+    │   └── AppendNotReplicated     EVENTCORE_APPEND_REPLICAS: fewer replicas confirmed in time
     ├── SessionError
     │   ├── SessionNotFound
     │   ├── SessionEnded
     │   └── StaleHost               fencing: this host's epoch was superseded
     ├── EffectFailed                an effect's recorded failure (terminal, or retried too soon)
     ├── HistoryGone                 asked for history that is gone from Redis and the archive
+    │   └── HistoryDiverged         the stream's epoch changed past the cursor (failover)
     ├── SinkFailed                  published to the log, but an inline sink or hook failed
     ├── ScheduleNotFound            no schedule has this id (eventcore.schedules)
     ├── ScheduleConflict            a schedule id exists with another definition
@@ -37,12 +39,14 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "AppendNotReplicated",
     "ApplyConflict",
     "ConfigError",
     "CorruptEntry",
     "EffectFailed",
     "EmbeddedRedisError",
     "EventcoreError",
+    "HistoryDiverged",
     "HistoryGone",
     "HubClosed",
     "MissingExtra",
@@ -100,6 +104,26 @@ class RedisUnavailable(RedisError):
 
 class CorruptEntry(RedisError):
     """A key or stream entry does not hold what eventcore writes there."""
+
+
+class AppendNotReplicated(RedisError):
+    """``EVENTCORE_APPEND_REPLICAS=N``: the shard's master had the append, but fewer than N
+    replicas confirmed it within the timeout (``WAIT`` answered ``replicas``). The append is
+    **not acknowledged**: it may be in the log (and survive) or be lost by a failover. Retrying
+    with the same event key is safe: the log keeps the first copy, and a retry that finds it
+    answers ``duplicate`` once it is replicated. ``results`` are the appends of the batch as the
+    master answered them."""
+
+    def __init__(self, wanted: int, replicas: int, timeout_ms: int,
+                 results: Sequence[Any] = ()) -> None:
+        self.wanted = wanted
+        self.replicas = replicas
+        self.timeout_ms = timeout_ms
+        self.results = list(results)
+        super().__init__(
+            f"append not acknowledged: {replicas} of {wanted} replicas confirmed it within "
+            f"{timeout_ms} ms (EVENTCORE_APPEND_REPLICAS); it may or may not be in the log: "
+            "retry with the same event key")
 
 
 class SessionError(EventcoreError):
@@ -165,6 +189,26 @@ class HistoryGone(EventcoreError):
     def resume_after(self) -> int:
         """The cursor to go on from: everything up to it is gone."""
         return self.first_available - 1
+
+
+class HistoryDiverged(HistoryGone):
+    """The history a reader followed may have been rewritten: its cursor is on another epoch
+    than the stream's now (a failover promoted a replica that lacked the last appends, detected
+    by a writer or by this reader), or beyond the stream's tail. What the reader holds after
+    :attr:`resume_after` must be discarded; the stream goes on from there on ``epoch``.
+
+    A follower yields it as an item (SSE: ``stream.reset`` with ``reason: "diverged"``), then
+    follows the new epoch from :attr:`resume_after`."""
+
+    def __init__(self, session_id: str, after: int, resume_after: int, epoch: str,
+                 seen_epoch: str = "") -> None:
+        self.epoch = epoch
+        self.seen_epoch = seen_epoch
+        HistoryGone.__init__(self, session_id, after, resume_after + 1)
+        self.args = (
+            f"session {session_id!r}: the history after seq {resume_after} may have diverged "
+            f"from what was read up to seq {after} (epoch {seen_epoch or '0'} -> "
+            f"{epoch or '0'}): discard it and resume after {resume_after}",)
 
 
 class Overloaded(EventcoreError):

@@ -1,12 +1,13 @@
 -- Append a batch of envelopes atomically: dedupe, seq, session stream + shard feed, metadata.
 --
 -- KEYS[1] shard feed, KEYS[2] shard dispatch, KEYS[3] this batch's token key, KEYS[4] the
---   shard's last issued incarnation, then 6 keys per session in the batch: stream, meta,
---   dedupe, signals, effects, lease, then (last, optional) the shard's sessions index (zset:
---   a created session is added with its incarnation as score)
+--   shard's last issued incarnation, KEYS[5] the shard's epoch hash (write counter and
+--   generation), then 6 keys per session in the batch: stream, meta, dedupe, signals,
+--   effects, lease, then (last, optional) the shard's sessions index (zset: a created
+--   session is added with its incarnation as score)
 -- ARGV[1] event count, ARGV[2] now (ms), ARGV[3] notify channel, ARGV[4] wake channel,
---   ARGV[5] token ttl (s), ARGV[6] session count S, ARGV[7 .. 6+S] the session ids, then 6 args
---   per event:
+--   ARGV[5] token ttl (s), ARGV[6] the highest write counter this writer has been answered for
+--   the shard, ARGV[7] session count S, ARGV[8 .. 7+S] the session ids, then 6 args per event:
 --   session index (1-based), type, event key ('' when the client generated it), body (the
 --   envelope JSON without seq and without its opening brace), host epoch or '', extra
 -- extra is '' or flags NUL server_data-JSON NUL aux, where flags has 'r' when the payload is a
@@ -18,8 +19,9 @@
 -- of this very batch, which the token catches: so generated keys skip the dedupe map, saving
 -- its commands and memory. Caller-chosen keys are looked up with one HMGET per session.
 --
--- Returns one value per event: seq > 0 appended ({seq, incarnation} for a session.created
---   that was appended); -seq duplicate event key (the first seq); or a string 'code:value':
+-- Returns one value per event, then the shard's write counter after the batch. Per event:
+--   seq > 0 appended ({seq, incarnation} for a session.created that was appended); -seq
+--   duplicate event key (the first seq); or a string 'code:value':
 --   2 stale host epoch (value = current epoch), 3 no such session, 4 session ended (value =
 --   last seq), 5 corrupt key or bad argument (value = error text).
 -- Incarnations: a session id created again after it was deleted (or expired) is a new session.
@@ -28,12 +30,26 @@
 --   ('inc') and on every entry of the session, in its stream and on the feed ('inc'), which is
 --   how subscribers and live streams tell the entries of a deleted session from those of its
 --   successor under the same id.
+-- Epochs (failover honesty): every batch that appends increments the shard's write counter,
+--   and each writer remembers the highest value it was answered. A counter found below what
+--   the writer was answered means the shard lost acknowledged writes (a replica promoted
+--   without them, a restart without persistence): the shard gets a new generation (server
+--   microseconds, increasing) before anything is appended. A session appended to while its
+--   generation is older than the shard's takes the shard's, and records in 'genf' the lowest
+--   tail any generation change found (what is known good below it); its entries from then on
+--   carry 'g' = "<generation>:<genf>", so a reader that saw a seq above genf under an older
+--   generation is told its history diverged instead of silently taking reused seqs.
 -- The results are stored under the token key, so a resend of the same batch (after a reply was
 -- lost to a dropped connection or a restart) returns them instead of appending twice.
 local prev = redis.call('GET', KEYS[3])
-if prev then return cmsgpack.unpack(prev) end
+if prev then
+  -- a write, so a WAIT after this resend covers the first run's writes (replication is in
+  -- order): a resend answered from here is acknowledged only once they are replicated
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  return cmsgpack.unpack(prev)
+end
 
-local n, now, nsess = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[6])
+local n, now, nsess = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[7])
 local feed, dispatch = KEYS[1], KEYS[2]
 for _, k in ipairs({feed, dispatch}) do
   local t = redis.call('TYPE', k).ok
@@ -41,7 +57,7 @@ for _, k in ipairs({feed, dispatch}) do
     return redis.error_reply('WRONGTYPE shard stream ' .. k .. ' holds a ' .. t)
   end
 end
-local E0 = 7 + nsess  -- first event arg
+local E0 = 8 + nsess  -- first event arg
 local CREATED, ENDED, CHECKPOINT = L.SESSION_CREATED, L.SESSION_ENDED,
   L.SESSION_CHECKPOINT
 
@@ -53,6 +69,21 @@ local function new_incarnation()
   local inc = string.format('%016.0f', us)
   redis.call('SET', KEYS[4], inc)
   return inc
+end
+
+local ep = redis.call('HMGET', KEYS[5], L.SHARD_WRITES, L.SHARD_GENERATION)
+local writes = tonumber(ep[1]) or 0
+local shard_gen = ep[2] or ''
+local seen = tonumber(ARGV[6]) or 0
+if writes < seen then
+  -- the shard lost writes this writer had acknowledged: history may diverge from here
+  local t = redis.call('TIME')
+  local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(shard_gen) or 0
+  if us <= last then us = last + 1 end
+  shard_gen = string.format('%016.0f', us)
+  writes = seen
+  redis.call('HSET', KEYS[5], L.SHARD_GENERATION, shard_gen, L.SHARD_WRITES, writes)
 end
 
 local function typed(key, want)
@@ -77,12 +108,13 @@ end
 local sessions = {}
 local order = {}
 local function load(sidx)
-  local kb = 4 + (sidx - 1) * 6
-  local m = {sid = ARGV[6 + sidx], kb = kb}
+  local kb = 5 + (sidx - 1) * 6
+  local m = {sid = ARGV[7 + sidx], kb = kb}
   sessions[sidx] = m
   order[#order + 1] = m
   local r = redis.pcall('HMGET', KEYS[kb + 2], L.META_SEQ, L.META_STATE, L.META_EPOCH,
-                        L.META_DISPATCHED, L.META_TTL, L.META_INCARNATION)
+                        L.META_DISPATCHED, L.META_TTL, L.META_INCARNATION,
+                        L.META_GENERATION, L.META_GENERATION_FROM)
   if r.err then m.corrupt = r.err; return m end
   if (r[1] and not tonumber(r[1])) or (r[3] and not tonumber(r[3])) then
     m.corrupt = 'session metadata holds a non-numeric seq or epoch'
@@ -90,6 +122,15 @@ local function load(sidx)
   end
   m.seq, m.state, m.epoch = tonumber(r[1]), r[2], tonumber(r[3]) or 0
   m.dispatched, m.ttl, m.inc = r[4], tonumber(r[5]), r[6] or ''
+  m.gen, m.genf = r[7] or '', tonumber(r[8])
+  if m.seq ~= nil and shard_gen ~= '' and (tonumber(m.gen) or 0) < tonumber(shard_gen) then
+    -- the shard changed generation since this session's last append: so does the session,
+    -- known good up to its tail now (the lowest of every change)
+    local genf = m.seq
+    if m.genf ~= nil and m.genf < genf then genf = m.genf end
+    m.gen, m.genf = shard_gen, genf
+    m.set = {[L.META_GENERATION] = shard_gen, [L.META_GENERATION_FROM] = genf}
+  end
   local w = wanted[sidx]
   if w ~= nil then
     m.seen = {}
@@ -149,9 +190,14 @@ for i = 1, n do
     local d = ec_body(sseq, body)
     local sid = m.sid
     local inc = m.inc
-    if created then inc = new_incarnation() end
+    local g = ''
+    if created then
+      inc = new_incarnation()
+      m.gen, m.genf = shard_gen, nil  -- a new session starts on the shard's generation
+    end
+    if m.gen ~= '' then g = m.gen .. ':' .. (m.genf or '') end
     local x = ec_entry(KEYS[kb + 1], feed, sid, sseq, inc, typ, d, sd,
-      extra ~= '' and string.find(flags, L.ENTRY_BLOB, 1, true) ~= nil)
+      extra ~= '' and string.find(flags, L.ENTRY_BLOB, 1, true) ~= nil, g)
     if x.err then
       out[i] = '5:' .. x.err
       m.corrupt = x.err
@@ -179,8 +225,9 @@ for i = 1, n do
         set[L.META_CREATED_AT] = tonumber(created.at) or now
         set[L.META_TTL], set[L.META_EPOCH] = created.ttl or 0, 0
         set[L.META_INCARNATION] = inc
-        local kindex = KEYS[5 + nsess * 6]
+        local kindex = KEYS[6 + nsess * 6]
         if kindex then redis.call('ZADD', kindex, inc, sid) end
+        if shard_gen ~= '' then set[L.META_GENERATION] = shard_gen end
         if agent ~= '' then
           ec_dispatch(dispatch, sid, 'created')
           set[L.META_DISPATCHED] = '1'
@@ -246,5 +293,10 @@ for _, m in ipairs(order) do
     end
   end
 end
+-- written even when nothing was appended (all duplicates): a WAIT after it then covers the
+-- writes of the first copies too
+if any then writes = writes + 1 end
+redis.call('HSET', KEYS[5], L.SHARD_WRITES, writes)
+out[n + 1] = writes
 if any then redis.call('SET', KEYS[3], cmsgpack.pack(out), 'EX', ARGV[5]) end
 return out

@@ -34,10 +34,12 @@ end
 
 -- An envelope at seq sseq: its session-stream entry (id 0-<seq>) and then its feed entry.
 -- Returns the stream XADD's reply: a table with .err when the stream refused it (nothing
--- written then).
-local function ec_entry(kstream, feed, sid, sseq, inc, typ, d, sd, blob)
+-- written then). gen (optional, the append script's): the session-stream entry's generation
+-- field "<generation>:<good up to>" once the session's epoch has a generation (not on the feed).
+local function ec_entry(kstream, feed, sid, sseq, inc, typ, d, sd, blob, gen)
   local x
-  if sd == '' and not blob then
+  if gen == '' then gen = nil end
+  if sd == '' and not blob and gen == nil then
     if inc == '' then
       x = redis.pcall('XADD', kstream, '0-' .. sseq, EC_T, typ, EC_D, d)
     else
@@ -49,6 +51,7 @@ local function ec_entry(kstream, feed, sid, sseq, inc, typ, d, sd, blob)
     f[#f + 1] = EC_T; f[#f + 1] = typ; f[#f + 1] = EC_D; f[#f + 1] = d
     if sd ~= '' then f[#f + 1] = EC_SD; f[#f + 1] = sd end
     if blob then f[#f + 1] = EC_R; f[#f + 1] = '1' end
+    if gen ~= nil then f[#f + 1] = L.ENTRY_GENERATION; f[#f + 1] = gen end
     x = redis.pcall('XADD', kstream, '0-' .. sseq, unpack(f))
   end
   if type(x) == 'table' and x.err then return x end

@@ -67,8 +67,11 @@ class ClientFollow:
     def __init__(
         self, followers: Followers, session_id: str, after: int, *, incarnation: str,
         types: Collection[str] | None = None, retry_cap_s: float | None = None,
+        generation: str = "",
     ) -> None:
         self.followers = followers
+        self.generation = generation
+        """The stream epoch's generation of ``after`` (``""``: 0; see ``Follower``)."""
         self.session_id = session_id
         self.incarnation = incarnation
         self.types = types
@@ -81,14 +84,13 @@ class ClientFollow:
 
     async def items(self) -> AsyncIterator[ClientItem]:
         try:
-            async with (
-                self.followers.subscribe(self.session_id, self.sent, types=self.types,
-                                         incarnation=self.incarnation,
-                                         retry_cap_s=self.retry_cap_s) as follower,
-                closing_iter(follower.batches()) as batches,
-            ):
-                async for batch in batches:
-                    yield batch
+            async with self.followers.subscribe(self.session_id, self.sent, types=self.types,
+                                                incarnation=self.incarnation,
+                                                retry_cap_s=self.retry_cap_s) as follower:
+                follower.generation = self.generation
+                async with closing_iter(follower.batches()) as batches:
+                    async for batch in batches:
+                        yield batch
         except HubClosed:
             yield self.end("shutdown")
             return

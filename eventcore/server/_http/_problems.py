@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from eventcore.errors import (
+    AppendNotReplicated,
     EventcoreError,
     HistoryGone,
     PayloadTooLarge,
@@ -171,6 +172,8 @@ def _from_eventcore(exc: EventcoreError) -> Problem:
         return Problem(422, "validation-error", str(exc)[:500])
     if isinstance(exc, HistoryGone):
         return Problem(410, "history-gone", str(exc), first_available=exc.first_available)
+    if isinstance(exc, AppendNotReplicated):
+        return Problem(503, "not-replicated", str(exc)[:300], headers={"Retry-After": "1"})
     if isinstance(exc, RedisUnavailable):
         return Problem(503, "unavailable", "Redis is unavailable", headers={"Retry-After": "1"})
     if type(exc).__name__ == "Overloaded":

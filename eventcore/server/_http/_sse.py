@@ -1,7 +1,14 @@
 """``GET /v1/sessions/{id}/events``: SSE through the process's hub, or JSON pages.
 
 Wire format (sse-starlette's encoder): ``id:`` the seq, ``event:`` the envelope type, ``data:``
-the client envelope JSON. Each event is framed once and the bytes shared by every client of the
+the client envelope JSON. Stream epochs: once a divergence was detected on the session (a
+failover lost acknowledged appends; see README "Running on Redis Cluster") its events' ids are
+``<seq>.<generation>``; before that (and on every session never touched by one) the id is the
+bare seq, so the format is unchanged. ``Last-Event-ID`` (and ``?after=`` with ``?epoch=``) take
+either; a bare seq means generation 0. A resume from an older epoch whose history may have been
+rewritten past the cursor, or from beyond the tail, gets ``stream.reset`` with ``reason:
+"diverged"``, the new ``epoch`` and ``resume_after``: discard what is held after it.
+Each event is framed once and the bytes shared by every client of the
 session. A ``: ping`` comment line every heartbeat interval, without the blank line that would
 end an event (some clients, httpx-sse among them, dispatch an empty "message" on a blank line
 once an id has been seen). Four events are not envelopes and carry
@@ -42,8 +49,8 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from eventcore._follow import closing_iter
-from eventcore.errors import HistoryGone
+from eventcore._follow import closing_iter, divergence
+from eventcore.errors import HistoryDiverged, HistoryGone
 
 from .._clients import ClientFollow, StreamEnd
 from ._context import SessionAccess, session_reader
@@ -73,9 +80,14 @@ def sse_frame(ev: Event) -> bytes:
 
 
 def _frame(ev: Event) -> bytes:
-    frame: bytes = ServerSentEvent(data=ev.data.decode(), id=str(ev.seq), event=ev.type,
-                                   sep=_SEP).encode()
+    frame: bytes = ServerSentEvent(data=ev.data.decode(), id=_event_id(ev.seq, ev.generation),
+                                   event=ev.type, sep=_SEP).encode()
     return frame
+
+
+def _event_id(seq: int, generation: str) -> str:
+    """``<seq>``, or ``<seq>.<generation>`` once the stream's epoch has one."""
+    return f"{seq}.{generation}" if generation and generation != "0" else str(seq)
 
 
 def parse_types(raw: str | None) -> frozenset[str] | None:
@@ -88,15 +100,31 @@ def parse_types(raw: str | None) -> frozenset[str] | None:
     return types or None
 
 
-def _parse_after(after: int | None, last_event_id: str | None) -> int:
+def _parse_after(after: int | None, last_event_id: str | None, epoch: str | None = None
+                 ) -> tuple[int, str]:
+    """The cursor and the generation of its epoch (``""``: 0)."""
     # The header wins: EventSource reconnects to the same URL (with its original ?after=) and
     # reports the last id it saw in Last-Event-ID.
     if last_event_id:
+        seq, sep, gen = last_event_id.partition(".")
         try:
-            return parse_digits(last_event_id, "Last-Event-ID")
+            cursor = parse_digits(seq, "Last-Event-ID")
+            if sep and not _generation(gen):
+                # ids carry a generation only once it is not 0: 16 digits, as the server made it
+                raise ValueError("Last-Event-ID's epoch must be the generation an id carried")
         except ValueError as exc:
-            raise Problem(400, "validation-error", f"{exc} (a seq)") from None
-    return after or 0
+            raise Problem(400, "validation-error", f"{exc} (a seq, or seq.epoch)") from None
+        return cursor, gen
+    if epoch is None or epoch == "0":
+        return after or 0, ""
+    if not _generation(epoch):
+        raise Problem(422, "validation-error", "epoch: 0, or the 16-digit epoch a page said")
+    return after or 0, epoch
+
+
+def _generation(text: str) -> bool:
+    """A stream generation as the server issues them: 16 ASCII digits, not all zeros."""
+    return len(text) == 16 and text.isascii() and text.isdigit() and text != "0" * 16
 
 
 class _Progress:
@@ -198,24 +226,27 @@ async def event_stream(
     format: Annotated[Literal["sse", "json"], Query()] = "sse",
     limit: Annotated[PageSize, Query(description="format=json page size")] = 100,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    epoch: Annotated[str | None, Query(max_length=20, description="The stream epoch of "
+                                       "`after` (what `epoch` in a JSON page said)")] = None,
 ) -> Response:
     ctx = access.ctx
-    start = _parse_after(after, last_event_id)
+    start, generation = _parse_after(after, last_event_id, epoch)
     wanted = parse_types(types)
     info = await ctx.log.get_session(access.session_id)  # 404 before anything streams
     # a token holder's incarnation was checked; the session may have been re-created since,
     # and then the stream ends at once
     incarnation = info.incarnation if access.principal.admin else access.principal.incarnation
     if format == "json":
-        return await _json_page(ctx, access.session_id, incarnation, start, limit, wanted)
-    if info.state == "ended" and start >= info.last_seq:
+        return await _json_page(ctx, access.session_id, incarnation, start, generation, limit,
+                                wanted)
+    if info.state == "ended" and start == info.last_seq and not generation:
         return Response(status_code=204)
     if ctx.hub.closed or ctx.shutdown.is_set():
         raise Problem(503, "shutting-down", "resume on another server or shortly",
                       headers={"Retry-After": "1"})
     progress = _Progress(start)
     response = _Stream(
-        _frames(ctx, access.session_id, incarnation, progress, wanted),
+        _frames(ctx, access.session_id, incarnation, progress, wanted, generation),
         shutdown_event=ctx.shutdown,
         shutdown_grace_period=2.0,
         ping=ctx.settings.sse_heartbeat_s,
@@ -240,13 +271,13 @@ def _control(event: str, resume_after: int, *, retry: int | None = None, **data:
 
 async def _frames(
     ctx: ServiceContext, session_id: str, incarnation: str, progress: _Progress,
-    types: frozenset[str] | None,
+    types: frozenset[str] | None, generation: str = "",
 ) -> AsyncIterator[bytes]:
 
     metrics = ctx.metrics
     metrics.sse_clients.inc()
     follow = ClientFollow(ctx.hub, session_id, progress.cursor, incarnation=incarnation,
-                          types=types)
+                          types=types, generation=generation)
     try:
         async with closing_iter(follow.items()) as items:
             async for item in items:
@@ -256,6 +287,17 @@ async def _frames(
                     if end is not None:
                         yield end
                     return
+                if isinstance(item, HistoryDiverged):
+                    yield ServerSentEvent(
+                        data=msgspec.json.encode(_reset(item)).decode(),
+                        event="stream.reset", id=_event_id(item.resume_after, item.epoch),
+                        sep=_SEP,
+                    ).encode()
+                    progress.cursor = follow.sent = item.resume_after
+                    info = await ctx.log.get_session(session_id)
+                    if info.state == "ended" and item.resume_after >= info.last_seq:
+                        return  # reset to the end of an ended session: nothing follows
+                    continue
                 if isinstance(item, HistoryGone):
                     yield ServerSentEvent(
                         data=msgspec.json.encode({"after": item.after,
@@ -298,13 +340,39 @@ def _end_frame(end: StreamEnd, cursor: int) -> bytes | None:
     return None
 
 
+def _reset(gone: HistoryDiverged) -> dict[str, object]:
+    """What ``stream.reset`` (SSE) and ``reset`` (JSON) say about a divergence."""
+    return {"reason": "diverged", "after": gone.after, "resume_after": gone.resume_after,
+            "epoch": gone.epoch, "seen_epoch": gone.seen_epoch or "0",
+            "first_available": gone.first_available}
+
+
 async def _json_page(
-    ctx: ServiceContext, session_id: str, incarnation: str, after: int, limit: int,
-    types: frozenset[str] | None,
+    ctx: ServiceContext, session_id: str, incarnation: str, after: int, generation: str,
+    limit: int, types: frozenset[str] | None,
 ) -> Response:
     # a page of the incarnation the caller opened (404 if it went meanwhile), never the next
-    events, _ = await ctx.hub.read_page(session_id, after, limit, incarnation=incarnation)
+    try:
+        events, _ = await ctx.hub.read_page(session_id, after, limit, incarnation=incarnation)
+    except HistoryDiverged as exc:
+        return _json_reset(exc)
+    for ev in events:
+        if ev.generation != generation:
+            changed = divergence(session_id, after, generation, ev)
+            if isinstance(changed, HistoryDiverged):
+                return _json_reset(changed)
+            if changed is not None:
+                generation = changed
     next_after = events[-1].seq if events else after
     chosen = [e.data for e in events if types is None or e.type in types]
-    body = b'{"events":[' + b",".join(chosen) + b'],"next_after":' + str(next_after).encode() + b"}"
+    body = (b'{"events":[' + b",".join(chosen) + b'],"next_after":' + str(next_after).encode()
+            + b',"epoch":"' + (generation or "0").encode() + b'"}')
     return Response(body, media_type="application/json")
+
+
+def _json_reset(gone: HistoryDiverged) -> Response:
+    """A JSON page that tells the reader its history diverged: no events, where to resume
+    (``next_after``) and in which ``epoch``."""
+    return Response(msgspec.json.encode({
+        "events": [], "next_after": gone.resume_after, "epoch": gone.epoch,
+        "reset": _reset(gone)}), media_type="application/json")
