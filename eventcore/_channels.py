@@ -229,25 +229,31 @@ class Channels:
         return lambda: cls(host=host, port=int(port), **kwargs)
 
     async def _read_slots(self) -> None:
-        """The slot map, as the first master that answers tells it (not the cluster client's:
-        reading it again there would drop its connections)."""
+        """The slot map, as the first node that answers tells it, asked on a connection of
+        our own (asking through the cluster client would make it drop its connections to a
+        node that fails, and re-read its own map)."""
         cluster: Any = self.client
-        known = [*cluster.get_primaries(), *(n for n in cluster.get_nodes()
-                                             if n not in cluster.get_primaries())]
-        masters = {m for _, _, m in self._slots}
-        known.sort(key=lambda n: n.name not in masters)  # the last map's masters first
+        names = [m for _, _, m in self._slots]  # the last map's masters first
+        names += [n.name for n in cluster.get_primaries()]
+        names += [n.name for n in cluster.get_nodes()]
+        names += list(getattr(cluster, "_seeds", {}))
         error: BaseException | None = None
-        for node in known:
+        for name in dict.fromkeys(names):
+            conn = self._connector(name)()
             try:
-                reply = await cluster.execute_command("CLUSTER SLOTS", target_nodes=node)
+                await conn.connect()
+                await conn.send_command("CLUSTER", "SLOTS", check_health=False)
+                reply = await conn.read_response(disable_decoding=True)
             except (rexc.RedisError, OSError) as exc:
                 error = exc
                 continue
-            slots = []
-            for (low, high), served in reply.items():
-                host, port = served["primary"][:2]
-                slots.append((int(low), int(high), f"{_text(host) or node.host}:{int(port)}"))
-            self._slots = sorted(slots)
+            finally:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await conn.disconnect()
+            host = name.rpartition(":")[0]
+            self._slots = sorted(
+                (int(low), int(high), f"{_text(served[0]) or host}:{int(served[1])}")
+                for low, high, served, *_ in reply)
             return
         raise rexc.ConnectionError(f"no cluster node answered CLUSTER SLOTS: {error}")
 

@@ -32,3 +32,13 @@ def master_of(cluster: LocalCluster, key: str) -> RedisServer:
 def clients_on(node: RedisServer) -> int:
     """The client connections ``node`` has now, this question's own not counted."""
     return len(node.command("CLIENT", "LIST").splitlines()) - 1
+
+
+def subscribers_on(node: RedisServer) -> int:
+    """The connections of ``node`` subscribed to channels (sharded or not)."""
+    count = 0
+    for line in node.command("CLIENT", "LIST").splitlines():
+        fields = dict(kv.partition("=")[::2] for kv in line.split())
+        if any(int(fields.get(k) or 0) for k in ("sub", "ssub", "psub")):
+            count += 1
+    return count
