@@ -169,10 +169,14 @@ async def test_a_failover_moves_the_subscriptions_to_the_promoted_replica(
             replica = cluster.replica_of(old)
             before = listener.subscriptions
             replica.command("CLUSTER", "FAILOVER")
-            await rec.until(lambda: listener.subscriptions > before and listener.connected
+            # (Redis 6.2: one SUBSCRIBE on any master, and a demoted master still hears the
+            # broadcast: only a subscription on the old master moves, after refresh_s)
+            resubscribed = _sharded(cluster)
+            await rec.until(lambda: listener.connected
+                            and (listener.subscriptions > before or not resubscribed)
                             and all(not n.endswith(f":{old.port}")
                                     for n, _, _ in listener.routes()))
-            if _sharded(cluster):
+            if resubscribed:
                 assert any(n.endswith(f":{replica.port}") for n, _, _ in listener.routes())
             await _notified_everywhere(log, rec, sids)
             tg.cancel_scope.cancel()
