@@ -10,6 +10,7 @@ subscribed; ``async for event in listener`` then yields:
   follows (pub/sub is at most once);
 - :class:`Lost`: a connection failed (a typed :class:`~eventcore.errors.EventcoreError`);
   its channels are subscribed again as soon as possible, then :class:`Subscribed` follows.
+  Once per outage of a connection (or per failed first attempt), not once per attempt.
 
 How it subscribes:
 
@@ -20,7 +21,7 @@ How it subscribes:
   a ``MOVED`` answer, a ``sunsubscribe`` pushed by the server (its slot was migrated, or the
   master was demoted by a failover) or a lost connection re-reads the slot map and moves the
   channels to the masters serving them now; the slot map in hand is compared every
-  ``refresh_s`` too (the cluster client updates it on MOVED);
+  ``refresh_s`` too, on a short connection of its own;
 - **Redis Cluster before 7.0** (or a foreign cluster client): the scripts ``PUBLISH``, which a
   cluster broadcasts to every node: one connection, ``SUBSCRIBE`` on any master (the next one
   after a failure).
@@ -103,7 +104,7 @@ class Channels:
 
     def __init__(
         self, client: Redis, channels: Sequence[str], *, ping_s: float = 10.0,
-        refresh_s: float = 5.0, max_pending: int = 100_000,
+        refresh_s: float = 30.0, max_pending: int = 100_000,
     ) -> None:
         if not channels:
             raise ValueError("Channels needs at least one channel")
@@ -298,6 +299,7 @@ class Channels:
     # -- one connection ---------------------------------------------------------------------------
     async def _connection(self, route: _Route, scope: anyio.CancelScope) -> None:
         delay = _BACKOFF
+        told = False  # Lost was queued since the last subscription
         with scope:
             while True:
                 conn = route.connect()
@@ -308,7 +310,9 @@ class Channels:
                     self.losses += 1
                     was = self._subscribed.intersection(route.channels)
                     self._subscribed.difference_update(route.channels)
-                    self._put(Lost(frozenset(route.channels), exc))
+                    if was or not told:  # once per outage, not per attempt
+                        told = True
+                        self._put(Lost(frozenset(route.channels), exc))
                     log.warning("pub/sub connection to %s lost (%s); subscribing again",
                                 route.name, exc)
                     if route.rotate:
