@@ -88,8 +88,9 @@ async def test_followers_on_every_master_get_every_event_live(
 
 @MODES
 @pytest.mark.redis_restart
+@pytest.mark.parametrize("hard", [False, True], ids=["graceful", "sigkill"])
 async def test_a_master_restart_misses_no_event(
-    redis_cluster_factory: Callable[..., LocalCluster], live: Live
+    redis_cluster_factory: Callable[..., LocalCluster], live: Live, hard: bool
 ) -> None:
     cluster = redis_cluster_factory()
     settings = load_settings(redis_url=cluster.url, namespace="rs", shards=16,
@@ -129,7 +130,7 @@ async def test_a_master_restart_misses_no_event(
 
             async def restart() -> None:
                 await halfway.wait()
-                await anyio.to_thread.run_sync(victim.restart)
+                await anyio.to_thread.run_sync(lambda: victim.restart(hard=hard))
 
             async with anyio.create_task_group() as producers:
                 producers.start_soon(restart)
