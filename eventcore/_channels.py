@@ -38,7 +38,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import anyio
 import redis.exceptions as rexc
@@ -55,8 +55,7 @@ _BACKOFF = 0.05
 _BACKOFF_CAP = 2.0
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """``data`` published on ``channel``."""
 
     channel: bytes
@@ -336,37 +335,45 @@ class Channels:
         await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         pending = set(route.channels)
         probing = False
+        seen = 0  # replies read
         put = self._put
+        read = conn.read_response
         while True:
-            try:
-                reply = await conn.read_response(timeout=self.ping_s, disable_decoding=True,
-                                                 disconnect_on_error=False)
-            except rexc.ResponseError as exc:
-                if str(exc).startswith(("MOVED ", "ASK ")) or isinstance(exc, rexc.AskError):
-                    raise RedisError(f"{exc}: the slot map changed") from exc
-                raise
-            if reply is None:  # nothing for ping_s
-                if probing:
-                    raise rexc.TimeoutError(f"no answer to PING from {route.name}")
+            before = seen
+            # (no timeout per read, which costs a timer each: one deadline per ping_s; a read
+            # cancelled there loses nothing, the parser keeps what it has not returned yet)
+            with anyio.move_on_after(self.ping_s):
+                while True:
+                    try:
+                        reply = await read(disable_decoding=True, disconnect_on_error=False)
+                    except rexc.ResponseError as exc:
+                        if isinstance(exc, rexc.AskError) or str(exc).startswith(
+                                ("MOVED ", "ASK ")):
+                            raise RedisError(f"{exc}: the slot map changed") from exc
+                        raise
+                    seen += 1
+                    kind = reply[0]
+                    if kind == b"message" or kind == b"smessage":
+                        put(Message(reply[1], reply[2]))
+                    elif kind == b"subscribe" or kind == b"ssubscribe":
+                        pending.discard(reply[1].decode())
+                        if not pending and not self._subscribed.issuperset(route.channels):
+                            self._subscribed.update(route.channels)
+                            self.subscriptions += 1
+                            put(Subscribed(frozenset(route.channels)))
+                            if self.connected:
+                                self._ready.set()
+                    elif kind == b"sunsubscribe" or kind == b"unsubscribe":
+                        # the server dropped the subscription: its slot is served elsewhere
+                        raise RedisError(f"{route.name} unsubscribed {reply[1].decode()}: the "
+                                         "slot map changed")
+            if seen != before:
+                probing = False
+            elif probing:
+                raise rexc.TimeoutError(f"no answer to PING from {route.name}")
+            else:  # nothing for ping_s: is it there?
                 await conn.send_command("PING", check_health=False)
                 probing = True
-                continue
-            probing = False
-            kind = reply[0]
-            if kind == b"message" or kind == b"smessage":
-                put(Message(reply[1], reply[2]))
-            elif kind == b"subscribe" or kind == b"ssubscribe":
-                pending.discard(reply[1].decode())
-                if not pending and not self._subscribed.issuperset(route.channels):
-                    self._subscribed.update(route.channels)
-                    self.subscriptions += 1
-                    put(Subscribed(frozenset(route.channels)))
-                    if self.connected:
-                        self._ready.set()
-            elif kind == b"sunsubscribe" or kind == b"unsubscribe":
-                # the server dropped the subscription: its slot is served elsewhere now
-                raise RedisError(f"{route.name} unsubscribed {reply[1].decode()}: the slot "
-                                 "map changed")
 
 
 def _text(value: Any) -> str:

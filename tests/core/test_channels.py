@@ -77,3 +77,25 @@ async def test_a_reader_behind_is_told_to_resync(event_log: EventLog) -> None:
         assert overflowed()[0].channels == {channel}
         assert listener._messages <= 5  # bounded: the older ones were dropped
         assert sum(isinstance(e, Message) for e in listener._queue) == listener._messages
+
+
+@pytest.mark.redis_restart
+async def test_a_silent_server_is_found_out_by_ping(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_server_factory()
+    settings = load_settings(redis_url=server.url, namespace="ping", shards=1, retry_budget_s=15)
+    async with EventLog(settings) as log:
+        sid = (await log.create_session()).session_id
+        channel = log.keys.notify(0)
+        async with Channels(log.redis, [channel], ping_s=0.3) as listener:
+            await _next_of(listener, Subscribed)
+            # the server answers nothing for 3 s (the connection stays open): the PING sent
+            # after 0.3 s of silence gets no PONG within 0.3 s more
+            server.command("CLIENT", "PAUSE", "3000")
+            lost = await _next_of(listener, Lost)
+            assert isinstance(lost, Lost) and "PING" in str(lost.error)
+            assert isinstance(await _next_of(listener, Subscribed), Subscribed)
+            res = await log.append(Envelope(type="m", session_id=sid))
+            msg = await _next_of(listener, Message)
+            assert isinstance(msg, Message) and msg.data == f"{sid} {res.seq}".encode()
