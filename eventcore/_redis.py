@@ -17,6 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE
 
+from ._scripts import sharded
 from .errors import ConfigError, CorruptEntry, RedisError, RedisUnavailable
 
 if TYPE_CHECKING:
@@ -270,10 +271,22 @@ async def connect_cluster(
     try:
         with redis_errors("connect"):
             await client.execute_command("PING", target_nodes=RedisCluster.RANDOM)
+            ours = cast(_ClusterClient, client)
+            ours.sharded_pubsub = await _sharded_pubsub(ours)
     except BaseException:
         await client.aclose()
         raise
     return cast(Redis, client)
+
+
+async def _sharded_pubsub(client: _ClusterClient) -> bool:
+    """Whether every master has sharded pub/sub (SSUBSCRIBE, SPUBLISH: Redis 7.0+)."""
+    for node in client.get_primaries():
+        info = await client.execute_command("INFO", "server", target_nodes=node)
+        version = str(info.get("redis_version", "0"))
+        if int(version.partition(".")[0] or 0) < 7:
+            return False
+    return True
 
 
 def is_cluster(client: object) -> bool:
@@ -370,6 +383,27 @@ class _ClusterClient(RedisCluster):
                     raise
                 budget = budget or _Budget(self.retry_budget_s)
                 await budget.wait(exc)
+
+    #: the masters have sharded pub/sub (set by :func:`connect_cluster`): scripts publish with
+    #: SPUBLISH and listeners subscribe on each master (:mod:`eventcore._channels`); else
+    #: PUBLISH, which a cluster broadcasts to every node, and one SUBSCRIBE on any node
+    sharded_pubsub = False
+
+    def register_script(self, script: Any) -> AsyncScript:  # type: ignore[override]
+        if self.sharded_pubsub and isinstance(script, str):
+            script = sharded(script)
+        return super().register_script(script)  # type: ignore[misc]
+
+    async def refresh_slots(self) -> None:
+        """Read the slot map again now (a node answered MOVED or dropped a sharded
+        subscription: its slots moved), from every node ever seen."""
+        seeds = self.nodes_manager.startup_nodes
+        for name, (host, port) in self._seeds.items():
+            if name not in seeds:
+                seeds[name] = ClusterNode(host, port, **self.connection_kwargs)
+        await self.nodes_manager.initialize()
+        for node in self.nodes_manager.nodes_cache.values():
+            self._seeds.setdefault(node.name, (node.host, node.port))
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
         if shard_hint:

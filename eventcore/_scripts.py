@@ -7,6 +7,11 @@ write session entries or session state are loaded ``with_prelude``: the layout's
 (``eventcore/_lua/prelude.lua``: one writer of session-stream + feed entries, of session
 state, of dead letters and of the live notification) are joined in front of the script. The
 result is sent as one script (EVALSHA of prelude..script): Redis 6.2 has no FUNCTION LOAD.
+
+A Redis Cluster client whose nodes have sharded pub/sub (7.0+) registers every script through
+:func:`sharded`, which makes the prelude's ``ec_publish`` send ``SPUBLISH``: a sharded message
+is delivered by the node serving the channel's slot (the shard's) instead of being broadcast
+to every node of the cluster, and listeners subscribe per node (:mod:`eventcore._channels`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from importlib import resources
 
 from . import _layout
 
-__all__ = ["lua", "lua_layout"]
+__all__ = ["lua", "lua_layout", "sharded"]
+
+_PUBLISH = "local EC_PUBLISH = 'PUBLISH'\n"
+_SPUBLISH = "local EC_PUBLISH = 'SPUBLISH'\n"
 
 
 def lua_layout() -> str:
@@ -42,3 +50,9 @@ def lua(package: str, name: str, *, with_prelude: bool = False, with_layout: boo
     if with_prelude:
         return _prelude() + text
     return lua_layout() + text if with_layout else text
+
+
+def sharded(script: str) -> str:
+    """``script`` as a Redis Cluster 7+ client runs it: the prelude's notifications sent with
+    ``SPUBLISH`` (a script without the prelude is returned as it is)."""
+    return script.replace(_PUBLISH, _SPUBLISH, 1)

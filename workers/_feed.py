@@ -1,7 +1,8 @@
 """The worker's reader: every hosted session's stream over a few connections.
 
-No connection or blocking read per session. One pub/sub connection receives the append
-script's ``"<session> <seq>"`` wake-ups for all shards (sent for appends made without a host
+No connection or blocking read per session. One pub/sub listener (:mod:`eventcore._channels`:
+one connection, or one per master on Redis Cluster) receives the append script's
+``"<session> <seq>"`` wake-ups for all shards (sent for appends made without a host
 epoch: inputs, signals, control and ends from outside; a host never hears of its own writes,
 whose seqs it learns from their replies); a session whose seq moved past its
 read cursor is marked dirty, and one fetch loop reads the dirty sessions' new entries with
@@ -24,6 +25,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from eventcore import Envelope, EventLog
+from eventcore._channels import Channels, Lost, Message, Subscribed
 from eventcore._codec import decode_entry, entry_type
 from eventcore._layout import META_SEQ
 from eventcore._redis import redis_errors
@@ -104,34 +106,19 @@ class Feed:
     async def _listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         keys = self._log.keys
         channels = [keys.wake(shard) for shard in keys.all_shards()]
-        started = False
-        delay = 0.05
-        while True:
-            try:
-                with redis_errors("subscribe"):
-                    async with self._log.redis.pubsub() as ps:
-                        await ps.subscribe(*channels)
-                        confirmations = 0
-                        async for msg in ps.listen():
-                            kind = msg.get("type")
-                            if kind == "message":
-                                self._notified(msg["data"])
-                            elif kind == "subscribe":
-                                confirmations += 1
-                                # a full set of confirmations: first subscription, or redis-py
-                                # reconnected and re-subscribed (messages may have been missed)
-                                if confirmations % len(channels) == 0:
-                                    self.mark_all()
-                                    self._check_now.set()  # (a restart may have lost history)
-                                    self._on_success("feed")
-                                    delay = 0.05
-                                    if not started:
-                                        started = True
-                                        task_status.started()
-            except EventcoreError as exc:
-                self._on_failure("feed", exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        async with Channels(self._log.redis, channels) as listener:
+            task_status.started()
+            async for event in listener:
+                if type(event) is Message:
+                    self._notified(event.data)
+                elif type(event) is Subscribed:
+                    # first subscription, or subscribed again: messages may have been missed
+                    self.mark_all()
+                    self._check_now.set()  # (a restart may have lost history)
+                    if listener.connected:
+                        self._on_success("feed")
+                elif type(event) is Lost:
+                    self._on_failure("feed", event.error)
 
     def _notified(self, data: Any) -> None:
         sid, _, seq = (data.decode() if isinstance(data, bytes) else str(data)).rpartition(" ")

@@ -70,11 +70,14 @@ local function ec_set(kmeta, ...)
 end
 
 -- The live notification after appends: "<sid> <last seq>" on notify, and on wake too when
--- they were made without a host epoch (what a host must react to).
+-- they were made without a host epoch (what a host must react to). EC_PUBLISH is PUBLISH, and
+-- SPUBLISH in the scripts of a Redis Cluster 7+ client (eventcore._scripts.sharded: sharded
+-- pub/sub, delivered on the node serving the channel's slot, the shard's, not to all nodes).
+local EC_PUBLISH = 'PUBLISH'
 local function ec_publish(notify, wake, sid, sseq, outside)
   local note = sid .. ' ' .. sseq
-  redis.call('PUBLISH', notify, note)
-  if outside then redis.call('PUBLISH', wake, note) end
+  redis.call(EC_PUBLISH, notify, note)
+  if outside then redis.call(EC_PUBLISH, wake, note) end
 end
 
 -- A worker's dead letter of a session (kind session), and the session marked dead with the

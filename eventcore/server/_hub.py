@@ -55,6 +55,7 @@ import redis.exceptions as rexc
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import Envelope, EventLog, SessionNotFound
+from eventcore._channels import Channels, Lost, Message, Subscribed
 from eventcore._codec import seq_id
 from eventcore._follow import (
     Event,
@@ -64,7 +65,7 @@ from eventcore._follow import (
     resolve_incarnation,
     session_deleted,
 )
-from eventcore._redis import redis_errors
+from eventcore._redis import is_cluster, redis_errors
 from eventcore._sessions import INCARNATION_FIELDS, current_incarnation
 from eventcore.errors import EventcoreError, HubClosed, ValidationError
 
@@ -230,6 +231,7 @@ class Hub:
         self._dirty: dict[str, _Watch] = {}
         self._dirty_event = anyio.Event()
         self._tg: TaskGroup | None = None
+        self._cluster = False
 
     # -- lifetime ----------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -254,9 +256,16 @@ class Hub:
             await tg.__aexit__(et, e, tb)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """The live path and its sweep, until cancelled; started once the live path is."""
+        """The live path and its sweep, until cancelled; started once the live path is.
+
+        On Redis Cluster, a command's keys must all be in one slot (a shard's), even on one
+        node: a blocking XREAD can watch one shard only. So there both modes take the sharded
+        notifications (one connection per master, :mod:`eventcore._channels`), and "xread"
+        fetches the dirty sessions with one XREAD per shard instead of one XRANGE per session
+        (:meth:`_xread_shards`): connections grow with the masters, never with the shards."""
+        self._cluster = is_cluster(self.log.redis)
         async with anyio.create_task_group() as tg:
-            if self.live == "pubsub":
+            if self.live == "pubsub" or self._cluster:
                 await tg.start(self._pubsub_loop)
                 await tg.start(self._fetch_loop)
             else:
@@ -444,32 +453,19 @@ class Hub:
     # -- live path: pub/sub notifications ------------------------------------------------------
     async def _pubsub_loop(self, *, task_status: TaskStatus[None]) -> None:
         channels = [self.log.keys.notify(s) for s in self.log.keys.all_shards()]
-        started = False
-        delay = 0.05
-        while True:
-            pubsub = self.log.redis.pubsub()
-            try:
-                await pubsub.subscribe(*channels)
-                async for msg in pubsub.listen():
-                    kind = msg["type"]
-                    if kind == "message":
-                        self._on_notify(msg["data"])
-                    elif kind == "subscribe" and msg["data"] == len(channels):
-                        # (re)subscribed: whatever was published meanwhile is lost
-                        self.live_connected = True
-                        delay = 0.05
-                        self._resync_all()
-                        if not started:
-                            started = True
-                            task_status.started()
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-                self.live_connected = False
-                log_.warning("hub notifications lost (%s); reconnecting", exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            finally:
-                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        async with Channels(self.log.redis, channels) as listener:
+            self.live_connected = True
+            task_status.started()
+            async for event in listener:
+                if type(event) is Message:
+                    self._on_notify(event.data)
+                elif type(event) is Subscribed:
+                    # (re)subscribed: whatever was published meanwhile is lost
+                    self.live_connected = listener.connected
+                    self._resync_all()
+                elif type(event) is Lost:
+                    self.live_connected = False
+                    log_.warning("hub notifications lost (%s); reconnecting", event.error)
 
     def _on_notify(self, data: bytes) -> None:
         self.stats.notifications += 1
@@ -513,10 +509,13 @@ class Hub:
         if not ready:
             return
         with redis_errors("hub fetch"):
-            async with self.log.redis.pipeline(transaction=False) as pipe:
-                for w in ready:
-                    pipe.xrange(w.stream, f"({seq_id(w.cursor)}", "+", count=self.page)
-                results = await pipe.execute()
+            if self.live == "xread":  # (Redis Cluster): one XREAD per shard, see run()
+                results = await self._xread_shards(ready)
+            else:
+                async with self.log.redis.pipeline(transaction=False) as pipe:
+                    for w in ready:
+                        pipe.xrange(w.stream, f"({seq_id(w.cursor)}", "+", count=self.page)
+                    results = await pipe.execute()
         self.stats.fetches += 1
         for w, entries in zip(ready, results, strict=True):
             if not entries:
@@ -526,6 +525,24 @@ class Hub:
             self._fan_out(w, await self.pages.events_of(entries, w.stream))
             if len(entries) == self.page or w.head > (w.cursor or 0):
                 self._mark(w)
+
+    async def _xread_shards(self, ready: list[_Watch]) -> list[Any]:
+        """The entries after each watch's cursor: one XREAD per shard over its watches'
+        streams (a command's keys must share a slot), all in one pipeline, which the cluster
+        client sends as one round trip per master, the masters in parallel."""
+        by_shard: dict[int, list[_Watch]] = {}
+        for w in ready:
+            by_shard.setdefault(self.log.keys.shard_of(w.session_id), []).append(w)
+        groups = list(by_shard.values())
+        async with self.log.redis.pipeline(transaction=False) as pipe:
+            for group in groups:
+                pipe.xread({w.stream: seq_id(w.cursor or 0) for w in group}, count=self.page)
+            replies = await pipe.execute()
+        got: dict[str, Any] = {}
+        for reply in replies:
+            for key, entries in reply or ():
+                got[key.decode() if isinstance(key, bytes) else key] = entries
+        return [got.get(w.stream, []) for w in ready]
 
     async def _check_gone(self, w: _Watch) -> None:
         if self._check(w, (await self.log.incarnations([w.session_id]))[w.session_id]):
