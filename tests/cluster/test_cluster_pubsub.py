@@ -255,10 +255,6 @@ async def echo(session: Session) -> None:
             await run.emit("message", {"text": msg.payload})
 
 
-@pytest.mark.skip(reason=(
-    "the worker is not cluster-ready yet: the dispatch XREADGROUP spans every shard's slot "
-    "(CROSSSLOT) and the heartbeat uses connection_pool; unskip once the group runtime reads "
-    "per slot"))
 async def test_a_hosted_idle_session_is_woken_on_every_master(
     redis_cluster: LocalCluster,
 ) -> None:
