@@ -1,10 +1,16 @@
-"""End to end on a 3-master cluster: 2 ``eventcore serve`` processes and 2 ``eventcore
-worker`` processes; sessions over every master created on one API process, inputs posted over
-HTTP to the other, answers read back as JSON pages from the first: every input answered once,
-every stream gap-free. (The live path is read as JSON pages, not SSE.)"""
+"""End to end on a 3-master cluster: 2 ``eventcore serve`` processes (A, B) and 2 ``eventcore
+worker`` processes; sessions over every master created on A, inputs posted over HTTP to B,
+answers read back as JSON pages from A: every input answered once, every stream gap-free.
+
+SSE across processes: for a subset of sessions on every master an SSE stream is opened on A and
+read up to the first answer, dropped, and resumed on B with ``Last-Event-ID`` before the second
+input is posted, so B carries the rest live through its hub. The two parts concatenated hold
+every seq of the log exactly once, in order, up to the final seq, each event equal to the log's
+(seq, type) and to A's JSON page entry."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
@@ -12,8 +18,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import anyio.abc
 import httpx
 from group_support import WORKERS, master_port, watching
+from httpx_sse import ServerSentEvent, aconnect_sse
 from workers_support import EVENTCORE, WorkerProc
 
 from eventcore import EventLog, load_settings
@@ -22,6 +30,7 @@ from eventcore.testing.invariants import check_log, read_all
 
 API_KEY = "cluster-e2e-key-" + "k" * 24
 SESSIONS = 120
+SSE_PER_MASTER = 10  # sessions per master whose stream is read over SSE, A then B
 
 
 def _start_api(env: dict[str, str], err: Path, files: list[IO[bytes]], *, subscribers: bool
@@ -89,21 +98,78 @@ async def test_two_apis_two_workers_every_input_answered_once(
                     for i in range(SESSIONS):
                         tg.start_soon(create, i)
                 sessions = sorted(tokens)
-                masters = {master_port(redis_cluster, log.keys.session(s).stream)
-                           for s in sessions}
-                assert masters == {n.port for n in redis_cluster.masters()}
+                by_master: dict[int, list[str]] = {}
+                for s in sessions:
+                    by_master.setdefault(master_port(redis_cluster, log.keys.session(s).stream),
+                                         []).append(s)
+                assert set(by_master) == {n.port for n in redis_cluster.masters()}
+
+                def auth(sid: str) -> dict[str, str]:
+                    return {"Authorization": f"Bearer {tokens[sid]}"}
 
                 async def post(sid: str) -> None:
-                    r = await http.post(f"{b}/v1/sessions/{sid}/inputs",
-                                        headers={"Authorization": f"Bearer {tokens[sid]}"},
+                    r = await http.post(f"{b}/v1/sessions/{sid}/inputs", headers=auth(sid),
                                         json={"payload": "second", "idempotency_key": "two"})
                     assert r.status_code == 200 and not r.json()["duplicate"], r.text
 
-                async with anyio.create_task_group() as tg:
-                    for sid in sessions:
-                        tg.start_soon(post, sid)
-                await feed.until(lambda: all(feed.count(s, "run.completed") == 2
-                                             for s in sessions), within=120)
+                # SSE: A's part up to the first answer, B's part from its Last-Event-ID on
+                watched = [s for group in by_master.values() for s in group[:SSE_PER_MASTER]]
+                streams: dict[str, list[ServerSentEvent]] = {s: [] for s in watched}
+                split: dict[str, int] = {}  # how many events A's part held
+                finals: dict[str, int] = {}
+                reached = {s: anyio.Event() for s in watched}
+
+                def at_final(sid: str) -> None:
+                    if sid in finals and int(streams[sid][-1].id) >= finals[sid]:
+                        reached[sid].set()
+
+                async def on_a(sse: httpx.AsyncClient, sid: str) -> None:
+                    async with aconnect_sse(sse, "GET", f"{a}/v1/sessions/{sid}/events",
+                                            headers=auth(sid)) as src:
+                        assert src.response.status_code == 200, await src.response.aread()
+                        async for ev in src.aiter_sse():
+                            streams[sid].append(ev)
+                            if ev.event == "message":
+                                split[sid] = len(streams[sid])
+                                return  # dropped mid-stream
+                    raise AssertionError(f"{sid}: A's stream ended before the first answer")
+
+                async def on_b(sse: httpx.AsyncClient, sid: str, *,
+                               task_status: anyio.abc.TaskStatus[None]) -> None:
+                    resume = {**auth(sid), "Last-Event-ID": streams[sid][-1].id}
+                    async with aconnect_sse(sse, "GET", f"{b}/v1/sessions/{sid}/events",
+                                            headers=resume) as src:
+                        assert src.response.status_code == 200, await src.response.aread()
+                        task_status.started()
+                        async for ev in src.aiter_sse():
+                            streams[sid].append(ev)
+                            at_final(sid)
+                    raise AssertionError(f"{sid}: B's stream ended (these sessions do not end)")
+
+                # no keep-alive: each part is its own connection
+                limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+                async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None),
+                                             limits=limits) as sse:
+                    with anyio.fail_after(60):
+                        async with anyio.create_task_group() as tg:
+                            for sid in watched:
+                                tg.start_soon(on_a, sse, sid)
+                    async with anyio.create_task_group() as readers:
+                        with anyio.fail_after(60):  # B's streams are open before the inputs
+                            for sid in watched:
+                                await readers.start(on_b, sse, sid)
+                        async with anyio.create_task_group() as tg:
+                            for sid in sessions:
+                                tg.start_soon(post, sid)
+                        await feed.until(lambda: all(feed.count(s, "run.completed") == 2
+                                                     for s in sessions), within=120)
+                        for sid in watched:
+                            finals[sid] = (await read_all(log, sid))[-1].seq
+                            at_final(sid)
+                        with anyio.fail_after(60):  # B's streams reach each log's final seq
+                            for sid in watched:
+                                await reached[sid].wait()
+                        readers.cancel_scope.cancel()
 
                 pages: dict[str, list[dict[str, Any]]] = {}
 
@@ -127,6 +193,14 @@ async def test_two_apis_two_workers_every_input_answered_once(
                 assert answers == [str(p).upper() for p in inputs]  # each input answered once
                 assert [e["seq"] for e in pages[sid]] == list(range(1, len(events) + 1))
                 answered_by |= {e.payload["pid"] for e in events if e.type == "progress"}
+                if sid in streams:  # A's part + B's part: the log, each seq once, in order
+                    got = streams[sid]
+                    assert finals[sid] == len(events)
+                    assert 0 < split[sid] < len(got)
+                    assert [int(e.id) for e in got] == list(range(1, len(events) + 1))
+                    assert [e.event for e in got] == [e.type for e in events]
+                    assert [json.loads(e.data) for e in got] == pages[sid]
+                    assert "message" in {e.event for e in got[split[sid]:]}  # B's live part
             assert answered_by == {w.pid for w in workers}  # both workers hosted sessions
         finally:
             for w in workers:
