@@ -264,6 +264,11 @@ class PageReader:
                     if diverged is not None:
                         raise diverged
                     return await self.read(session_id, after, limit, incarnation=incarnation)
+                if not entries and int(meta[0] or 0) == after:
+                    # caught up (the metadata is read after the page): not an archive read,
+                    # whose envelopes would lose their stream generation if an append landed
+                    # between the two
+                    return [], True
         if entries and entry_seq(entries[0][0]) == after + 1:
             page, largest = self._cut(entries)
             if len(self._fit) >= _FIT_SESSIONS:
