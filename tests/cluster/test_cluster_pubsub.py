@@ -43,9 +43,13 @@ class Recorder:
             self._changed = anyio.Event()
 
     async def until(self, pred: Callable[[], bool]) -> None:
+        """Wait for ``pred``; re-checked at every event and every 50 ms, because part of what
+        it looks at (the listener's routes, ``connected``) changes without an event (on
+        Redis 6.2 a subscription moves off a demoted master without a loss to report)."""
         with anyio.fail_after(SAFETY_S):
             while not pred():
-                await self._changed.wait()
+                with anyio.move_on_after(0.05):
+                    await self._changed.wait()
 
     def notes(self) -> set[tuple[str, str]]:
         return {(e.channel.decode(), e.data.decode()) for e in self.events
