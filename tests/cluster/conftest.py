@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 _LEAK = (r"ignore:Exception ignored in. <(socket\.socket|function StreamWriter\.__del__|"
-         r"function _SelectorTransport\.__del__|function AbstractConnection\.__del__)"
+         r"function _SelectorTransport\.__del__|function AbstractConnection\.__del__|"
+         r"function ClusterNode\.__del__)"
          r":pytest.PytestUnraisableExceptionWarning")
 
 
