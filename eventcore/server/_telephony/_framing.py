@@ -1,7 +1,8 @@
 """What every provider's media-stream framing maps to and from: the call's start, inbound
 events (audio frames, DTMF, played marks, stop) and outbound effects (audio, marks, clear).
 
-A provider module (``_twilio``, ``_telnyx``, ``_plivo``, ``_exotel``) is one :class:`Framing`:
+A provider module (``_twilio``, ``_telnyx``, ``_plivo``, ``_exotel``) is one :class:`Framing`,
+built on :class:`MediaStream` (the shape they share):
 how to recognise its handshake, read its messages and write the messages it accepts.
 """
 
@@ -12,8 +13,8 @@ import binascii
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["CallStart", "Dtmf", "Framing", "Inbound", "MarkPlayed", "Media", "Stop", "b64",
-           "get_path", "number", "text"]
+__all__ = ["CallStart", "Dtmf", "Framing", "Inbound", "MarkPlayed", "Media", "MediaStream",
+           "Stop", "b64", "get_path", "number", "text"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,3 +126,60 @@ def b64(payload: Any) -> bytes | None:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+class MediaStream:
+    """What the providers' media streams share (they all follow one shape, Twilio's): inbound
+    ``media`` / ``dtmf`` / a played mark / ``stop``, outbound ``media`` / ``mark`` / ``clear``.
+    A provider sets where its shape differs and writes its own :meth:`detect`."""
+
+    name = ""
+    stream_key: str | None = None
+    """The outbound messages' field naming the stream (``None``: the socket names it)."""
+    mark_event = "mark"
+    mark_name: tuple[str, ...] = ("mark", "name")
+    stop_reason: tuple[str, ...] | None = None
+
+    @staticmethod
+    def start_message(first: dict[str, Any], second: dict[str, Any] | None
+                      ) -> dict[str, Any] | None:
+        """The ``start`` of a handshake that may open with ``connected``, or ``None``."""
+        start = second if first.get("event") == "connected" else first
+        if start is None or start.get("event") != "start":
+            return None
+        return start
+
+    def read(self, msg: dict[str, Any]) -> Inbound:
+        event = msg.get("event")
+        if event == "media":
+            audio = b64(get_path(msg, "media", "payload"))
+            if audio is None:
+                return None
+            return Media(audio, number(get_path(msg, "media", "chunk")),
+                         number(get_path(msg, "media", "timestamp")))
+        if event == "dtmf":
+            digit = text(get_path(msg, "dtmf", "digit"), 8)
+            return Dtmf(digit) if digit else None
+        if event == self.mark_event:
+            name = text(get_path(msg, *self.mark_name))
+            return MarkPlayed(name) if name else None
+        if event == "stop":
+            reason = text(get_path(msg, *self.stop_reason)) if self.stop_reason else ""
+            return Stop(reason or "stop")
+        return None
+
+    def _outbound(self, start: CallStart, event: str, **body: Any) -> dict[str, Any]:
+        msg: dict[str, Any] = {"event": event}
+        if self.stream_key:
+            msg[self.stream_key] = start.stream_id
+        msg.update(body)
+        return msg
+
+    def play(self, start: CallStart, audio_b64: str) -> dict[str, Any]:
+        return self._outbound(start, "media", media={"payload": audio_b64})
+
+    def mark(self, start: CallStart, name: str) -> dict[str, Any]:
+        return self._outbound(start, "mark", mark={"name": name})
+
+    def clear(self, start: CallStart) -> dict[str, Any]:
+        return self._outbound(start, "clear")

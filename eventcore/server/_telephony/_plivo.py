@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._framing import CallStart, Dtmf, Inbound, MarkPlayed, Media, Stop, b64, get_path, number, text
+from ._framing import CallStart, MediaStream, get_path, number, text
 
 __all__ = ["PLIVO"]
 
 
-class Plivo:
+class Plivo(MediaStream):
     name = "plivo"
+    mark_event = "playedStream"
+    mark_name = ("name",)
 
     def detect(self, first: dict[str, Any], second: dict[str, Any] | None) -> CallStart | None:
         if second is not None or first.get("event") != "start":
@@ -28,24 +30,6 @@ class Plivo:
         return CallStart(self.name, call, stream, text(get_path(first, "start", "accountId")),
                          encoding=text(get_path(fmt, "encoding")) or "audio/x-mulaw",
                          sample_rate=number(get_path(fmt, "sampleRate")) or 8000)
-
-    def read(self, msg: dict[str, Any]) -> Inbound:
-        event = msg.get("event")
-        if event == "media":
-            audio = b64(get_path(msg, "media", "payload"))
-            if audio is None:
-                return None
-            return Media(audio, number(get_path(msg, "media", "chunk")),
-                         number(get_path(msg, "media", "timestamp")))
-        if event == "dtmf":
-            digit = text(get_path(msg, "dtmf", "digit"), 8)
-            return Dtmf(digit) if digit else None
-        if event == "playedStream":
-            name = text(msg.get("name"))
-            return MarkPlayed(name) if name else None
-        if event == "stop":  # not documented as sent; accepted if it ever is
-            return Stop()
-        return None
 
     def play(self, start: CallStart, audio_b64: str) -> dict[str, Any]:
         return {"event": "playAudio", "media": {"contentType": start.encoding,
