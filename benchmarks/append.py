@@ -14,8 +14,8 @@ embedded default) and, in one run, side by side on that server:
 ``naive_xadd``                one awaited redis-py XADD per event, one producer (no seq, no dedupe)
 ``naive_xadd_concurrent``     the same from P concurrent producers sharing a connection pool
 ``raw_pipelined_xadd``        pipelines of 1000 XADDs, no seq, no dedupe
-``server_limit_xadd``         ``redis-benchmark -P 64 XADD`` on the same server (when redis-benchmark
-                              is on PATH): what the server alone can take, no client cost;
+``server_limit_xadd``         ``redis-benchmark -P 64 XADD`` on the same server (when
+                              redis-benchmark is on PATH): what the server alone takes;
                               ``append_fraction_of_server_limit`` is our share of it
 
 Prints JSON: events/s, p50/p99 append latency (ms) and the CPU time per event of this process

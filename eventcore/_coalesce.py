@@ -31,9 +31,10 @@ Send = Callable[[int, list[I]], Awaitable[Sequence[R | BaseException]]]
 
 
 class ShardCoalescer(Generic[I, R]):
-    """``await submit(shard, item)`` (or ``await enqueue(shard, item)``) -> that item's result. ``send(shard, items)`` answers one
-    result per item, in order; an exception in its answer is raised to that item's caller
-    only, an exception raised by ``send`` to every caller of the batch.
+    """``await submit(shard, item)`` (or ``await enqueue(shard, item)``) -> that item's
+    result. ``send(shard, items)`` answers one result per item, in order; an exception in its
+    answer is raised to that item's caller only, an exception raised by ``send`` to every
+    caller of the batch.
 
     Use inside ``async with coalescer:`` (entered and left in one task); ``submit`` may be
     called from any task meanwhile."""
