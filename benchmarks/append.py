@@ -14,6 +14,9 @@ embedded default) and, in one run, side by side on that server:
 ``naive_xadd``                one awaited redis-py XADD per event, one producer (no seq, no dedupe)
 ``naive_xadd_concurrent``     the same from P concurrent producers sharing a connection pool
 ``raw_pipelined_xadd``        pipelines of 1000 XADDs, no seq, no dedupe
+``server_limit_xadd``         ``redis-benchmark -P 64 XADD`` on the same server (when
+                              redis-benchmark is on PATH): what the server alone takes;
+                              ``append_fraction_of_server_limit`` is our share of it
 
 Prints JSON: events/s, p50/p99 append latency (ms) and the CPU time per event of this process
 and of redis-server (which show what the box, shared or not, can do), per mode, and the ratios.
@@ -25,7 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -216,6 +221,21 @@ async def bench_pipelined(url: str, events: int) -> dict[str, Any]:
     return {"raw_pipelined_xadd": _report(events // chunk * chunk, elapsed, lat, used)}
 
 
+def bench_server_limit(port: int, events: int) -> dict[str, Any]:
+    """``redis-benchmark -P 64`` XADDs of the benchmark's entry: the server's own limit."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return {}
+    cmd = [exe, "-h", "127.0.0.1", "-p", str(port), "-n", str(events), "-P", "64", "-c", "4",
+           "--csv", "XADD", "limit:xadd", "*", "t", "message", "d", json.dumps(PAYLOAD)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    # the last line: "<test name>","rps","avg","min","p50",... (the name holds unescaped quotes
+    # and commas of the payload: split from the right)
+    fields = [f.strip('"') for f in done.stdout.strip().splitlines()[-1].rsplit(",", 7)]
+    return {"server_limit_xadd": {"events": events, "events_per_s": round(float(fields[1])),
+                                  "p50_ms": float(fields[4])}}
+
+
 async def one_run(args: argparse.Namespace) -> dict[str, Any]:
     with RedisServer(appendfsync="everysec") as server:
         out: dict[str, Any] = {"redis": server.version, "loop": args.loop}
@@ -225,6 +245,7 @@ async def one_run(args: argparse.Namespace) -> dict[str, Any]:
                                      name="eventcore_append_1_per_session", many=False)
         out |= await bench_naive(server.url, args.events, args.producers)
         out |= await bench_pipelined(server.url, args.events)
+        out |= bench_server_limit(server.port, args.events)
     api = out["eventcore_append"]["events_per_s"]
     naive = out["naive_xadd"]["events_per_s"]
     out["ratios"] = {
@@ -236,6 +257,9 @@ async def one_run(args: argparse.Namespace) -> dict[str, Any]:
             api / out["naive_xadd_concurrent"]["events_per_s"], 2),
         "append_vs_raw_pipelined": round(api / out["raw_pipelined_xadd"]["events_per_s"], 3),
     }
+    if "server_limit_xadd" in out:
+        out["ratios"]["append_fraction_of_server_limit"] = round(
+            api / out["server_limit_xadd"]["events_per_s"], 3)
     return out
 
 

@@ -245,8 +245,10 @@ class Appender:
         )
 
     # -- submitting ----------------------------------------------------------------------------
-    async def append(self, item: PreparedAppend) -> AppendResult:
-        return await self._commit.submit(item.keys.shard, item)
+    def append(self, item: PreparedAppend) -> asyncio.Future[AppendResult]:
+        """Queue ``item`` for the shard's next group commit; await the answer (a future, not a
+        coroutine: one frame less per event on the hot path)."""
+        return self._commit.enqueue(item.keys.shard, item)
 
     async def append_many(self, items: Sequence[PreparedAppend]) -> list[AppendResult]:
         """Direct batch: one script call per shard and chunk, bypassing the tick batcher."""
@@ -323,10 +325,13 @@ class Appender:
                 sids.append(k.session_id)
             if item.blob is not None:
                 blobs[item.blob[0]] = item.blob[1]
-            events += (
-                idx, item.type, item.wire_key, item.body,
-                "" if item.epoch is None else item.epoch, item.extra,
-            )
+            if item.epoch is None and not item.wire_key and not item.extra:
+                events += (-idx, item.type, item.body)  # a plain event: its short form
+            else:
+                events += (
+                    idx, item.type, item.wire_key, item.body,
+                    "" if item.epoch is None else item.epoch, item.extra,
+                )
         keys.append(first.sessions)  # the shard's listing index, after the sessions' keys
         args = [len(batch), int(time.time() * 1000), first.notify, first.wake,
                 self._token_ttl_s, self.writes.get(first.shard, 0), len(sids), *sids, *events]

@@ -31,9 +31,10 @@ Send = Callable[[int, list[I]], Awaitable[Sequence[R | BaseException]]]
 
 
 class ShardCoalescer(Generic[I, R]):
-    """``await submit(shard, item)`` -> that item's result. ``send(shard, items)`` answers one
-    result per item, in order; an exception in its answer is raised to that item's caller
-    only, an exception raised by ``send`` to every caller of the batch.
+    """``await submit(shard, item)`` (or ``await enqueue(shard, item)``) -> that item's
+    result. ``send(shard, items)`` answers one result per item, in order; an exception in its
+    answer is raised to that item's caller only, an exception raised by ``send`` to every
+    caller of the batch.
 
     Use inside ``async with coalescer:`` (entered and left in one task); ``submit`` may be
     called from any task meanwhile."""
@@ -63,6 +64,12 @@ class ShardCoalescer(Generic[I, R]):
         return await tg.__aexit__(et, e, tb)
 
     async def submit(self, shard: int, item: I) -> R:
+        return await self.enqueue(shard, item)
+
+    def enqueue(self, shard: int, item: I) -> asyncio.Future[R]:
+        """Queue ``item`` now; the future is its result (``submit`` without its coroutine:
+        the hot path of a caller awaiting the future itself saves a frame per item).
+        Cancelling the future drops the caller's interest, not the item once it is sent."""
         tg = self._tg
         if tg is None:
             raise UsageError("submit() outside the coalescer's lifetime (not started or closed)")
@@ -74,7 +81,7 @@ class ShardCoalescer(Generic[I, R]):
         if shard not in self._flushing:
             self._flushing.add(shard)
             tg.start_soon(self._drain, shard)
-        return await fut
+        return fut
 
     async def _drain(self, shard: int) -> None:
         queue = self._pending[shard]

@@ -26,8 +26,12 @@ __all__ = [
 SCHEMA_VERSION: Final = 1
 
 
+_now = _dt.datetime.now
+_UTC = _dt.UTC
+
+
 def utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.UTC)
+    return _now(_UTC)  # bound once: every envelope calls this (its ts default)
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -7,9 +7,11 @@
 --   session is added with its incarnation as score)
 -- ARGV[1] event count, ARGV[2] now (ms), ARGV[3] notify channel, ARGV[4] wake channel,
 --   ARGV[5] token ttl (s), ARGV[6] the highest write counter this writer has been answered for
---   the shard, ARGV[7] session count S, ARGV[8 .. 7+S] the session ids, then 6 args per event:
---   session index (1-based), type, event key ('' when the client generated it), body (the
---   envelope JSON without seq and without its opening brace), host epoch or '', extra
+--   the shard, ARGV[7] session count S, ARGV[8 .. 7+S] the session ids, then per event either
+--   6 args: session index (1-based), type, event key ('' when the client generated it), body
+--   (the envelope JSON without seq and without its opening brace), host epoch or '', extra;
+--   or, for a plain event (generated key, no epoch, extra ''), 3 args: '-' .. session index,
+--   type, body (half the arguments to send, parse and convert for the common event)
 -- extra is '' or flags NUL server_data-JSON NUL aux, where flags has 'r' when the payload is a
 --   blob reference, and aux is for session.created a JSON {agent, labels, ttl, at}, for
 --   signal/effect the signal/effect key, and for a host's session.ended (with its epoch)
@@ -95,14 +97,18 @@ end
 local wanted = {}
 local a = E0
 for _ = 1, n do
-  local ek = ARGV[a + 2]
-  if ek ~= '' then
-    local sidx = tonumber(ARGV[a])
-    local w = wanted[sidx]
-    if w == nil then w = {}; wanted[sidx] = w end
-    w[#w + 1] = ek
+  if string.byte(ARGV[a], 1) == 45 then
+    a = a + 3  -- a plain event: no key
+  else
+    local ek = ARGV[a + 2]
+    if ek ~= '' then
+      local sidx = tonumber(ARGV[a])
+      local w = wanted[sidx]
+      if w == nil then w = {}; wanted[sidx] = w end
+      w[#w + 1] = ek
+    end
+    a = a + 6
   end
-  a = a + 6
 end
 
 local sessions = {}
@@ -146,13 +152,54 @@ local function load(sidx)
   return m
 end
 
+-- Types with effects beyond the entry (metadata, dispatch, signal/effect maps): the slow path.
+local SPECIAL = {[CREATED] = true, [ENDED] = true, [CHECKPOINT] = true, signal = true,
+  effect = true, input = true}
+-- A session takes the fast path while it exists, is sound and has not ended (recomputed after
+-- every slow-path event, the only ones that change its state).
+local function plain(m)
+  m.plain = m.corrupt == nil and m.seq ~= nil and m.state ~= L.STATE_ENDED
+end
+
 local out = {}
 a = E0
 for i = 1, n do
-  local sidx, typ, ek, body, epoch, extra =
-    tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  a = a + 6
-  local m = sessions[sidx] or load(sidx)
+  local h = ARGV[a]
+  local typ, ek, body, epoch, extra
+  if string.byte(h, 1) == 45 then  -- '-<session index>', type, body: a plain event
+    typ, ek, body, epoch, extra = ARGV[a + 1], '', ARGV[a + 2], '', ''
+    a = a + 3
+  else
+    typ, ek, body, epoch, extra = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+    a = a + 6
+  end
+  local m = sessions[h]  -- by the argument as sent, then by index
+  if m == nil then
+    local sidx = math.abs(tonumber(h))
+    m = sessions[sidx] or load(sidx)
+    sessions[h] = m
+    plain(m)
+  end
+  if m.plain and ek == '' and extra == '' and not SPECIAL[typ]
+      and (epoch == '' or tonumber(epoch) == m.epoch) then
+    -- the common event: a generated key, no server data, no side effects
+    local seq = m.seq + 1
+    local sseq = tostring(seq)
+    local g = ''
+    if m.gen ~= '' then g = m.gen .. ':' .. (m.genf or '') end
+    local x = ec_entry(KEYS[m.kb + 1], feed, m.sid, sseq, m.inc, typ, ec_body(sseq, body), '',
+      false, g)
+    if x.err then
+      out[i] = '5:' .. x.err
+      m.corrupt = x.err
+      m.plain = false
+    else
+      m.seq = seq
+      m.dirty = true
+      if epoch == '' then m.outside = true end
+      out[i] = seq
+    end
+  else
   local flags, sd, aux = '', '', ''
   if extra ~= '' then
     local p1 = string.find(extra, '\0', 1, true)
@@ -265,6 +312,8 @@ for i = 1, n do
       end
       if created then out[i] = {seq, inc} else out[i] = seq end
     end
+  end
+  plain(m)
   end
 end
 

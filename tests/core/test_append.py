@@ -232,3 +232,52 @@ async def test_every_append_notifies_but_only_outside_writes_wake_hosts(
                     heard[msg["channel"].decode()].append(msg["data"].decode())
     sid = s.session_id
     assert heard == {sk.notify: [f"{sid} 2", f"{sid} 3", f"{sid} 5"], sk.wake: [f"{sid} 3"]}
+
+
+async def test_plain_and_full_events_mixed_in_one_script_call(event_log: EventLog) -> None:
+    """Plain events (generated key, no epoch, no extra) travel in the script's short form; one
+    batch mixing them with keyed, fenced and side-effect events over two sessions of one shard
+    keeps seq gap-free per session, dedupes, fences, refuses per event, and a resend of it is
+    answered from its token."""
+    ap = event_log.appender
+    sids: list[str] = []
+    i = 0
+    while len(sids) < 2:
+        sid = f"mixed-{i}"
+        i += 1
+        if ap.session_keys(sid).shard == 0:
+            await event_log.create_session(session_id=sid)
+            sids.append(sid)
+    a, b = sids
+    batch = [
+        ap.prepare(env(a, 1)),
+        ap.prepare(env(b, 2)),
+        ap.prepare(env(a, 3, key="k")),
+        ap.prepare(env(a, 4, key="k")),
+        ap.prepare(env(b, 5), epoch=7),  # stale: the session's epoch is 0
+        ap.prepare(env(b, 6), epoch=0),
+        ap.prepare(env(a, 7, type="session.checkpoint")),
+        ap.prepare(env(b, 8)),
+        ap.prepare(env(a, 9)),
+    ]
+    _, args, _ = ap.script_call(batch, "layout")
+    assert args.count(-1) + args.count(-2) == 5  # the plain events (a checkpoint too): short
+    first = await ap._send(batch, token="mixed")
+    summary = [
+        (r.session_id, r.seq, r.duplicate) if not isinstance(r, Exception) else type(r).__name__
+        for r in first
+    ]
+    assert summary == [
+        (a, 2, False), (b, 2, False), (a, 3, False), (a, 3, True), "StaleHost",
+        (b, 3, False), (a, 4, False), (b, 4, False), (a, 5, False),
+    ]
+    again = await ap._send(batch, token="mixed")
+    assert [(r.session_id, r.seq, r.duplicate) for r in again if not isinstance(r, Exception)
+            ] == [s for s in summary if isinstance(s, tuple)]
+    for sid, last in ((a, 5), (b, 4)):
+        log = await read_all(event_log, sid)
+        check_log(log)
+        assert [e.seq for e in log] == list(range(1, last + 1))
+    assert [e.payload for e in (await read_all(event_log, a))[1:]] == [
+        {"n": 1}, {"n": 3}, {"n": 7}, {"n": 9}]
+    assert (await event_log.get_session(a)).last_seq == 5
