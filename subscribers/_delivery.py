@@ -62,7 +62,7 @@ def decode_feed_entry(fields: Mapping[bytes, bytes], where: str) -> Envelope:
     if sid is None or seq is None or not seq.isdigit():
         raise CorruptEntry(f"feed entry {where} has no valid 'sid'/'seq' fields")
     env = decode_entry(fields, where=where)
-    if env.session_id != sid.decode(errors="replace") or env.seq != int(seq):
+    if env.seq != int(seq) or env.session_id.encode() != sid:
         raise CorruptEntry(
             f"feed entry {where}: envelope says {env.session_id!r}/{env.seq}, "
             f"fields say {sid!r}/{seq!r}"
