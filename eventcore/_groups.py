@@ -211,8 +211,11 @@ class ConsumerGroup:
             got = await self.redis.xreadgroup(
                 self.group, self.consumer, dict.fromkeys(span.streams, ">"), count=count,
                 block=block_ms)
-        return [(span.shard_of(_s(name)), _s(eid), fields)
-                for name, items in got or () for eid, fields in items]
+        out: list[Entry] = []
+        for name, items in got or ():  # the shard once per stream, not once per entry
+            shard = span.shard_of(_s(name))
+            out += [(shard, _s(eid), fields) for eid, fields in items]
+        return out
 
     async def _poll_nodes(self, count: int, block_ms: int | None, span: Span) -> list[Entry]:
         deadline = anyio.current_time() + (block_ms or 0) / 1000

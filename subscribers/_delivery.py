@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+import msgspec
 
 from eventcore import CorruptEntry, Envelope
 from eventcore._codec import decode_entry, feed_ref
@@ -13,12 +14,14 @@ from eventcore._groups import CheckpointStore
 __all__ = ["CheckpointStore", "Delivery", "Subscriber", "decode_feed_entry"]
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(msgspec.Struct, frozen=True):
     """One feed entry handed to a subscriber: the envelope, where it came from, how many
     times it has been delivered (1 the first time; more after a retry or a reclaim), and the
     incarnation of the session it belongs to (``""`` when the entry does not say: written
     before incarnations existed, or built by hand).
+
+    Immutable (a frozen ``msgspec.Struct``: built in C, one per entry on the hot path; use
+    ``msgspec.structs.replace`` for a changed copy).
 
     Besides envelopes the feed carries ``session.deleted`` entries (not in any session
     stream): the incarnation they name was deleted (``EventLog.delete_session``)."""
@@ -59,7 +62,7 @@ def decode_feed_entry(fields: Mapping[bytes, bytes], where: str) -> Envelope:
     if sid is None or seq is None or not seq.isdigit():
         raise CorruptEntry(f"feed entry {where} has no valid 'sid'/'seq' fields")
     env = decode_entry(fields, where=where)
-    if env.session_id != sid.decode(errors="replace") or env.seq != int(seq):
+    if env.seq != int(seq) or env.session_id.encode() != sid:
         raise CorruptEntry(
             f"feed entry {where}: envelope says {env.session_id!r}/{env.seq}, "
             f"fields say {sid!r}/{seq!r}"

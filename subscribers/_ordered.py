@@ -121,19 +121,26 @@ class OrderedSubscriber(ABC):
             raise UsageError(f"{type(self).__name__} was built without a log: it cannot "
                                "run as a subscriber")
         incarnations = await self._incarnations(deliveries)
+        envelopes = [d.envelope for d in deliveries]
         newest: dict[str, str] = {}
-        for d, inc in zip(deliveries, incarnations, strict=True):
-            newest[d.session_id] = max(newest.get(d.session_id, inc), inc)
+        for env, inc in zip(envelopes, incarnations, strict=True):
+            cur = newest.get(env.session_id)
+            if cur is None or inc > cur:
+                newest[env.session_id] = inc
         todo: dict[str, dict[int, Envelope]] = {}
         gone: set[str] = set()
-        for d, inc in zip(deliveries, incarnations, strict=True):
-            sid = d.session_id
+        for env, inc in zip(envelopes, incarnations, strict=True):
+            sid = env.session_id
             if inc != newest[sid]:  # superseded by a newer incarnation in this very batch
                 self.stats.stale += 1
-            elif d.envelope.type == DELETED:
+            elif env.type == DELETED:
                 gone.add(sid)
             else:
-                todo.setdefault(sid, {}).setdefault(d.seq, d.envelope)
+                envs = todo.get(sid)
+                if envs is None:
+                    todo[sid] = {env.seq: env}
+                elif env.seq not in envs:
+                    envs[env.seq] = env
         for sid in gone:
             self.stats.stale += len(todo.pop(sid, ()))
             self.stats.deleted += 1
@@ -168,9 +175,11 @@ class OrderedSubscriber(ABC):
     async def _incarnations(self, deliveries: Sequence[Delivery]) -> list[str]:
         """Each delivery's incarnation; one that does not say is taken to be the session's
         current one (a legacy entry's session has none either)."""
-        unknown = sorted({d.session_id for d in deliveries if not d.incarnation})
-        current = await self.log.incarnations(unknown) if unknown else {}
-        return [d.incarnation or current.get(d.session_id) or "" for d in deliveries]
+        unknown = sorted({d.envelope.session_id for d in deliveries if not d.incarnation})
+        if not unknown:
+            return [d.incarnation for d in deliveries]
+        current = await self.log.incarnations(unknown)
+        return [d.incarnation or current.get(d.envelope.session_id) or "" for d in deliveries]
 
     async def _run(self, sid: str, inc: str, pos: Position, envs: Mapping[int, Envelope]
                    ) -> Run | None:

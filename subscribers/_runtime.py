@@ -16,7 +16,6 @@ from looking idle, and a maintenance task refreshes the metrics and raises the c
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -29,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
+import msgspec
+from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
 from eventcore._codec import entry_has_blob, entry_incarnation
@@ -59,14 +59,26 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (RedisUnavailable, OSError))
 
 
-@dataclass(slots=True)
 class _Item:
-    delivery: Delivery
-    fields: Mapping[bytes, bytes]
+    """A delivery in hand with its raw fields (for the dead-letter stream) and its key."""
 
-    @property
-    def key(self) -> tuple[int, str]:
-        return self.delivery.shard, self.delivery.entry_id
+    __slots__ = ("delivery", "fields", "key")
+
+    def __init__(self, delivery: Delivery, fields: Mapping[bytes, bytes]) -> None:
+        self.delivery = delivery
+        self.fields = fields
+        self.key = (delivery.shard, delivery.entry_id)
+
+
+class _Ahead:
+    """The next batch, read while the current one is handled (at most one batch ahead)."""
+
+    __slots__ = ("done", "error", "items")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.items: list[_Item] = []
+        self.error: Exception | None = None
 
 
 @dataclass(slots=True)
@@ -146,6 +158,8 @@ class SubscriberRunner(Running):
         self._running = False
         self._done = anyio.Event()
         self._progress = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._ahead: _Ahead | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -196,6 +210,7 @@ class SubscriberRunner(Running):
             with anyio.CancelScope() as self._run_scope:
                 await self.ensure_groups()
                 async with anyio.create_task_group() as tg:
+                    self._tg, self._ahead = tg, None
                     tg.start_soon(self._heartbeat)
                     if not burst:
                         tg.start_soon(self._maintenance)
@@ -206,7 +221,7 @@ class SubscriberRunner(Running):
                     tg.cancel_scope.cancel()
         finally:
             self._running = False
-            self._run_scope = None
+            self._run_scope = self._tg = self._ahead = None
             with anyio.CancelScope(shield=True):
                 await self._release_leases()
             self._done.set()
@@ -295,7 +310,12 @@ class SubscriberRunner(Running):
                 await anyio.sleep(self._backoff(self._outage_streak))
                 continue
             if not more:
-                return
+                break
+        if self._ahead is not None and not self._ahead.done.is_set():
+            await self._ahead.done.wait()
+        if self._ahead is not None and self._ahead.items:  # read already: finish it too
+            ahead, self._ahead = self._ahead, None
+            await self._process(ahead.items)
 
     async def _recovered(self, created: list[int]) -> None:
         self._cursor = dict.fromkeys(self.shards, "0-0")
@@ -313,7 +333,7 @@ class SubscriberRunner(Running):
             self.metrics.redeliveries += len(due)
             await self._process(due)
             return True
-        if burst or now >= self._next_reclaim:
+        if now >= self._next_reclaim:  # in a drain too: once first, then when the feed is done
             self._next_reclaim = now + self.claim_interval_s
             claimed = await self._reclaim_pass()
             if claimed:
@@ -323,6 +343,14 @@ class SubscriberRunner(Running):
         if not burst:
             wake = min([self._next_reclaim, *(r.due for r in self._retry.values())])
             block = max(1, min(self.block_ms, math.ceil((wake - time.monotonic()) * 1000)))
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            await ahead.done.wait()
+            if ahead.error is not None:
+                raise ahead.error
+            if ahead.items:
+                await self._process(ahead.items, read_ahead=True)
+                return True
         with anyio.CancelScope() as scope:
             self._read_scope = scope
             if self._stopping:
@@ -334,9 +362,13 @@ class SubscriberRunner(Running):
         if raw:
             items = await self._decode([(s, i, f, 1) for s, i, f in raw])
             if items:
-                await self._process(items)
+                await self._process(items, read_ahead=True)
             return True
         if burst:
+            claimed = await self._reclaim_pass()
+            if claimed:
+                await self._process(claimed)
+                return True
             if not self._retry:
                 return False
             await anyio.sleep(max(0.0, min(r.due for r in self._retry.values()) - now))
@@ -351,7 +383,9 @@ class SubscriberRunner(Running):
             )
             self._cursor[shard] = step.cursor
             self.metrics.dead_lettered += step.dead
-            found += [(shard, c) for c in step.claimed if (shard, c.entry_id) not in self._retry]
+            found += [(shard, c) for c in step.claimed
+                      if (shard, c.entry_id) not in self._retry
+                      and (shard, c.entry_id) not in self._inflight]  # held here already
         if not found:
             return []
         self.metrics.reclaimed += len(found)
@@ -362,34 +396,58 @@ class SubscriberRunner(Running):
         """Feed entries to deliveries; an entry that is not an envelope is dead-lettered at once
         (no retry can fix it)."""
         items: list[_Item] = []
-        stream = self.group_ops.stream
+        refs: list[_Item] = []
         for shard, entry_id, fields, attempt in raw:
             try:
-                env = decode_feed_entry(fields, f"{stream(shard)} {entry_id}")
-            except CorruptEntry as exc:
-                await self._dead_letter(shard, entry_id, fields, attempt, exc)
-                continue
-            items.append(_Item(Delivery(entry_id, shard, env, attempt,
-                                        entry_incarnation(fields)), fields))
-        refs = [i for i in items if entry_has_blob(i.fields)]
-        if refs:
-            items = [i for i in items if not entry_has_blob(i.fields)]
-            for item in refs:  # rare (large payloads): one by one, so a missing blob is isolated
+                env = decode_feed_entry(fields, "")
+            except CorruptEntry:  # again, naming the entry in the error (the rare path)
                 try:
-                    (env,) = await self.log.hydrate([item.delivery.envelope])
+                    decode_feed_entry(fields, f"{self.group_ops.stream(shard)} {entry_id}")
+                    raise AssertionError("decoding a feed entry is deterministic") from None
                 except CorruptEntry as exc:
-                    d = item.delivery
-                    await self._dead_letter(d.shard, d.entry_id, item.fields, d.attempt, exc)
-                    continue
-                items.append(_Item(dataclasses.replace(item.delivery, envelope=env),
-                                   item.fields))
+                    await self._dead_letter(shard, entry_id, fields, attempt, exc)
+                continue
+            item = _Item(Delivery(entry_id, shard, env, attempt, entry_incarnation(fields)),
+                         fields)
+            (refs if entry_has_blob(fields) else items).append(item)
+        for item in refs:  # rare (large payloads): one by one, so a missing blob is isolated
+            try:
+                (env,) = await self.log.hydrate([item.delivery.envelope])
+            except CorruptEntry as exc:
+                d = item.delivery
+                await self._dead_letter(d.shard, d.entry_id, item.fields, d.attempt, exc)
+                continue
+            items.append(_Item(msgspec.structs.replace(item.delivery, envelope=env),
+                               item.fields))
         return items
 
+    async def _read_ahead(self, ahead: _Ahead) -> None:
+        """Read (without blocking) and decode the next batch while the current one is handled.
+        Its entries are held (heartbeat) from the moment they are decoded; nothing of it is
+        acknowledged before it is handled in turn, so an abandoned read-ahead is redelivered
+        like any pending entry. A failure surfaces when the next round takes the batch."""
+        try:
+            raw = await self.group_ops.read(self.batch, None)
+            if raw:
+                ahead.items = await self._decode([(s, i, f, 1) for s, i, f in raw])
+                for item in ahead.items:
+                    self._inflight[item.key] = item
+        except Exception as exc:
+            ahead.error = exc
+        finally:
+            ahead.done.set()
+
     # -- handling --------------------------------------------------------------------------------
-    async def _process(self, items: list[_Item]) -> None:
+    async def _process(self, items: list[_Item], *, read_ahead: bool = False) -> None:
+        """Handle a batch and acknowledge what succeeded. ``read_ahead``: meanwhile read the
+        next batch (a full batch suggests more is waiting), so Redis and the subscriber's
+        backend work at the same time; batches are still handled one after the other."""
         started = time.perf_counter()
         for item in items:
             self._inflight[item.key] = item
+        if read_ahead and not self._stopping and self._tg is not None and self._ahead is None:
+            self._ahead = _Ahead()
+            self._tg.start_soon(self._read_ahead, self._ahead)
         try:
             self.metrics.delivered += len(items)
             ok, failed = await self._handle(items)
@@ -447,7 +505,7 @@ class SubscriberRunner(Running):
                        d.attempt, exc)
             await self._dead_letter(d.shard, d.entry_id, item.fields, d.attempt, exc)
             return
-        nxt = dataclasses.replace(d, attempt=d.attempt + 1)
+        nxt = msgspec.structs.replace(d, attempt=d.attempt + 1)
         self._retry[item.key] = _Retry(time.monotonic() + self._backoff(d.attempt),
                                        _Item(nxt, item.fields))
 

@@ -311,3 +311,79 @@ async def test_heartbeat_keeps_a_slow_handlers_entries_from_being_reclaimed(
     assert rp.metrics.reclaimed == 0  # the peer reclaimed nothing the live consumer held
     assert not set(slow.keys) & set(peer.keys)
     assert set(slow.keys) | set(peer.keys) == all_keys(last)
+
+
+async def consumer_pending(log: EventLog, group: str, consumer: str) -> int:
+    total = 0
+    for shard in log.keys.all_shards():
+        rows = await log.redis.xpending_range(log.keys.feed(shard), group, "-", "+", 10_000,
+                                              consumername=consumer)
+        total += len(rows)
+    return total
+
+
+async def test_read_ahead_is_never_acked_before_it_is_handled(event_log: EventLog) -> None:
+    """The next batch is read while the current one is handled; a runner cancelled mid-batch
+    leaves both batches pending (nothing acknowledged early) and another consumer gets them
+    all, each once."""
+    entered = anyio.Event()
+
+    class Stuck(Recorder):
+        async def handle(self, deliveries: Sequence[Delivery]) -> None:
+            self.calls += 1
+            entered.set()
+            await anyio.sleep_forever()
+
+    last = await populate(event_log, 4, 6)
+    stuck = Stuck("shared")
+    runner = SubscriberRunner(event_log, stuck, consumer="stuck", batch=1,
+                              drain_timeout_s=0.01, **fast(claim_idle_ms=100))
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        with anyio.fail_after(10):
+            await entered.wait()
+            assert runner._ahead is not None  # the next batch is being read meanwhile
+            await runner._ahead.done.wait()
+        in_hand = len(runner._inflight)
+        assert in_hand > runner.metrics.delivered  # read ahead: held, not handled
+        await runner.aclose()  # the batch in hand is abandoned (drain timeout)
+        tg.cancel_scope.cancel()
+    assert stuck.calls == 1 and runner.metrics.acked == 0
+    assert await consumer_pending(event_log, "shared", "stuck") == in_hand
+    peer = Recorder("shared")
+    async with SubscriberRunner(event_log, peer, **fast(claim_idle_ms=100,
+                                                          claim_interval_ms=20)) as rp:
+        with anyio.fail_after(20):
+            await rp.wait_until(lambda m: m.acked >= len(all_keys(last)))
+    assert sorted(peer.keys) == sorted(all_keys(last))  # every entry, each once
+    assert (await rp.refresh_metrics()).pending == 0
+
+
+async def test_graceful_stop_handles_the_batch_read_ahead(event_log: EventLog) -> None:
+    """A stop during a batch finishes it and the batch already read ahead (acked, not left
+    pending for a reclaim), and reads nothing more."""
+    entered, release = anyio.Event(), anyio.Event()
+
+    class Slow(Recorder):
+        async def handle(self, deliveries: Sequence[Delivery]) -> None:
+            entered.set()
+            await release.wait()
+            await super().handle(deliveries)
+
+    last = await populate(event_log, 4, 6)
+    rec = Slow()
+    runner = SubscriberRunner(event_log, rec, batch=1, **fast())
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        with anyio.fail_after(10):
+            await entered.wait()
+            assert runner._ahead is not None
+            await runner._ahead.done.wait()
+        ahead = len(runner._ahead.items)
+        assert ahead > 0
+        runner.stop()
+        release.set()
+    m = await runner.refresh_metrics()
+    assert m.pending == 0 and runner.metrics.acked == len(rec.got)
+    assert len(rec.got) < len(all_keys(last))  # stopped: not everything was read
+    assert runner.metrics.delivered == len(rec.got) >= ahead + 1
