@@ -207,6 +207,30 @@ class Arq(System):
 REDIS_PID = [0]
 
 
+async def commandstats(url: str) -> dict[str, int]:
+    """Calls per command so far (INFO commandstats; commands run inside scripts count too)."""
+    r = aioredis.Redis.from_url(url)
+    try:
+        info = await r.info("commandstats")
+    finally:
+        await r.aclose()
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+def per_job_commands(before: dict[str, int], after: dict[str, int], n: int) -> Result:
+    """Redis commands and script calls per job (per session lifecycle for eventcore: create,
+    claim, started, handler event, ended + ack), between two commandstats snapshots; the
+    benchmark's own INFO calls are left out."""
+    delta = {k: v - before.get(k, 0) for k, v in after.items() if k != "info"}
+    delta = {k: v for k, v in delta.items() if v > 0}
+    scripts = sum(v for k, v in delta.items() if k in ("evalsha", "eval", "fcall"))
+    res: Result = {"redis_commands_per_job": round(sum(delta.values()) / n, 2),
+                   "script_calls_per_job": round(scripts / n, 2)}
+    for k, v in sorted(delta.items(), key=lambda kv: -kv[1])[:8]:
+        res[f"cmd_{k.replace('|', '_')}_per_job"] = round(v / n, 2)
+    return res
+
+
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of a process and its children."""
     try:
@@ -247,11 +271,13 @@ async def run_one(system: System, url: str, n: int, conc: int, mode: str, run: i
             await system.watch(1, done)
             done.clear()
             t_start = time.time()
+            cmd0 = await commandstats(url)
             cpu0 = (tree_cpu_s(proc.pid), tree_cpu_s(REDIS_PID[0]), time.process_time())
             async with anyio.create_task_group() as tg:
                 tg.start_soon(system.watch, n + 1, done)
                 await limited(n, 256, submit_one)
             cpu1 = (tree_cpu_s(proc.pid), tree_cpu_s(REDIS_PID[0]), time.process_time())
+            cmd1 = await commandstats(url)
             done.pop(system.key(n), None)
             res = summarize(submit, done, n, t_start)
             # CPU per job: what the throughput would be on a machine of its own
@@ -260,6 +286,7 @@ async def run_one(system: System, url: str, n: int, conc: int, mode: str, run: i
             # what bounds the live rate when all three share a small machine's cores
             res["total_cpu_ms_per_job"] = round(
                 sum(1000 * (b - a) / n for a, b in zip(cpu0, cpu1, strict=True)), 3)
+            res.update(per_job_commands(cmd0, cmd1, n))
             return res
         return summarize(submit, done, n, t_start)
     finally:
@@ -350,7 +377,7 @@ async def main() -> None:
     out: dict[str, Any] = {"benchmark": "dispatch", "jobs": args.jobs, "runs": args.runs,
                            "concurrency": args.concurrency, "cpus": os.cpu_count()}
     for name in systems:
-        out[name] = {mode: {k: median(r[k] for r in results) for k in results[0]}
+        out[name] = {mode: {k: median(r.get(k, 0.0) for r in results) for k in results[0]}
                      for mode, results in raw[name].items()}
     for base in ("taskiq", "arq"):
         if "eventcore" in systems and base in systems:
