@@ -151,7 +151,7 @@ class _Client:
                 return items
             if self.gone:
                 raise session_deleted(self.session_id)
-            waiter = self.waiter = anyio.Event()
+            waiter = self.waiter = _new_event()
             await waiter.wait()
 
 
@@ -588,6 +588,18 @@ class Hub:
                 self.live_connected = False
                 log_.warning("hub xread failed (%s); retrying", exc)
                 await anyio.sleep(0.1)
+
+
+_event_type: type[anyio.Event] | None = None
+
+
+def _new_event() -> anyio.Event:
+    """``anyio.Event()`` without its per-call backend lookup (one per client wait, the
+    fan-out's hot path): the running backend's event class, looked up once."""
+    global _event_type
+    if _event_type is None:
+        _event_type = type(anyio.Event())
+    return _event_type()
 
 
 def _newer(a: str, b: str) -> bool:

@@ -352,3 +352,56 @@ async def test_the_live_path_alone_ends_a_follower_at_an_entry_of_another_incarn
         got = await _rest(it)
         assert [(e.seq, e.type) for e in got] in ([], [(2, "session.ended")])
         assert hub.watched == 0
+
+
+def test_a_coalesced_write_parses_as_the_events_one_by_one() -> None:
+    """Several events in one write (a client behind, or a batch): the bytes are each event's
+    shared frame back to back, and a client's parser sees every event with its id, type and
+    data, bare seq ids and ``<seq>.<gen>`` ids alike, and no empty event between them."""
+    from httpx_sse._decoders import SSEDecoder
+
+    from eventcore.server._http._sse import sse_frame
+
+    gen = "1" * 16
+    events = [Event(seq=1, type="input", data=b'{"seq":1,"x":"a\\nb"}'),
+              Event(seq=2, type="output", data=b'{"seq":2}'),
+              Event(seq=3, type="output", data=b'{"seq":3}', generation=gen)]
+    frames = [sse_frame(e) for e in events]
+    assert all(sse_frame(e) is f for e, f in zip(events, frames, strict=True))  # framed once
+    decoder = SSEDecoder()
+    got = [sse for line in b"".join(frames).decode().split("\n")[:-1]  # the last ends "\n"
+           if (sse := decoder.decode(line)) is not None]
+    assert [(s.id, s.event, s.data) for s in got] == [
+        ("1", "input", '{"seq":1,"x":"a\\nb"}'), ("2", "output", '{"seq":2}'),
+        (f"3.{gen}", "output", '{"seq":3}')]
+
+
+async def test_stream_body_sends_skip_the_wrappers_but_the_start_does_not() -> None:
+    """The SSE response sends its start through the wrapped ``send`` (the edge middleware adds
+    its headers there) and its body straight to the send the edge middleware was given."""
+    from eventcore.server._http._sse import _Progress, _Stream
+
+    wrapped: list[str] = []
+    raw: list[bytes] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"id: 1\nevent: input\ndata: {}\n\n"
+
+    async def send_wrapped(message: dict[str, object]) -> None:
+        wrapped.append(str(message["type"]))
+
+    async def send_raw(message: dict[str, object]) -> None:
+        body = message["body"]
+        assert isinstance(body, bytes)
+        raw.append(body)
+
+    async def receive() -> dict[str, object]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    stream = _Stream(body(), ping=60, sep="\n")
+    stream.progress = _Progress(0)
+    scope = {"type": "http", "method": "GET", "eventcore.body_send": send_raw}
+    await stream(scope, receive, send_wrapped)  # type: ignore[arg-type]
+    assert wrapped == ["http.response.start"]
+    assert raw == [b"id: 1\nevent: input\ndata: {}\n\n", b""]

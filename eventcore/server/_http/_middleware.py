@@ -85,6 +85,8 @@ class EdgeMiddleware:
                 except _TooLarge as exc:
                     await self._refuse(receive, send_wrapped, exc.pending)
                     return
+            # a streaming response sends its body (once started) past the wrappers inside
+            scope["eventcore.body_send"] = send
             await self.app(scope, receive, send_wrapped)
         finally:
             if self.observe is not None:

@@ -150,9 +150,11 @@ class _Stream(EventSourceResponse):
     progress: _Progress
     expires_at: float | None = None
     _pending_since: float | None = None
+    _body_send: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
+            self._body_send = scope.get("eventcore.body_send")
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
             self.ctx.metrics.sse_closed_slow.inc()
@@ -169,7 +171,10 @@ class _Stream(EventSourceResponse):
 
     async def _send_body(self, send: Send, body: bytes, *, more: bool) -> None:
         self._pending_since = time.monotonic()
-        await send({"type": "http.response.body", "body": body, "more_body": more})
+        # the body past the per-message wrappers between here and the server (the edge
+        # middleware's, the exception handlers'): they act on the response start only
+        await (self._body_send or send)({"type": "http.response.body", "body": body,
+                                         "more_body": more})
         self._pending_since = None
 
     async def _stream_response(self, send: Send) -> None:
