@@ -141,9 +141,16 @@ async def run_script(script: AsyncScript, keys: Sequence[Any], args: Sequence[An
     for _ in range(_SCRIPT_LOADS - 1):
         try:
             return await script(keys=keys, args=args)
-        except rexc.NoScriptError:
-            continue
+        except rexc.ResponseError as exc:
+            if not _noscript(exc):
+                raise
     return await script(keys=keys, args=args)
+
+
+def _noscript(exc: rexc.ResponseError) -> bool:
+    """NOSCRIPT, whether redis-py parsed it (:class:`NoScriptError`) or a pipeline passed it on
+    as a plain ``ResponseError`` naming the pipelined command ("... caused error: NOSCRIPT")."""
+    return isinstance(exc, rexc.NoScriptError) or "No matching script" in str(exc)
 
 
 async def run_scripts(
@@ -161,7 +168,9 @@ async def run_scripts(
                     else:
                         await script(keys=keys, args=args, client=pipe)
                 return list(await pipe.execute())
-        except rexc.NoScriptError:
+        except rexc.ResponseError as exc:
+            if not _noscript(exc):
+                raise
             if attempt == _SCRIPT_LOADS - 1:
                 raise
             if is_cluster(client):

@@ -123,3 +123,26 @@ async def test_a_claim_replayed_after_a_lost_reply_does_not_record_twice(
     check_log(events)
     assert [e.type for e in events].count("session.started") == 1
     assert (await log.get_session(sid)).epoch == 2
+
+
+async def test_claim_started_carries_the_generation_after_a_divergence(
+        event_log: EventLog, hosting: Hosting) -> None:
+    """A session whose stream changed generation (a failover lost writes): the session.started
+    the claim writes carries 'g' like every entry the append script writes after it."""
+    from eventcore._codec import entry_generation
+
+    log = event_log
+    agent = "gen-agent"
+    s = await log.create_session(agent)
+    sid = s.session_id
+    shard = log.keys.shard_of(sid)
+    # a "failover": the shard's write counter went back; the next append bumps the generation
+    await log.redis.hset(log.keys.epoch(shard), "wc", 0)
+    r = await log.emit(sid, "m", "new")
+    gen, _ = entry_generation(await _entry(log, log.keys.session(sid).stream, r.seq))
+    assert gen != ""
+    async with hosting(log, _app(agent), idle_timeout_s=0.3), watching(log) as feed:
+        await feed.until(lambda: feed.count(sid, "session.started") == 1)
+        started = feed.of(sid, "session.started")[0]
+        fields = await _entry(log, log.keys.session(sid).stream, started.seq)
+        assert entry_generation(fields)[0] == gen

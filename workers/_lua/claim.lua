@@ -51,9 +51,14 @@ local function started(kmeta, kstream, kdedupe, sid, head, agent, seq0)
     return 0
   end
   local sseq = tostring(seq0 + 1)
-  local inc = redis.call('HGET', kmeta, L.META_INCARNATION) or ''
+  local r = redis.call('HMGET', kmeta, L.META_INCARNATION, L.META_GENERATION,
+    L.META_GENERATION_FROM)
+  local inc, gen = r[1] or '', r[2] or ''
+  -- 'g' as the append script writes it once the session has a generation (a shard generation
+  -- newer than the session's is adopted by the next append, not here)
+  if gen ~= '' then gen = gen .. ':' .. (r[3] or '') end
   local x = ec_entry(kstream, feed, sid, sseq, inc, STARTED, ec_body(sseq, head .. agent .. tail),
-    '', false)
+    '', false, gen)
   if x.err then return 0 end
   redis.call('HSET', kdedupe, STARTED, sseq)
   ec_set(kmeta, L.META_SEQ, sseq, L.META_UPDATED_AT, now)
