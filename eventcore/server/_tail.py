@@ -109,12 +109,14 @@ async def follow_http(
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     last, attempt = after, 0
+    epoch = ""  # the stream's generation once an id carried one (`<seq>.<epoch>`)
     hint: float | None = None  # the server's `retry:` advice, in seconds
     timeout = httpx.Timeout(10.0, read=read_timeout_s)  # heartbeats keep a live stream busy
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout) as client:
         await _describe_session(client, session_id, notify)
         while True:
-            req_headers = {"Last-Event-ID": str(last)} if last else {}
+            resume = f"{last}.{epoch}" if epoch else str(last)
+            req_headers = {"Last-Event-ID": resume} if last or epoch else {}
             try:
                 async with aconnect_sse(client, "GET", f"/v1/sessions/{session_id}/events",
                                         headers=req_headers) as source:
@@ -134,6 +136,14 @@ async def follow_http(
                         if sse.retry is not None:
                             hint = sse.retry / 1000
                         if sse.event == "stream.reset":
+                            diverged = _diverged(sse.data)
+                            if diverged is not None:
+                                # a failover lost seqs after resume_after, and they may have
+                                # been written again: what follows replaces them
+                                last, epoch = diverged
+                                notify("info", f"history after seq {last} was rewritten (a "
+                                               f"failover lost writes); continuing from there")
+                                continue
                             first = _first_available(sse.data, sse.id)
                             if first is not None and first > last + 1:
                                 yield HistoryGone(session_id, last, first)
@@ -144,14 +154,15 @@ async def follow_http(
                             # id names next (its seqs restart at 1)
                             notify("info", _DELETED)
                             return
-                        if not sse.id.isdigit():
+                        seq_text, _, id_epoch = sse.id.partition(".")
+                        if not seq_text.isdigit():
                             if sse.data:
                                 notify("info", f"server: {sse.event}: {sse.data[:200]}")
                             continue
-                        seq = int(sse.id)
+                        seq = int(seq_text)
                         if seq <= last:
                             continue  # never print a seq twice
-                        last = seq
+                        last, epoch = seq, id_epoch
                         yield Event(seq, sse.event, sse.data.encode())
                         if sse.event == "session.ended":
                             return
@@ -188,6 +199,20 @@ async def _describe_session(client: Any, session_id: str, notify: Notify) -> Non
         notify("state", info["state"])
 
 
+def _diverged(data: str) -> tuple[int, str] | None:
+    """``(resume_after, epoch)`` of a ``stream.reset`` for a diverged history, else ``None``."""
+    try:
+        reset = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(reset, dict) or reset.get("reason") != "diverged":
+        return None
+    after, epoch = reset.get("resume_after"), reset.get("epoch")
+    if not isinstance(after, int) or after < 0 or not isinstance(epoch, str):
+        return None
+    return after, "" if epoch == "0" else epoch
+
+
 def _first_available(data: str, event_id: str) -> int | None:
     """Where a ``stream.reset`` says the stream continues (its data, else its id + 1)."""
     try:
@@ -196,7 +221,8 @@ def _first_available(data: str, event_id: str) -> int | None:
         value = None
     if isinstance(value, int) and value > 0:
         return value
-    return int(event_id) + 1 if event_id.isdigit() else None
+    seq = event_id.partition(".")[0]
+    return int(seq) + 1 if seq.isdigit() else None
 
 
 def _retry_after(response: Any) -> float | None:

@@ -145,3 +145,55 @@ async def test_tail_over_sse_stops_at_session_deleted_and_never_follows_the_next
     assert seqs == list(range(1, len(seqs) + 1)) and seqs[-1] < 258
     assert ("info", "the session was deleted; its id may name a new session now") in notes
     assert not [n for n in notes if n[0] == "retry"]
+
+
+async def test_tail_over_sse_follows_a_diverged_stream_and_resumes_in_its_epoch(
+    redis_url: str,
+) -> None:
+    """After a failover lost seqs 8..10 and they were written again, the SSE ids are
+    ``<seq>.<epoch>``: tail yields those events (before, it took every such id for a server
+    notice and printed nothing), skips nothing, and a reconnect resumes with the full id in the
+    new epoch (a bare seq would be generation 0, reset again on every reconnect)."""
+    from divergence import lose_tail
+
+    from eventcore import Envelope
+    from eventcore.server._tail import Event, follow_http
+
+    settings = load_settings(redis_url=redis_url, namespace=unique_namespace(), shards=4,
+                             api_key="k" * 32)  # both servers accept the same key
+    port = free_port()
+    notes: list[tuple[str, str]] = []
+    got: list[Event] = []
+
+    async def take(n: int) -> None:
+        while len(got) < n:
+            item = await items.__anext__()
+            assert isinstance(item, Event), item
+            got.append(item)
+
+    async with EventLog(settings) as log:
+        async with serve(log, port=port) as svc:
+            sid, _ = await svc.create_session()  # seq 1: session.created
+            await log.append_many([Envelope(type="note", session_id=sid,
+                                            payload={"v": "old", "i": i}) for i in range(9)])
+            items = follow_http(svc.url, svc.api_key, sid, 0,
+                                lambda k, t: notes.append((k, t)), backoff_cap_s=0.2)
+            with anyio.fail_after(DEADLINE):
+                await take(10)
+                await lose_tail(log, sid, 7)
+                await log.append_many([Envelope(type="note", session_id=sid,
+                                                payload={"v": "new", "i": i})
+                                       for i in range(6)])  # seqs 8..13 again
+                await take(16)
+        assert [e.seq for e in got] == list(range(1, 11)) + list(range(8, 14))
+        assert all(b'"new"' in e.data for e in got[10:])
+        rewritten = [t for _, t in notes if "rewritten" in t]
+        assert len(rewritten) == 1, notes
+        # a new server on the port: tail reconnects with Last-Event-ID `13.<epoch>`
+        async with serve(log, port=port):
+            await log.emit(sid, "note", {"v": "after-restart"})
+            with anyio.fail_after(DEADLINE):
+                await take(17)
+            await items.aclose()
+        assert got[-1].seq == 14 and b"after-restart" in got[-1].data
+        assert [t for _, t in notes if "rewritten" in t] == rewritten, notes

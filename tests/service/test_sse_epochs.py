@@ -12,6 +12,7 @@ import uuid
 import anyio
 import httpx
 import pytest
+from divergence import lose_tail
 from httpx_sse import ServerSentEvent, aconnect_sse
 from hypothesis import given
 from hypothesis import strategies as st
@@ -31,20 +32,6 @@ async def _session(c: httpx.AsyncClient) -> str:
     return str(r.json()["session_id"])
 
 
-async def _lose_tail(log: EventLog, sid: str, keep: int) -> None:
-    """What a promoted replica that lacked the last appends looks like: the shard's write
-    counter behind this writer's, the session's stream and seq back at ``keep``."""
-    keys = log.keys.session(sid)
-    kept = await log.redis.xrange(keys.stream, "-", f"0-{keep}")
-    async with log.redis.pipeline(transaction=True) as pipe:
-        pipe.hset(log.keys.epoch(keys.shard), "wc", 0)
-        pipe.delete(keys.stream)
-        for entry_id, fields in kept:
-            pipe.xadd(keys.stream, fields, id=entry_id)
-        pipe.hset(keys.meta, "seq", keep)
-        await pipe.execute()
-
-
 async def test_a_live_client_of_reused_seqs_is_reset(
     shared_service: Service, shared_log: EventLog
 ) -> None:
@@ -61,7 +48,7 @@ async def test_a_live_client_of_reused_seqs_is_reset(
                     seen.append(await it.__anext__())
             # no divergence yet: ids are bare seqs, as before epochs
             assert [e.id for e in seen] == [str(i) for i in range(1, 11)]
-            await _lose_tail(shared_log, sid, 7)
+            await lose_tail(shared_log, sid, 7)
             await shared_log.append_many([Envelope(type="note", session_id=sid,
                                                    payload={"v": "new", "i": i})
                                           for i in range(6)])  # seqs 8..13 again
