@@ -319,6 +319,14 @@ class Worker(Running):
                 log.error("dispatch entry %s holds no valid session id: %r", eid, fields)
                 await self._ack_malformed(shard, eid)
                 continue
+            if self.log.keys.shard_of(sid) != shard:
+                # append.lua writes a session's dispatch entry on the session's own shard only:
+                # this one was planted (claiming it would mix two shards' keys in one script:
+                # CROSSSLOT on a cluster, the wrong feed on one node)
+                log.error("dispatch entry %s of shard %d names session %r of shard %d", eid,
+                          shard, sid, self.log.keys.shard_of(sid))
+                await self._ack_malformed(shard, eid)
+                continue
             by_shard.setdefault(shard, []).append((sid, eid))
 
         async def one(shard: int, items: list[tuple[str, str]]) -> None:

@@ -382,6 +382,29 @@ async def test_hostile_dispatch_entries_are_dropped(event_log: EventLog,
         assert w.metrics.claims == 1
 
 
+async def test_a_dispatch_entry_on_another_shard_than_its_session_is_dropped(
+    event_log: EventLog, hosting: Hosting, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A planted entry on shard A naming a real session of shard B is acked and logged, never
+    claimed: claiming it would run one script over two shards' keys (CROSSSLOT on a cluster;
+    on one node its session.started would go to shard A's feed). The session's own entry
+    hosts it once, as ever."""
+    log = event_log
+    s = await log.create_session("once")
+    home = log.keys.shard_of(s.session_id)
+    other = (home + 1) % log.keys.shards
+    await log.redis.xadd(log.keys.dispatch(other), {"sid": s.session_id})
+    async with hosting(log) as w, watching(log) as feed:
+        await feed.until(lambda: feed.count(s.session_id, "session.ended") == 1)
+        await eventually(lambda: w.metrics.active == 0)
+        await eventually(lambda: any("names session" in r.getMessage() for r in caplog.records))
+        assert await pending(log) == 0
+        assert w.metrics.claims == 1
+    assert feed.count(s.session_id, "session.started") == 1
+    wrong = await log.redis.xrange(log.keys.feed(other))
+    assert not [f for _, f in wrong if s.session_id.encode() in b"".join(f.values())]
+
+
 @pytest.mark.parametrize("type", ["input", "session.ended", "control.cancel", "run.started"])
 async def test_reserved_types_cannot_be_emitted(event_log: EventLog, type: str) -> None:
     app = App()
