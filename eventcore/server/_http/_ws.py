@@ -27,10 +27,10 @@ Server → client
     history is gone everywhere, or ``{"type": "reset", "reason": "diverged", "after": ..,
     "resume_after": .., "epoch": .., "seen_epoch": .., "first_available": ..}`` where the
     history after ``resume_after`` may have been rewritten: discard what is held after it; the
-    stream goes on from there in ``epoch``. The last message before the server closes says why: ``end``
-    (``last_seq``; after ``session.ended``), ``shutdown`` (``resume_after``, ``retry_ms``),
-    ``token_expired`` (``resume_after``), ``session_deleted`` (``last_seq``, ``incarnation``),
-    ``error`` (``resume_after``; Redis unavailable past the retry budget).
+    stream goes on from there in ``epoch``. The last message before the server closes says
+    why: ``end`` (``last_seq``; after ``session.ended``), ``shutdown`` (``resume_after``,
+    ``retry_ms``), ``token_expired`` (``resume_after``), ``session_deleted`` (``last_seq``,
+    ``incarnation``), ``error`` (``resume_after``; Redis unavailable past the retry budget).
 
 Close codes (:data:`CLOSE_CODES`): 1000 the session ended and everything was sent; 1003 a
 binary frame; 1007 a frame that is not JSON or not a valid message of its type; 1008 an
