@@ -27,6 +27,7 @@ from eventcore._log import EventLog
 from eventcore._values import validate_value
 from eventcore.errors import (
     EventcoreError,
+    HistoryDiverged,
     HistoryGone,
     HubClosed,
     PayloadTooLarge,
@@ -35,7 +36,8 @@ from eventcore.errors import (
     ValidationError,
 )
 
-__all__ = ["ClientFollow", "InputOutcome", "StreamEnd", "client_input"]
+__all__ = ["ClientFollow", "InputOutcome", "StreamEnd", "client_input", "diverged_fields",
+           "is_generation", "parse_epoch"]
 
 logger = logging.getLogger("eventcore.server")
 
@@ -56,6 +58,30 @@ class StreamEnd:
 
 
 ClientItem = list[Event] | HistoryGone | StreamEnd
+
+
+def is_generation(text: str) -> bool:
+    """A stream generation as the server issues them: 16 ASCII digits, not all zeros."""
+    return len(text) == 16 and text.isascii() and text.isdigit() and text != "0" * 16
+
+
+def parse_epoch(epoch: str | None) -> str:
+    """A client's cursor epoch (SSE ``?epoch=`` / ids, the WebSocket ``hello``, the WebRTC
+    resume) as :class:`ClientFollow` takes it: ``""`` for none or ``"0"``, else the 16-digit
+    generation the server issued; :class:`ValueError` for anything else."""
+    if epoch is None or epoch == "0":
+        return ""
+    if not is_generation(epoch):
+        raise ValueError("epoch: 0, or the 16-digit epoch the server said")
+    return epoch
+
+
+def diverged_fields(gone: HistoryDiverged) -> dict[str, object]:
+    """What every transport's reset says about a divergence (SSE ``stream.reset``, the JSON
+    page's ``reset``, the WebSocket ``reset``, the WebRTC ``reset`` control)."""
+    return {"reason": "diverged", "after": gone.after, "resume_after": gone.resume_after,
+            "epoch": gone.epoch, "seen_epoch": gone.seen_epoch or "0",
+            "first_available": gone.first_available}
 
 
 class ClientFollow:

@@ -4,11 +4,19 @@ One :class:`WebRTCGateway` per API process answers SDP offers and hosts the peer
 its task group. Wire protocol (every message is one UTF-8 JSON text unless noted):
 
 ``events`` channel
-    The client's first message says where to resume: ``{"after": N, "types": [..]?}``. The
-    server answers ``{"control": "ready", "after": N}`` and then sends every client envelope
-    with seq > N, exactly as SSE does (``seq`` included, ``server_data`` never). Messages with
-    a ``control`` key are not envelopes: ``ready``, ``end`` (after ``session.ended``), ``error``,
-    ``gap`` (history trimmed everywhere; the stream continues at ``first_available``) and
+    The client's first message says where to resume: ``{"after": N, "epoch": ".."?,
+    "types": [..]?}`` (``epoch``: the stream epoch N was read in, ``"0"`` or the 16-digit
+    generation an ``epoch`` or ``reset`` control said; anything else is a ``bad_resume``
+    error). The server answers ``{"control": "ready", "after": N}`` and then sends every client
+    envelope with seq > N, exactly as SSE does (``seq`` included, ``server_data`` never).
+    Messages with a ``control`` key are not envelopes: ``ready``, ``end`` (after
+    ``session.ended``), ``error``, ``gap`` (history trimmed everywhere; the stream continues at
+    ``first_available``), ``reset`` (``{"control": "reset", "reason": "diverged", "after": ..,
+    "resume_after": .., "epoch": .., "seen_epoch": .., "first_available": ..}``: a failover
+    lost acknowledged appends and the history after ``resume_after`` may have been rewritten:
+    discard what is held after it; the stream goes on from there in ``epoch``), ``epoch``
+    (``{"control": "epoch", "epoch": G}`` right before the first envelope of another stream
+    epoch than the resume's or the last one announced: the client resumes with ``epoch`` G) and
     ``chunk`` — an envelope too large for one message arrives as ``{"control": "chunk",
     "seq": N, "parts": K, "size": B}`` followed by K binary messages whose bytes, joined, are
     the envelope's JSON — and ``token_expired`` (``{"control": "token_expired", "last_seq":
@@ -52,6 +60,7 @@ from eventcore._follow import Followers, LogFollowers, closing_iter
 from eventcore._keys import validate_session_id
 from eventcore._log import EventLog
 from eventcore.errors import (
+    HistoryDiverged,
     HistoryGone,
     Overloaded,
     SessionNotFound,
@@ -59,7 +68,7 @@ from eventcore.errors import (
     ValidationError,
 )
 
-from ._clients import ClientFollow, StreamEnd, client_input
+from ._clients import ClientFollow, StreamEnd, client_input, diverged_fields, parse_epoch
 from ._webrtc_wire import (
     STREAM_ERRORS,
     Channel,
@@ -348,7 +357,8 @@ class WebRTCGateway:
                 return resume_decoder.decode(raw)
             except msgspec.DecodeError as exc:
                 await ch.send(control("error", error="bad_resume",
-                                     detail=f'expected {{"after": N}}: {exc}'[:300]))
+                                     detail=f'expected {{"after": N, "epoch": ".."?}}: {exc}'
+                                     [:300]))
         return None
 
     async def _refuse_more(self, ch: Channel) -> None:
@@ -359,9 +369,11 @@ class WebRTCGateway:
                                             "new events channel to start elsewhere"))
 
     async def _stream(self, peer: Peer, ch: Channel, resume: Resume) -> None:
+        generation = parse_epoch(resume.epoch)
         follow = ClientFollow(self.followers, peer.session_id, resume.after,
                               incarnation=peer.incarnation, types=resume.types,
-                              retry_cap_s=_RETRY_CAP_S)
+                              retry_cap_s=_RETRY_CAP_S, generation=generation)
+        announced = generation or "0"  # the epoch the client's cursor is in
         try:
             async with closing_iter(follow.items()) as items:
                 async for item in items:
@@ -371,6 +383,12 @@ class WebRTCGateway:
                         # must still leave
                         self._end(peer, ch, item)
                         return
+                    if isinstance(item, HistoryDiverged):
+                        # the history after resume_after may have been rewritten: say so
+                        await ch.send(control("reset", **diverged_fields(item)))
+                        follow.sent = item.resume_after
+                        announced = item.epoch
+                        continue
                     if isinstance(item, HistoryGone):
                         # history is gone everywhere: say so, then carry on after the hole
                         await ch.send(control("gap", after=item.after,
@@ -378,6 +396,9 @@ class WebRTCGateway:
                         follow.sent = item.resume_after
                         continue
                     for ev in item:
+                        if ev.epoch != announced:
+                            await ch.send(control("epoch", epoch=ev.epoch))
+                            announced = ev.epoch
                         await ch.send_json(ev.seq, ev.data)
                         follow.sent = ev.seq
                         self.stats.events_sent += 1

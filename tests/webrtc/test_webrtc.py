@@ -14,10 +14,11 @@ from typing import Any
 
 import anyio
 import pytest
+from divergence import lose_tail
 from live_service import Service, serve
 from webrtc_peer import Offer, connect
 
-from eventcore import EventLog, load_settings
+from eventcore import Envelope, EventLog, load_settings
 from eventcore.server._http import input_event_key as http_input_event_key
 from eventcore.server._webrtc import WebRTCLimits, input_event_key
 from eventcore.server._webrtc_http import webrtc_service
@@ -584,3 +585,49 @@ async def test_inputs_of_a_peer_never_land_in_the_session_created_again(service:
                                        "session now)"}
             await server_peer.closed.wait()
     assert [e.type for e in await service.log.read(sid)] == ["session.created"] + ["message"] * 3
+
+
+async def test_a_diverged_stream_resets_with_its_epoch_and_resumes_in_it(
+    service: Service,
+) -> None:
+    """A failover that lost seqs 8..10 (played on one node): a live events channel gets the
+    ``reset`` control and then the new 8..13, never a reused seq silently; a resume in the new
+    epoch gets no reset; a fresh one is told the epoch before its first envelope; a bad epoch
+    is a ``bad_resume`` error."""
+    sid, token = await service.create_session()
+    log = service.log
+    await log.append_many([Envelope(type="note", session_id=sid, payload={"v": "old", "i": i})
+                           for i in range(9)])
+    assert await log.last_seq(sid) == 10
+    with anyio.fail_after(DEADLINE):
+        async with connect(http_offer(service, sid, token)) as peer:
+            await ready(peer, after=0)
+            assert [(await peer.events.envelope())["seq"] for _ in range(10)] == list(
+                range(1, 11))
+            await lose_tail(log, sid, 7)
+            await log.append_many([Envelope(type="note", session_id=sid,
+                                            payload={"v": "new", "i": i}) for i in range(6)])
+            reset = await peer.events.receive()  # nothing of the new history before it
+            epoch = reset.get("epoch")
+            assert reset == {"control": "reset", "reason": "diverged", "after": 10,
+                             "resume_after": 7, "epoch": epoch, "seen_epoch": "0",
+                             "first_available": 8}
+            assert isinstance(epoch, str) and len(epoch) == 16 and epoch.isdigit()
+            new = [await peer.events.envelope() for _ in range(6)]  # no epoch notice: said
+            assert [e["seq"] for e in new] == list(range(8, 14))
+            assert [e["payload"] for e in new] == [{"v": "new", "i": i} for i in range(6)]
+        async with connect(http_offer(service, sid, token)) as peer:
+            await ready(peer, after=12, epoch=epoch)
+            assert (await peer.events.envelope())["seq"] == 13  # no reset, no notice
+        async with connect(http_offer(service, sid, token)) as peer:
+            for bad in ("x", "17", "0" * 16, 5):
+                peer.events.send({"after": 12, "epoch": bad})
+                err = await peer.events.receive()
+                assert err["control"] == "error" and err["error"] == "bad_resume", err
+            await ready(peer, after=0)
+            got = [await peer.events.envelope() for _ in range(7)]
+            assert [e["seq"] for e in got] == list(range(1, 8))
+            assert await peer.events.receive() == {"control": "epoch", "epoch": epoch}
+            assert [(await peer.events.envelope())["seq"] for _ in range(6)] == list(
+                range(8, 14))
+    assert await log.last_seq(sid) == 13

@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from divergence import lose_tail
 from service_support import API_KEY, Service
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -226,3 +227,67 @@ async def test_token_expiry_closes_4401(service: Service) -> None:
     code, _, seen = await close_code(ws)
     assert code == 4401
     assert seen[-1] == {"type": "token_expired", "resume_after": 1}
+
+
+async def test_a_diverged_stream_resets_with_its_epoch_and_resumes_in_it(
+    service: Service, service_log: EventLog
+) -> None:
+    """A failover that lost seqs 8..10 (played on one node): a live client gets the diverged
+    ``reset`` and then the new 8..13, never a reused seq silently; the events carry the new
+    epoch, a resume in it gets no reset, a fresh client learns it; a bad epoch is refused."""
+    sid, token = await service.create()
+    await service_log.append_many([Envelope(type="note", session_id=sid,
+                                            payload={"v": "old", "i": i}) for i in range(9)])
+    assert await _last_seq(service_log, sid) == 10
+    ws = await open_ws(service.url, sid, token)
+    r = Reader(ws)
+    await r.until_seq(10)
+    assert r.others == []
+    await lose_tail(service_log, sid, 7)
+    await service_log.append_many([Envelope(type="note", session_id=sid,
+                                            payload={"v": "new", "i": i}) for i in range(6)])
+    with anyio.fail_after(30):
+        while True:
+            msg = await r.one()
+            if msg["type"] == "reset":
+                break
+            assert msg["type"] == "events" and '"new"' not in json.dumps(msg), msg
+    epoch = msg["epoch"]
+    assert msg == {"type": "reset", "reason": "diverged", "after": 10, "resume_after": 7,
+                   "epoch": epoch, "seen_epoch": "0", "first_available": 8}
+    assert len(epoch) == 16 and epoch.isdigit()
+    old = len(r.envelopes)
+    batches: list[dict[str, Any]] = []
+    with anyio.fail_after(30):
+        while len(r.envelopes) < old + 6:
+            batches.append(await r.one())
+    new = r.envelopes[old:]
+    assert [e["seq"] for e in new] == list(range(8, 14))
+    assert [e["payload"] for e in new] == [{"v": "new", "i": i} for i in range(6)]
+    assert all(b["type"] == "events" and b["epoch"] == epoch for b in batches)
+    await ws.close()
+
+    # a resume in the new epoch: no reset, the next event
+    ws = await open_ws(service.url, sid, token, after=12, epoch=epoch)
+    with anyio.fail_after(30):
+        first = json.loads(await ws.recv())
+    assert first["type"] == "events" and first["epoch"] == epoch
+    assert [e["seq"] for e in first["events"]] == [13]
+    await ws.close()
+    # a client that connects after the divergence learns the epoch from the events
+    ws = await open_ws(service.url, sid, token)
+    r = Reader(ws)
+    last: dict[str, Any] = {}
+    with anyio.fail_after(30):
+        while not r.envelopes or r.envelopes[-1]["seq"] < 13:
+            last = await r.one()
+    assert r.seqs == list(range(1, 14)) and r.others == [] and last["epoch"] == epoch
+    await ws.close()
+    # a bad epoch closes 1007 before anything is sent, and writes nothing
+    for bad in ("x", "17", "0" * 16, 5):
+        async with connect(ws_url(service.url, sid),
+                           subprotocols=[SUBPROTOCOL, f"eventcore.token.{token}"]) as ws:  # type: ignore[list-item]
+            await ws.send(json.dumps({"type": "hello", "after": 12, "epoch": bad}))
+            code, _, seen = await close_code(ws)
+        assert (code, seen) == (1007, []), bad
+    assert await _last_seq(service_log, sid) == 13

@@ -52,7 +52,7 @@ from starlette.types import Receive, Scope, Send
 from eventcore._follow import closing_iter, divergence
 from eventcore.errors import HistoryDiverged, HistoryGone
 
-from .._clients import ClientFollow, StreamEnd
+from .._clients import ClientFollow, StreamEnd, diverged_fields, is_generation, parse_epoch
 from ._context import SessionAccess, session_reader
 from ._params import PageSize, SeqParam, parse_digits
 from ._problems import Problem
@@ -109,22 +109,17 @@ def _parse_after(after: int | None, last_event_id: str | None, epoch: str | None
         seq, sep, gen = last_event_id.partition(".")
         try:
             cursor = parse_digits(seq, "Last-Event-ID")
-            if sep and not _generation(gen):
+            if sep and not is_generation(gen):
                 # ids carry a generation only once it is not 0: 16 digits, as the server made it
                 raise ValueError("Last-Event-ID's epoch must be the generation an id carried")
         except ValueError as exc:
             raise Problem(400, "validation-error", f"{exc} (a seq, or seq.epoch)") from None
         return cursor, gen
-    if epoch is None or epoch == "0":
-        return after or 0, ""
-    if not _generation(epoch):
-        raise Problem(422, "validation-error", "epoch: 0, or the 16-digit epoch a page said")
-    return after or 0, epoch
-
-
-def _generation(text: str) -> bool:
-    """A stream generation as the server issues them: 16 ASCII digits, not all zeros."""
-    return len(text) == 16 and text.isascii() and text.isdigit() and text != "0" * 16
+    try:
+        return after or 0, parse_epoch(epoch)
+    except ValueError:
+        raise Problem(422, "validation-error",
+                      "epoch: 0, or the 16-digit epoch a page said") from None
 
 
 class _Progress:
@@ -345,11 +340,7 @@ def _end_frame(end: StreamEnd, cursor: int) -> bytes | None:
     return None
 
 
-def _reset(gone: HistoryDiverged) -> dict[str, object]:
-    """What ``stream.reset`` (SSE) and ``reset`` (JSON) say about a divergence."""
-    return {"reason": "diverged", "after": gone.after, "resume_after": gone.resume_after,
-            "epoch": gone.epoch, "seen_epoch": gone.seen_epoch or "0",
-            "first_available": gone.first_available}
+_reset = diverged_fields  # what ``stream.reset`` (SSE) and ``reset`` (JSON) say
 
 
 async def _json_page(

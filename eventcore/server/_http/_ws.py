@@ -4,8 +4,10 @@ the WebRTC data channels (the README's "WebSocket" section is the user-facing de
 Every message is one JSON text frame; the server never sends binary frames and refuses them.
 
 Client → server
-    ``{"type": "hello", "after": N, "types": [..]?, "token": ".."?}`` first, exactly once: where
-    to resume (the last seq it has, 0 for all) and, unless the upgrade request carried a
+    ``{"type": "hello", "after": N, "epoch": ".."?, "types": [..]?, "token": ".."?}`` first,
+    exactly once: where to resume (the last seq it has, 0 for all; ``epoch``: the stream epoch
+    that seq was read in, ``"0"`` or the 16-digit generation an ``events`` message or ``reset``
+    said — anything else closes 1007) and, unless the upgrade request carried a
     credential (``Authorization: Bearer`` or the subprotocol ``eventcore.token.<credential>``
     next to ``eventcore.v1``), the credential. The API key is never read from the URL.
     Then any number of ``{"type": "input", "payload": .., "idempotency_key": ".."?, "id": ..?}``
@@ -18,12 +20,17 @@ Client → server
 Server → client
     ``{"type": "ready", "after": N, "session_id": .., "incarnation": ..}`` once, then
     ``{"type": "events", "events": [envelope, ...]}`` — client envelopes with seq > N in seq
-    order, exactly once each on the connection (``server_data`` never) — and
-    ``{"type": "reset", "after": .., "first_available": .., "resume_after": ..}`` where history
-    is gone everywhere. The last message before the server closes says why: ``end``
-    (``last_seq``; after ``session.ended``), ``shutdown`` (``resume_after``, ``retry_ms``),
-    ``token_expired`` (``resume_after``), ``session_deleted`` (``last_seq``, ``incarnation``),
-    ``error`` (``resume_after``; Redis unavailable past the retry budget).
+    order, exactly once each on the connection (``server_data`` never), with ``"epoch": G``
+    (the last event's stream epoch) once the session's epoch is not ``"0"`` (after a failover
+    lost acknowledged appends): the client resumes with ``hello.after`` and ``hello.epoch`` —
+    and ``{"type": "reset", "after": .., "first_available": .., "resume_after": ..}`` where
+    history is gone everywhere, or ``{"type": "reset", "reason": "diverged", "after": ..,
+    "resume_after": .., "epoch": .., "seen_epoch": .., "first_available": ..}`` where the
+    history after ``resume_after`` may have been rewritten: discard what is held after it; the
+    stream goes on from there in ``epoch``. The last message before the server closes says
+    why: ``end`` (``last_seq``; after ``session.ended``), ``shutdown`` (``resume_after``,
+    ``retry_ms``), ``token_expired`` (``resume_after``), ``session_deleted`` (``last_seq``,
+    ``incarnation``), ``error`` (``resume_after``; Redis unavailable past the retry budget).
 
 Close codes (:data:`CLOSE_CODES`): 1000 the session ended and everything was sent; 1003 a
 binary frame; 1007 a frame that is not JSON or not a valid message of its type; 1008 an
@@ -56,9 +63,9 @@ from starlette.websockets import WebSocketState
 
 from eventcore._follow import closing_iter
 from eventcore._keys import validate_session_id
-from eventcore.errors import EventcoreError, HistoryGone, SessionNotFound
+from eventcore.errors import EventcoreError, HistoryDiverged, HistoryGone, SessionNotFound
 
-from .._clients import ClientFollow, StreamEnd, client_input
+from .._clients import ClientFollow, StreamEnd, client_input, diverged_fields, parse_epoch
 from .._webrtc_wire import InputMsg, SignalMsg, reply
 from ._auth import Principal, check_incarnation
 from ._problems import Problem
@@ -199,6 +206,13 @@ class Hello(msgspec.Struct, tag_field="type", tag="hello", forbid_unknown_fields
     types: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]],
                      msgspec.Meta(max_length=64)] | None = None
     token: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    epoch: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            parse_epoch(self.epoch)
+        except ValueError as exc:  # msgspec reports it as the message's validation error
+            raise msgspec.ValidationError(str(exc)) from None
 
 
 _typed = msgspec.json.Decoder(_Typed)
@@ -324,7 +338,7 @@ def _upgrade_credential(ws: WebSocket, offered: list[str]) -> str | None:
 async def _session(ctx: ServiceContext, conn: WsConn, session_id: str, incarnation: str,
                    hello: Hello, principal: Principal) -> None:
     follow = ClientFollow(ctx.hub, session_id, hello.after, incarnation=incarnation,
-                          types=hello.types)
+                          types=hello.types, generation=parse_epoch(hello.epoch))
     expires_at = principal.expires_at
     budget = math.inf if expires_at is None else max(0.0, expires_at - time.time())
     writable = principal.may(session_id, write=True)
@@ -358,6 +372,10 @@ async def _stream(conn: WsConn, follow: ClientFollow,
             if isinstance(item, StreamEnd):
                 ending.append(functools.partial(_finish, conn, item))
                 return
+            if isinstance(item, HistoryDiverged):
+                await conn.send(_control("reset", **diverged_fields(item)))
+                follow.sent = item.resume_after
+                continue
             if isinstance(item, HistoryGone):
                 await conn.send(_control("reset", after=item.after,
                                          first_available=item.first_available,
@@ -370,7 +388,9 @@ async def _stream(conn: WsConn, follow: ClientFollow,
                 parts.append(ev.data)
                 size += len(ev.data)
                 if size >= _CHUNK_BYTES or i == len(item) - 1:
-                    await conn.send(b'{"type":"events","events":[' + b",".join(parts) + b"]}")
+                    # the cursor's epoch once it is not 0, as SSE ids carry it
+                    tail = b"]}" if ev.epoch == "0" else b'],"epoch":"' + ev.epoch.encode() + b'"}'
+                    await conn.send(b'{"type":"events","events":[' + b",".join(parts) + tail)
                     follow.sent = ev.seq
                     parts, size = [], 0
 
