@@ -99,3 +99,30 @@ class Service:
             r = await c.post("/v1/sessions", json={"agent": agent, **body})
             assert r.status_code == 201, r.text
             return r.json()["session_id"], r.json()["token"]
+
+
+def service_env_for(redis_url: str, **overrides: str | None) -> dict[str, str]:
+    """The environment of a service process on ``redis_url`` in a namespace of its own (no
+    ``EVENTCORE_*`` of this run's own leaks in); an override of ``None`` drops that setting."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTCORE_")}
+    env.update({
+        "EVENTCORE_REDIS_URL": redis_url,
+        "EVENTCORE_NAMESPACE": f"t{uuid.uuid4().hex[:12]}",
+        "EVENTCORE_SHARDS": "4",
+        "EVENTCORE_API_KEY": API_KEY,
+        "EVENTCORE_HTTP_MAX_BODY": str(64 * 1024),
+        "EVENTCORE_SSE_HEARTBEAT_S": "1",
+        "EVENTCORE_SSE_SEND_TIMEOUT_S": "3",
+        "EVENTCORE_RETRY_BUDGET_S": "5",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(MAIN.parent),
+                                                    os.environ.get("PYTHONPATH")])),
+    })
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+

@@ -1,4 +1,4 @@
-"""The WebSocket tests run against the real API process of tests/service (``ws_service``)."""
+"""The WebSocket tests run against the real API process of tests/service (its fixtures)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "service"))
 
-from ws_service import service, service_env, service_log
+from service_fixtures import service, service_env, service_log
 
 __all__ = ["service", "service_env", "service_log"]
