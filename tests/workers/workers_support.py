@@ -44,26 +44,32 @@ class FeedWatcher:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         keys = self.log.keys
         last: dict[Any, Any] = {keys.feed(s): "0-0" for s in keys.all_shards()}
+        task_status.started()
         if not is_cluster(self.log.redis):
-            task_status.started()
-            await self._read(last)
-        # a cluster: one XREAD per feed (the feeds are on different slots)
-        async with anyio.create_task_group() as tg:
-            for feed, start in last.items():
-                tg.start_soon(self._read, {feed: start})
-            task_status.started()
-
-    async def _read(self, last: dict[Any, Any]) -> None:
+            while True:
+                got = await self.log.redis.xread(last, count=1000, block=500)
+                self._take(got or (), last)
+        # a cluster: one XREAD per feed (the feeds are on different slots), pipelined (one round
+        # trip per node, so the watcher's connections do not grow with the shards) and polled
+        feeds = list(last)
         while True:
-            got = await self.log.redis.xread(last, count=1000, block=500)
-            for stream, entries in got or ():
-                for eid, fields in entries:
-                    env = decode_entry(fields)
-                    self.events[env.session_id].append(env)
-                    last[stream.decode() if isinstance(stream, bytes) else stream] = eid
-            if got:
-                ev, self._changed = self._changed, anyio.Event()
-                ev.set()
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                for f in feeds:
+                    pipe.xread({f: last[f]}, count=1000)
+                replies = await pipe.execute()
+            if not self._take([r for reply in replies for r in reply or ()], last):
+                await anyio.sleep(0.02)
+
+    def _take(self, got: Any, last: dict[Any, Any]) -> bool:
+        for stream, entries in got:
+            for eid, fields in entries:
+                env = decode_entry(fields)
+                self.events[env.session_id].append(env)
+                last[stream.decode() if isinstance(stream, bytes) else stream] = eid
+        if got:
+            ev, self._changed = self._changed, anyio.Event()
+            ev.set()
+        return bool(got)
 
     async def until(self, pred: Callable[[], bool], within: float = SAFETY_S) -> None:
         with anyio.fail_after(within):
