@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from eventcore._envelope import Envelope
 from eventcore._follow import Event, Followers, closing_iter
@@ -74,6 +76,22 @@ def parse_epoch(epoch: str | None) -> str:
     if not is_generation(epoch):
         raise ValueError("epoch: 0, or the 16-digit epoch the server said")
     return epoch
+
+
+class ResumeAt(msgspec.Struct, forbid_unknown_fields=True):
+    """Where a client's stream starts (the WebRTC resume, the WebSocket ``hello``): after seq
+    ``after`` of epoch ``epoch`` (``"0"`` or none before any divergence), of ``types`` only."""
+
+    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    types: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]],
+                     msgspec.Meta(max_length=64)] | None = None
+    epoch: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            parse_epoch(self.epoch)
+        except ValueError as exc:  # msgspec reports it as the message's validation error
+            raise msgspec.ValidationError(str(exc)) from None
 
 
 def diverged_fields(gone: HistoryDiverged) -> dict[str, object]:

@@ -16,7 +16,7 @@ from eventcore._codec import encode
 from eventcore._keys import validate_key
 from eventcore.errors import EventcoreError, ValidationError
 
-from ._clients import parse_epoch
+from ._clients import ResumeAt
 
 if TYPE_CHECKING:
     from aiortc import RTCDataChannel
@@ -54,17 +54,8 @@ class WebRTCLimits:
 _Id = Annotated[str, msgspec.Meta(max_length=128)] | int | None
 
 
-class Resume(msgspec.Struct, forbid_unknown_fields=True):
-    after: Annotated[int, msgspec.Meta(ge=0)] = 0
-    types: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]],
-                     msgspec.Meta(max_length=64)] | None = None
-    epoch: Annotated[str, msgspec.Meta(max_length=16)] | None = None
-
-    def __post_init__(self) -> None:
-        try:
-            parse_epoch(self.epoch)
-        except ValueError as exc:  # msgspec reports it as the message's validation error
-            raise msgspec.ValidationError(str(exc)) from None
+class Resume(ResumeAt, forbid_unknown_fields=True):
+    """The events channel's first message."""
 
 
 class InputMsg(msgspec.Struct, tag_field="type", tag="input", forbid_unknown_fields=True):

@@ -65,7 +65,14 @@ from eventcore._follow import closing_iter
 from eventcore._keys import validate_session_id
 from eventcore.errors import EventcoreError, HistoryDiverged, HistoryGone, SessionNotFound
 
-from .._clients import ClientFollow, StreamEnd, client_input, diverged_fields, parse_epoch
+from .._clients import (
+    ClientFollow,
+    ResumeAt,
+    StreamEnd,
+    client_input,
+    diverged_fields,
+    parse_epoch,
+)
 from .._webrtc_wire import InputMsg, SignalMsg, reply
 from ._auth import Principal, check_incarnation
 from ._problems import Problem
@@ -201,18 +208,8 @@ class _Typed(msgspec.Struct):
     type: str
 
 
-class Hello(msgspec.Struct, tag_field="type", tag="hello", forbid_unknown_fields=True):
-    after: Annotated[int, msgspec.Meta(ge=0)] = 0
-    types: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]],
-                     msgspec.Meta(max_length=64)] | None = None
+class Hello(ResumeAt, tag_field="type", tag="hello", forbid_unknown_fields=True):
     token: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
-    epoch: Annotated[str, msgspec.Meta(max_length=16)] | None = None
-
-    def __post_init__(self) -> None:
-        try:
-            parse_epoch(self.epoch)
-        except ValueError as exc:  # msgspec reports it as the message's validation error
-            raise msgspec.ValidationError(str(exc)) from None
 
 
 _typed = msgspec.json.Decoder(_Typed)
