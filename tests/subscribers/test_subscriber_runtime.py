@@ -231,16 +231,22 @@ async def test_lost_group_is_recreated_from_checkpoint_not_dollar(event_log: Eve
     assert sorted(rec.keys) == sorted(all_keys(first) | all_keys(second) | all_keys(third))
 
 
+class Gated(Recorder):
+    """Sets ``entered`` in its first batch and handles it once ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = anyio.Event(), anyio.Event()
+
+    async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        self.entered.set()
+        await self.release.wait()
+        await super().handle(deliveries)
+
+
 async def test_graceful_stop_finishes_the_batch_in_hand(event_log: EventLog) -> None:
-    entered, release = anyio.Event(), anyio.Event()
-
-    class Slow(Recorder):
-        async def handle(self, deliveries: Sequence[Delivery]) -> None:
-            entered.set()
-            await release.wait()
-            await super().handle(deliveries)
-
-    rec = Slow()
+    rec = Gated()
+    entered, release = rec.entered, rec.release
     runner = SubscriberRunner(event_log, rec, **fast())
     closed = anyio.Event()
     async with anyio.create_task_group() as tg:
@@ -368,16 +374,9 @@ async def test_read_ahead_is_never_acked_before_it_is_handled(event_log: EventLo
 async def test_graceful_stop_handles_the_batch_read_ahead(event_log: EventLog) -> None:
     """A stop during a batch finishes it and the batch already read ahead (acked, not left
     pending for a reclaim), and reads nothing more."""
-    entered, release = anyio.Event(), anyio.Event()
-
-    class Slow(Recorder):
-        async def handle(self, deliveries: Sequence[Delivery]) -> None:
-            entered.set()
-            await release.wait()
-            await super().handle(deliveries)
-
+    rec = Gated()
+    entered, release = rec.entered, rec.release
     last = await populate(event_log, 4, 6)
-    rec = Slow()
     runner = SubscriberRunner(event_log, rec, batch=1, **fast())
     async with anyio.create_task_group() as tg:
         await tg.start(runner.run)
