@@ -17,6 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE
 
+from ._cluster_node import LeakFreeNode, adopt
 from ._scripts import sharded
 from .errors import ConfigError, CorruptEntry, RedisError, RedisUnavailable
 
@@ -186,7 +187,9 @@ def redis_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-        raise RedisUnavailable(f"{what}: Redis unavailable after retries: {exc}") from exc
+        # some carry no message (MaxConnectionsError): their type is then all there is to say
+        raise RedisUnavailable(f"{what}: Redis unavailable after retries: "
+                               f"{str(exc) or type(exc).__name__}") from exc
     except rexc.ResponseError as exc:
         if "WRONGTYPE" in str(exc):  # Redis 6.2 wraps script errors in "Error running script"
             raise CorruptEntry(f"{what}: a key holds the wrong type: {exc}") from exc
@@ -258,7 +261,7 @@ async def connect_cluster(
         host, sep, port = seed.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"cluster node {seed!r} is not host:port")
-        startup.append(ClusterNode(host, int(port)))
+        startup.append(LeakFreeNode(host, int(port)))
     client = _ClusterClient.from_url(
         url,
         startup_nodes=startup or None,
@@ -375,11 +378,22 @@ class _ClusterClient(RedisCluster):
             seeds = self.nodes_manager.startup_nodes
             for name, (host, port) in self._seeds.items():
                 if name not in seeds:
-                    seeds[name] = ClusterNode(host, port, **self.connection_kwargs)
+                    seeds[name] = LeakFreeNode(host, port, **self.connection_kwargs)
         await super().initialize()
-        for node in self.nodes_manager.nodes_cache.values():
-            self._seeds.setdefault(node.name, (node.host, node.port))
+        self._adopt_nodes()
         return self
+
+    def _adopt_nodes(self) -> None:
+        nodes = self.nodes_manager
+        adopt(nodes.nodes_cache.values())
+        adopt(nodes.startup_nodes.values())
+        for node in nodes.nodes_cache.values():
+            self._seeds.setdefault(node.name, (node.host, node.port))
+
+    async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any
+                               ) -> Any:
+        adopt((target_node,))  # one made at a redirection (MOVED/ASK) since the last map read
+        return await super()._execute_command(target_node, *args, **kwargs)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         budget: _Budget | None = None  # made on the first failure: most commands never fail
@@ -409,10 +423,9 @@ class _ClusterClient(RedisCluster):
         seeds = self.nodes_manager.startup_nodes
         for name, (host, port) in self._seeds.items():
             if name not in seeds:
-                seeds[name] = ClusterNode(host, port, **self.connection_kwargs)
+                seeds[name] = LeakFreeNode(host, port, **self.connection_kwargs)
         await self.nodes_manager.initialize()
-        for node in self.nodes_manager.nodes_cache.values():
-            self._seeds.setdefault(node.name, (node.host, node.port))
+        self._adopt_nodes()
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
         if shard_hint:
@@ -449,6 +462,7 @@ class _ClusterPipeline(ClusterPipeline):
                 try:
                     if self._cluster._initialize:
                         await self._cluster.initialize()
+                    adopt(self._cluster.nodes_manager.nodes_cache.values())  # see above
                     if self._transaction:
                         return await self._multi_exec(stack)
                     return await self._execute(

@@ -1,0 +1,57 @@
+"""A Redis Cluster node that gives its connection back whatever happens to a command.
+
+redis-py 5.3's ``ClusterNode`` returns a connection to its free list only after a command's
+reply was read (and a pipeline's only after every reply): a command cancelled while its
+connection connects or sends, or a pipeline cancelled while reading, leaves the connection
+counted as in use for good. An API process whose SSE clients come and go (each disconnect
+cancels whatever its follower was awaiting) runs out of them (``MaxConnectionsError``, every
+command failing from then on). Here release is in a ``finally``; a connection interrupted
+mid-command has already disconnected itself (redis-py does that on any exception there), so
+the next user reconnects it and never reads another command's reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode, PipelineCommand
+
+__all__ = ["LeakFreeNode", "adopt"]
+
+
+class LeakFreeNode(ClusterNode):
+    __slots__ = ()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        connection = self.acquire_connection()
+        try:
+            await connection.send_packed_command(connection.pack_command(*args), False)
+            return await self.parse_response(connection, args[0], **kwargs)
+        finally:
+            self._free.append(connection)
+
+    async def execute_pipeline(self, commands: list[PipelineCommand]) -> bool:
+        connection = self.acquire_connection()
+        try:
+            await connection.send_packed_command(
+                connection.pack_commands(cmd.args for cmd in commands), False)
+            failed = False
+            for cmd in commands:
+                try:
+                    cmd.result = await self.parse_response(connection, cmd.args[0],
+                                                           **cmd.kwargs)
+                except Exception as exc:  # a command's error is its result, as in redis-py
+                    cmd.result = exc
+                    failed = True
+            return failed
+        finally:
+            self._free.append(connection)
+
+
+def adopt(nodes: Iterable[ClusterNode]) -> None:
+    """Make redis-py's nodes (it creates them itself, at every slot-map read and redirection)
+    :class:`LeakFreeNode`: the same object and state, the methods above."""
+    for node in nodes:
+        if type(node) is ClusterNode:
+            node.__class__ = LeakFreeNode
