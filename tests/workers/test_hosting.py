@@ -348,7 +348,9 @@ async def test_a_superseded_host_is_fenced_and_stops(event_log: EventLog) -> Non
             raise
 
     log = event_log
-    w = Worker(app, log, concurrency=5, lease_ttl_s=2, block_ms=100)
+    # a lease renewal would find the new epoch too and stop the host before its write: a
+    # long TTL keeps renewals (every TTL/3) out of this test's second, so the write meets it
+    w = Worker(app, log, concurrency=5, lease_ttl_s=30, block_ms=100)
     async with anyio.create_task_group() as tg:
         await tg.start(w.run)
         async with watching(log) as feed:
