@@ -6,6 +6,7 @@ SSE clients came and went ran out, MaxConnectionsError, 503 from then on)."""
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 
 from eventcore import EventLog
 from eventcore.testing._server import LocalCluster
@@ -29,7 +30,7 @@ async def _cancelled_at_once(log: EventLog, keys: list[str], pipelined: bool) ->
                     tg.start_soon(one)
                 else:
                     tg.start_soon(log.redis.get, key)
-            await anyio.sleep(0)  # each is in its first await: connecting (a new connection)
+            await anyio.lowlevel.checkpoint()  # each is in its first await: connecting
             scope.cancel()
 
 
