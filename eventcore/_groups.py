@@ -120,6 +120,8 @@ class ConsumerGroup:
         self.shards = streams.shards
         #: the checkpoints this process knows: raised by :meth:`save_checkpoints` and :meth:`trim`
         self.checkpoints: dict[int, str] = {}
+        # one save at a time: a second caller returns only once what the first raised is saved
+        self._saving = anyio.Lock()
         self.recoveries = 0
         self.cluster = is_cluster(self.redis)
         redis = self.redis
@@ -329,17 +331,20 @@ class ConsumerGroup:
     async def save_checkpoints(self, states: Sequence[GroupState]) -> None:
         """Raise each shard's checkpoint to what the group has acknowledged: in this process,
         in Redis, and in the external store if there is one."""
-        moved = [st.shard for st in states if st.exists and self._raise(st.shard, st.safe_id)]
-        if not moved:
-            return
-        with redis_errors("checkpoint"):
-            # raising a checkpoint twice is harmless: the batch may be sent again
-            await run_scripts(self.redis, self._raise_checkpoint, [
-                ([self.keys.checkpoint(self.group, shard)], [self.checkpoints[shard]])
-                for shard in moved])
-        if self.store is not None:
-            for shard in moved:
-                await self.store.save_checkpoint(self.group, shard, self.checkpoints[shard])
+        async with self._saving:
+            moved = [st.shard for st in states
+                     if st.exists and self._raise(st.shard, st.safe_id)]
+            if not moved:
+                return
+            with redis_errors("checkpoint"):
+                # raising a checkpoint twice is harmless: the batch may be sent again
+                await run_scripts(self.redis, self._raise_checkpoint, [
+                    ([self.keys.checkpoint(self.group, shard)], [self.checkpoints[shard]])
+                    for shard in moved])
+            if self.store is not None:
+                for shard in moved:
+                    await self.store.save_checkpoint(self.group, shard,
+                                                     self.checkpoints[shard])
 
     async def trim(self) -> dict[int, int | None]:
         """Trim the streams below what every group on them still needs (this one must exist
