@@ -80,7 +80,10 @@ async def test_two_apis_two_workers_every_input_answered_once(
             for url, proc in apis:
                 await _ready(url, proc)
             for _ in range(2):
-                workers.append(WorkerProc(log, "--lease-ttl", "5").start())
+                # room for two thirds of the sessions each: both must host some, whichever
+                # polls its shards first (cluster group reads poll)
+                workers.append(WorkerProc(log, "--lease-ttl", "5", "--concurrency",
+                                          str(SESSIONS * 2 // 3)).start())
             for w in workers:
                 await w.ready()
             (a, _), (b, _) = apis
