@@ -375,13 +375,16 @@ class _ClusterClient(RedisCluster):
         # seed at all ("Redis Cluster cannot be connected ... None"). Every node ever seen
         # stays a seed here.
         if self._initialize:
-            seeds = self.nodes_manager.startup_nodes
-            for name, (host, port) in self._seeds.items():
-                if name not in seeds:
-                    seeds[name] = LeakFreeNode(host, port, **self.connection_kwargs)
+            self._reseed()
         await super().initialize()
         self._adopt_nodes()
         return self
+
+    def _reseed(self) -> None:
+        seeds = self.nodes_manager.startup_nodes
+        for name, (host, port) in self._seeds.items():
+            if name not in seeds:
+                seeds[name] = LeakFreeNode(host, port, **self.connection_kwargs)
 
     def _adopt_nodes(self) -> None:
         nodes = self.nodes_manager
@@ -420,10 +423,7 @@ class _ClusterClient(RedisCluster):
     async def refresh_slots(self) -> None:
         """Read the slot map again now (a node answered MOVED or dropped a sharded
         subscription: its slots moved), from every node ever seen."""
-        seeds = self.nodes_manager.startup_nodes
-        for name, (host, port) in self._seeds.items():
-            if name not in seeds:
-                seeds[name] = LeakFreeNode(host, port, **self.connection_kwargs)
+        self._reseed()
         await self.nodes_manager.initialize()
         self._adopt_nodes()
 
