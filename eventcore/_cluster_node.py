@@ -1,4 +1,5 @@
-"""A Redis Cluster node that gives its connection back whatever happens to a command.
+"""Two fixes of redis-py 5.3's cluster client: a node that gives its connection back whatever
+happens to a command, and a slot map that stays right when one slot is redirected twice.
 
 redis-py 5.3's ``ClusterNode`` returns a connection to its free list only after a command's
 reply was read (and a pipeline's only after every reply): a command cancelled while its
@@ -15,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from redis.asyncio.cluster import ClusterNode, PipelineCommand
+from redis.asyncio.cluster import ClusterNode, NodesManager, PipelineCommand
+from redis.cluster import PRIMARY
 
-__all__ = ["LeakFreeNode", "adopt"]
+__all__ = ["LeakFreeNode", "RedirectSafeNodes", "adopt"]
 
 
 class LeakFreeNode(ClusterNode):
@@ -55,3 +57,26 @@ def adopt(nodes: Iterable[ClusterNode]) -> None:
     for node in nodes:
         if type(node) is ClusterNode:
             node.__class__ = LeakFreeNode
+
+
+class RedirectSafeNodes(NodesManager):
+    """redis-py applies a MOVED by demoting the slot's first node and promoting the redirected
+    one. After a failover, commands already in flight to the old master come back MOVED one
+    after the other: from the second on, the slot's first node *is* the redirected one, and
+    redis-py demotes the new master itself (listing it twice). SCRIPT LOAD goes to the
+    primaries, so it never reached that node again: every script of its slots failed with
+    NOSCRIPT until the next full slot-map read. Here a redirection to the node that already
+    serves the slot only makes sure it counts as a primary."""
+
+    __slots__ = ()
+
+    def _update_moved_slots(self) -> None:
+        e = self._moved_exception
+        nodes = self.slots_cache.get(e.slot_id) if e is not None else None
+        if nodes and nodes[0].host == e.host and nodes[0].port == e.port:
+            nodes[0].server_type = PRIMARY
+            self.slots_cache[e.slot_id] = [n for i, n in enumerate(nodes)
+                                           if not any(n is m for m in nodes[:i])]
+            self._moved_exception = None  # type: ignore[assignment]  # as redis-py does
+            return
+        super()._update_moved_slots()

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 
+import anyio
 import pytest
 
 from eventcore._redis import open_redis, run_script, run_scripts
@@ -60,3 +63,32 @@ async def test_run_script_after_flush_on_every_master(redis_cluster: LocalCluste
 
 async def test_run_script_after_flush_single_node(redis_server: RedisServer) -> None:
     await _flushed_single_call(redis_server.url, [redis_server])
+
+
+async def test_two_redirections_of_one_slot_keep_its_new_master_a_primary(
+    redis_cluster_factory: Callable[..., LocalCluster],
+) -> None:
+    """After a failover, two commands in flight to the old master come back MOVED. redis-py
+    5.3 applies the second redirection as if the slot's first node were still the old master:
+    it marks the new master a replica (and lists it twice), so SCRIPT LOAD, which goes to the
+    primaries, never reaches it and every script of its slots fails with NOSCRIPT for good
+    (seen in CI: a worker's scripts failing 231 times in a row after a graceful failover)."""
+    cluster = redis_cluster_factory(replicas=1, node_timeout_ms=2000)
+    client = await open_redis(cluster.url, retry_budget_s=15)
+    try:
+        key = "moved:{x}"
+        assert await client.set(key, "1")  # the slot map is read: the old master serves it
+        victim = cluster.node_of_slot(cluster.keyslot(key))
+        replica = cluster.replica_of(victim)
+        await anyio.to_thread.run_sync(cluster.wait_synced)
+        replica.command("CLUSTER", "FAILOVER")
+        with anyio.fail_after(30):
+            while cluster.node_of_slot(cluster.keyslot(key)) is not replica:  # noqa: ASYNC110
+                await anyio.sleep(0.05)  # the servers' own view: nothing to be told by
+        # both sent to the old master before either redirection is applied
+        got = await asyncio.gather(*(client.get(key) for _ in range(4)))
+        assert got == [b"1"] * 4
+        script = client.register_script("return redis.call('GET', KEYS[1])")  # loaded nowhere
+        assert await run_script(script, [key], []) == b"1"
+    finally:
+        await client.aclose()
