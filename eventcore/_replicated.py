@@ -63,7 +63,7 @@ class Replicated:
         if not self.replicas:
             return await run_script(script, keys, args), None
         pool = redis.connection_pool
-        own: Connection = await pool.get_connection("EVALSHA")
+        own: Connection = await pool.get_connection()
         try:
             return await self._on(own, script, keys, args)
         finally:

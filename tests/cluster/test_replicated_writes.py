@@ -149,3 +149,40 @@ async def test_a_schedule_fire_counts_only_once_replicated(
         assert events[1].payload == "tick"
         got = await schedules.get(schedule_id)
         assert got.fired == 2 and got.last_session_id == occurrence(2)
+
+
+async def test_deletes_and_effect_claims_wait_for_the_replica_on_one_node(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """One node with a replica (a pool connection, not the appender's, carries an effect
+    claim's WAIT): a delete and an effect's claim are refused while the replica cannot confirm them; the
+    effect's function does not run under an unconfirmed claim, and runs once after."""
+    master = redis_server_factory()
+    replica = redis_server_factory(extra=("--replicaof", "127.0.0.1", str(master.port)))
+    with anyio.fail_after(30):
+        while "master_link_status:up" not in replica.command("INFO", "replication"):  # noqa: ASYNC110
+            await anyio.sleep(0.05)  # replication has no notification to await
+    settings = load_settings(redis_url=master.url, namespace="w", shards=2, retry_budget_s=5,
+                             append_replicas=1, append_replicas_timeout_ms=300)
+    runs: list[int] = []
+
+    async def fn() -> int:
+        runs.append(1)
+        return len(runs)
+
+    async with EventLog(settings) as log:
+        doomed = (await log.create_session()).session_id
+        sid = (await log.create_session()).session_id
+        with stopped(replica):
+            with pytest.raises(AppendNotReplicated) as refused:
+                await log.effect(sid, "charge", fn)
+            assert runs == [] and refused.value.what == "effect claim"
+            with pytest.raises(AppendNotReplicated) as refused:
+                await log.delete_session(doomed)
+        # its session.ended is appended first (and refused); delete.lua's own WAIT after it is
+        # the same call as the claim's and the fire's
+        assert refused.value.what == "append"
+        assert await log.effect(sid, "charge", fn) == 1  # the claim was handed back
+        assert await log.effect(sid, "charge", fn) == 1 and runs == [1]
+        await log.delete_session(doomed)  # the retry: acknowledged once replicated
+        assert (await log.incarnations([doomed]))[doomed] is None
