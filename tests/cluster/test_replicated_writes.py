@@ -155,8 +155,9 @@ async def test_deletes_and_effect_claims_wait_for_the_replica_on_one_node(
     redis_server_factory: Callable[..., RedisServer],
 ) -> None:
     """One node with a replica (a pool connection, not the appender's, carries an effect
-    claim's WAIT): a delete and an effect's claim are refused while the replica cannot confirm them; the
-    effect's function does not run under an unconfirmed claim, and runs once after."""
+    claim's WAIT): a delete and an effect's claim are refused while the replica cannot
+    confirm them; the effect's function does not run under an unconfirmed claim, and runs
+    once after."""
     master = redis_server_factory()
     replica = redis_server_factory(extra=("--replicaof", "127.0.0.1", str(master.port)))
     with anyio.fail_after(30):
