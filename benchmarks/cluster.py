@@ -244,7 +244,7 @@ async def bench_lifecycle(target: Target, args: argparse.Namespace, replicas: in
         before = await target.snapshot()
         start = time.perf_counter()
         async with Worker(app, log, concurrency=n, block_ms=100, poll_interval_s=1.0,
-                          idle_timeout_s=60.0):
+                          idle_timeout_s=60.0) as worker:
             await asyncio.gather(*(log.create_session("bench", session_id=f"life-{i}",
                                                       input=i) for i in range(n)))
             await done.wait()
@@ -255,6 +255,7 @@ async def bench_lifecycle(target: Target, args: argparse.Namespace, replicas: in
         "sessions_per_s": round(n / elapsed),
         "redis_commands_per_session": round((after["calls"] - before["calls"]) / n, 3),
         "waits_per_session": round((after["waits"] - before["waits"]) / n, 3),
+        "claim_batches_not_replicated": worker.metrics.claims_not_replicated,
     }
 
 
