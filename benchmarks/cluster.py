@@ -12,6 +12,9 @@ and on each measures:
                 ``EVENTCORE_APPEND_REPLICAS=0`` (acknowledged once the master has it)
 ``append_r1``   the same with ``EVENTCORE_APPEND_REPLICAS=1`` (``WAIT 1`` after each batch on
                 its connection: acknowledged once a replica has it)
+``lifecycle_r0`` / ``lifecycle_r1``  S/4 sessions end to end through one Worker (create with
+                an input, claim + session.started, one message, end) with APPEND_REPLICAS 0 / 1:
+                Redis commands and WAITs per session (the claim's WAIT is one per claim batch)
 ``delivery``    F followers (``LogFollowers``: ``EventLog.tail``'s live path, one blocking XREAD
                 each) on F sessions while the sessions are appended to: events delivered/s and
                 append -> delivery latency
@@ -96,6 +99,7 @@ class Target:
             "calls": sum(int(v["calls"]) for s in stats for k, v in s.items()
                          if k.startswith("cmdstat_") and k != "cmdstat_info"),
             "memory": sum(int(i["used_memory"]) for i in mem),
+            "waits": sum(int(s.get("cmdstat_wait", {}).get("calls", 0)) for s in stats),
         }
 
 
@@ -213,6 +217,48 @@ async def bench_delivery(target: Target, args: argparse.Namespace) -> dict[str, 
         }
 
 
+async def bench_lifecycle(target: Target, args: argparse.Namespace, replicas: int
+                          ) -> dict[str, Any]:
+    """S/4 sessions hosted by one in-process Worker, end to end: created with an input,
+    claimed (the claim records session.started), one message emitted by the handler, ended.
+    Redis commands and WAITs per session over the masters: the claim's share of replicated
+    acknowledgement next to the appends'."""
+    from eventcore.workers import App, Session, Worker
+
+    app = App()
+    done = asyncio.Event()
+    n = max(1, args.sessions // 4)
+    ended = 0
+
+    @app.agent("bench")
+    async def bench(session: Session) -> None:
+        nonlocal ended
+        async for msg in session.inputs():
+            await session.emit("message", {"echo": msg.payload})
+            break
+        ended += 1
+        if ended == n:
+            done.set()
+
+    async with EventLog(_settings(target, f"l{time.monotonic_ns()}", replicas)) as log:
+        before = await target.snapshot()
+        start = time.perf_counter()
+        async with Worker(app, log, concurrency=n, block_ms=100, poll_interval_s=1.0,
+                          idle_timeout_s=60.0) as worker:
+            await asyncio.gather(*(log.create_session("bench", session_id=f"life-{i}",
+                                                      input=i) for i in range(n)))
+            await done.wait()
+            elapsed = time.perf_counter() - start
+        after = await target.snapshot()
+    return {
+        "sessions": n,
+        "sessions_per_s": round(n / elapsed),
+        "redis_commands_per_session": round((after["calls"] - before["calls"]) / n, 3),
+        "waits_per_session": round((after["waits"] - before["waits"]) / n, 3),
+        "claim_batches_not_replicated": worker.metrics.claims_not_replicated,
+    }
+
+
 async def bench_memory(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     """used_memory over the masters grown by S sessions of 20 events (created, 19 messages)."""
     async with EventLog(_settings(target, f"m{time.monotonic_ns()}", 0)) as log:
@@ -233,6 +279,8 @@ async def one_target(target: Target, args: argparse.Namespace) -> dict[str, Any]
     out: dict[str, Any] = {}
     for name, make in [("append_r0", lambda: bench_append(target, args, 0)),
                        ("append_r1", lambda: bench_append(target, args, 1)),
+                       ("lifecycle_r0", lambda: bench_lifecycle(target, args, 0)),
+                       ("lifecycle_r1", lambda: bench_lifecycle(target, args, 1)),
                        ("delivery", lambda: bench_delivery(target, args)),
                        ("memory", lambda: bench_memory(target, args))]:
         async with asyncio.timeout(MODE_TIMEOUT_S):
@@ -243,6 +291,13 @@ async def one_target(target: Target, args: argparse.Namespace) -> dict[str, Any]
         "p50_ms_added": round(r1["p50_ms"] - r0["p50_ms"], 3),
         "redis_commands_per_event_added": round(
             r1["redis_commands_per_event"] - r0["redis_commands_per_event"], 3),
+    }
+    l0, l1 = out["lifecycle_r0"], out["lifecycle_r1"]
+    out["replicated_lifecycle_cost"] = {
+        "sessions_per_s_r1_vs_r0": round(l1["sessions_per_s"] / l0["sessions_per_s"], 3),
+        "redis_commands_per_session_added": round(
+            l1["redis_commands_per_session"] - l0["redis_commands_per_session"], 3),
+        "waits_per_session": l1["waits_per_session"],
     }
     return out
 

@@ -24,26 +24,16 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 import msgspec
-from redis import exceptions as rexc
-from redis.exceptions import NoScriptError
 
 from ._coalesce import ShardCoalescer
 from ._codec import encode
 from ._envelope import Envelope
 from ._keys import Keys, SessionKeys, validate_key, validate_session_id
 from ._layout import ENTRY_BLOB
-from ._redis import (
-    _SCRIPT_LOADS,
-    Redis,
-    _Budget,
-    _transient,
-    is_cluster,
-    redis_errors,
-    run_script,
-)
+from ._redis import Redis, is_cluster, redis_errors
+from ._replicated import Replicated
 from ._scripts import lua
 from .errors import (
-    AppendNotReplicated,
     CorruptEntry,
     EventcoreError,
     PayloadTooLarge,
@@ -157,11 +147,11 @@ class Appender:
         self._idle: list[Connection] = []
         self._conn_slots = asyncio.Semaphore(max(1, min(keys.shards, max_connections)))
         self.round_trips = 0
-        # replicated acknowledgement: WAIT <replicas> <timeout> after each batch, on its
-        # connection (WAIT waits for that connection's writes)
-        self.replicas = replicas
-        self.replicas_timeout_ms = replicas_timeout_ms
-        self._retry_budget_s = retry_budget_s
+        #: replicated acknowledgement: WAIT <replicas> <timeout> after each batch, on its
+        #: connection (WAIT waits for that connection's writes); the other scripts held to the
+        #: same rule (claims, schedule fires, deletes, effect claims) run through it too
+        self.replicated = Replicated(redis, replicas=replicas, timeout_ms=replicas_timeout_ms,
+                                     retry_budget_s=retry_budget_s)
         # per shard: the highest write counter the append script answered this writer (the
         # script compares it with the shard's to detect lost acknowledged writes)
         self.writes: dict[int, int] = {}
@@ -349,7 +339,6 @@ class Appender:
         first = batch[0].keys
         token = token or f"{_ids.prefix}b{next(_ids.counter)}"
         keys, args, blobs = self.script_call(batch, token)
-        replicated: int | None = None
         with redis_errors("append"):
             if blobs:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -357,17 +346,13 @@ class Appender:
                         pipe.set(key, data, nx=True)
                     await pipe.execute()
             if is_cluster(self._redis):
-                if self.replicas:
-                    raw, replicated = await self._cluster_wait(first.feed, keys, args)
-                else:
-                    # no pool of its own to draw from: the cluster client routes by the first
-                    # key (the shard's slot), follows MOVED/ASK, reloads on NOSCRIPT on every
-                    # master
-                    raw = await run_script(self._script, keys, args)
+                # no pool of its own to draw from: routed by the first key (the shard's feed)
+                raw, replicated = await self.replicated.run(self._script, keys, args)
             else:
                 conn = await self._acquire()
                 try:
-                    raw, replicated = await self._evalsha(conn, keys, args)
+                    raw, replicated = await self.replicated.run(self._script, keys, args,
+                                                                conn=conn)
                 finally:
                     self._release(conn)
         self.round_trips += 1
@@ -380,98 +365,10 @@ class Appender:
             else _result(item, value)
             for item, value in zip(batch, raw, strict=True)
         ]
-        if replicated is not None and replicated < self.replicas and any(
-            isinstance(r, AppendResult) for r in results
-        ):
-            # not acknowledged: the master has these, too few replicas confirmed them in time
-            raise AppendNotReplicated(self.replicas, replicated, self.replicas_timeout_ms,
-                                      results)
+        if any(isinstance(r, AppendResult) for r in results):
+            # not acknowledged when too few replicas confirmed them in time
+            self.replicated.check(replicated, results)
         return results
-
-
-    async def _eval_wait(self, conn: Connection, keys: list[str], args: list[Any]
-                         ) -> tuple[Any, int | None]:
-        """EVALSHA on ``conn`` and, with replicated acknowledgement, ``WAIT`` in the same
-        write: both replies are read (an error reply of the script is raised after), so the
-        connection stays in step. Returns the script's reply and the replicas WAIT counted."""
-        script = self._script
-        if not self.replicas:
-            await conn.send_command(
-                "EVALSHA", script.sha, len(keys), *keys, *args, check_health=False
-            )
-            return await conn.read_response(), None
-        await conn.send_packed_command(conn.pack_commands([
-            ("EVALSHA", script.sha, len(keys), *keys, *args),
-            ("WAIT", self.replicas, self.replicas_timeout_ms),
-        ]), False)
-        timeout = self.replicas_timeout_ms / 1000 + 10
-        error: rexc.ResponseError | None = None
-        try:
-            raw = await conn.read_response(timeout=timeout)
-        except rexc.ResponseError as exc:
-            error, raw = exc, None
-        replicas = await conn.read_response(timeout=timeout)
-        if error is not None:
-            raise error
-        return raw, int(replicas)
-
-    async def _cluster_wait(self, route_key: str, keys: list[str], args: list[Any]
-                            ) -> tuple[Any, int | None]:
-        """The batch and its WAIT on one connection of the master serving the shard's slot
-        (redis-py's cluster client would send WAIT, which has no key, anywhere). Failover,
-        MOVED/ASK and NOSCRIPT are retried within the retry budget: resending is safe, the
-        batch token makes the script idempotent."""
-        client: Any = self._redis
-        slot = client.keyslot(route_key)
-        budget: _Budget | None = None
-        while True:
-            try:
-                if client._initialize:
-                    await client.initialize()
-                node = client.nodes_manager.get_node_from_slot(slot)
-                conn = node.acquire_connection()
-                try:
-                    return await self._eval_wait(conn, keys, args)
-                except BaseException:
-                    await conn.disconnect()  # a reply may still be on the wire
-                    raise
-                finally:
-                    node._free.append(conn)
-            except NoScriptError:
-                self._script.sha = await client.script_load(self._script.script)
-            except Exception as exc:
-                if not _transient(exc):
-                    raise
-                if not isinstance(exc, rexc.MaxConnectionsError):
-                    await client.aclose()  # read the slot map again on the next try
-                budget = budget or _Budget(self._retry_budget_s)
-                await budget.wait(exc)
-
-    async def _evalsha(self, conn: Connection, keys: list[str], args: list[Any]
-                       ) -> tuple[Any, int | None]:
-        """EVALSHA (and WAIT, see :meth:`_eval_wait`) on ``conn``, loading the script on
-        NOSCRIPT. Transient errors are retried with the client's policy; resending is safe
-        because the batch token makes the script idempotent."""
-        script = self._script
-
-        async def once() -> tuple[Any, int | None]:
-            return await self._eval_wait(conn, keys, args)
-
-        async def fail(error: BaseException) -> None:
-            await conn.disconnect()
-
-        for _ in range(_SCRIPT_LOADS):
-            try:
-                return await conn.retry.call_with_retry(once, fail)
-            except NoScriptError:
-                # the server lost its script cache (restart, SCRIPT FLUSH): nothing ran. Around
-                # a restart the load may reach the stopping server: so try a few times
-                script.sha = await self._redis.script_load(script.script)
-            except BaseException:
-                # cancelled or failed mid-command: the reply may still be on the wire
-                await conn.disconnect()
-                raise
-        raise CorruptEntry("the append script kept vanishing while it was being loaded")
 
 
 def _result(item: PreparedAppend, value: Any) -> AppendResult | EventcoreError:

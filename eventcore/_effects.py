@@ -17,6 +17,7 @@ from ._keys import MAX_KEY_BYTES, validate_key, validate_session_id
 from ._redis import redis_errors, run_script
 from ._scripts import lua
 from .errors import (
+    AppendNotReplicated,
     CorruptEntry,
     EffectFailed,
     SessionEnded,
@@ -59,6 +60,14 @@ def _event_key(key: str, attempt: int) -> str:
     return f"effect:sha256:{hashlib.sha256(key.encode()).hexdigest()}:{attempt}"
 
 
+async def _release(log: EventLog, effects: str, key: str, token: str) -> None:
+    """Hand the key back now rather than after the claim's TTL (best effort: the TTL is the
+    fallback)."""
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await run_script(log.redis.register_script(RELEASE_LUA), [effects],
+                         [key, f"claim:{token}:"])
+
+
 async def run_effect(
     log: EventLog,
     session_id: str,
@@ -76,11 +85,19 @@ async def run_effect(
     wait = _WAIT_MIN_S
     while True:
         with redis_errors("effect claim"):
-            verdict, value = await run_script(
+            (verdict, value), confirmed = await log.appender.replicated.run(
                 script, [keys.effects, keys.meta],
                 [key, token, int(claim_ttl_s * 1000), "" if epoch is None else epoch],
             )
         verdict = verdict.decode()
+        if verdict == "run":
+            try:
+                # EVENTCORE_APPEND_REPLICAS: fn runs only under a replicated claim (a failover
+                # that lost it would let another caller run fn too)
+                log.appender.replicated.check(confirmed, what="effect claim")
+            except AppendNotReplicated:
+                await _release(log, keys.effects, key, token)
+                raise
         if verdict == "done":
             (record,) = await log.hydrate([decode_body(value, where=keys.effects)])
             return _outcome(record, session_id, key)
@@ -107,9 +124,7 @@ async def run_effect(
     except BaseException as exc:
         if not isinstance(exc, Exception):
             # cancelled (or exiting): hand the key back now rather than after the claim's TTL
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await run_script(log.redis.register_script(RELEASE_LUA), [keys.effects],
-                                 [key, f"claim:{token}:"])
+            await _release(log, keys.effects, key, token)
             raise
         payload = EffectPayload(
             key=key, status="failed", error=ErrorInfo.from_exception(exc), attempt=attempt

@@ -36,7 +36,7 @@ from ._envelope import (
 from ._follow import LogFollowers, closing_iter
 from ._keys import validate_key, validate_session_id
 from ._layout import META_SEQ
-from ._redis import Redis, open_redis, redis_errors, run_script
+from ._redis import Redis, open_redis, redis_errors
 from ._scripts import lua
 from ._sessions import (
     INCARNATION_FIELDS,
@@ -495,11 +495,13 @@ class EventLog:
         if self._delete_script is None:
             self._delete_script = self.redis.register_script(DELETE_LUA)
         with redis_errors("delete_session"):
-            done = await run_script(
+            done, confirmed = await self.appender.replicated.run(
                 self._delete_script, [*keys.per_session, self.keys.view(session_id), keys.feed,
                  keys.sessions],
                 [info.incarnation, session_id, marker],
             )
+        if done:  # acknowledged, as appends are, once replicated (then it is safe to retry)
+            self.appender.replicated.check(confirmed, what="delete")
         return bool(done)
 
     # -- signals ---------------------------------------------------------------------------------

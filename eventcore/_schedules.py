@@ -53,7 +53,7 @@ from ._extras import import_optional
 from ._keys import Keys
 from ._lifetime import Running
 from ._log import EventLog
-from ._redis import redis_errors, run_script
+from ._redis import redis_errors
 from ._scripts import lua
 from .errors import (
     CorruptEntry,
@@ -360,7 +360,10 @@ class Schedules:
             args += [msgspec.json.encode(d), "1" if enabled else "0",
                      "" if nxt is None else nxt, now, rev]
         with redis_errors(f"schedule {op}"):
-            return cast(list[Any], await run_script(self._put, keys, args))
+            got, confirmed = await self._log.appender.replicated.run(self._put, keys, args)
+        # a change of a schedule is acknowledged only once replicated, as appends are
+        self._log.appender.replicated.check(confirmed, what=f"schedule {op}")
+        return cast(list[Any], got)
 
     async def _state(self, schedule_id: str) -> _State:
         validate_schedule_id(schedule_id)
@@ -622,7 +625,8 @@ class Scheduler(Running):
                     for key, data in blobs.items():
                         pipe.set(key, data, nx=True)
                     await pipe.execute()
-            got = await run_script(self._fire, kk, args)
+            # routed by the schedule's hash; with EVENTCORE_APPEND_REPLICAS, WAIT after it
+            got, confirmed = await self._log.appender.replicated.run(self._fire, kk, args)
         if got[0] == 0:
             return None
         if got[0] == 2:
@@ -631,6 +635,10 @@ class Scheduler(Running):
             raise CorruptEntry(f"could not start session {session_id!r}: {err}")
         if len(got) > 2:  # the append ran: its answer ends with the shard's write counter
             self._log.appender.observe_writes(keys.schedule_shard(schedule_id), got[2])
+        # a fire (the schedule moved on, its session created) counts only once replicated; if
+        # not, the next look finds it moved on the master (lost race) or, after a failover that
+        # lost it, due again: fired then (same session id), so it is never fired twice
+        self._log.appender.replicated.check(confirmed, what="schedule fire")
         if occurrence is None or got[1] == -1:  # -1: the append found the session there
             return 0
         logger.info("schedule %r fired %s: session %s", schedule_id,

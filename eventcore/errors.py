@@ -112,18 +112,25 @@ class AppendNotReplicated(RedisError):
     **not acknowledged**: it may be in the log (and survive) or be lost by a failover. Retrying
     with the same event key is safe: the log keeps the first copy, and a retry that finds it
     answers ``duplicate`` once it is replicated. ``results`` are the appends of the batch as the
-    master answered them."""
+    master answered them. The same error reports the other writes held to the rule (``what``):
+    a worker's claim (its ``session.started``), a schedule's firing, a deletion, an effect's
+    claim."""
 
     def __init__(self, wanted: int, replicas: int, timeout_ms: int,
-                 results: Sequence[Any] = ()) -> None:
+                 results: Sequence[Any] = (), *, what: str = "append") -> None:
         self.wanted = wanted
         self.replicas = replicas
         self.timeout_ms = timeout_ms
         self.results = list(results)
+        #: the operation: ``append``, or another write held to the same rule (``claim``,
+        #: ``schedule fire``, ``delete``, ``effect claim``)
+        self.what = what
+        retry = ("retry with the same event key" if what == "append"
+                 else "it is safe to try again")
         super().__init__(
-            f"append not acknowledged: {replicas} of {wanted} replicas confirmed it within "
+            f"{what} not acknowledged: {replicas} of {wanted} replicas confirmed it within "
             f"{timeout_ms} ms (EVENTCORE_APPEND_REPLICAS); it may or may not be in the log: "
-            "retry with the same event key")
+            f"{retry}")
 
 
 class SessionError(EventcoreError):

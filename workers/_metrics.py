@@ -26,6 +26,7 @@ class WorkerMetrics:
         self.active = 0
         self.claims = 0
         self.reclaims = 0
+        self.claims_not_replicated = 0
         self.retries = 0
         self.dead_lettered = 0
         self.completed = 0
@@ -82,6 +83,8 @@ class WorkerMetrics:
 _COUNTERS = {
     "claims": "Sessions claimed (new dispatch entries and reclaims)",
     "reclaims": "Sessions reclaimed from a worker whose lease expired",
+    "claims_not_replicated": "Claim batches not hosted because too few replicas confirmed "
+                             "them (EVENTCORE_APPEND_REPLICAS): claimed again",
     "retries": "Handler failures scheduled for a retry",
     "dead_lettered": "Sessions failed for good and dead-lettered",
     "completed": "Sessions whose handler returned",

@@ -35,6 +35,7 @@ from eventcore._redis import redis_errors, run_script
 from eventcore._redis import text as _text
 from eventcore._streams import ShardStreams
 from eventcore.errors import (
+    AppendNotReplicated,
     EventcoreError,
     NoSuchAgent,
     RedisError,
@@ -311,6 +312,7 @@ class Worker(Running):
 
     async def _claim(self, entries: Sequence[tuple[int, str, Any]], *, reclaimed: bool) -> None:
         by_shard: dict[int, list[tuple[str, str]]] = {}
+        unacked: list[tuple[int, str, Any]] = []  # entries of claims no replica confirmed
         for shard, eid, fields in entries:
             sid = dispatch_session(fields)
             try:
@@ -340,10 +342,23 @@ class Worker(Running):
                 keys += (sk.meta, sk.lease, sk.stream, sk.dedupe)
                 head, args[6] = session_started_parts(sid)  # (the tail is the same for all)
                 args += (eid, sid, head)
+            replicated = self.log.appender.replicated
             with redis_errors("claim"):
-                results = await run_script(self._claim_script, keys, args)
-            for (sid, eid), res in zip(items, results, strict=True):
-                claim = decode_claim(res)
+                results, confirmed = await replicated.run(self._claim_script, keys, args)
+            claims = [decode_claim(res) for res in results]
+            if any(c.verdict == "ok" for c in claims):
+                try:
+                    replicated.check(confirmed, claims, what="claim")
+                except AppendNotReplicated:
+                    # EVENTCORE_APPEND_REPLICAS: a claim is acknowledged only once replicated
+                    # (a failover could lose its lease, epoch and session.started): host none
+                    # of them now. They are still pending to this worker: claimed again from
+                    # the backlog (for their holder claim.lua is idempotent: session.started
+                    # is found by its event key), not via XAUTOCLAIM (it counts deliveries)
+                    mine = {eid for _, eid in items}
+                    unacked.extend(e for e in entries if e[0] == shard and e[1] in mine)
+                    raise
+            for (sid, eid), claim in zip(items, claims, strict=True):
                 if claim.verdict == "ok":
                     self._start(shard, sid, eid, claim, reclaimed)
                 elif claim.verdict == "corrupt":
@@ -353,6 +368,13 @@ class Worker(Running):
             async with anyio.create_task_group() as tg:
                 for shard, items in by_shard.items():
                     tg.start_soon(one, shard, items)
+        except* AppendNotReplicated as group:
+            # not a failure of this worker (a replica is down or behind: appends are refused
+            # too until it is back): wait, then claim them again
+            log.warning("worker %s: %s", self.id, group.exceptions[0])
+            self.metrics.claims_not_replicated += len(group.exceptions)
+            self._backlog.extendleft(reversed(unacked))
+            await anyio.sleep(self.supervisor.backoff_s("dispatch"))
         except* EventcoreError as group:
             # unclaimed entries stay pending and are reclaimed after the lease TTL
             self.supervisor.failed("dispatch", group.exceptions[0])

@@ -134,8 +134,9 @@ def serve(
 @app.command()
 def tail(
     session: str = typer.Argument(..., help="The session id to follow."),
-    after: int = typer.Option(0, "--after", min=0, help="Start after this seq (0: from the "
-                              "beginning)."),
+    after: str = typer.Option("0", "--after", help="Start after this seq (0: from the "
+                              "beginning); <seq>.<epoch> as a stopped tail prints it once the "
+                              "stream's history diverged (a failover)."),
     url: str | None = typer.Option(None, "--url", envvar="EVENTCORE_URL", help="Follow through "
                                    "this server's SSE endpoint instead of reading Redis."),
     token: str | None = typer.Option(None, "--token", envvar=["EVENTCORE_TOKEN",
@@ -147,13 +148,14 @@ def tail(
                                  "goes to stderr."),
 ) -> None:
     """Follow a session live until it ends, resuming after Redis or server restarts."""
-    from ._tail import Renderer, TailError, run_tail
+    from ._tail import Renderer, TailError, parse_cursor, run_tail
 
     wanted = frozenset(t.strip() for t in types.split(",") if t.strip()) if types else None
     renderer = Renderer(session, raw=as_json, types=wanted)
     try:
+        seq, epoch = parse_cursor(after)
         with renderer:
-            anyio.run(lambda: run_tail(session, after=after, url=url, token=token,
+            anyio.run(lambda: run_tail(session, after=seq, epoch=epoch, url=url, token=token,
                                        renderer=renderer))
     except KeyboardInterrupt:
         renderer.interrupted()

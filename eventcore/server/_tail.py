@@ -25,9 +25,15 @@ from rich.text import Text
 from eventcore._follow import Event, FollowRetry, LogFollowers, backoff, closing_iter
 from eventcore._log import EventLog
 from eventcore._settings import load_settings
-from eventcore.errors import EventcoreError, HistoryGone, SessionNotFound, TailError
+from eventcore.errors import (
+    EventcoreError,
+    HistoryDiverged,
+    HistoryGone,
+    SessionNotFound,
+    TailError,
+)
 
-__all__ = ["TailError", "follow_http", "follow_redis", "run_tail"]
+__all__ = ["TailError", "follow_http", "follow_redis", "parse_cursor", "run_tail"]
 
 Notify = Callable[[str, str], None]  # (kind, text): kind is "live" or "retry"
 _Item = Event | HistoryGone
@@ -35,9 +41,27 @@ _Item = Event | HistoryGone
 _DELETED = "the session was deleted; its id may name a new session now"
 
 
+def parse_cursor(text: str) -> tuple[int, str]:
+    """``--after``: ``<seq>`` or ``<seq>.<epoch>`` (what an interrupted tail prints, and the
+    SSE id) -> (seq, generation; ``""`` for 0)."""
+    seq, _, epoch = text.strip().partition(".")
+    if not seq.isdigit() or (epoch and not epoch.isdigit()):
+        raise TailError(f"--after takes <seq> or <seq>.<epoch> (digits), got {text!r:.40}")
+    return int(seq), "" if epoch in ("", "0") else epoch
+
+
 # -- sources --------------------------------------------------------------------------------------
-async def follow_redis(session_id: str, after: int, notify: Notify) -> AsyncIterator[_Item]:
-    """The session's events straight from Redis, across Redis outages."""
+def _rewritten(last: int) -> str:
+    """What both ways in say when a failover lost writes after ``last`` (a diverged epoch)."""
+    return (f"history after seq {last} was rewritten (a failover lost writes); continuing "
+            "from there")
+
+
+async def follow_redis(session_id: str, after: int, notify: Notify, *, epoch: str = ""
+                       ) -> AsyncIterator[_Item]:
+    """The session's events straight from Redis, across Redis outages. ``epoch``: the stream
+    generation ``after`` was read in (``""``: 0), as ``--url`` sends it in ``Last-Event-ID``:
+    a cursor of a newer generation than 0 is then not taken for one of the lost history."""
     async with EventLog(load_settings()) as log:
         try:
             info = await log.get_session(session_id)
@@ -61,10 +85,16 @@ async def follow_redis(session_id: str, after: int, notify: Notify) -> AsyncIter
                                             retry_cap_s=5.0, on_retry=on_retry) as follower,
                 closing_iter(follower.batches()) as batches,
             ):
+                follower.generation = "" if epoch == "0" else epoch
                 async for batch in batches:
                     if retrying:
                         retrying = False
                         notify("live", f"following again after seq {follower.cursor}")
+                    if isinstance(batch, HistoryDiverged):
+                        # as over --url: the follower moved back to resume_after in the new
+                        # generation; what follows replaces the lost seqs (no gap)
+                        notify("info", _rewritten(batch.resume_after))
+                        continue
                     if isinstance(batch, HistoryGone):
                         yield batch
                         continue
@@ -100,6 +130,7 @@ async def follow_http(
     *,
     read_timeout_s: float = 60.0,
     backoff_cap_s: float = 5.0,
+    epoch: str = "",
 ) -> AsyncIterator[_Item]:
     """The session's events from ``GET /v1/sessions/{id}/events`` (SSE), reconnecting with
     ``Last-Event-ID`` after drops, server restarts and 5xx answers. It asks for every type:
@@ -109,7 +140,8 @@ async def follow_http(
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     last, attempt = after, 0
-    epoch = ""  # the stream's generation once an id carried one (`<seq>.<epoch>`)
+    # the stream's generation once an id carried one (`<seq>.<epoch>`), or the caller's
+    epoch = "" if epoch == "0" else epoch
     hint: float | None = None  # the server's `retry:` advice, in seconds
     timeout = httpx.Timeout(10.0, read=read_timeout_s)  # heartbeats keep a live stream busy
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout) as client:
@@ -141,8 +173,7 @@ async def follow_http(
                                 # a failover lost seqs after resume_after, and they may have
                                 # been written again: what follows replaces them
                                 last, epoch = diverged
-                                notify("info", f"history after seq {last} was rewritten (a "
-                                               f"failover lost writes); continuing from there")
+                                notify("info", _rewritten(last))
                                 continue
                             first = _first_available(sse.data, sse.id)
                             if first is not None and first > last + 1:
@@ -163,7 +194,7 @@ async def follow_http(
                         if seq <= last:
                             continue  # never print a seq twice
                         last, epoch = seq, id_epoch
-                        yield Event(seq, sse.event, sse.data.encode())
+                        yield Event(seq, sse.event, sse.data.encode(), generation=id_epoch)
                         if sse.event == "session.ended":
                             return
                 raise _Retry("the server closed the stream")
@@ -312,6 +343,7 @@ class Renderer:
         self.console = Console(file=self._out, highlight=False, force_terminal=force_terminal)
         self.err = Console(file=sys.stderr, highlight=False)
         self.last = 0
+        self.epoch = ""  # the generation of the last event printed ("": 0)
         self.count = 0
         self.state = "?"
         self.ended: dict[str, Any] | None = None
@@ -362,6 +394,7 @@ class Renderer:
 
     def item(self, item: Event) -> None:
         self.last = item.seq
+        self.epoch = item.generation
         self.state = _STATE_AFTER.get(item.type, self.state)
         if item.type == "session.ended":
             try:
@@ -403,23 +436,28 @@ class Renderer:
                            f"last seq {self.last}")
 
     def interrupted(self) -> None:
+        # the cursor with its generation once the stream diverged (`--after <seq>.<epoch>`):
+        # a bare seq is generation 0, and would be reset again
+        cursor = f"{self.last}.{self.epoch}" if self.epoch else str(self.last)
         self.notify("stop", f"stopped at seq {self.last}; resume with: eventcore tail "
-                            f"{self.session_id} --after {self.last}")
+                            f"{self.session_id} --after {cursor}")
 
 
 async def run_tail(
     session_id: str,
     *,
     after: int = 0,
+    epoch: str = "",
     url: str | None = None,
     token: str | None = None,
     renderer: Renderer,
 ) -> None:
-    renderer.last = after
+    renderer.last, renderer.epoch = after, epoch
     if url is not None:
-        source = follow_http(url.rstrip("/"), token, session_id, after, renderer.notify)
+        source = follow_http(url.rstrip("/"), token, session_id, after, renderer.notify,
+                             epoch=epoch)
     else:
-        source = follow_redis(session_id, after, renderer.notify)
+        source = follow_redis(session_id, after, renderer.notify, epoch=epoch)
     async with closing_iter(source) as items:
         async for item in items:
             if isinstance(item, HistoryGone):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -178,3 +179,79 @@ async def test_tail_from_redis_stops_at_session_deleted_and_never_follows_the_ne
             seqs.append(item.seq)
     assert seqs == list(range(1, len(seqs) + 1)) and seqs[-1] < 301
     assert ("info", "the session was deleted; its id may name a new session now") in notes
+
+
+async def test_tail_from_redis_follows_a_diverged_stream_and_resumes_in_its_epoch(
+    event_log: EventLog, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As over ``--url``: after a failover lost seqs 8..10 and they were written again, tail
+    straight from Redis says history was rewritten (no gap: nothing is missing), yields the new
+    8..13, and a tail resumed with ``<seq>.<epoch>`` (what a stopped tail prints) goes on in that
+    epoch; a bare seq there is generation 0, and is reset to where the histories part."""
+    from divergence import lose_tail
+
+    from eventcore import Envelope
+    from eventcore.server._tail import follow_redis, parse_cursor
+
+    for name, value in _env(redis_url, event_log.settings.namespace).items():
+        monkeypatch.setenv(name, value)
+    log = event_log
+    sid = (await log.create_session("echo")).session_id
+    await log.append_many([Envelope(type="note", session_id=sid, payload={"v": "old", "i": i})
+                           for i in range(9)])  # seqs 2..10
+    notes: list[tuple[str, str]] = []
+    got: list[Any] = []
+    items = follow_redis(sid, 0, lambda k, t: notes.append((k, t)))
+
+    async def take(source: AsyncIterator[Any], into: list[Any], n: int) -> None:
+        while len(into) < n:
+            into.append(await source.__anext__())
+
+    with anyio.fail_after(DEADLINE):
+        await take(items, got, 10)
+        await lose_tail(log, sid, 7)
+        await log.append_many([Envelope(type="note", session_id=sid,
+                                        payload={"v": "new", "i": i}) for i in range(6)])
+        await take(items, got, 16)
+        await items.aclose()
+    assert all(isinstance(e, Event) for e in got), got
+    assert [e.seq for e in got] == list(range(1, 11)) + list(range(8, 14))
+    assert all(b'"new"' in e.data for e in got[10:])
+    assert [t for _, t in notes if "rewritten" in t] == [
+        "history after seq 7 was rewritten (a failover lost writes); continuing from there"]
+    epoch = got[-1].generation
+    assert epoch != "" and {e.generation for e in got[10:]} == {epoch}
+    await log.emit(sid, "note", {"v": "later"})  # seq 14
+
+    # resumed in its epoch: only what came after, no reset
+    seq, gen = parse_cursor(f"13.{epoch}")
+    resumed: list[Any] = []
+    notes.clear()
+    items = follow_redis(sid, seq, lambda k, t: notes.append((k, t)), epoch=gen)
+    with anyio.fail_after(DEADLINE):
+        await take(items, resumed, 1)
+        await items.aclose()
+    assert [getattr(e, "seq", e) for e in resumed] == [14]
+    assert not [t for _, t in notes if "rewritten" in t]
+    # a bare 13 reads as generation 0: above where the histories part, so it is told so
+    notes.clear()
+    bare: list[Any] = []
+    items = follow_redis(sid, 13, lambda k, t: notes.append((k, t)))
+    with anyio.fail_after(DEADLINE):
+        await take(items, bare, 7)
+        await items.aclose()
+    assert [getattr(e, "seq", e) for e in bare] == list(range(8, 15))
+    assert [t for _, t in notes if "rewritten" in t] == [
+        "history after seq 7 was rewritten (a failover lost writes); continuing from there"]
+
+
+def test_parse_cursor_takes_a_seq_or_seq_dot_epoch() -> None:
+    from eventcore.server._tail import TailError, parse_cursor
+
+    assert parse_cursor("0") == (0, "")
+    assert parse_cursor("12") == (12, "")
+    assert parse_cursor("12.0") == (12, "")
+    assert parse_cursor("12.1764691200000000") == (12, "1764691200000000")
+    for bad in ("", "x", "-1", "12.a", ".5"):
+        with pytest.raises(TailError):
+            parse_cursor(bad)

@@ -1,9 +1,71 @@
-"""Helpers of the cluster tests: sessions placed on every master, connections per node."""
+"""Helpers of the cluster tests: sessions placed on every master, connections per node, a
+replica stopped and a master failed over."""
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import anyio
+
 from eventcore import EventLog
 from eventcore.testing._server import LocalCluster, RedisServer
+
+
+@contextmanager
+def stopped(server: RedisServer) -> Iterator[None]:
+    """The server's process stopped (SIGSTOP): it neither replicates nor answers."""
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+
+
+def sessions_on(cluster: LocalCluster, log: EventLog, master: RedisServer, n: int,
+                prefix: str) -> list[str]:
+    """``n`` session ids whose stream ``master`` serves."""
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        sid = f"{prefix}-{i}"
+        i += 1
+        if cluster.node_of_slot(cluster.keyslot(log.keys.session(sid).stream)) is master:
+            out.append(sid)
+    return out
+
+
+async def fail_over(cluster: LocalCluster, victim: RedisServer, replica: RedisServer) -> None:
+    """SIGKILL ``victim``; its replica takes over (without the dead master's consent)."""
+    victim.kill()
+    await anyio.to_thread.run_sync(lambda: replica.command("CLUSTER", "FAILOVER", "TAKEOVER"))
+    alive = [n for n in cluster.nodes if n is not victim]
+
+    def promoted() -> bool:
+        try:
+            return all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in alive) and \
+                all(f":{replica.port}@" in line and "master" in line
+                    for n in alive for line in n.command("CLUSTER", "NODES").splitlines()
+                    if line.split()[0] == replica_id)
+        except OSError:
+            return False
+
+    replica_id = replica.command("CLUSTER", "MYID").strip()
+    with anyio.fail_after(60):
+        while not await anyio.to_thread.run_sync(promoted):  # noqa: ASYNC110 - cluster state
+            await anyio.sleep(0.05)
+
+
+async def rejoin_as_replica(victim: RedisServer, master: RedisServer) -> None:
+    """Start the failed-over ``victim`` again: it comes back as ``master``'s replica; returns
+    once their link is up."""
+    await anyio.to_thread.run_sync(victim.start)
+    with anyio.fail_after(60):
+        while "state=online" not in master.command("INFO", "replication"):  # noqa: ASYNC110
+            await anyio.sleep(0.05)  # replication has no notification to await
 
 
 def sessions_on_every_master(

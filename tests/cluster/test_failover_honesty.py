@@ -14,14 +14,12 @@ answered; a reader beyond the tail), and WAIT on a node with a replica.
 
 from __future__ import annotations
 
-import os
-import signal
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
+from cluster_support import fail_over, sessions_on, stopped
 
 from eventcore import (
     AppendNotReplicated,
@@ -38,29 +36,6 @@ from eventcore.testing.invariants import assert_acknowledged_present, check_log,
 pytestmark = pytest.mark.redis_restart
 
 Item = Event | HistoryGone
-
-
-@contextmanager
-def stopped(server: RedisServer) -> Iterator[None]:
-    """The server's process stopped (SIGSTOP): it neither replicates nor answers."""
-    assert server.proc is not None
-    os.kill(server.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
-
-
-def _sessions_on(cluster: LocalCluster, log: EventLog, master: RedisServer, n: int,
-                 prefix: str) -> list[str]:
-    out: list[str] = []
-    i = 0
-    while len(out) < n:
-        sid = f"{prefix}-{i}"
-        i += 1
-        if cluster.node_of_slot(cluster.keyslot(log.keys.session(sid).stream)) is master:
-            out.append(sid)
-    return out
 
 
 async def _wait_for(check: Callable[[], bool], what: str) -> None:
@@ -92,27 +67,6 @@ def _payload(ev: Event) -> Any:
     return ev.envelope().payload
 
 
-async def _fail_over(cluster: LocalCluster, victim: RedisServer, replica: RedisServer) -> None:
-    """SIGKILL ``victim``; its replica takes over (without the dead master's consent)."""
-    victim.kill()
-    await anyio.to_thread.run_sync(lambda: replica.command("CLUSTER", "FAILOVER", "TAKEOVER"))
-    alive = [n for n in cluster.nodes if n is not victim]
-
-    def promoted() -> bool:
-        try:
-            return all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in alive) and \
-                all(f":{replica.port}@" in line and "master" in line
-                    for n in alive for line in n.command("CLUSTER", "NODES").splitlines()
-                    if line.split()[0] == replica_id)
-        except OSError:
-            return False
-
-    replica_id = replica.command("CLUSTER", "MYID").strip()
-    with anyio.fail_after(60):
-        while not await anyio.to_thread.run_sync(promoted):  # noqa: ASYNC110 - cluster state
-            await anyio.sleep(0.05)
-
-
 async def test_default_mode_every_reader_of_the_lost_seqs_is_reset(
     redis_cluster_factory: Callable[..., LocalCluster],
 ) -> None:
@@ -122,7 +76,7 @@ async def test_default_mode_every_reader_of_the_lost_seqs_is_reset(
     async with EventLog(settings) as log, anyio.create_task_group() as tg:
         victim = cluster.masters()[0]
         replica = cluster.replica_of(victim)
-        sessions = _sessions_on(cluster, log, victim, 3, "d")
+        sessions = sessions_on(cluster, log, victim, 3, "d")
         for sid in sessions:
             await log.create_session(session_id=sid)
             await log.append_many([Envelope(type="m", session_id=sid, payload=["kept", i])
@@ -145,7 +99,7 @@ async def test_default_mode_every_reader_of_the_lost_seqs_is_reset(
             await _wait_for(lambda: all(_cursor(v) == 10 for v in seen.values()),
                             "the followers saw the appends the failover will lose")
             victim.kill()
-        await _fail_over(cluster, victim, replica)
+        await fail_over(cluster, victim, replica)
 
         for sid in sessions:  # the promoted replica ends at 5: these reuse seqs 6..13
             got = await log.append_many([Envelope(type="m", session_id=sid, payload=["new", i])
@@ -184,7 +138,7 @@ async def test_replicated_mode_loses_no_acknowledged_append(
     async with EventLog(settings) as log:
         victim = cluster.masters()[0]
         replica = cluster.replica_of(victim)
-        sessions = _sessions_on(cluster, log, victim, 3, "r")
+        sessions = sessions_on(cluster, log, victim, 3, "r")
         acked: dict[str, dict[str, int]] = {sid: {} for sid in sessions}
         for sid in sessions:
             await log.create_session(session_id=sid)
@@ -202,7 +156,7 @@ async def test_replicated_mode_loses_no_acknowledged_append(
             await log.emit(sessions[0], "m", "unconfirmed", event_key="maybe")
         assert refused.value.wanted == 1 and refused.value.replicas == 0
         # no wait for the replica here: what WAIT confirmed is on it already
-        await _fail_over(cluster, victim, replica)
+        await fail_over(cluster, victim, replica)
         assert cluster.node_of_slot(cluster.keyslot(log.keys.session(sessions[0]).stream)) \
             is replica
         # the promoted master has no replica yet: nothing it takes is acknowledged
