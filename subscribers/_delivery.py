@@ -14,7 +14,7 @@ from eventcore._groups import CheckpointStore
 __all__ = ["CheckpointStore", "Delivery", "Subscriber", "decode_feed_entry"]
 
 
-class Delivery(msgspec.Struct, frozen=True, gc=False):
+class Delivery(msgspec.Struct, frozen=True):
     """One feed entry handed to a subscriber: the envelope, where it came from, how many
     times it has been delivered (1 the first time; more after a retry or a reclaim), and the
     incarnation of the session it belongs to (``""`` when the entry does not say: written
