@@ -91,7 +91,7 @@ async def bare(log: EventLog, group: str) -> int:
     redis, keys = log.redis, log.keys
     feeds = [keys.feed(s) for s in keys.all_shards()]
     for feed in feeds:
-        await redis.xgroup_create(feed, group, id="0")
+        await redis.xgroup_create(feed, group, id="0", mkstream=True)  # a shard may have none
     done = 0
     while True:
         got = await redis.xreadgroup(group, "bare", dict.fromkeys(feeds, ">"), count=BATCH)
