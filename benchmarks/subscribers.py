@@ -17,12 +17,18 @@ one process, consumes the whole feed once per mode, each mode with a fresh consu
 
 Prints JSON: every run's events/s per mode, the medians, and each mode's ratio to the bare
 loop's median.
+
+``--gc service`` (the default) runs with the cyclic collector's thresholds ``eventcore serve``
+sets (``GC_THRESHOLDS``), the process the built-in subscribers run in; ``--gc default`` with
+the interpreter's (a subscriber in a process of its own that leaves them alone). Each batch
+holds thousands of deliveries alive, which the default thresholds rescan many times a batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import shutil
 import statistics
@@ -85,7 +91,7 @@ async def bare(log: EventLog, group: str) -> int:
     redis, keys = log.redis, log.keys
     feeds = [keys.feed(s) for s in keys.all_shards()]
     for feed in feeds:
-        await redis.xgroup_create(feed, group, id="0")
+        await redis.xgroup_create(feed, group, id="0", mkstream=True)  # a shard may have none
     done = 0
     while True:
         got = await redis.xreadgroup(group, "bare", dict.fromkeys(feeds, ">"), count=BATCH)
@@ -171,6 +177,7 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool,
         "sessions": sessions,
         "entries": total,
         "runs": runs,
+        "gc_thresholds": gc.get_threshold(),
         "events_per_s": results,
         "median_events_per_s": medians,
         "ratio_to_bare": {m: round(v / base, 3) for m, v in medians.items()},
@@ -185,7 +192,13 @@ if __name__ == "__main__":
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--only", action="append", choices=MODES[1:], default=[],
                     help="run only these modes (repeatable; the bare loop always runs)")
+    ap.add_argument("--gc", choices=("service", "default"), default="service",
+                    help="the collector's thresholds: eventcore serve's, or the interpreter's")
     a = ap.parse_args()
+    if a.gc == "service":  # imported only then: the server's modules are many objects more
+        from eventcore.server._http._serve import GC_THRESHOLDS
+
+        gc.set_threshold(*GC_THRESHOLDS)
     out = asyncio.run(main(a.sessions, a.events, a.runs, not a.no_postgres, tuple(a.only)))
     json.dump(out, sys.stdout, indent=2)
     print()

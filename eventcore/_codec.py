@@ -32,6 +32,7 @@ __all__ = [
     "decode_envelope",
     "dispatch_session",
     "encode",
+    "entry_bodies",
     "entry_client_event",
     "entry_generation",
     "entry_has_blob",
@@ -103,6 +104,12 @@ def entry_has_blob(fields: Mapping[bytes, bytes]) -> bool:
 def entry_client_json(fields: Mapping[bytes, bytes]) -> tuple[str, bytes]:
     """(type, client envelope JSON) of an entry, as stored: forwarded without decoding."""
     return fields[_T].decode(), fields[_D]
+
+
+def entry_bodies(fields: Mapping[bytes, bytes]) -> tuple[bytes, bytes | None]:
+    """(client envelope JSON, server_data JSON or None) of an entry, as stored: what a copy of
+    the envelope keeps without encoding it again."""
+    return fields.get(_D, b""), fields.get(_SD)
 
 
 def body_fields(body: bytes, server_data: bytes | None = None) -> dict[bytes, bytes]:

@@ -23,6 +23,11 @@ class Delivery(msgspec.Struct, frozen=True):
     Immutable (a frozen ``msgspec.Struct``: built in C, one per entry on the hot path; use
     ``msgspec.structs.replace`` for a changed copy).
 
+    ``body`` and ``server_body``: the envelope's client JSON and its ``server_data`` JSON as
+    the feed entry holds them, for a subscriber that stores or forwards the envelope without
+    encoding it again (``b""`` when not known: built by hand, or a payload hydrated from a
+    blob, which the entry's JSON does not hold; then encode the envelope).
+
     Besides envelopes the feed carries ``session.deleted`` entries (not in any session
     stream): the incarnation they name was deleted (``EventLog.delete_session``)."""
 
@@ -31,6 +36,8 @@ class Delivery(msgspec.Struct, frozen=True):
     envelope: Envelope
     attempt: int = 1
     incarnation: str = ""
+    body: bytes = b""
+    server_body: bytes | None = None
 
     @property
     def session_id(self) -> str:

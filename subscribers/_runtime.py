@@ -32,7 +32,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
-from eventcore._codec import entry_has_blob, entry_incarnation
+from eventcore._codec import entry_bodies, entry_has_blob, entry_incarnation
 from eventcore._groups import Claimed, ConsumerGroup
 from eventcore._lifetime import Running
 from eventcore._streams import ShardStreams
@@ -407,9 +407,13 @@ class SubscriberRunner(Running):
                 except CorruptEntry as exc:
                     await self._dead_letter(shard, entry_id, fields, attempt, exc)
                 continue
-            item = _Item(Delivery(entry_id, shard, env, attempt, entry_incarnation(fields)),
-                         fields)
-            (refs if entry_has_blob(fields) else items).append(item)
+            if entry_has_blob(fields):  # its JSON holds the blob's ref, not the payload
+                refs.append(_Item(Delivery(entry_id, shard, env, attempt,
+                                           entry_incarnation(fields)), fields))
+                continue
+            body, server_body = entry_bodies(fields)
+            items.append(_Item(Delivery(entry_id, shard, env, attempt, entry_incarnation(fields),
+                                        body, server_body), fields))
         for item in refs:  # rare (large payloads): one by one, so a missing blob is isolated
             try:
                 (env,) = await self.log.hydrate([item.delivery.envelope])

@@ -252,3 +252,33 @@ async def test_a_v1_database_is_upgraded(
                 await p.drop_tables()
     finally:
         await engine.dispose()
+
+
+async def test_rows_hold_the_feeds_json_and_blob_payloads_hydrated(
+    event_log: EventLog, persistence: Persistence
+) -> None:
+    """A delivered envelope is stored as the JSON the feed holds (not decoded and encoded
+    again), except one whose payload lives in a blob: the feed's JSON holds only the blob's
+    ref, so the row holds the hydrated envelope, readable once the blob is gone."""
+    s = (await event_log.create_session("a")).session_id
+    big = {"text": "x" * (event_log.settings.inline_limit + 10)}
+    await event_log.append(Envelope(type="message", session_id=s, payload={"k": 1},
+                                    server_data={"secret": [1, 2]}))
+    await event_log.append(Envelope(type="message", session_id=s, payload=big))
+    await SubscriberRunner(event_log, persistence, **fast()).drain()
+    feed: dict[int, dict[bytes, bytes]] = {}
+    for shard in event_log.keys.all_shards():
+        for _, fields in await event_log.redis.xrange(event_log.keys.feed(shard)):
+            if fields[b"sid"] == s.encode():
+                feed[int(fields[b"seq"])] = fields
+    t = persistence.tables["events"]
+    async with persistence.engine.connect() as conn:
+        rows = {seq: (env, sd) for seq, env, sd in await conn.execute(
+            sa.select(t.c.seq, t.c.envelope, t.c.server_data).where(t.c.session_id == s))}
+    assert sorted(rows) == [1, 2, 3]
+    for seq in (1, 2):  # session.created and the small message: the feed's bytes
+        assert rows[seq][0].encode() == feed[seq][b"d"]
+    assert rows[2][1] is not None and rows[2][1].encode() == feed[2][b"sd"]
+    assert b'"payload_ref"' in feed[3][b"d"] and b"x" * 100 not in feed[3][b"d"]
+    assert b"x" * 100 in rows[3][0].encode()  # hydrated, not the bare ref
+    assert await stored(persistence, s) == await read_all(event_log, s)
