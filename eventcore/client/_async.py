@@ -269,7 +269,7 @@ class AsyncClient:
         for ``reconnect_timeout_s``."""
         return EventStream(self, session_id, after=after, epoch=epoch, types=types)
 
-    async def _follow(self, stream: EventStream, types: Iterable[str] | None
+    async def _follow(self, stream: _Cursor, types: Iterable[str] | None
                       ) -> AsyncGenerator[StreamItem, None]:
         """The loop of :meth:`events`; ``stream.after``/``stream.epoch`` are its cursor, moved
         before each item is handed out (a saved cursor then covers what was received)."""
@@ -367,6 +367,21 @@ class AsyncClient:
             await anyio.sleep(delay)
 
 
+class _Cursor:
+    """A stream's position, which its loop moves. Apart from :class:`EventStream` so the
+    loop holds no reference back to it: a stream left unclosed is then freed (and closed) as
+    soon as it is dropped, as a bare generator would be."""
+
+    __slots__ = ("after", "epoch", "session_id")
+
+    def __init__(self, session_id: str, after: int, epoch: str) -> None:
+        self.session_id, self.after, self.epoch = session_id, after, epoch
+
+    @property
+    def last_event_id(self) -> str:
+        return f"{self.after}.{self.epoch}" if self.epoch != "0" else str(self.after)
+
+
 class EventStream:
     """What :meth:`AsyncClient.events` returns: an async iterator of :data:`StreamItem`
     that knows its cursor. :attr:`after` and :attr:`epoch` are where it stands (the last item
@@ -376,19 +391,29 @@ class EventStream:
 
     def __init__(self, client: AsyncClient, session_id: str, *, after: int = 0,
                  epoch: str = "0", types: Iterable[str] | None = None) -> None:
-        self.session_id = session_id
-        self.after = after
+        self._cursor = _Cursor(session_id, after, epoch or "0")
+        self._items = client._follow(self._cursor, list(types) if types is not None else None)
+
+    @property
+    def session_id(self) -> str:
+        return self._cursor.session_id
+
+    @property
+    def after(self) -> int:
         """The seq of the last envelope handed out (of a reset: its ``resume_after``)."""
-        self.epoch = epoch or "0"
+        return self._cursor.after
+
+    @property
+    def epoch(self) -> str:
         """The stream epoch of :attr:`after`: ``"0"`` until the session's history diverged,
         then the 16-digit generation its ids and resets carry."""
-        self._items = client._follow(self, list(types) if types is not None else None)
+        return self._cursor.epoch
 
     @property
     def last_event_id(self) -> str:
         """The SSE id of the cursor, as the stream resumes with it: ``<after>`` in epoch 0,
         else ``<after>.<epoch>``."""
-        return f"{self.after}.{self.epoch}" if self.epoch != "0" else str(self.after)
+        return self._cursor.last_event_id
 
     def __aiter__(self) -> Self:
         return self

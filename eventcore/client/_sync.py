@@ -130,9 +130,10 @@ class BlockingEventStream:
     closes the stream at once; a stream dropped without it is closed when collected."""
 
     def __init__(self, portal: BlockingPortal, stream: EventStream) -> None:
-        self._portal = portal
         self._stream = stream
-        self._items = self._drive()
+        # not a method of self: the generator then holds no reference back to this object,
+        # which is freed (closing the stream) as soon as a loop that broke out drops it
+        self._items = _drive(portal, stream)
 
     @property
     def session_id(self) -> str:
@@ -153,16 +154,6 @@ class BlockingEventStream:
         """``<after>`` or ``<after>.<epoch>``: the id the stream resumes with."""
         return self._stream.last_event_id
 
-    def _drive(self) -> Generator[StreamItem, None, None]:
-        try:
-            while True:
-                try:
-                    yield self._portal.call(self._stream.__anext__)
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._portal.call(self._stream.aclose)
-
     def __iter__(self) -> Self:
         return self
 
@@ -179,3 +170,14 @@ class BlockingEventStream:
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _drive(portal: BlockingPortal, stream: EventStream) -> Generator[StreamItem, None, None]:
+    try:
+        while True:
+            try:
+                yield portal.call(stream.__anext__)
+            except StopAsyncIteration:
+                return
+    finally:
+        portal.call(stream.aclose)
