@@ -7,6 +7,10 @@ one of the new epoch is not; JSON pages carry the epoch and the reset."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import anyio
 from divergence import lose_tail
 from service_support import API_KEY, Service
@@ -135,3 +139,39 @@ async def test_a_saved_cursor_of_the_old_epoch_is_reset_once(
     assert isinstance(got[0], HistoryDiverged) and got[0].resume_after == 7
     assert [i.seq for i in got[1:] if isinstance(i, Envelope)] == list(range(8, 15))
     assert (sync_epoch, last_id) == (epoch, f"14.{epoch}")
+
+
+def _readme_follow() -> Any:
+    """The README's reader of a saved cursor ("Client SDKs"), verbatim."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "HistoryDiverged):  # check before" in block]
+    scope: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    return scope["follow"]
+
+
+async def test_the_readme_reader_drops_what_was_rewritten(
+    service: Service, service_log: EventLog
+) -> None:
+    follow = _readme_follow()
+    async with AsyncClient(service.url, API_KEY) as c:
+        sid = (await c.create_session("echo")).session_id
+        await service_log.append_many([Envelope(type="note", session_id=sid,
+                                                payload={"v": "old", "i": i})
+                                       for i in range(9)])
+        page = await c.history(sid)
+        held = {e.seq: e for e in page.events}  # 1..10, saved as (10, "0")
+        assert (page.next_after, page.epoch) == (10, "0")
+        await lose_tail(service_log, sid, 7)
+        await service_log.append_many([Envelope(type="note", session_id=sid,
+                                                payload={"v": "new", "i": i})
+                                       for i in range(6)])
+        await service_log.end_session(sid)  # 14
+        with anyio.fail_after(DEADLINE):
+            saved = await follow(c, sid, held, (page.next_after, page.epoch))
+        epoch = (await c.history(sid, after=7)).epoch
+        assert epoch != "0" and saved == (14, epoch)
+        assert sorted(held) == list(range(1, 15))
+        assert [held[s].payload for s in range(8, 14)] == [{"v": "new", "i": i}
+                                                          for i in range(6)]

@@ -8,6 +8,8 @@ epoch is not; JSON pages carry the epoch and the reset."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import anyio
 import pytest
@@ -23,6 +25,14 @@ from eventcore.testing._server import free_port
 
 pytestmark = pytest.mark.skipif(chromium_binary() is None,
                                 reason="needs Debian's chromium (apt-get install chromium)")
+
+
+def _readme_reader() -> str:
+    """The README's browser reader of a saved cursor ("Client SDKs"), verbatim."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```js\n(.*?)```", readme, re.S)
+               if 'localStorage.getItem("cursor"' in block]
+    return code
 
 
 def _notes(sid: str, v: str, n: int) -> list[Envelope]:
@@ -90,6 +100,21 @@ async def test_the_sdk_is_reset_once_and_resumes_in_the_new_epoch(redis_url: str
                     return {{ stale, fresh, p1, p2: [p2.events.map(e => e.seq), p2.epoch,
                                                      p2.reset === undefined] }};
                 }})()""")
+                # the README's reader, verbatim, from a cursor saved before the failover
+                readme = await page.evaluate(f"""(async () => {{
+                    localStorage.setItem("cursor", JSON.stringify({{ after: 10, epoch: "0" }}));
+                    const {{ EventcoreClient, StreamReset, SessionDeleted }} = window.ec;
+                    const ec = new EventcoreClient({{ token: {key} }}), sessionId = {sid_js};
+                    const held = new Map();
+                    for (let seq = 1; seq <= 10; seq++) held.set(seq, {{ seq, v: "old" }});
+                    {_readme_reader()}
+                    return {{ held: Array.from(held.values()).map(e => [e.seq, e.payload]),
+                              cursor: JSON.parse(localStorage.getItem("cursor")) }};
+                }})()""")
+            assert readme["cursor"] == {"after": 15, "epoch": epoch}
+            assert [seq for seq, _ in readme["held"]] == list(range(1, 16))
+            assert [p for _, p in readme["held"][7:13]] == [{"v": "new", "i": i}
+                                                            for i in range(6)]
             assert saved["stale"] == {"out": [["reset", "diverged", 7, epoch],
                                               *range(8, 16)], "after": 15, "epoch": epoch}
             assert saved["fresh"] == {"out": [13, 14, 15], "after": 15, "epoch": epoch}
