@@ -3,7 +3,8 @@ lost acknowledged appends, played on one node by ``tests/divergence.py``): one `
 with reason ``diverged``, the right ``resumeAfter`` and ``epoch``, then the new history with no
 gap and no duplicate; the iterator keeps the full id as its cursor and resumes with it after a
 server restart (no second reset); a saved cursor of the old epoch is reset once, one of the new
-epoch is not; JSON pages carry the epoch and the reset."""
+epoch is not; JSON pages carry the epoch and the reset. The ``/ui`` viewer drops the rows the
+divergence rewrote and shows the new ones."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from divergence import lose_tail
 from live_service import serve
 from sdk_page import done, follow, reached, seqs
 from test_sdk_browser import DEADLINE, open_sdk
+from test_ui_browser import rows, wait_for_row
 
 from eventcore import Envelope, EventLog, load_settings
 from eventcore.testing._plugin import unique_namespace
@@ -122,3 +124,24 @@ async def test_the_sdk_is_reset_once_and_resumes_in_the_new_epoch(redis_url: str
             assert (p1["events"], p1["next_after"], p1["epoch"]) == ([], 7, epoch)
             assert p1["reset"]["reason"] == "diverged" and p1["reset"]["resume_after"] == 7
             assert saved["p2"] == [list(range(8, 16)), epoch, True]
+
+
+async def test_the_viewer_drops_the_rows_a_divergence_rewrote(redis_url: str) -> None:
+    settings = load_settings(redis_url=redis_url, namespace=unique_namespace(), shards=4)
+    with anyio.fail_after(DEADLINE):
+        async with EventLog(settings) as log, chromium() as browser, serve(log) as svc:
+            sid, token = await svc.create_session()
+            await log.append_many(_notes(sid, "old", 9))  # seqs 2..10
+            page = await browser.new_page()
+            await page.navigate(f"{svc.url}/ui#session={sid}&token={token}")
+            assert "old" in await page.evaluate(wait_for_row(10))
+            await lose_tail(log, sid, 7)
+            await log.append_many(_notes(sid, "new", 6))  # seqs 8..13 again
+            await page.evaluate(wait_for_row(13))
+            assert await rows(page) == list(range(1, 14))  # each seq once, in order
+            texts = await page.evaluate("Array.from(document.querySelectorAll('#rows tr'))"
+                                        ".map(r => r.textContent)")
+            assert all("old" in t for t in texts[1:7])
+            assert all("new" in t and "old" not in t for t in texts[7:]), texts[7:]
+            assert "rewritten" in await page.evaluate(
+                "document.getElementById('notice').textContent")
