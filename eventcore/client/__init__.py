@@ -7,13 +7,14 @@
         s = await client.create_session("echo", input={"text": "hi"})
         await client.send_input(s.session_id, {"text": "more"})
         async for item in client.events(s.session_id):
-            print(item)                      # Envelope | HistoryGone | SessionDeleted
+            print(item)      # Envelope | HistoryDiverged | HistoryGone | SessionDeleted
 
-The stream resumes by ``Last-Event-ID`` across dropped connections and server restarts (no
-event skipped or repeated), backs off with jitter, and asks the ``refresh_token`` hook for a
-new credential on ``401`` and when a stream's token expires. Errors derive from
-:class:`eventcore.EventcoreError` (:class:`ClientError`). This package never imports
-:mod:`eventcore.server`: a client machine needs the core and httpx only.
+The stream resumes by ``Last-Event-ID`` (``<seq>.<epoch>`` once the session's history has
+diverged; the stream's ``after``/``epoch`` are its cursor) across dropped connections and
+server restarts (no event skipped or repeated), backs off with jitter, and asks the
+``refresh_token`` hook for a new credential on ``401`` and when a stream's token expires.
+Errors derive from :class:`eventcore.EventcoreError` (:class:`ClientError`). This package
+never imports :mod:`eventcore.server`: a client machine needs the core and httpx only.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from eventcore._extras import require_extra
 require_extra("client", "eventcore.client")
 
 from eventcore._envelope import Envelope, decode_payload  # noqa: E402
-from eventcore.errors import HistoryGone  # noqa: E402
+from eventcore.errors import HistoryDiverged, HistoryGone  # noqa: E402
 
-from ._async import AsyncClient, TokenRefresh  # noqa: E402
+from ._async import AsyncClient, EventStream, TokenRefresh  # noqa: E402
 from ._errors import (  # noqa: E402
     ApiError,
     ClientError,
@@ -37,7 +38,7 @@ from ._errors import (  # noqa: E402
     ServiceUnavailable,
     Unauthorized,
 )
-from ._sync import Client  # noqa: E402
+from ._sync import BlockingEventStream, Client  # noqa: E402
 from ._types import (  # noqa: E402
     Appended,
     CreatedSession,
@@ -52,14 +53,17 @@ __all__ = [
     "ApiError",
     "Appended",
     "AsyncClient",
+    "BlockingEventStream",
     "Client",
     "ClientError",
     "Conflict",
     "ConnectionLost",
     "CreatedSession",
     "Envelope",
+    "EventStream",
     "EventsPage",
     "Forbidden",
+    "HistoryDiverged",
     "HistoryGone",
     "InvalidRequest",
     "NotFound",

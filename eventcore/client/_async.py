@@ -7,7 +7,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
@@ -29,9 +29,12 @@ from ._types import (
     SessionState,
     StreamItem,
     Token,
+    _WirePage,
+    diverged,
+    page_of,
 )
 
-__all__ = ["AsyncClient", "TokenRefresh"]
+__all__ = ["AsyncClient", "EventStream", "TokenRefresh"]
 
 TokenRefresh = Callable[[], "str | Awaitable[str]"]
 """Called for a fresh credential on ``401`` and when a stream's token expires."""
@@ -227,41 +230,63 @@ class AsyncClient:
         return _convert(await self._request("POST", _path(session_id, "/tokens"),
                                             body={"scope": scope, "ttl_s": ttl_s}), Token)
 
-    async def history(self, session_id: str, *, after: int = 0, limit: int = 100,
-                      types: Iterable[str] | None = None) -> EventsPage:
-        """One JSON page of envelopes after ``after``."""
+    async def history(self, session_id: str, *, after: int = 0, epoch: str = "0",
+                      limit: int = 100, types: Iterable[str] | None = None) -> EventsPage:
+        """One JSON page of envelopes after ``after`` (of the stream epoch ``epoch``, as the
+        previous page said; see :class:`EventsPage` for its ``reset``)."""
         params: dict[str, Any] = {"format": "json", "after": after, "limit": limit}
+        if epoch and epoch != "0":
+            params["epoch"] = epoch
         if types is not None:
             params["types"] = ",".join(types)
-        return _convert(await self._request("GET", _path(session_id, "/events"),
-                                            params=params), EventsPage)
+        wire = _convert(await self._request("GET", _path(session_id, "/events"),
+                                            params=params), _WirePage)
+        return page_of(session_id, wire)
 
     # -- the stream ----------------------------------------------------------------------------
 
-    async def events(self, session_id: str, *, after: int = 0,
-                     types: Iterable[str] | None = None) -> AsyncIterator[StreamItem]:
+    def events(self, session_id: str, *, after: int = 0, epoch: str = "0",
+               types: Iterable[str] | None = None) -> EventStream:
         """Follow the session from seq ``after + 1``: every envelope once, in seq order, of
         every type (or only ``types``), until ``session.ended`` (yielded, then the iteration
         ends) or the session's deletion (a :class:`SessionDeleted` item, then it ends).
 
+        ``epoch`` is the stream epoch of ``after``, as a previous stream's
+        :attr:`EventStream.epoch` (or a JSON page's ``epoch``) said: a saved cursor is the pair
+        ``(stream.after, stream.epoch)``. ``"0"`` (the default) is the epoch of every session
+        whose history never diverged.
+
         Dropped connections, a restarting server (``server.shutdown`` and its ``retry:``
         hint), ``429``/``5xx`` answers and an expired stream token (``token.expired``, then
-        the refresh hook) are resumed with ``Last-Event-ID``: nothing is skipped or repeated.
-        Where history after the cursor is gone everywhere a
+        the refresh hook) are resumed with ``Last-Event-ID`` (the full id, ``<seq>.<epoch>``
+        once the epoch is not 0): nothing is skipped or repeated. Where the history after the
+        cursor may have been rewritten (a failover lost acknowledged appends) or the cursor is
+        beyond the tail, one :class:`~eventcore.errors.HistoryDiverged` is yielded: discard
+        what you hold after its ``resume_after``; the stream goes on from there in its
+        ``epoch``. Where history after the cursor is gone everywhere a
         :class:`~eventcore.errors.HistoryGone` item is yielded and the stream goes on after
         its ``resume_after``. :class:`ConnectionLost` once the service has been unreachable
         for ``reconnect_timeout_s``."""
-        cursor = after
+        return EventStream(self, session_id, after=after, epoch=epoch, types=types)
+
+    async def _follow(self, stream: _Cursor, types: Iterable[str] | None
+                      ) -> AsyncGenerator[StreamItem, None]:
+        """The loop of :meth:`events`; ``stream.after``/``stream.epoch`` are its cursor, moved
+        before each item is handed out (a saved cursor then covers what was received)."""
+        session_id = stream.session_id
         wanted = ",".join(types) if types is not None else None
         attempt, refreshed = 0, False
         down_since: float | None = None
         while True:
             delay: float | None = None
             failure: BaseException | None = None
+            cursor = stream.after
             headers = self._headers({"Accept": "text/event-stream", "Cache-Control": "no-store"})
-            if cursor:
-                headers["Last-Event-ID"] = str(cursor)
+            if cursor or stream.epoch != "0":
+                headers["Last-Event-ID"] = stream.last_event_id
             params: dict[str, Any] = {"after": cursor}
+            if stream.epoch != "0":
+                params["epoch"] = stream.epoch
             if wanted:
                 params["types"] = wanted
             try:
@@ -288,23 +313,33 @@ class AsyncClient:
                                 continue
                             if ev.event not in _CONTROL:
                                 env = _ENVELOPE.decode(ev.data)
-                                if env.seq <= cursor:
+                                if env.seq <= stream.after:
                                     continue  # never twice
-                                cursor = env.seq
+                                # the id is `<seq>` (epoch 0) or `<seq>.<epoch>`: an epoch may
+                                # also change with no reset (the cursor was in the kept prefix)
+                                stream.after = env.seq
+                                stream.epoch = (ev.id or "").partition(".")[2] or "0"
                                 yield env
                                 if env.type == "session.ended":
                                     return
                                 continue
                             data = json.loads(ev.data) if ev.data else {}
                             if ev.event == "stream.reset":
+                                if data.get("reason") == "diverged":
+                                    reset = diverged(session_id, data)
+                                    # back to where the histories agree, in the new epoch
+                                    stream.after, stream.epoch = reset.resume_after, reset.epoch
+                                    yield reset
+                                    continue
                                 gone = HistoryGone(session_id, int(data["after"]),
                                                    int(data["first_available"]))
+                                stream.after = max(stream.after, gone.resume_after)
                                 yield gone
-                                cursor = max(cursor, gone.resume_after)
                             elif ev.event == "session.deleted":
-                                yield SessionDeleted(session_id=session_id,
-                                                     last_seq=int(data.get("last_seq", cursor)),
-                                                     incarnation=str(data.get("incarnation", "")))
+                                yield SessionDeleted(
+                                    session_id=session_id,
+                                    last_seq=int(data.get("last_seq", stream.after)),
+                                    incarnation=str(data.get("incarnation", "")))
                                 return
                             elif ev.event == "server.shutdown":
                                 delay = float(data.get("retry_ms", ev.retry_ms or 1000)) / 1000
@@ -314,7 +349,7 @@ class AsyncClient:
                         if delay is None:
                             # the server ended the stream without saying why: done if ended
                             state = await self.get_session(session_id)
-                            if state.state == "ended" and state.last_seq <= cursor:
+                            if state.state == "ended" and state.last_seq <= stream.after:
                                 return  # (else: backoff, so a closing server is no hot loop)
             except httpx.TransportError as exc:
                 failure = exc
@@ -324,12 +359,78 @@ class AsyncClient:
                 if now - down_since >= self.reconnect_timeout_s:
                     if isinstance(failure, ApiError):
                         raise failure
-                    raise ConnectionLost(f"stream of {session_id!r} after seq {cursor}: "
-                                         f"{failure!r}") from failure
+                    raise ConnectionLost(f"stream of {session_id!r} after "
+                                         f"{stream.last_event_id}: {failure!r}") from failure
             if delay is None:
                 delay = self._backoff(attempt)
                 attempt += 1
             await anyio.sleep(delay)
+
+
+class _Cursor:
+    """A stream's position, which its loop moves. Apart from :class:`EventStream` so the
+    loop holds no reference back to it: a stream left unclosed is then freed (and closed) as
+    soon as it is dropped, as a bare generator would be."""
+
+    __slots__ = ("after", "epoch", "session_id")
+
+    def __init__(self, session_id: str, after: int, epoch: str) -> None:
+        self.session_id, self.after, self.epoch = session_id, after, epoch
+
+    @property
+    def last_event_id(self) -> str:
+        return f"{self.after}.{self.epoch}" if self.epoch != "0" else str(self.after)
+
+
+class EventStream:
+    """What :meth:`AsyncClient.events` returns: an async iterator of :data:`StreamItem`
+    that knows its cursor. :attr:`after` and :attr:`epoch` are where it stands (the last item
+    handed out); save both to resume later with ``client.events(sid, after=..., epoch=...)``.
+    Leaving the loop early closes the stream at garbage collection; :meth:`aclose` (or
+    ``async with``) closes it at once."""
+
+    def __init__(self, client: AsyncClient, session_id: str, *, after: int = 0,
+                 epoch: str = "0", types: Iterable[str] | None = None) -> None:
+        self._cursor = _Cursor(session_id, after, epoch or "0")
+        self._items = client._follow(self._cursor, list(types) if types is not None else None)
+
+    @property
+    def session_id(self) -> str:
+        return self._cursor.session_id
+
+    @property
+    def after(self) -> int:
+        """The seq of the last envelope handed out (of a reset: its ``resume_after``)."""
+        return self._cursor.after
+
+    @property
+    def epoch(self) -> str:
+        """The stream epoch of :attr:`after`: ``"0"`` until the session's history diverged,
+        then the 16-digit generation its ids and resets carry."""
+        return self._cursor.epoch
+
+    @property
+    def last_event_id(self) -> str:
+        """The SSE id of the cursor, as the stream resumes with it: ``<after>`` in epoch 0,
+        else ``<after>.<epoch>``."""
+        return self._cursor.last_event_id
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        return await self._items.__anext__()
+
+    async def aclose(self) -> None:
+        """Close the stream (its connection back to the pool)."""
+        await self._items.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
 
 
 def _error(r: httpx.Response) -> ApiError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -11,10 +11,10 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from eventcore._envelope import Envelope
 
-from ._async import AsyncClient, TokenRefresh
+from ._async import AsyncClient, EventStream, TokenRefresh
 from ._types import Appended, CreatedSession, EventsPage, SessionState, StreamItem, Token
 
-__all__ = ["Client"]
+__all__ = ["BlockingEventStream", "Client"]
 
 
 class Client:
@@ -109,23 +109,75 @@ class Client:
                                                                ttl_s=ttl_s))
         return out
 
-    def history(self, session_id: str, *, after: int = 0, limit: int = 100,
+    def history(self, session_id: str, *, after: int = 0, epoch: str = "0", limit: int = 100,
                 types: Iterable[str] | None = None) -> EventsPage:
         """See :meth:`AsyncClient.history`."""
-        out: EventsPage = self._portal.call(lambda: self._async.history(session_id, after=after,
-                                                             limit=limit, types=types))
+        out: EventsPage = self._portal.call(lambda: self._async.history(
+            session_id, after=after, epoch=epoch, limit=limit, types=types))
         return out
 
-    def events(self, session_id: str, *, after: int = 0,
-               types: Iterable[str] | None = None) -> Iterator[StreamItem]:
-        """See :meth:`AsyncClient.events`: the same items, from a blocking iterator. Leaving
-        the loop early closes the stream."""
-        agen = self._async.events(session_id, after=after, types=types)
-        try:
-            while True:
-                try:
-                    yield self._portal.call(agen.__anext__)
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._portal.call(agen.aclose)
+    def events(self, session_id: str, *, after: int = 0, epoch: str = "0",
+               types: Iterable[str] | None = None) -> BlockingEventStream:
+        """See :meth:`AsyncClient.events`: the same items, from a blocking iterator with the
+        same ``after``/``epoch`` cursor. Leaving the loop early closes the stream."""
+        return BlockingEventStream(self._portal, self._async.events(
+            session_id, after=after, epoch=epoch, types=types))
+
+
+class BlockingEventStream:
+    """What :meth:`Client.events` returns: an iterator of :data:`StreamItem`; :attr:`after`
+    and :attr:`epoch` are its cursor (see :class:`EventStream`). :meth:`close` (or ``with``)
+    closes the stream at once; a stream dropped without it is closed when collected."""
+
+    def __init__(self, portal: BlockingPortal, stream: EventStream) -> None:
+        self._stream = stream
+        # not a method of self: the generator then holds no reference back to this object,
+        # which is freed (closing the stream) as soon as a loop that broke out drops it
+        self._items = _drive(portal, stream)
+
+    @property
+    def session_id(self) -> str:
+        return self._stream.session_id
+
+    @property
+    def after(self) -> int:
+        """The seq of the last envelope handed out (of a reset: its ``resume_after``)."""
+        return self._stream.after
+
+    @property
+    def epoch(self) -> str:
+        """The stream epoch of :attr:`after` (``"0"`` until the history diverged)."""
+        return self._stream.epoch
+
+    @property
+    def last_event_id(self) -> str:
+        """``<after>`` or ``<after>.<epoch>``: the id the stream resumes with."""
+        return self._stream.last_event_id
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> StreamItem:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Close the stream (its connection back to the pool)."""
+        self._items.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _drive(portal: BlockingPortal, stream: EventStream) -> Generator[StreamItem, None, None]:
+    try:
+        while True:
+            try:
+                yield portal.call(stream.__anext__)
+            except StopAsyncIteration:
+                return
+    finally:
+        portal.call(stream.aclose)

@@ -24,18 +24,22 @@ LOAD = """(async () => {
 def follow(sid: str, *, token: str, refresh: str = "null", after: int = 0,
            options: dict[str, Any] | None = None) -> str:
     """JS: start ``events()`` of ``sid`` into ``window.got`` (envelopes as-is, control items as
-    ``{control: type, ...}``); ``refresh`` is a JS expression for ``refreshToken``."""
+    ``{control: type, ...}``; the iterator is ``window.stream``); ``refresh`` is a JS expression
+    for ``refreshToken``."""
     opts = json.dumps({"backoffMaxMs": 500, **(options or {})})
     return f"""(() => {{
         window.client = new window.ec.EventcoreClient(Object.assign({opts},
             {{ token: {json.dumps(token)}, refreshToken: {refresh} }}));
+        window.stream = window.client.events({json.dumps(sid)}, {{ after: {after},
+            onStatus: (s) => {{ window.statuses.push(s); window.wake(); }} }});
         (async () => {{
             try {{
-                for await (const item of window.client.events({json.dumps(sid)}, {{ after: {after},
-                        onStatus: (s) => {{ window.statuses.push(s); window.wake(); }} }})) {{
+                for await (const item of window.stream) {{
                     const ec = window.ec;
                     if (item instanceof ec.StreamReset) {{
-                        window.got.push({{ control: 'reset', after: item.after }});
+                        window.got.push({{ control: 'reset', after: item.after,
+                                           resumeAfter: item.resumeAfter, reason: item.reason,
+                                           epoch: item.epoch, seenEpoch: item.seenEpoch }});
                     }} else if (item instanceof ec.SessionDeleted) {{
                         window.got.push({{ control: 'deleted', sid: item.sessionId,
                                            last: item.lastSeq }});

@@ -12,6 +12,11 @@
 // retry hint), with exponential backoff and jitter. On 401, and when a stream's token expires
 // (token.expired), refreshToken() is asked for a new credential. Nothing is skipped or shown
 // twice: an envelope at or below the cursor is dropped.
+//
+// The cursor is the full SSE id: the seq, and the stream epoch once the session's history has
+// diverged (a failover lost acknowledged appends): "<seq>.<epoch>". Every reconnect sends it
+// back as Last-Event-ID; a resume from an older epoch gets one StreamReset with reason
+// "diverged": drop what you hold after its resumeAfter, the new history follows.
 
 export const CONTROL_EVENTS = Object.freeze(["server.shutdown", "token.expired",
   "session.deleted", "stream.reset"]);
@@ -28,15 +33,26 @@ export class EventcoreError extends Error {
   }
 }
 
-/** Yielded where history after the cursor is gone everywhere; the stream goes on after
- * resumeAfter. */
+/** Yielded at a stream.reset; the stream goes on after resumeAfter. reason "gone": history
+ * after the cursor was trimmed everywhere (nothing to drop). reason "diverged": the history
+ * after resumeAfter may have been rewritten (a failover lost acknowledged appends) or the cursor
+ * was beyond the tail: drop what you hold after resumeAfter; what follows is the history of
+ * `epoch` (seenEpoch: the epoch the cursor was in). */
 export class StreamReset {
-  constructor(after, firstAvailable) {
+  constructor(after, firstAvailable, { reason = "gone", epoch = null, seenEpoch = null } = {}) {
     this.type = "stream.reset";
+    this.reason = reason;
     this.after = after;
     this.firstAvailable = firstAvailable;
     this.resumeAfter = firstAvailable - 1;
+    this.epoch = epoch;
+    this.seenEpoch = seenEpoch;
   }
+}
+
+/** The SSE id of a cursor: "<seq>" in epoch 0, else "<seq>.<epoch>". */
+export function eventId(after, epoch = "0") {
+  return epoch && epoch !== "0" ? after + "." + epoch : String(after);
 }
 
 /** The last item of a stream whose session was deleted before its session.ended. */
@@ -216,24 +232,41 @@ export class EventcoreClient {
   getToken(id, { scope = "read", ttlS = 300 } = {}) {
     return this.request("POST", EventcoreClient.path(id, "/tokens"), { body: { scope, ttl_s: ttlS } });
   }
-  history(id, { after = 0, limit = 100, types } = {}) {
+  /** One JSON page: {events, next_after, epoch} (and `reset`, the StreamReset fields, where
+   * the history after `after` in `epoch` diverged: events is [] and next_after its
+   * resume_after). Page on with { after: page.next_after, epoch: page.epoch }. */
+  history(id, { after = 0, epoch = "0", limit = 100, types } = {}) {
     return this.request("GET", EventcoreClient.path(id, "/events"),
-                        { params: { format: "json", after, limit, types: types ? types.join(",") : undefined } });
+                        { params: { format: "json", after, limit, types: types ? types.join(",") : undefined,
+                                    epoch: epoch && epoch !== "0" ? epoch : undefined } });
   }
 
   /**
-   * Follow a session from seq after + 1: every envelope once, in seq order, of every type (or
-   * only `types`), until session.ended (yielded, then done) or its deletion (a SessionDeleted
-   * item, then done). StreamReset items where history is gone. Resumes by Last-Event-ID.
+   * Follow a session from seq after + 1 (of stream epoch `epoch`, as a saved cursor said):
+   * every envelope once, in seq order, of every type (or only `types`), until session.ended
+   * (yielded, then done) or its deletion (a SessionDeleted item, then done). StreamReset items
+   * where history is gone or diverged. Resumes by Last-Event-ID, the full id.
    * Options: signal (an AbortSignal: stop), onStatus(status, detail) with status one of
    * "connecting", "live", "reconnecting", "ended", "deleted".
+   * The returned iterator's `after`, `epoch` and `lastEventId` are its cursor (the last item
+   * handed out): save { after, epoch } to resume later with events(id, { after, epoch }).
    */
-  async *events(id, { after = 0, types, signal, onStatus } = {}) {
-    const status = (s, d) => { if (onStatus) { try { onStatus(s, d); } catch (_) { /* the caller's */ } } };
-    let cursor = after, attempt = 0, refreshed = false, downSince = null, first = true;
+  events(id, { after = 0, epoch = "0", ...options } = {}) {
+    const cursor = { after, epoch: epoch || "0" };
+    const items = this._follow(id, cursor, options);
+    return Object.defineProperties(items, {
+      after: { get: () => cursor.after },
+      epoch: { get: () => cursor.epoch },
+      lastEventId: { get: () => eventId(cursor.after, cursor.epoch) },
+    });
+  }
+
+  async *_follow(id, at, { types, signal, onStatus } = {}) {
+    const status = (s, d) => { if (onStatus) { try { onStatus(s, Object.assign({ epoch: at.epoch }, d)); } catch (_) { /* the caller's */ } } };
+    let attempt = 0, refreshed = false, downSince = null, first = true;
     const path = EventcoreClient.path(id, "/events");
     while (!(signal && signal.aborted)) {
-      status(first ? "connecting" : "reconnecting", { after: cursor });
+      status(first ? "connecting" : "reconnecting", { after: at.after });
       first = false;
       let delay = null, failure = null, resp = null;
       const abort = new AbortController();
@@ -243,11 +276,12 @@ export class EventcoreClient {
       const arm = () => { clearTimeout(stall); stall = setTimeout(stop, this.stallTimeoutMs); };
       try {
         const headers = this._headers({ Accept: "text/event-stream" });
-        if (cursor) headers["Last-Event-ID"] = String(cursor);
+        if (at.after || at.epoch !== "0") headers["Last-Event-ID"] = eventId(at.after, at.epoch);
         arm();
-        resp = await this.fetch(this._url(path, { after: cursor, types: types ? types.join(",") : undefined }),
+        resp = await this.fetch(this._url(path, { after: at.after, types: types ? types.join(",") : undefined,
+                                                  epoch: at.epoch !== "0" ? at.epoch : undefined }),
                                 { headers, cache: "no-store", credentials: "omit", signal: abort.signal });
-        if (resp.status === 204) { status("ended", { after: cursor }); return; }
+        if (resp.status === 204) { status("ended", { after: at.after }); return; }
         if (resp.status === 401 && !refreshed && await this._refresh()) { refreshed = true; first = true; continue; }
         if (RETRY_STATUS.has(resp.status)) {
           failure = await errorOf(resp);
@@ -257,7 +291,7 @@ export class EventcoreClient {
           throw await errorOf(resp);
         } else {
           attempt = 0; refreshed = false; downSince = null;
-          status("live", { after: cursor });
+          status("live", { after: at.after });
           const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
           const parser = new SseParser();
           let buf = "", done = false;
@@ -274,17 +308,27 @@ export class EventcoreClient {
                 if (!ev) continue;
                 if (!CONTROL_EVENTS.includes(ev.event)) {
                   const env = JSON.parse(ev.data);
-                  if (env.seq <= cursor) continue;          // never twice
-                  cursor = env.seq;
+                  if (env.seq <= at.after) continue;        // never twice
+                  // the id is "<seq>" (epoch 0) or "<seq>.<epoch>"; an epoch may also change
+                  // with no reset (the cursor was in the history both epochs share)
+                  at.after = env.seq;
+                  at.epoch = String(ev.id || "").split(".")[1] || "0";
                   yield env;
-                  if (env.type === "session.ended") { status("ended", { after: cursor }); return; }
+                  if (env.type === "session.ended") { status("ended", { after: at.after }); return; }
                   continue;
                 }
                 const data = ev.data ? JSON.parse(ev.data) : {};
-                if (ev.event === "stream.reset") {
-                  const reset = new StreamReset(data.after, data.first_available);
+                if (ev.event === "stream.reset" && data.reason === "diverged") {
+                  // back to where both histories agree, in the new epoch
+                  const reset = new StreamReset(data.after, data.resume_after + 1,
+                                                { reason: "diverged", epoch: String(data.epoch || "0"),
+                                                  seenEpoch: String(data.seen_epoch || "0") });
+                  at.after = reset.resumeAfter; at.epoch = reset.epoch;
                   yield reset;
-                  cursor = Math.max(cursor, reset.resumeAfter);
+                } else if (ev.event === "stream.reset") {
+                  const reset = new StreamReset(data.after, data.first_available);
+                  at.after = Math.max(at.after, reset.resumeAfter);
+                  yield reset;
                 } else if (ev.event === "session.deleted") {
                   status("deleted", data);
                   yield new SessionDeleted(id, data.last_seq, data.incarnation);
@@ -305,7 +349,7 @@ export class EventcoreClient {
           if (delay === null) {
             // ended without saying why: done if the session has ended and we saw its end
             const s = await this.getSession(id);
-            if (s.state === "ended" && s.last_seq <= cursor) { status("ended", { after: cursor }); return; }
+            if (s.state === "ended" && s.last_seq <= at.after) { status("ended", { after: at.after }); return; }
             // else: backoff below, so a server that keeps closing is no hot loop
           }
         }
@@ -323,25 +367,27 @@ export class EventcoreClient {
         downSince = downSince === null ? now : downSince;
         if (now - downSince >= this.reconnectTimeoutMs) {
           if (failure instanceof EventcoreError) throw failure;
-          throw new EventcoreError("stream of " + id + " after seq " + cursor + ": " + failure, { cause: failure });
+          throw new EventcoreError("stream of " + id + " after " + eventId(at.after, at.epoch) + ": " + failure, { cause: failure });
         }
       }
       if (delay === null) delay = this._backoff(attempt++);
-      status("reconnecting", { after: cursor, delayMs: delay, error: failure ? String(failure) : null });
+      status("reconnecting", { after: at.after, delayMs: delay, error: failure ? String(failure) : null });
       await sleep(delay, signal);
     }
   }
 
   /**
-   * The callback form of events(): calls onEvent(envelope), onReset(StreamReset),
-   * onDeleted(SessionDeleted), onStatus(status, detail), onError(error) (terminal), and
-   * onEnd() once the stream is over. Returns { close() }.
+   * The callback form of events(): calls onEvent(envelope), onReset(StreamReset: on reason
+   * "diverged", drop what you show after its resumeAfter), onDeleted(SessionDeleted),
+   * onStatus(status, detail), onError(error) (terminal), and onEnd() once the stream is over.
+   * Returns { close(), after, epoch, lastEventId } (the cursor, as events() keeps it).
    */
-  subscribe(id, { after = 0, types, onEvent, onReset, onDeleted, onStatus, onError, onEnd } = {}) {
+  subscribe(id, { after = 0, epoch = "0", types, onEvent, onReset, onDeleted, onStatus, onError, onEnd } = {}) {
     const ctl = new AbortController();
+    const items = this.events(id, { after, epoch, types, signal: ctl.signal, onStatus });
     (async () => {
       try {
-        for await (const item of this.events(id, { after, types, signal: ctl.signal, onStatus })) {
+        for await (const item of items) {
           if (item instanceof StreamReset) { if (onReset) onReset(item); }
           else if (item instanceof SessionDeleted) { if (onDeleted) onDeleted(item); }
           else if (onEvent) onEvent(item);
@@ -352,6 +398,11 @@ export class EventcoreClient {
         if (onEnd) onEnd();
       }
     })();
-    return { close: () => ctl.abort() };
+    return {
+      close: () => ctl.abort(),
+      get after() { return items.after; },
+      get epoch() { return items.epoch; },
+      get lastEventId() { return items.lastEventId; },
+    };
   }
 }
