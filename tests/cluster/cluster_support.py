@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
@@ -57,6 +57,18 @@ async def fail_over(cluster: LocalCluster, victim: RedisServer, replica: RedisSe
     with anyio.fail_after(60):
         while not await anyio.to_thread.run_sync(promoted):  # noqa: ASYNC110 - cluster state
             await anyio.sleep(0.05)
+
+
+async def master_with_replica(factory: Callable[..., RedisServer]
+                              ) -> tuple[RedisServer, RedisServer]:
+    """A single-node master and its replica (from ``redis_server_factory``), once their
+    replication link is up."""
+    master = factory()
+    replica = factory(extra=("--replicaof", "127.0.0.1", str(master.port)))
+    with anyio.fail_after(30):
+        while "master_link_status:up" not in replica.command("INFO", "replication"):  # noqa: ASYNC110
+            await anyio.sleep(0.05)  # replication has no notification to await
+    return master, replica
 
 
 async def rejoin_as_replica(victim: RedisServer, master: RedisServer) -> None:

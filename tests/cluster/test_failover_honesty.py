@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
-from cluster_support import fail_over, sessions_on, stopped
+from cluster_support import fail_over, master_with_replica, sessions_on, stopped
 
 from eventcore import (
     AppendNotReplicated,
@@ -235,11 +235,7 @@ async def test_a_reader_beyond_the_tail_is_reset_and_marks_the_stream(
 async def test_wait_on_a_single_node_with_a_replica(
     redis_server_factory: Callable[..., RedisServer],
 ) -> None:
-    master = redis_server_factory()
-    replica = redis_server_factory(extra=("--replicaof", "127.0.0.1", str(master.port)))
-    with anyio.fail_after(30):
-        while "master_link_status:up" not in replica.command("INFO", "replication"):  # noqa: ASYNC110
-            await anyio.sleep(0.05)  # replication has no notification to await
+    master, replica = await master_with_replica(redis_server_factory)
     settings = load_settings(redis_url=master.url, namespace="w", shards=2, retry_budget_s=5,
                              append_replicas=1, append_replicas_timeout_ms=300)
     async with EventLog(settings) as log:

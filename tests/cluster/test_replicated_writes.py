@@ -19,7 +19,7 @@ from collections.abc import Callable
 import anyio
 import pytest
 import redis
-from cluster_support import fail_over, rejoin_as_replica, sessions_on, stopped
+from cluster_support import fail_over, master_with_replica, rejoin_as_replica, sessions_on, stopped
 
 from eventcore import AppendNotReplicated, EventLog, Settings, load_settings
 from eventcore._layout import ENTRY_TYPE
@@ -158,11 +158,7 @@ async def test_deletes_and_effect_claims_wait_for_the_replica_on_one_node(
     claim's WAIT): a delete and an effect's claim are refused while the replica cannot
     confirm them; the effect's function does not run under an unconfirmed claim, and runs
     once after."""
-    master = redis_server_factory()
-    replica = redis_server_factory(extra=("--replicaof", "127.0.0.1", str(master.port)))
-    with anyio.fail_after(30):
-        while "master_link_status:up" not in replica.command("INFO", "replication"):  # noqa: ASYNC110
-            await anyio.sleep(0.05)  # replication has no notification to await
+    master, replica = await master_with_replica(redis_server_factory)
     settings = load_settings(redis_url=master.url, namespace="w", shards=2, retry_budget_s=5,
                              append_replicas=1, append_replicas_timeout_ms=300)
     runs: list[int] = []
