@@ -47,6 +47,7 @@ from ._app import AgentSpec, App, RetryPolicy
 from ._feed import Feed
 from ._heartbeat import Heartbeat, LeaseRec
 from ._metrics import WorkerMetrics
+from ._presence import Presence
 from ._scripts import GROUP, Claim, Coalescer, decode_claim, load_script, release_item
 from ._session import Session
 from ._settle import settle
@@ -60,6 +61,7 @@ CLAIM_LUA = load_script("claim", with_prelude=True)
 RELEASE_LUA = load_script("release", with_prelude=True)
 DELAYED_LUA = load_script("delayed", with_prelude=True)
 REQUEUE_LUA = load_script("requeue", with_prelude=True)
+TAKEOVER_LUA = load_script("takeover")
 
 
 async def _no_handler(session: Session) -> None:
@@ -73,7 +75,9 @@ class Worker(Running):
     exist and the worker is consuming, and leaving the block stops it (:meth:`aclose`);
     :meth:`run_burst` returns when there is nothing left to do. ``concurrency`` is
     ``max_concurrent_sessions``; ``lease_ttl_s`` is how long a dead worker's sessions wait
-    before another worker takes them over.
+    before another worker takes them over, unless its process died: then its connections close,
+    and within ``presence_interval_s`` another worker sees it and takes them over at once
+    (:mod:`workers._presence`; ``None`` turns that off, leaving only the lease).
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class Worker(Running):
         read_batch: int = 256,
         trim_interval_s: float = 30.0,
         max_deliveries: int = 10,
+        presence_interval_s: float | None = 0.15,
     ) -> None:
         if concurrency < 1:
             raise ValidationError("concurrency must be >= 1")
@@ -120,6 +125,7 @@ class Worker(Running):
         #: a dispatch entry delivered more often than this (every host died with it: a crash
         #: loop) dead-letters its session instead of taking another worker down
         self.max_deliveries = max_deliveries
+        self.presence_interval_s = presence_interval_s
         self.metrics = WorkerMetrics(self.id, concurrency)
         self.supervisor = Supervisor(max_consecutive_failures, self.metrics, self._give_up)
         self._hosts: dict[str, Session] = {}
@@ -192,6 +198,10 @@ class Worker(Running):
         self._claim_script = redis.register_script(CLAIM_LUA)
         self._delayed_script = redis.register_script(DELAYED_LUA)
         self._requeue_script = redis.register_script(REQUEUE_LUA)
+        self._takeover_script = redis.register_script(TAKEOVER_LUA)
+        presence = Presence(redis, keys, self.id, interval_s=self.presence_interval_s or 1.0,
+                            expiry_s=max(10.0, 3 * self.lease_ttl_s), metrics=self.metrics,
+                            take_over=self._take_over)
         heartbeat = Heartbeat(
             redis=redis, keys=keys, worker_id=self.id, lease_ttl_s=self.lease_ttl_s,
             interval_s=self.heartbeat_interval_s, leases=self._lease_snapshot,
@@ -199,13 +209,19 @@ class Worker(Running):
             status=self._status, metrics=self.metrics, loop=asyncio.get_running_loop(),
             max_failures=self.supervisor.limit,
         )
-        async with self._release:  # its round trips end with the worker's
+        # its round trips end with the worker's; the presence connection stays open (this
+        # worker alive) until the sessions are handed back
+        async with self._release, contextlib.AsyncExitStack() as stack:
+            if self.presence_interval_s:
+                await stack.enter_async_context(presence)
             try:
                 await self._group.ensure()
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     await tg.start(self.feed.run)
                     heartbeat.start()
+                    if self.presence_interval_s:
+                        await tg.start(presence.run)
                     tg.start_soon(self._maintain)
                     async with anyio.create_task_group() as sessions:
                         self._sessions = sessions
@@ -309,7 +325,10 @@ class Worker(Running):
                 sizes = await pipe.execute()
         return not any(sizes)
 
-    async def _claim(self, entries: Sequence[tuple[int, str, Any]], *, reclaimed: bool) -> None:
+    async def _claim(self, entries: Sequence[tuple[int, str, Any]], *, reclaimed: bool,
+                     evicted: str = "") -> None:
+        """Host ``entries`` (claim.lua); ``evicted``: a worker whose presence connection
+        closed (it died), whose leases do not hold its sessions."""
         by_shard: dict[int, list[tuple[str, str]]] = {}
         for shard, eid, fields in entries:
             sid = dispatch_session(fields)
@@ -334,7 +353,7 @@ class Worker(Running):
             keys = [lk.dispatch(shard), lk.dead(shard), lk.feed(shard)]
             args: list[Any] = [self.id, int(self.lease_ttl_s * 1000), GROUP,
                                self.max_deliveries, int(time.time() * 1000), lk.notify(shard),
-                               b""]
+                               b"", evicted]
             for sid, eid in items:
                 sk = lk.session(sid)
                 keys += (sk.meta, sk.lease, sk.stream, sk.dedupe)
@@ -619,6 +638,32 @@ class Worker(Running):
                     break
             if slots.free <= 0:
                 return
+
+    async def _take_over(self, host: str) -> bool:
+        """Host what the evicted worker ``host`` (its process died, see
+        :mod:`workers._presence`) still has pending, as far as this worker has room, at once
+        instead of after its leases lapse. True when nothing of it was left on any shard."""
+        if self._draining:
+            return False
+        keys, slots = self.log.keys, self._slots
+        left = False
+        for shard in keys.all_shards():
+            free = min(slots.free, 100)
+            if free <= 0:
+                return False
+            with slots.reserve(free):
+                with redis_errors("takeover"):
+                    res = await run_script(self._takeover_script, [keys.dispatch(shard)],
+                                           [GROUP, host, self.id, free])
+                # XCLAIM answers nil for an entry no longer in the stream (it dropped it)
+                entries = [(shard, _text(e[0]), {e[1][i]: e[1][i + 1]
+                                                 for i in range(0, len(e[1]), 2)})
+                           for e in res if e and e[1]]
+                left = left or len(res) >= free
+                if entries:
+                    self.metrics.takeovers += len(entries)
+                    await self._claim(entries, reclaimed=True, evicted=host)
+        return not left
 
     def _hosting(self, entry: tuple[int, str, Any]) -> bool:
         shard, eid, fields = entry
