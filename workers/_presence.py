@@ -147,7 +147,8 @@ class Presence:
                 # the checker's own trouble says nothing about anyone else: no eviction
                 self._metrics.presence_errors += 1
                 log.debug("worker %s: presence check failed: %s", self._id, exc)
-                if not isinstance(exc, rexc.ResponseError):
+                if isinstance(exc, (rexc.RedisError, OSError)) and not isinstance(
+                        exc, rexc.ResponseError):
                     await self._drop()  # connect (and register) afresh next round
             await anyio.sleep(self._interval_s)
 
