@@ -31,7 +31,7 @@ from eventcore import EventLog, validate_session_id
 from eventcore._codec import dispatch_session, session_started_parts
 from eventcore._groups import ConsumerGroup
 from eventcore._lifetime import Running
-from eventcore._redis import redis_errors, run_script
+from eventcore._redis import redis_errors, run_script, run_scripts
 from eventcore._redis import text as _text
 from eventcore._streams import ShardStreams
 from eventcore.errors import (
@@ -101,7 +101,7 @@ class Worker(Running):
         read_batch: int = 256,
         trim_interval_s: float = 30.0,
         max_deliveries: int = 10,
-        presence_interval_s: float | None = 0.15,
+        presence_interval_s: float | None = 0.1,
     ) -> None:
         if concurrency < 1:
             raise ValidationError("concurrency must be >= 1")
@@ -642,27 +642,45 @@ class Worker(Running):
     async def _take_over(self, host: str) -> bool:
         """Host what the evicted worker ``host`` (its process died, see
         :mod:`workers._presence`) still has pending, as far as this worker has room, at once
-        instead of after its leases lapse. True when nothing of it was left on any shard."""
+        instead of after its leases lapse. True when nothing of it was left on any shard.
+
+        All shards at once (a shard at a time, the sessions claimed first would replay their
+        history while the later shards wait): one pipelined look at what is pending to it,
+        the room shared out, one pipelined takeover.lua, then one claim per shard."""
         if self._draining:
             return False
         keys, slots = self.log.keys, self._slots
-        left = False
-        for shard in keys.all_shards():
-            free = min(slots.free, 100)
-            if free <= 0:
-                return False
-            with slots.reserve(free):
-                with redis_errors("takeover"):
-                    res = await run_script(self._takeover_script, [keys.dispatch(shard)],
-                                           [GROUP, host, self.id, free])
-                # XCLAIM answers nil for an entry no longer in the stream (it dropped it)
-                entries = [(shard, _text(e[0]), {e[1][i]: e[1][i + 1]
-                                                 for i in range(0, len(e[1]), 2)})
-                           for e in res if e and e[1]]
-                left = left or len(res) >= free
-                if entries:
-                    self.metrics.takeovers += len(entries)
-                    await self._claim(entries, reclaimed=True, evicted=host)
+        free = slots.free
+        if free <= 0:
+            return False
+        with slots.reserve(free):
+            shards = list(keys.all_shards())
+            with redis_errors("takeover"):
+                async with self.log.redis.pipeline(transaction=False) as pipe:
+                    for shard in shards:
+                        pipe.xpending_range(keys.dispatch(shard), GROUP, "-", "+", free, host)
+                    pending = await pipe.execute()
+            room, calls = free, []
+            for shard, entries in zip(shards, pending, strict=True):
+                if entries and room > 0:
+                    take = min(room, len(entries))
+                    room -= take
+                    calls.append((shard, take))
+            left = sum(len(e) for e in pending) > free - room
+            if not calls:
+                return not left
+            with redis_errors("takeover"):
+                replies = await run_scripts(self.log.redis, self._takeover_script, [
+                    ([keys.dispatch(shard)], [GROUP, host, self.id, take])
+                    for shard, take in calls])
+            # XCLAIM answers nil for an entry no longer in the stream (it dropped it)
+            claimed = [(shard, _text(e[0]), {e[1][i]: e[1][i + 1]
+                                            for i in range(0, len(e[1]), 2)})
+                       for (shard, _), res in zip(calls, replies, strict=True)
+                       for e in res if e and e[1]]
+            if claimed:
+                self.metrics.takeovers += len(claimed)
+                await self._claim(claimed, reclaimed=True, evicted=host)
         return not left
 
     def _hosting(self, entry: tuple[int, str, Any]) -> bool:

@@ -69,7 +69,7 @@ def worker(
         min=0.05, help="Safety-net re-check of hosted streams (seconds).")] = 5.0,
     presence_interval: Annotated[float, typer.Option(
         min=0, help="Seconds between checks for dead workers (their connections closed), whose "
-                    "sessions are then taken over at once; 0: only after their leases.")] = 0.15,
+                    "sessions are then taken over at once; 0: only after their leases.")] = 0.1,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
 ) -> None:
     """Host sessions of APP's agents. SIGTERM/SIGINT drain (a second signal hands the running

@@ -83,6 +83,45 @@ async def test_sigkill_with_a_30s_lease_the_sessions_are_taken_over_at_once(
         a.kill()
 
 
+async def test_two_workers_share_a_dead_workers_sessions_within_their_room(
+    event_log: EventLog, hosting: Hosting
+) -> None:
+    """Neither has room for all: each takes what fits, at once, and nothing is hosted twice;
+    one of them evicts (the compare-and-set), both take over."""
+    log, n, ttl = event_log, 5, 30.0
+    a = WorkerProc(log, "--lease-ttl", str(ttl), env={"EC_TEST_HOLD_S": "600"}).start()
+    try:
+        await a.ready()
+        async with watching(log) as feed:
+            sids = await create(log, n)
+            await feed.until(lambda: all(feed.count(s, "message") == 1 for s in sids))
+            async with hosting(log, lease_ttl_s=ttl, concurrency=3) as b, \
+                    hosting(log, lease_ttl_s=ttl, concurrency=3) as c:
+                a.kill()
+                with anyio.fail_after(ttl / 3):
+                    await eventually(lambda: b.metrics.active + c.metrics.active == n)
+                    for i, sid in enumerate(sids):
+                        await log.append(Envelope(type="input", session_id=sid,
+                                                  payload=f"second-{i}"))
+                    await feed.until(lambda: all(feed.count(s, "message") == 2 for s in sids))
+                assert b.metrics.evictions + c.metrics.evictions == 1
+                assert b.metrics.takeovers + c.metrics.takeovers == n
+                assert max(b.metrics.active, c.metrics.active) == 3
+                hosts = collections.Counter()
+                for sid in sids:
+                    info = await log.get_session(sid)
+                    assert info.epoch == 2
+                    hosts[info.host] += 1
+                assert set(hosts) <= {b.id, c.id} and sum(hosts.values()) == n
+        for i, sid in enumerate(sids):
+            events = await read_all(log, sid)
+            check_log(events)
+            assert [e.payload["text"] for e in events if e.type == "message"] == [
+                f"FIRST-{i}", f"SECOND-{i}"]
+    finally:
+        a.kill()
+
+
 async def test_sigstop_keeps_the_connection_so_the_lease_decides(
     event_log: EventLog, hosting: Hosting
 ) -> None:
