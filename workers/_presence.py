@@ -112,6 +112,7 @@ class Presence:
         self._metrics = metrics
         self._take_over = take_over
         self._conn: AbstractConnection | None = None
+        self._dirty = False  # a round trip on the connection was interrupted
         #: what the registry names for this worker now (None: not registered)
         self.client_id: int | None = None
         self._server = ""
@@ -129,9 +130,10 @@ class Presence:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        # a fresh connection: a cancelled check may have left the old one mid-reply (by now
-        # the sessions are handed back, so a checker seeing it closed takes nothing)
-        await self._drop()
+        # leave through the registered connection (closing it first would let a checker see
+        # this worker "dead" for a moment), unless a cancelled check left it mid-reply
+        if self._dirty:
+            await self._drop()
         # on failure the registration expires, and checkers drop it
         with anyio.CancelScope(shield=True), anyio.move_on_after(2), \
                 contextlib.suppress(rexc.RedisError, OSError):
@@ -167,7 +169,7 @@ class Presence:
         return conn
 
     async def _drop(self) -> None:
-        conn, self._conn, self.client_id = self._conn, None, None
+        conn, self._conn, self.client_id, self._dirty = self._conn, None, None, False
         if conn is not None:
             with anyio.CancelScope(shield=True):
                 await conn.disconnect()
@@ -178,6 +180,7 @@ class Presence:
         if self._conn is None:
             self._conn = self._connection()
         conn = self._conn
+        self._dirty = True
         await conn.send_packed_command(conn.pack_commands(commands))
         out: list[Any] = []
         error: rexc.ResponseError | None = None
@@ -187,6 +190,7 @@ class Presence:
             except rexc.ResponseError as exc:
                 error = error or exc
                 out.append(None)
+        self._dirty = False
         if error is not None:
             raise error
         return out
