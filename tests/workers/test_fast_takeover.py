@@ -83,6 +83,39 @@ async def test_sigkill_with_a_30s_lease_the_sessions_are_taken_over_at_once(
         a.kill()
 
 
+async def test_sigkill_mid_tool_the_new_host_runs_it_again_at_once(
+    event_log: EventLog, hosting: Hosting, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dead host's effect claim (its TTL is the lease's, 30 s) was made by a superseded
+    epoch: it does not hold the new host back (effects are at least once: the tool runs
+    again)."""
+    log, n, ttl = event_log, 3, 30.0
+    effects = tmp_path / "effects"
+    monkeypatch.setenv("EC_TEST_EFFECTS", str(effects))
+    a = WorkerProc(log, "--lease-ttl", str(ttl),
+                   env={"EC_TEST_EFFECTS": str(effects), "EC_TEST_TOOL_HOLD_S": "600"}).start()
+    try:
+        await a.ready()
+        async with watching(log) as feed:
+            sids = await create(log, n)
+            await eventually(lambda: len(effect_lines(effects)) == n)  # all mid-tool in A
+            async with hosting(log, lease_ttl_s=ttl) as b:
+                a.kill()
+                with anyio.fail_after(ttl / 3):
+                    await feed.until(lambda: all(feed.count(s, "run.completed") == 1
+                                                 for s in sids))
+                assert b.metrics.takeovers == n
+        for i, sid in enumerate(sids):
+            events = await read_all(log, sid)
+            check_log(events)
+            assert [e.payload["text"] for e in events if e.type == "message"] == [f"FIRST-{i}"]
+            assert [e.type for e in events].count("effect") == 1  # recorded once, by B
+        counts = collections.Counter(effect_lines(effects))
+        assert len(counts) == n and set(counts.values()) == {2}  # ran in A, and again in B
+    finally:
+        a.kill()
+
+
 async def test_two_workers_share_a_dead_workers_sessions_within_their_room(
     event_log: EventLog, hosting: Hosting
 ) -> None:
