@@ -647,28 +647,25 @@ class Worker(Running):
         All shards at once (a shard at a time, the sessions claimed first would replay their
         history while the later shards wait): one pipelined look at what is pending to it,
         the room shared out, one pipelined takeover.lua, then one claim per shard."""
-        if self._draining:
+        if self._draining or self._slots.free <= 0:
             return False
         keys, slots = self.log.keys, self._slots
-        free = slots.free
-        if free <= 0:
-            return False
-        with slots.reserve(free):
-            shards = list(keys.all_shards())
-            with redis_errors("takeover"):
-                async with self.log.redis.pipeline(transaction=False) as pipe:
-                    for shard in shards:
-                        pipe.xpending_range(keys.dispatch(shard), GROUP, "-", "+", free, host)
-                    pending = await pipe.execute()
-            room, calls = free, []
-            for shard, entries in zip(shards, pending, strict=True):
-                if entries and room > 0:
-                    take = min(room, len(entries))
-                    room -= take
-                    calls.append((shard, take))
-            left = sum(len(e) for e in pending) > free - room
-            if not calls:
-                return not left
+        shards = list(keys.all_shards())
+        with redis_errors("takeover"):
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                for shard in shards:
+                    pipe.xpending_range(keys.dispatch(shard), GROUP, "-", "+", slots.free, host)
+                pending = await pipe.execute()
+        room, calls = slots.free, []
+        for shard, entries in zip(shards, pending, strict=True):
+            if entries and room > 0:
+                calls.append((shard, min(room, len(entries))))
+                room -= calls[-1][1]
+        taking = sum(take for _, take in calls)
+        left = sum(len(e) for e in pending) > taking
+        if not calls:
+            return not left
+        with slots.reserve(taking):  # the slots the claims need, as the other paths do
             with redis_errors("takeover"):
                 replies = await run_scripts(self.log.redis, self._takeover_script, [
                     ([keys.dispatch(shard)], [GROUP, host, self.id, take])
