@@ -20,10 +20,16 @@ Each system runs in two modes, all with the same concurrency (in-flight limit):
                per second from the first submission, and latency submit -> completion (p50/p99)
 
 Completion is observed the same way for all (XREAD of a stream in this process). Then the
-recovery time after SIGKILL: a worker hosting sessions in the middle of a run is killed; a second
-worker takes them over once their leases (TTL 2 s) expire. Reported: the time from the kill
-until every session has recorded an event from the new worker (median of several runs), and the
-same after SIGTERM (drain hands the sessions back at once, no lease wait).
+recovery time: a worker hosting sessions in the middle of a run is stopped, and a second worker
+takes them over. Reported: the time from the stop until every session has recorded an event
+from the new worker (median of several runs), for
+
+``sigkill_lease``     SIGKILL with the presence check off (``--presence-interval 0``): the new
+                      worker waits for the leases (``--lease-ttl``, 2 s) to lapse: the baseline
+``sigkill_takeover``  SIGKILL with the presence check on and long leases (``--takeover-lease-ttl``,
+                      30 s): the killed process's connections close, and the new worker takes
+                      its sessions over at once (connection-closed takeover); target <= 0.5 s
+``sigterm``           drain hands the sessions back at once (no lease wait)
 
 Prints JSON: medians of ``--runs`` runs and the ratios eventcore / baseline.
 """
@@ -295,9 +301,12 @@ async def run_one(system: System, url: str, n: int, conc: int, mode: str, run: i
 
 # -- recovery ----------------------------------------------------------------------------------
 async def recovery_run(url: str, m: int, ttl: float, run: int, how: str) -> float:
-    settings = load_settings(redis_url=url, namespace=f"rec{how}{run}", shards=16)
+    settings = load_settings(redis_url=url, namespace=f"rec{how.replace('_', '')}{run}",
+                             shards=16)
+    # the baseline waits for the lease: no presence check on either worker
+    presence = ["--presence-interval", "0"] if how == "sigkill_lease" else []
     async with EventLog(settings) as log:
-        a = eventcore_worker(log, "--lease-ttl", str(ttl), "--drain-timeout", "0",
+        a = eventcore_worker(log, "--lease-ttl", str(ttl), "--drain-timeout", "0", *presence,
                              BENCH_HOLD_S="600")
         b = None
         try:
@@ -309,7 +318,7 @@ async def recovery_run(url: str, m: int, ttl: float, run: int, how: str) -> floa
                               lambda: len(replied) >= m)
                 for i in range(m):
                     await log.create_session("hold", session_id=f"h{i}", input="x")
-            b = eventcore_worker(log, "--lease-ttl", str(ttl))
+            b = eventcore_worker(log, "--lease-ttl", str(ttl), *presence)
             await ready(b)
             recovered: dict[str, float] = {}
 
@@ -318,7 +327,7 @@ async def recovery_run(url: str, m: int, ttl: float, run: int, how: str) -> floa
                     recovered.setdefault(sid, now)
 
             t0 = time.time()
-            if how == "sigkill":
+            if how.startswith("sigkill"):
                 a.kill()
             else:
                 a.terminate()
@@ -346,6 +355,7 @@ async def main() -> None:
     ap.add_argument("--recovery-runs", type=int, default=5)
     ap.add_argument("--recovery-sessions", type=int, default=50)
     ap.add_argument("--lease-ttl", type=float, default=2.0)
+    ap.add_argument("--takeover-lease-ttl", type=float, default=30.0)
     ap.add_argument("--modes", default="backlog,live", help="comma-separated: backlog,live")
     ap.add_argument("--systems", default="eventcore,taskiq,arq",
                     help="comma-separated: eventcore,taskiq,arq")
@@ -354,7 +364,8 @@ async def main() -> None:
     every: dict[str, System] = {"eventcore": Eventcore(), "taskiq": Taskiq(), "arq": Arq()}
     systems = {name: every[name] for name in args.systems.split(",")}
     raw: dict[str, dict[str, list[Result]]] = {s: {m: [] for m in modes} for s in systems}
-    recovery: dict[str, list[float]] = {"sigkill": [], "sigterm": []}
+    recovery: dict[str, list[float]] = {"sigkill_lease": [], "sigkill_takeover": [],
+                                        "sigterm": []}
     with RedisServer(appendonly=False) as server:
         assert server.proc is not None
         REDIS_PID[0] = server.proc.pid
@@ -370,26 +381,33 @@ async def main() -> None:
         for run in range(args.recovery_runs):
             for how in recovery:
                 await flush(server.url)
-                took = await recovery_run(server.url, args.recovery_sessions, args.lease_ttl,
-                                          run, how)
+                ttl = args.takeover_lease_ttl if how == "sigkill_takeover" else args.lease_ttl
+                took = await recovery_run(server.url, args.recovery_sessions, ttl, run, how)
                 recovery[how].append(round(took, 3))
                 print(json.dumps({"recovery": how, "run": run, "s": took}), file=sys.stderr)
     out: dict[str, Any] = {"benchmark": "dispatch", "jobs": args.jobs, "runs": args.runs,
                            "concurrency": args.concurrency, "cpus": os.cpu_count()}
     for name in systems:
         out[name] = {mode: {k: median(r.get(k, 0.0) for r in results) for k in results[0]}
-                     for mode, results in raw[name].items()}
+                     for mode, results in raw[name].items() if results}
     for base in ("taskiq", "arq"):
         if "eventcore" in systems and base in systems:
             out[f"ratio_eventcore_vs_{base}"] = {
                 mode: round(out["eventcore"][mode]["jobs_per_s"]
                             / out[base][mode]["jobs_per_s"], 2)
-                for mode in modes}
+                for mode in modes if mode in out["eventcore"]}
     if args.recovery_runs:
+        lease = statistics.median(recovery["sigkill_lease"])
+        takeover = statistics.median(recovery["sigkill_takeover"])
         out["recovery"] = {
             "sessions": args.recovery_sessions, "lease_ttl_s": args.lease_ttl,
-            "after_sigkill_s_median": statistics.median(recovery["sigkill"]),
-            "after_sigkill_s_runs": recovery["sigkill"],
+            "after_sigkill_lease_s_median": lease,
+            "after_sigkill_lease_s_runs": recovery["sigkill_lease"],
+            "takeover_lease_ttl_s": args.takeover_lease_ttl,
+            "after_sigkill_takeover_s_median": takeover,
+            "after_sigkill_takeover_s_runs": recovery["sigkill_takeover"],
+            "ratio_takeover_vs_lease": round(takeover / lease, 3),
+            "takeover_target_s": 0.5, "takeover_within_target": takeover <= 0.5,
             "after_sigterm_handback_s_median": statistics.median(recovery["sigterm"]),
             "after_sigterm_handback_s_runs": recovery["sigterm"],
         }

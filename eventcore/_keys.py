@@ -29,6 +29,9 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
     ns:{N}:epoch             hash: the shard's write counter (wc, one per append batch) and
                              generation (gen): how appends detect a failover that lost writes
     ns:{0}:shards            string: the deployment's shard count (checked at every start)
+    ns:{presence}:hosts      hash: worker id -> "<run id> <client id> <server run id>
+                             <expires ms> alive|evicted": each worker's presence connection
+                             (workers._presence), in one slot of its own
     ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
     ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
                              epoch (inputs, signals, control, ends from outside): what a host
@@ -195,6 +198,13 @@ class Keys:
 
     def workers(self) -> str:
         return f"{self.namespace}:workers"
+
+    def presence(self) -> str:
+        """Hash: worker id -> its presence registration (the Redis client id of a connection
+        the worker holds open while it lives). One key in a slot of its own (``{presence}``):
+        on a cluster every worker keeps that connection to the one master serving it, and one
+        ``CLIENT LIST`` there tells which registered workers' connections are gone."""
+        return f"{self.namespace}:{{presence}}:hosts"
 
     def checkpoint(self, group: str, shard: int) -> str:
         return f"{self._tag(shard)}:checkpoint:{group}"

@@ -37,6 +37,10 @@ class WorkerMetrics:
         self.lost = 0
         self.fenced_writes = 0
         self.resurrected_leases = 0
+        self.presence_checks = 0
+        self.presence_errors = 0
+        self.evictions = 0
+        self.takeovers = 0
         self.consecutive_failures = 0
         self.loop_lag_s = 0.0
         self.max_loop_lag_s = 0.0
@@ -96,6 +100,10 @@ _COUNTERS = {
     "fenced_writes": "Writes refused because this worker's host epoch was superseded",
     "resurrected_leases": "Lapsed leases taken back because nobody had re-hosted the session",
     "heartbeats": "Heartbeats (lease renewals of all hosted sessions)",
+    "presence_checks": "Checks of the other workers' presence connections",
+    "presence_errors": "Presence checks that failed (nobody is evicted on a failed check)",
+    "evictions": "Workers found dead (their presence connection closed) by this worker",
+    "takeovers": "Sessions of dead workers taken over without waiting for their leases",
 }
 _GAUGES = {
     "active": "Sessions hosted now",

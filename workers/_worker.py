@@ -31,7 +31,7 @@ from eventcore import EventLog, validate_session_id
 from eventcore._codec import dispatch_session, session_started_parts
 from eventcore._groups import ConsumerGroup
 from eventcore._lifetime import Running
-from eventcore._redis import redis_errors, run_script
+from eventcore._redis import redis_errors, run_script, run_scripts
 from eventcore._redis import text as _text
 from eventcore._streams import ShardStreams
 from eventcore.errors import (
@@ -48,6 +48,7 @@ from ._app import AgentSpec, App, RetryPolicy
 from ._feed import Feed
 from ._heartbeat import Heartbeat, LeaseRec
 from ._metrics import WorkerMetrics
+from ._presence import Presence
 from ._scripts import GROUP, Claim, Coalescer, decode_claim, load_script, release_item
 from ._session import Session
 from ._settle import settle
@@ -61,6 +62,7 @@ CLAIM_LUA = load_script("claim", with_prelude=True)
 RELEASE_LUA = load_script("release", with_prelude=True)
 DELAYED_LUA = load_script("delayed", with_prelude=True)
 REQUEUE_LUA = load_script("requeue", with_prelude=True)
+TAKEOVER_LUA = load_script("takeover")
 
 
 async def _no_handler(session: Session) -> None:
@@ -74,7 +76,9 @@ class Worker(Running):
     exist and the worker is consuming, and leaving the block stops it (:meth:`aclose`);
     :meth:`run_burst` returns when there is nothing left to do. ``concurrency`` is
     ``max_concurrent_sessions``; ``lease_ttl_s`` is how long a dead worker's sessions wait
-    before another worker takes them over.
+    before another worker takes them over, unless its process died: then its connections close,
+    and within ``presence_interval_s`` another worker sees it and takes them over at once
+    (:mod:`workers._presence`; ``None`` turns that off, leaving only the lease).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class Worker(Running):
         read_batch: int = 256,
         trim_interval_s: float = 30.0,
         max_deliveries: int = 10,
+        presence_interval_s: float | None = 0.1,
     ) -> None:
         if concurrency < 1:
             raise ValidationError("concurrency must be >= 1")
@@ -121,6 +126,7 @@ class Worker(Running):
         #: a dispatch entry delivered more often than this (every host died with it: a crash
         #: loop) dead-letters its session instead of taking another worker down
         self.max_deliveries = max_deliveries
+        self.presence_interval_s = presence_interval_s
         self.metrics = WorkerMetrics(self.id, concurrency)
         self.supervisor = Supervisor(max_consecutive_failures, self.metrics, self._give_up)
         self._hosts: dict[str, Session] = {}
@@ -193,6 +199,10 @@ class Worker(Running):
         self._claim_script = redis.register_script(CLAIM_LUA)
         self._delayed_script = redis.register_script(DELAYED_LUA)
         self._requeue_script = redis.register_script(REQUEUE_LUA)
+        self._takeover_script = redis.register_script(TAKEOVER_LUA)
+        presence = Presence(redis, keys, self.id, interval_s=self.presence_interval_s or 1.0,
+                            expiry_s=max(10.0, 3 * self.lease_ttl_s), metrics=self.metrics,
+                            take_over=self._take_over)
         heartbeat = Heartbeat(
             redis=redis, keys=keys, worker_id=self.id, lease_ttl_s=self.lease_ttl_s,
             interval_s=self.heartbeat_interval_s, leases=self._lease_snapshot,
@@ -200,13 +210,19 @@ class Worker(Running):
             status=self._status, metrics=self.metrics, loop=asyncio.get_running_loop(),
             max_failures=self.supervisor.limit,
         )
-        async with self._release:  # its round trips end with the worker's
+        # its round trips end with the worker's; the presence connection stays open (this
+        # worker alive) until the sessions are handed back
+        async with self._release, contextlib.AsyncExitStack() as stack:
+            if self.presence_interval_s:
+                await stack.enter_async_context(presence)
             try:
                 await self._group.ensure()
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     await tg.start(self.feed.run)
                     heartbeat.start()
+                    if self.presence_interval_s:
+                        await tg.start(presence.run)
                     tg.start_soon(self._maintain)
                     async with anyio.create_task_group() as sessions:
                         self._sessions = sessions
@@ -310,7 +326,10 @@ class Worker(Running):
                 sizes = await pipe.execute()
         return not any(sizes)
 
-    async def _claim(self, entries: Sequence[tuple[int, str, Any]], *, reclaimed: bool) -> None:
+    async def _claim(self, entries: Sequence[tuple[int, str, Any]], *, reclaimed: bool,
+                     evicted: str = "") -> None:
+        """Host ``entries`` (claim.lua); ``evicted``: a worker whose presence connection
+        closed (it died), whose leases do not hold its sessions."""
         by_shard: dict[int, list[tuple[str, str]]] = {}
         unacked: list[tuple[int, str, Any]] = []  # entries of claims no replica confirmed
         for shard, eid, fields in entries:
@@ -336,7 +355,7 @@ class Worker(Running):
             keys = [lk.dispatch(shard), lk.dead(shard), lk.feed(shard)]
             args: list[Any] = [self.id, int(self.lease_ttl_s * 1000), GROUP,
                                self.max_deliveries, int(time.time() * 1000), lk.notify(shard),
-                               b""]
+                               b"", evicted]
             for sid, eid in items:
                 sk = lk.session(sid)
                 keys += (sk.meta, sk.lease, sk.stream, sk.dedupe)
@@ -641,6 +660,47 @@ class Worker(Running):
                     break
             if slots.free <= 0:
                 return
+
+    async def _take_over(self, host: str) -> bool:
+        """Host what the evicted worker ``host`` (its process died, see
+        :mod:`workers._presence`) still has pending, as far as this worker has room, at once
+        instead of after its leases lapse. True when nothing of it was left on any shard.
+
+        All shards at once (a shard at a time, the sessions claimed first would replay their
+        history while the later shards wait): one pipelined look at what is pending to it,
+        the room shared out, one pipelined takeover.lua, then one claim per shard."""
+        if self._draining or self._slots.free <= 0:
+            return False
+        keys, slots = self.log.keys, self._slots
+        shards = list(keys.all_shards())
+        with redis_errors("takeover"):
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                for shard in shards:
+                    pipe.xpending_range(keys.dispatch(shard), GROUP, "-", "+", slots.free, host)
+                pending = await pipe.execute()
+        room, calls = slots.free, []
+        for shard, entries in zip(shards, pending, strict=True):
+            if entries and room > 0:
+                calls.append((shard, min(room, len(entries))))
+                room -= calls[-1][1]
+        taking = sum(take for _, take in calls)
+        left = sum(len(e) for e in pending) > taking
+        if not calls:
+            return not left
+        with slots.reserve(taking):  # the slots the claims need, as the other paths do
+            with redis_errors("takeover"):
+                replies = await run_scripts(self.log.redis, self._takeover_script, [
+                    ([keys.dispatch(shard)], [GROUP, host, self.id, take])
+                    for shard, take in calls])
+            # XCLAIM answers nil for an entry no longer in the stream (it dropped it)
+            claimed = [(shard, _text(e[0]), {e[1][i]: e[1][i + 1]
+                                            for i in range(0, len(e[1]), 2)})
+                       for (shard, _), res in zip(calls, replies, strict=True)
+                       for e in res if e and e[1]]
+            if claimed:
+                self.metrics.takeovers += len(claimed)
+                await self._claim(claimed, reclaimed=True, evicted=host)
+        return not left
 
     def _hosting(self, entry: tuple[int, str, Any]) -> bool:
         shard, eid, fields = entry

@@ -3,7 +3,10 @@
 -- ARGV[1] effect key, ARGV[2] claim token, ARGV[3] claim ttl (ms), ARGV[4] host epoch or ''
 -- Returns {verdict, value}:
 --   {'done', record}     a recorded result, or a terminal failure
---   {'wait', ms_left}    another caller holds a live claim
+--   {'wait', ms_left}    another caller holds a live claim (a claim made by an earlier host
+--                        epoch than the caller's does not hold: that host was superseded --
+--                        its process died and the session was taken over -- and what it
+--                        would record is refused, so the caller takes the claim at once)
 --   {'run', attempt}     the caller now holds the claim and must run fn
 --   {'stale', epoch} / {'missing', ''} / {'ended', ''} / {'corrupt', why}
 local t = redis.call('TIME')
@@ -33,15 +36,22 @@ if v then
     local token, n = string.match(v, '^claim:([^:]*):(%d+):')
     attempt = tonumber(n) or 1
     local expires = tonumber(string.match(v, ':(%d+)$')) or 0
+    local by = tonumber(string.match(v, ':e(%d+):%d+$'))
+    local superseded = by and ARGV[4] ~= '' and tonumber(ARGV[4]) > by
     -- the caller's own claim: its first call ran but the reply was lost (dropped connection,
     -- restart) and the client resent it; waiting for it would wait for ourselves
-    if expires > now and token ~= ARGV[2] then return {'wait', expires - now} end
+    if expires > now and token ~= ARGV[2] and not superseded then
+      return {'wait', expires - now}
+    end
   end
 end
 if meta[2] == L.STATE_ENDED then return {'ended', ''} end
 if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= (tonumber(meta[3]) or 0) then
   return {'stale', meta[3] or '0'}
 end
+-- claim:<token>:<attempt>[:e<host epoch>]:<expires ms>
+local by = ''
+if ARGV[4] ~= '' then by = ':e' .. ARGV[4] end
 redis.call('HSET', KEYS[1], ARGV[1],
-  'claim:' .. ARGV[2] .. ':' .. attempt .. ':' .. (now + tonumber(ARGV[3])))
+  'claim:' .. ARGV[2] .. ':' .. attempt .. by .. ':' .. (now + tonumber(ARGV[3])))
 return {'run', attempt}

@@ -67,6 +67,9 @@ def worker(
         min=1, help="Dead-letter a session whose hosts died with it this many times.")] = 10,
     poll_interval: Annotated[float, typer.Option(
         min=0.05, help="Safety-net re-check of hosted streams (seconds).")] = 5.0,
+    presence_interval: Annotated[float, typer.Option(
+        min=0, help="Seconds between checks for dead workers (their connections closed), whose "
+                    "sessions are then taken over at once; 0: only after their leases.")] = 0.1,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
 ) -> None:
     """Host sessions of APP's agents. SIGTERM/SIGINT drain (a second signal hands the running
@@ -92,7 +95,8 @@ def worker(
                        idle_timeout_s=idle_timeout, run_timeout_s=run_timeout,
                        session_timeout_s=session_timeout, retry=policy,
                        max_consecutive_failures=max_failures, poll_interval_s=poll_interval,
-                       max_deliveries=max_deliveries)
+                       max_deliveries=max_deliveries,
+                       presence_interval_s=presence_interval or None)
             server = None
             if metrics_port is not None:
                 from prometheus_client import start_http_server

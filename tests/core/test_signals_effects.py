@@ -271,3 +271,24 @@ async def test_claim_is_reentrant_for_its_token(event_log: EventLog) -> None:
     assert await claim(keys=[keys.effects, keys.meta], args=args) == [b"run", 1]
     other = await claim(keys=[keys.effects, keys.meta], args=["k", "token-2", 30_000, ""])
     assert other[0] == b"wait"
+
+
+async def test_a_claim_of_a_superseded_host_epoch_does_not_hold(event_log: EventLog) -> None:
+    """The session was re-hosted (epoch 1 -> 2) while its old host held a live claim: that host
+    is fenced (what it would record is refused), so the new host runs the effect at once; a
+    caller of the claim's own epoch, or of none, still waits for it."""
+    from eventcore import _layout
+
+    s = await event_log.create_session()
+    keys = event_log.keys.session(s.session_id)
+    claim = event_log.redis.register_script(CLAIM_LUA)
+    await event_log.redis.hset(keys.meta, _layout.META_EPOCH, 1)
+    ks = [keys.effects, keys.meta]
+    assert await claim(keys=ks, args=["k", "old-host", 30_000, 1]) == [b"run", 1]
+    assert (await claim(keys=ks, args=["k", "same-epoch", 30_000, 1]))[0] == b"wait"
+    assert (await claim(keys=ks, args=["k", "no-epoch", 30_000, ""]))[0] == b"wait"
+    await event_log.redis.hset(keys.meta, _layout.META_EPOCH, 2)  # re-hosted
+    assert await claim(keys=ks, args=["k", "new-host", 30_000, 2]) == [b"run", 1]
+    # the superseded host never takes it back (it waits on the new claim, or is refused)
+    assert (await claim(keys=ks, args=["k", "old-host-2", 30_000, 1]))[0] in (b"wait", b"stale")
+    assert (await claim(keys=ks, args=["k", "no-epoch", 30_000, ""]))[0] == b"wait"

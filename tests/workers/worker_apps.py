@@ -7,6 +7,8 @@ Knobs come from the environment (for worker processes) or from session labels:
                       effects counted outside Redis
 ``EC_TEST_HOLD_S``    how long ``echo`` holds inside its run after replying (a "long" run);
                       then it emits ``progress`` with its pid
+``EC_TEST_TOOL_HOLD_S`` how long ``echo``'s tool holds after its effect line (a process killed
+                      then dies mid-tool, holding the effect's claim)
 ``EC_TEST_GATE``      a file ``gate`` appends ``enter|exit <pid> <session>`` lines to
 """
 
@@ -36,6 +38,7 @@ def _append_line(env: str, line: str) -> None:
 
 async def upper(args: dict[str, Any]) -> str:
     _append_line("EC_TEST_EFFECTS", f"{args['sid']} {args['seq']}")
+    await anyio.sleep(float(os.environ.get("EC_TEST_TOOL_HOLD_S", "0")))
     return str(args["t"]).upper()
 
 

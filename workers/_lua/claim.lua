@@ -6,7 +6,9 @@
 --   keys per item: session meta, session lease, session stream, session dedupe
 -- ARGV[1] worker id, ARGV[2] lease ttl (ms), ARGV[3] consumer group, ARGV[4] most deliveries
 --   of one entry, ARGV[5] now (ms), ARGV[6] notify channel, ARGV[7] the tail of the
---   session.started body after the agent, then 3 args per item: dispatch entry id, session id,
+--   session.started body after the agent, ARGV[8] an evicted worker ('' for none: its
+--   presence connection closed, see presence.lua), whose live leases do not hold the session
+--   (the claim bumps the epoch: that dead host's writes are refused), then 3 args per item: dispatch entry id, session id,
 --   the session.started body up to the agent (as the append script gets it: the envelope JSON
 --   without seq and without its opening brace; its event key is 'session.started')
 -- Returns one array per item:
@@ -30,6 +32,7 @@
 local dispatch, deadstream, feed, me, ttl, group = KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2],
   ARGV[3]
 local max_deliveries, now, notify, tail = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local evicted = ARGV[8]
 local ft = redis.call('TYPE', feed).ok
 local feed_ok = ft == 'none' or ft == 'stream'
 local STARTED = L.SESSION_STARTED
@@ -89,7 +92,7 @@ local function claim(kmeta, klease, kstream, kdedupe, id, sid, head)
     redis.call('XACK', dispatch, group, id)
     return {'corrupt', holder.err}
   end
-  if holder and holder ~= me then
+  if holder and holder ~= me and holder ~= evicted then
     -- not a delivery: XAUTOCLAIM took the entry (and counted it) while its host's lease still
     -- lives. Give it back to that host with the count it had, so the crash-loop limit counts
     -- only hostings that died; if the host is dead, its lease lapses and the entry is idle
@@ -118,7 +121,7 @@ end
 
 local out = {}
 for i = 1, (#KEYS - 3) / 4 do
-  local k, a = 4 * i, 5 + 3 * i
+  local k, a = 4 * i, 6 + 3 * i
   out[i] = claim(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a], ARGV[a + 1],
     ARGV[a + 2])
 end
