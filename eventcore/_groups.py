@@ -5,7 +5,8 @@ implementation the worker pool (dispatch streams) and the subscribers (shard fee
 tolerated, at the checkpoint if one is known), NOGROUP recovery (recreated from the checkpoint,
 never from ``$``), read (XREADGROUP over the :class:`~eventcore._streams.Span` of each node,
 COUNT per shard: on a single node one blocking read; on Redis Cluster, where one command may
-only name keys of one slot, one pipelined round trip per master node), ack, keep-alive, the
+only name keys of one slot, one pipelined round trip per master node, and an idle read waits
+for the shards' :class:`~eventcore._doorbell.Doorbell` instead of polling), ack, keep-alive, the
 reclaim of idle entries (XAUTOCLAIM, optionally fenced by a lease, optionally with a delivery
 limit whose entries go to the dead-letter stream in the same step), dead letters, group state,
 checkpoints, and the trim below every group's floor.
@@ -21,6 +22,7 @@ import anyio
 import redis.exceptions as rexc
 
 from ._codec import encode, subscriber_dead_letter
+from ._doorbell import Doorbell
 from ._envelope import ErrorInfo
 from ._keys import Keys
 from ._redis import is_cluster, redis_errors, run_scripts
@@ -39,8 +41,8 @@ __all__ = [
 ]
 
 _TOUCH_CHUNK = 1000
-#: Redis Cluster: how long an idle read waits between polls (doubling from the first to the
-#: last) while its blocking time lasts
+#: Redis Cluster without a live doorbell: how long an idle read waits between polls (doubling
+#: from the first to the last) while its blocking time lasts
 CLUSTER_POLL_S = (0.005, 0.1)
 
 
@@ -101,12 +103,19 @@ class ConsumerGroup:
 
     ``start_id``: where a group with no checkpoint starts (never ``$``). ``store``: an external
     checkpoint store beside the one in Redis. ``on_recovered(shards)`` runs after a NOGROUP
-    recovery recreated the group on those shards. ``kind`` tags this group's dead letters."""
+    recovery recreated the group on those shards. ``kind`` tags this group's dead letters.
+
+    ``channel(shard)``: the pub/sub channel published on when an entry is added to the shard's
+    stream. On Redis Cluster, with ``doorbell``, it makes :attr:`doorbell` (None otherwise): an
+    idle read then waits for it, polling every ``safety_poll_s`` anyway, once its listener
+    runs (:meth:`Doorbell.listen`, or the caller's own listener passing it the events)."""
 
     def __init__(
         self, streams: ShardStreams, keys: Keys, group: str, consumer: str, *,
         start_id: str = "0", store: CheckpointStore | None = None, kind: str = "subscriber",
         on_recovered: Callable[[list[int]], Awaitable[None]] | None = None,
+        channel: Callable[[int], str] | None = None, doorbell: bool = True,
+        safety_poll_s: float = 1.0,
     ) -> None:
         self.streams = streams
         self.redis = streams.redis
@@ -124,6 +133,11 @@ class ConsumerGroup:
         self._saving = anyio.Lock()
         self.recoveries = 0
         self.cluster = is_cluster(self.redis)
+        self.doorbell = (Doorbell(self.redis, [channel(s) for s in self.shards])
+                         if self.cluster and doorbell and channel is not None else None)
+        self.safety_poll_s = safety_poll_s
+        #: Redis Cluster: poll round trips made (one pipeline per master each), for metrics
+        self.polls = 0
         redis = self.redis
         self._reclaim = redis.register_script(_script("reclaim"))
         self._touch = redis.register_script(_script("touch"))
@@ -203,9 +217,12 @@ class ConsumerGroup:
         one node), so a blocking read would hold a connection per shard: instead each poll is
         one round trip per master node, a pipeline of non-blocking XREADGROUPs of the shards
         it serves (redis-py splits it by the current slot map and follows MOVED and ASK;
-        within the retry budget it re-reads the map), and an idle read polls again after a
-        pause growing from 5 to 100 ms until ``block_ms`` is spent. The connections stay one
-        per node however many shards there are."""
+        within the retry budget it re-reads the map). An idle read then waits for the
+        :attr:`doorbell` (rung by the notification of any new entry, by every subscription
+        and every lost connection of its listener) and polls again, or after ``safety_poll_s``
+        without a ring; without a live doorbell it polls again after a pause growing from 5 to
+        100 ms; until ``block_ms`` is spent. The connections stay one per node however many
+        shards there are."""
         if self.cluster:
             return await self._poll_nodes(count, block_ms, span or self.span)
         span = span or self.span
@@ -221,8 +238,13 @@ class ConsumerGroup:
 
     async def _poll_nodes(self, count: int, block_ms: int | None, span: Span) -> list[Entry]:
         deadline = anyio.current_time() + (block_ms or 0) / 1000
-        pause, most = CLUSTER_POLL_S
+        first, most = CLUSTER_POLL_S
+        pause = first
+        bell = self.doorbell
         while True:
+            # taken before looking: a ring while the poll is under way is not waited for
+            seen = bell.rings if bell is not None else 0
+            self.polls += 1
             with redis_errors("xreadgroup"):
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for name in span.streams:
@@ -234,8 +256,12 @@ class ConsumerGroup:
             left = deadline - anyio.current_time()
             if out or not block_ms or left <= 0:
                 return out
-            await anyio.sleep(min(pause, left))
-            pause = min(pause * 2, most)
+            if bell is not None and bell.live:
+                await bell.wait(seen, min(self.safety_poll_s, left))
+                pause = first  # should it fail now, the fast poll starts again from the start
+            else:
+                await anyio.sleep(min(pause, left))
+                pause = min(pause * 2, most)
 
     async def ack(self, ids: Mapping[int, Sequence[str]]) -> None:
         if not any(ids.values()):
