@@ -134,7 +134,8 @@ class ConsumerGroup:
         self.recoveries = 0
         self.cluster = is_cluster(self.redis)
         self.doorbell = (Doorbell(self.redis, [channel(s) for s in self.shards])
-                         if self.cluster and doorbell and channel is not None else None)
+                         if self.cluster and doorbell and channel is not None and self.shards
+                         else None)
         self.safety_poll_s = safety_poll_s
         #: Redis Cluster: poll round trips made (one pipeline per master each), for metrics
         self.polls = 0

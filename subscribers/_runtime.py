@@ -217,7 +217,8 @@ class SubscriberRunner(Running):
                     if not burst:
                         tg.start_soon(self._maintenance)
                         if self.group_ops.doorbell is not None:  # Redis Cluster: see read()
-                            await tg.start(self.group_ops.doorbell.listen)
+                            # (not awaited: reads poll fast until it is subscribed)
+                            tg.start_soon(self.group_ops.doorbell.listen)
                     task_status.started()
                     await self._loop(burst)
                     if burst:  # leave the checkpoint where the drain got to
