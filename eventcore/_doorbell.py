@@ -17,7 +17,7 @@ is not subscribed (:attr:`Doorbell.live` false) a read polls fast as without a d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import anyio
 from anyio.abc import TaskStatus
@@ -29,20 +29,24 @@ __all__ = ["Doorbell"]
 
 
 class Doorbell:
-    """Rung whenever something may have been added to the streams whose notification
-    ``channels`` it hears (on ``redis``, a cluster client).
+    """Rung whenever something may have been added to a shard's stream: ``channels`` maps
+    each shard to the channel of its notifications (on ``redis``, a cluster client).
 
     A caller that runs a :class:`~eventcore._channels.Channels` listener of its own passes
     every event to :meth:`hear` (with :attr:`channels` among the listener's); otherwise
     :meth:`listen` runs one."""
 
-    def __init__(self, redis: Redis, channels: Sequence[str]) -> None:
+    def __init__(self, redis: Redis, channels: Mapping[int, str]) -> None:
         self.redis = redis
-        self.channels = tuple(dict.fromkeys(channels))
-        self._names = frozenset(c.encode() for c in self.channels)
+        self.channels = tuple(dict.fromkeys(channels.values()))
+        self._shards_of: dict[bytes, list[int]] = {}
+        for shard, channel in channels.items():
+            self._shards_of.setdefault(channel.encode(), []).append(shard)
         self._mine = frozenset(self.channels)
         #: times rung: a reader takes it before looking, and waits only if it is unchanged
         self.rings = 0
+        self._rang: dict[int, int] = {}  # shard -> :attr:`rings` at its last message
+        self._everything = 0  # :attr:`rings` at the last ring of every shard
         #: readers waiting now (for tests and metrics)
         self.waiting = 0
         self._live: set[str] = set()
@@ -53,11 +57,24 @@ class Doorbell:
         """Every channel is subscribed: a ring can be waited for."""
         return len(self._live) == len(self.channels)
 
-    def ring(self) -> None:
+    def ring(self, shards: list[int] | None = None) -> None:
+        """Something may be new on ``shards`` (None: on any)."""
         self.rings += 1
+        if shards is None:
+            self._everything = self.rings
+        else:
+            for shard in shards:
+                self._rang[shard] = self.rings
         if self._event is not None:
             self._event.set()
             self._event = None
+
+    def since(self, seen: int) -> set[int] | None:
+        """The shards rung after ``seen`` (a value of :attr:`rings`); None: any may have
+        something new (a subscription, a loss)."""
+        if self._everything > seen:
+            return None
+        return {shard for shard, at in self._rang.items() if at > seen}
 
     def silence(self) -> None:
         """The listener stopped: nobody rings the bell now, reads poll fast again."""
@@ -69,8 +86,9 @@ class Doorbell:
         (returns True: the event was the bell's); a subscription or a loss of any of them
         rings it too (returns False: the listener's owner may want it as well)."""
         if type(event) is Message:
-            if event.channel in self._names:
-                self.ring()
+            shards = self._shards_of.get(event.channel)
+            if shards is not None:
+                self.ring(shards)
                 return True
             return False
         if type(event) is Subscribed:

@@ -133,12 +133,16 @@ class ConsumerGroup:
         self._saving = anyio.Lock()
         self.recoveries = 0
         self.cluster = is_cluster(self.redis)
-        self.doorbell = (Doorbell(self.redis, [channel(s) for s in self.shards])
+        self.doorbell = (Doorbell(self.redis, {s: channel(s) for s in self.shards})
                          if self.cluster and doorbell and channel is not None and self.shards
                          else None)
         self.safety_poll_s = safety_poll_s
         #: Redis Cluster: poll round trips made (one pipeline per master each), for metrics
         self.polls = 0
+        #: Redis Cluster: XREADGROUPs those polls sent (one per stream looked at)
+        self.looks = 0
+        # (span streams, doorbell rings, clock) of the last read that found nothing new
+        self._quiet: tuple[tuple[str, ...], int, float] | None = None
         redis = self.redis
         self._reclaim = redis.register_script(_script("reclaim"))
         self._touch = redis.register_script(_script("touch"))
@@ -178,6 +182,7 @@ class ConsumerGroup:
         """Create the group on each stream where it is missing, at the shard's checkpoint if
         one is known, else at ``start_id``. Returns the shards where it was created."""
         created = []
+        self._quiet = None  # a group created from a checkpoint has entries nobody rang for
         for shard in self.shards if shards is None else shards:
             start = await self.checkpoint_of(shard) or self.start_id
             try:
@@ -219,11 +224,13 @@ class ConsumerGroup:
         one round trip per master node, a pipeline of non-blocking XREADGROUPs of the shards
         it serves (redis-py splits it by the current slot map and follows MOVED and ASK;
         within the retry budget it re-reads the map). An idle read then waits for the
-        :attr:`doorbell` (rung by the notification of any new entry, by every subscription
-        and every lost connection of its listener) and polls again, or after ``safety_poll_s``
-        without a ring; without a live doorbell it polls again after a pause growing from 5 to
-        100 ms; until ``block_ms`` is spent. The connections stay one per node however many
-        shards there are."""
+        :attr:`doorbell` and polls again the shards it was rung for (the notification of a
+        new entry names its shard; every subscription and every lost connection of its
+        listener rings for all of them), or all of them ``safety_poll_s`` after they were last
+        polled; a read that follows an empty one polls only what was rung since (or all, once
+        ``safety_poll_s`` passed). Without a live doorbell it polls again after a pause
+        growing from 5 to 100 ms; until ``block_ms`` is spent. The connections stay one per
+        node however many shards there are."""
         if self.cluster:
             return await self._poll_nodes(count, block_ms, span or self.span)
         span = span or self.span
@@ -238,31 +245,92 @@ class ConsumerGroup:
         return out
 
     async def _poll_nodes(self, count: int, block_ms: int | None, span: Span) -> list[Entry]:
-        deadline = anyio.current_time() + (block_ms or 0) / 1000
-        first, most = CLUSTER_POLL_S
-        pause = first
         bell = self.doorbell
+        if bell is None:
+            return await self._fast_poll(count, block_ms, span)
+        clock = anyio.current_time
+        now = clock()
+        deadline = now + (block_ms or 0) / 1000
+        # what the last empty read of this span left: nothing new up to ring `seen`, every
+        # shard looked at `full_at`; forgotten until this read ends empty too
+        quiet, self._quiet = self._quiet, None
+        polling: Span | None = span
+        seen, full_at = bell.rings, now
+        if quiet is not None and quiet[0] == span.streams and block_ms and bell.live:
+            seen, full_at = quiet[1], quiet[2]
+            polling = self._due(bell, span, seen, full_at)
+            if polling is None:
+                seen = bell.rings
         while True:
-            # taken before looking: a ring while the poll is under way is not waited for
-            seen = bell.rings if bell is not None else 0
-            self.polls += 1
-            with redis_errors("xreadgroup"):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for name in span.streams:
-                        pipe.xreadgroup(self.group, self.consumer, {name: ">"}, count=count)
-                    replies = await pipe.execute()
-            out = [(shard, _s(eid), fields)
-                   for shard, got in zip(span.shards, replies, strict=True)
-                   for _, items in got or () for eid, fields in items]
+            if polling is not None:
+                if polling is span:
+                    full_at = clock()
+                # taken before looking: a ring while the poll is under way is not waited for
+                mark = bell.rings
+                out = await self._poll(count, polling)
+                if out:
+                    return out
+                seen = mark
+            left = deadline - clock()
+            if not block_ms or left <= 0:
+                if bell.live:
+                    self._quiet = (span.streams, seen, full_at)
+                return []
+            if not bell.live:  # not listening (yet, or again): nothing would ring
+                return await self._fast_poll(count, int(left * 1000) + 1, span,
+                                             looked=polling is span)
+            await bell.wait(seen, min(full_at + self.safety_poll_s - clock(), left))
+            polling = self._due(bell, span, seen, full_at)
+            if polling is None:
+                seen = bell.rings  # rings of nothing in this span
+
+    def _due(self, bell: Doorbell, span: Span, seen: int, full_at: float) -> Span | None:
+        """What to poll after ring ``seen``: the shards rung since (every one after a
+        subscription or a loss, or once ``safety_poll_s`` passed since ``full_at``), None
+        for nothing."""
+        rang = bell.since(seen)
+        if rang is None or anyio.current_time() - full_at >= self.safety_poll_s:
+            return span
+        if not rang:
+            return None
+        part = [(shard, name) for shard, name in zip(span.shards, span.streams, strict=True)
+                if shard in rang]
+        if not part:
+            return None
+        if len(part) == len(span.shards):
+            return span
+        return Span(tuple(p[0] for p in part), tuple(p[1] for p in part), span.node)
+
+    async def _poll(self, count: int, span: Span) -> list[Entry]:
+        """One look at every stream of ``span``: a pipeline of non-blocking XREADGROUPs
+        (redis-py sends one round trip per master node)."""
+        self.polls += 1
+        self.looks += len(span.streams)
+        with redis_errors("xreadgroup"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in span.streams:
+                    pipe.xreadgroup(self.group, self.consumer, {name: ">"}, count=count)
+                replies = await pipe.execute()
+        return [(shard, _s(eid), fields)
+                for shard, got in zip(span.shards, replies, strict=True)
+                for _, items in got or () for eid, fields in items]
+
+    async def _fast_poll(self, count: int, block_ms: int | None, span: Span, *,
+                         looked: bool = False) -> list[Entry]:
+        """Without a live doorbell: poll again after 5 ms, doubling up to 100 ms, until
+        ``block_ms`` is spent (``looked``: the span was just polled, wait first)."""
+        deadline = anyio.current_time() + (block_ms or 0) / 1000
+        pause, most = CLUSTER_POLL_S
+        out: list[Entry] = []
+        while True:
+            if not looked:
+                out = await self._poll(count, span)
+            looked = False
             left = deadline - anyio.current_time()
             if out or not block_ms or left <= 0:
                 return out
-            if bell is not None and bell.live:
-                await bell.wait(seen, min(self.safety_poll_s, left))
-                pause = first  # should it fail now, the fast poll starts again from the start
-            else:
-                await anyio.sleep(min(pause, left))
-                pause = min(pause * 2, most)
+            await anyio.sleep(min(pause, left))
+            pause = min(pause * 2, most)
 
     async def ack(self, ids: Mapping[int, Sequence[str]]) -> None:
         if not any(ids.values()):

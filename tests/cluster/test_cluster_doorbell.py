@@ -86,13 +86,41 @@ async def test_an_idle_feed_read_is_woken_by_an_append_on_every_master(
                 reader = Reader(group)
                 tg.start_soon(reader.read)
                 await reader.parked()
-                polls = group.polls
+                polls, looks = group.polls, group.looks
                 with anyio.fail_after(WITHIN_S):
                     await log.emit(sid, "message", {"to": sid})
                     await reader.done.wait()
                 assert [f[b"sid"].decode() for _, _, f in reader.got] == [sid]
-                # woken by the ring: one poll more, no fast polling in between
-                assert group.polls == polls + 1
+                # woken by the ring: one poll more, of the shard rung only, no fast polling
+                assert (group.polls, group.looks) == (polls + 1, looks + 1)
+            tg.cancel_scope.cancel()
+
+
+async def test_a_read_after_an_empty_one_polls_only_what_rang(redis_cluster: LocalCluster
+                                                              ) -> None:
+    async with _log(redis_cluster) as log:
+        s = await log.create_session()
+        group = _group(log)
+        await group.ensure()
+        assert group.doorbell is not None
+        async with anyio.create_task_group() as tg:
+            await tg.start(group.doorbell.listen)
+            await eventually(lambda: group.doorbell is not None and group.doorbell.live,
+                             within=WITHIN_S)
+            assert await group.read(10, None)  # the creation
+            assert await group.read(10, None) == []  # nothing new: the shards are quiet
+            polls = group.polls
+            assert await group.read(10, 50) == []  # nothing rang: not even one look
+            assert group.polls == polls
+            bell = group.doorbell
+            rings = bell.rings
+            await log.emit(s.session_id, "message", {})
+            await eventually(lambda: bell.since(rings) == {log.keys.shard_of(s.session_id)},
+                             within=WITHIN_S)
+            looks = group.looks
+            got = await group.read(10, 50)  # the shard rung only
+            assert [f[b"sid"].decode() for _, _, f in got] == [s.session_id]
+            assert (group.polls, group.looks) == (polls + 1, looks + 1)
             tg.cancel_scope.cancel()
 
 
