@@ -19,6 +19,7 @@ and on each measures:
 
 and on the cluster only, both ways in the same run (``EVENTCORE_CLUSTER_DOORBELL`` 0 and 1):
 
+``idle_nothing`` the cluster alone for T seconds: Redis CPU without any client (the baseline)
 ``idle_poll`` / ``idle_doorbell``   G subscriber runners (a group each) and one worker, idle:
                 Redis CPU (ms per s, masters) and XREADGROUP calls per second while nothing
                 is appended for T seconds; then K appends, each after a random 0.2-0.6 s of
@@ -306,8 +307,26 @@ async def bench_idle_groups(target: Target, args: argparse.Namespace, doorbell: 
     }
 
 
-def _idle_ratios(poll: dict[str, Any], bell: dict[str, Any]) -> dict[str, float]:
+async def bench_idle_nothing(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """The cluster alone for T seconds (no client): what the masters cost anyway."""
+    before = await target.snapshot()
+    start = time.perf_counter()
+    await asyncio.sleep(args.idle_s)
+    after = await target.snapshot()
+    idle = time.perf_counter() - start
+    return {"idle_s": round(idle, 2),
+            "idle_commands_per_s": round((after["calls"] - before["calls"]) / idle, 1),
+            "idle_redis_cpu_ms_per_s": round(
+                (after["cpu_masters"] - before["cpu_masters"]) / idle * 1000, 3)}
+
+
+def _idle_ratios(poll: dict[str, Any], bell: dict[str, Any], nothing: dict[str, Any]
+                 ) -> dict[str, float]:
+    base = nothing["idle_redis_cpu_ms_per_s"]
     return {
+        "idle_redis_cpu_above_nothing_doorbell_vs_poll": round(
+            max(0.0, bell["idle_redis_cpu_ms_per_s"] - base)
+            / max(1e-9, poll["idle_redis_cpu_ms_per_s"] - base), 3),
         "idle_xreadgroup_doorbell_vs_poll": round(
             bell["idle_xreadgroup_per_s"] / max(1e-9, poll["idle_xreadgroup_per_s"]), 3),
         "idle_redis_cpu_doorbell_vs_poll": round(
@@ -320,11 +339,12 @@ def _idle_ratios(poll: dict[str, Any], bell: dict[str, Any]) -> dict[str, float]
 
 
 async def idle_modes(target: Target, args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"idle_nothing": await bench_idle_nothing(target, args)}
     for name, doorbell in [("idle_poll", False), ("idle_doorbell", True)]:
         async with asyncio.timeout(MODE_TIMEOUT_S):
             out[name] = await bench_idle_groups(target, args, doorbell)
-    out["doorbell_vs_poll"] = _idle_ratios(out["idle_poll"], out["idle_doorbell"])
+    out["doorbell_vs_poll"] = _idle_ratios(out["idle_poll"], out["idle_doorbell"],
+                                           out["idle_nothing"])
     return out
 
 
