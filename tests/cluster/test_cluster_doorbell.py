@@ -124,6 +124,27 @@ async def test_a_read_after_an_empty_one_polls_only_what_rang(redis_cluster: Loc
             tg.cancel_scope.cancel()
 
 
+def _calls(cluster: LocalCluster, *names: str) -> list[int]:
+    stats = [n.command("INFO", "commandstats") for n in cluster.masters()]
+    return [sum(int(line.split("calls=")[1].split(",")[0]) for text in stats
+                for line in text.splitlines() if line.startswith(f"cmdstat_{name}:"))
+            for name in names]
+
+
+async def test_a_poll_is_one_xreadgroup_per_stream_and_nothing_else(
+    redis_cluster: LocalCluster,
+) -> None:
+    """redis-py asks a node for the keys of XREADGROUP (COMMAND GETKEYS, a round trip per
+    stream per poll) unless the client finds them after STREAMS itself."""
+    async with _log(redis_cluster) as log:
+        group = _group(log)
+        await group.ensure()
+        before = _calls(redis_cluster, "xreadgroup", "command|getkeys")
+        assert await group.read(10, None) == []
+        after = _calls(redis_cluster, "xreadgroup", "command|getkeys")
+        assert [b - a for a, b in zip(before, after, strict=True)] == [log.keys.shards, 0]
+
+
 async def test_every_dispatch_entry_rings_the_dispatch_read(redis_cluster: LocalCluster
                                                             ) -> None:
     """append.lua (a session created for an agent) and the worker scripts (here delayed.lua,
