@@ -1,7 +1,8 @@
 """One node vs a 3-master Redis Cluster, and what replicated acknowledgement costs.
 
 Run: ``.venv/bin/python benchmarks/cluster.py [--events N] [--producers P] [--sessions S]
-[--followers F] [--runs R]``. Spawns, in one run, side by side:
+[--followers F] [--groups G] [--idle-s T] [--samples K] [--runs R] [--idle-only]``. Spawns, in
+one run, side by side:
 
 - ``single``:  one redis-server (AOF, ``appendfsync everysec``) with one replica,
 - ``cluster``: a LocalCluster of 3 masters, one replica each (same settings per node),
@@ -18,6 +19,16 @@ and on each measures:
 ``delivery``    F followers (``LogFollowers``: ``EventLog.tail``'s live path, one blocking XREAD
                 each) on F sessions while the sessions are appended to: events delivered/s and
                 append -> delivery latency
+
+and on the cluster only, both ways in the same run (``EVENTCORE_CLUSTER_DOORBELL`` 0 and 1):
+
+``idle_nothing`` the cluster alone for T seconds: Redis CPU without any client (the baseline)
+``idle_poll`` / ``idle_doorbell``   G subscriber runners (a group each) and one worker, idle:
+                Redis CPU (ms per s, masters) and XREADGROUP calls per second while nothing
+                is appended for T seconds; then K appends, each after a random 0.2-0.6 s of
+                idleness: append -> delivery latency to a subscriber (p50/p99 ms). The fast
+                poll (5 ms doubling to 100 ms) against the doorbell (the shards' notify /
+                dispatch channels, safety poll 1 s).
 
 Per mode: events/s, p50/p99 append latency (ms), Redis CPU per event (``INFO cpu`` deltas summed
 over the masters, and over the replicas apart), Redis commands per event (``INFO
@@ -36,8 +47,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -52,7 +65,9 @@ sys.path.insert(0, str(ROOT))
 
 from eventcore import Envelope, EventLog, load_settings  # noqa: E402
 from eventcore._follow import LogFollowers  # noqa: E402
+from eventcore.subscribers import Delivery, SubscriberRunner  # noqa: E402
 from eventcore.testing._server import LocalCluster, RedisServer  # noqa: E402
+from eventcore.workers import App, Worker  # noqa: E402
 
 PAYLOAD = {"text": "hello from the benchmark", "n": 0}
 MODE_TIMEOUT_S = 600
@@ -98,6 +113,8 @@ class Target:
                                 for i in cpu_r),
             "calls": sum(int(v["calls"]) for s in stats for k, v in s.items()
                          if k.startswith("cmdstat_") and k != "cmdstat_info"),
+            "xreadgroup": sum(int(s.get("cmdstat_xreadgroup", {}).get("calls", 0))
+                              for s in stats),
             "memory": sum(int(i["used_memory"]) for i in mem),
             "waits": sum(int(s.get("cmdstat_wait", {}).get("calls", 0)) for s in stats),
         }
@@ -275,6 +292,108 @@ async def bench_memory(target: Target, args: argparse.Namespace) -> dict[str, An
             "bytes_per_event": round(grown / (args.sessions * 20))}
 
 
+class _Latency:
+    """A subscriber recording append -> delivery (the payload carries the append's clock)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lat: list[float] = []
+        self.got = asyncio.Event()
+
+    async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        now = time.perf_counter()
+        for d in deliveries:
+            payload = d.envelope.payload
+            if isinstance(payload, dict) and "t" in payload:
+                self.lat.append(now - payload["t"])
+                self.got.set()
+
+
+async def bench_idle_groups(target: Target, args: argparse.Namespace, doorbell: bool
+                            ) -> dict[str, Any]:
+    """G idle subscriber runners and one idle worker: what idling costs Redis, and how late
+    an append after idleness is delivered."""
+    settings = load_settings(redis_url=target.url, namespace=f"i{time.monotonic_ns()}",
+                             shards=16, retry_budget_s=30, cluster_doorbell=doorbell,
+                             cluster_safety_poll_s=1.0)
+    async with EventLog(settings) as log:
+        s = await log.create_session()
+        subs = [_Latency(f"idle{i}") for i in range(args.groups)]
+        async with contextlib.AsyncExitStack() as stack:
+            for sub in subs:
+                await stack.enter_async_context(SubscriberRunner(log, sub, block_ms=2000))
+            await stack.enter_async_context(Worker(App(), log, block_ms=1000))
+            await asyncio.sleep(1.0)  # settled: the creation read, the reads parked
+            before = await target.snapshot()
+            start = time.perf_counter()
+            await asyncio.sleep(args.idle_s)
+            after = await target.snapshot()
+            idle = time.perf_counter() - start
+            rng = random.Random(7)
+            for i in range(args.samples):
+                await asyncio.sleep(rng.uniform(0.2, 0.6))
+                for sub in subs:
+                    sub.got.clear()
+                await log.emit(s.session_id, "message", {"t": time.perf_counter(), "i": i})
+                async with asyncio.timeout(30):
+                    for sub in subs:
+                        await sub.got.wait()
+        lat = [x for sub in subs for x in sub.lat]
+    return {
+        "doorbell": doorbell,
+        "groups": args.groups,
+        "idle_s": round(idle, 2),
+        "idle_xreadgroup_per_s": round((after["xreadgroup"] - before["xreadgroup"]) / idle, 1),
+        "idle_commands_per_s": round((after["calls"] - before["calls"]) / idle, 1),
+        "idle_redis_cpu_ms_per_s": round(
+            (after["cpu_masters"] - before["cpu_masters"]) / idle * 1000, 3),
+        "deliveries": len(lat),
+        "after_idle_p50_ms": _pct(lat, 0.5),
+        "after_idle_p99_ms": _pct(lat, 0.99),
+    }
+
+
+async def bench_idle_nothing(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """The cluster alone for T seconds (no client): what the masters cost anyway."""
+    before = await target.snapshot()
+    start = time.perf_counter()
+    await asyncio.sleep(args.idle_s)
+    after = await target.snapshot()
+    idle = time.perf_counter() - start
+    return {"idle_s": round(idle, 2),
+            "idle_commands_per_s": round((after["calls"] - before["calls"]) / idle, 1),
+            "idle_redis_cpu_ms_per_s": round(
+                (after["cpu_masters"] - before["cpu_masters"]) / idle * 1000, 3)}
+
+
+def _idle_ratios(poll: dict[str, Any], bell: dict[str, Any], nothing: dict[str, Any]
+                 ) -> dict[str, float]:
+    base = nothing["idle_redis_cpu_ms_per_s"]
+    return {
+        "idle_redis_cpu_above_nothing_doorbell_vs_poll": round(
+            max(0.0, bell["idle_redis_cpu_ms_per_s"] - base)
+            / max(1e-9, poll["idle_redis_cpu_ms_per_s"] - base), 3),
+        "idle_xreadgroup_doorbell_vs_poll": round(
+            bell["idle_xreadgroup_per_s"] / max(1e-9, poll["idle_xreadgroup_per_s"]), 3),
+        "idle_redis_cpu_doorbell_vs_poll": round(
+            bell["idle_redis_cpu_ms_per_s"] / max(1e-9, poll["idle_redis_cpu_ms_per_s"]), 3),
+        "after_idle_p50_doorbell_vs_poll": round(
+            bell["after_idle_p50_ms"] / max(1e-9, poll["after_idle_p50_ms"]), 3),
+        "after_idle_p99_doorbell_vs_poll": round(
+            bell["after_idle_p99_ms"] / max(1e-9, poll["after_idle_p99_ms"]), 3),
+    }
+
+
+async def idle_modes(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"idle_nothing": await bench_idle_nothing(target, args)}
+    for name, doorbell in [("idle_poll", False), ("idle_doorbell", True)]:
+        async with asyncio.timeout(MODE_TIMEOUT_S):
+            out[name] = await bench_idle_groups(target, args, doorbell)
+    out["doorbell_vs_poll"] = _idle_ratios(out["idle_poll"], out["idle_doorbell"],
+                                           out["idle_nothing"])
+    return out
+
+
 async def one_target(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, make in [("append_r0", lambda: bench_append(target, args, 0)),
@@ -304,6 +423,14 @@ async def one_target(target: Target, args: argparse.Namespace) -> dict[str, Any]
 
 async def one_run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if args.idle_only:
+        with LocalCluster(masters=3, replicas=1) as cluster:
+            masters = cluster.masters()
+            target = Target("cluster", cluster.url, [n.url for n in masters],
+                            [n.url for n in cluster.nodes if n not in masters])
+            out["redis"] = masters[0].version
+            out["cluster"] = await idle_modes(target, args)
+        return out
     with RedisServer(appendfsync="everysec") as master, RedisServer(
             appendfsync="everysec",
             extra=("--replicaof", "127.0.0.1", str(master.port))) as replica:
@@ -316,6 +443,7 @@ async def one_run(args: argparse.Namespace) -> dict[str, Any]:
         target = Target("cluster", cluster.url, [n.url for n in masters],
                         [n.url for n in cluster.nodes if n not in masters])
         out["cluster"] = await one_target(target, args)
+        out["cluster"].update(await idle_modes(target, args))
     s, c = out["single"], out["cluster"]
     out["ratios"] = {
         "append_cluster_vs_single": round(
@@ -355,6 +483,11 @@ def main() -> None:
     parser.add_argument("--producers", type=int, default=200)
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--followers", type=int, default=50)
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--idle-s", type=float, default=5.0)
+    parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--idle-only", action="store_true",
+                        help="only the idle group reads, on the cluster (poll vs doorbell)")
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
     runs = []

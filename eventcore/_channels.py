@@ -1,4 +1,5 @@
-"""The one listener of eventcore's pub/sub channels (the append script's ``notify`` and ``wake``).
+"""The one listener of eventcore's pub/sub channels (the append script's ``notify`` and ``wake``,
+the dispatch channels of :meth:`~eventcore._keys.Keys.dispatched`).
 
 ``async with Channels(client, channels) as listener:`` returns once every channel is
 subscribed; ``async for event in listener`` then yields:

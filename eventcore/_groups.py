@@ -5,7 +5,8 @@ implementation the worker pool (dispatch streams) and the subscribers (shard fee
 tolerated, at the checkpoint if one is known), NOGROUP recovery (recreated from the checkpoint,
 never from ``$``), read (XREADGROUP over the :class:`~eventcore._streams.Span` of each node,
 COUNT per shard: on a single node one blocking read; on Redis Cluster, where one command may
-only name keys of one slot, one pipelined round trip per master node), ack, keep-alive, the
+only name keys of one slot, one pipelined round trip per master node, and an idle read waits
+for the shards' :class:`~eventcore._doorbell.Doorbell` instead of polling), ack, keep-alive, the
 reclaim of idle entries (XAUTOCLAIM, optionally fenced by a lease, optionally with a delivery
 limit whose entries go to the dead-letter stream in the same step), dead letters, group state,
 checkpoints, and the trim below every group's floor.
@@ -21,6 +22,7 @@ import anyio
 import redis.exceptions as rexc
 
 from ._codec import encode, subscriber_dead_letter
+from ._doorbell import Doorbell
 from ._envelope import ErrorInfo
 from ._keys import Keys
 from ._redis import is_cluster, redis_errors, run_scripts
@@ -39,8 +41,8 @@ __all__ = [
 ]
 
 _TOUCH_CHUNK = 1000
-#: Redis Cluster: how long an idle read waits between polls (doubling from the first to the
-#: last) while its blocking time lasts
+#: Redis Cluster without a live doorbell: how long an idle read waits between polls (doubling
+#: from the first to the last) while its blocking time lasts
 CLUSTER_POLL_S = (0.005, 0.1)
 
 
@@ -101,12 +103,19 @@ class ConsumerGroup:
 
     ``start_id``: where a group with no checkpoint starts (never ``$``). ``store``: an external
     checkpoint store beside the one in Redis. ``on_recovered(shards)`` runs after a NOGROUP
-    recovery recreated the group on those shards. ``kind`` tags this group's dead letters."""
+    recovery recreated the group on those shards. ``kind`` tags this group's dead letters.
+
+    ``channel(shard)``: the pub/sub channel published on when an entry is added to the shard's
+    stream. On Redis Cluster, with ``doorbell``, it makes :attr:`doorbell` (None otherwise): an
+    idle read then waits for it, polling every ``safety_poll_s`` anyway, once its listener
+    runs (:meth:`Doorbell.listen`, or the caller's own listener passing it the events)."""
 
     def __init__(
         self, streams: ShardStreams, keys: Keys, group: str, consumer: str, *,
         start_id: str = "0", store: CheckpointStore | None = None, kind: str = "subscriber",
         on_recovered: Callable[[list[int]], Awaitable[None]] | None = None,
+        channel: Callable[[int], str] | None = None, doorbell: bool = True,
+        safety_poll_s: float = 1.0,
     ) -> None:
         self.streams = streams
         self.redis = streams.redis
@@ -124,6 +133,16 @@ class ConsumerGroup:
         self._saving = anyio.Lock()
         self.recoveries = 0
         self.cluster = is_cluster(self.redis)
+        self.doorbell = (Doorbell(self.redis, {s: channel(s) for s in self.shards})
+                         if self.cluster and doorbell and channel is not None and self.shards
+                         else None)
+        self.safety_poll_s = safety_poll_s
+        #: Redis Cluster: poll round trips made (one pipeline per master each), for metrics
+        self.polls = 0
+        #: Redis Cluster: XREADGROUPs those polls sent (one per stream looked at)
+        self.looks = 0
+        # (span streams, doorbell rings, clock) of the last read that found nothing new
+        self._quiet: tuple[tuple[str, ...], int, float] | None = None
         redis = self.redis
         self._reclaim = redis.register_script(_script("reclaim"))
         self._touch = redis.register_script(_script("touch"))
@@ -163,6 +182,7 @@ class ConsumerGroup:
         """Create the group on each stream where it is missing, at the shard's checkpoint if
         one is known, else at ``start_id``. Returns the shards where it was created."""
         created = []
+        self._quiet = None  # a group created from a checkpoint has entries nobody rang for
         for shard in self.shards if shards is None else shards:
             start = await self.checkpoint_of(shard) or self.start_id
             try:
@@ -203,9 +223,14 @@ class ConsumerGroup:
         one node), so a blocking read would hold a connection per shard: instead each poll is
         one round trip per master node, a pipeline of non-blocking XREADGROUPs of the shards
         it serves (redis-py splits it by the current slot map and follows MOVED and ASK;
-        within the retry budget it re-reads the map), and an idle read polls again after a
-        pause growing from 5 to 100 ms until ``block_ms`` is spent. The connections stay one
-        per node however many shards there are."""
+        within the retry budget it re-reads the map). An idle read then waits for the
+        :attr:`doorbell` and polls again the shards it was rung for (the notification of a
+        new entry names its shard; every subscription and every lost connection of its
+        listener rings for all of them), or all of them ``safety_poll_s`` after they were last
+        polled; a read that follows an empty one polls only what was rung since (or all, once
+        ``safety_poll_s`` passed). Without a live doorbell it polls again after a pause
+        growing from 5 to 100 ms; until ``block_ms`` is spent. The connections stay one per
+        node however many shards there are."""
         if self.cluster:
             return await self._poll_nodes(count, block_ms, span or self.span)
         span = span or self.span
@@ -220,17 +245,87 @@ class ConsumerGroup:
         return out
 
     async def _poll_nodes(self, count: int, block_ms: int | None, span: Span) -> list[Entry]:
+        bell = self.doorbell
+        if bell is None:
+            return await self._fast_poll(count, block_ms, span)
+        clock = anyio.current_time
+        now = clock()
+        deadline = now + (block_ms or 0) / 1000
+        # what the last empty read of this span left: nothing new up to ring `seen`, every
+        # shard looked at `full_at`; forgotten until this read ends empty too
+        quiet, self._quiet = self._quiet, None
+        polling: Span | None = span
+        seen, full_at = bell.rings, now
+        if quiet is not None and quiet[0] == span.streams and block_ms and bell.live:
+            seen, full_at = quiet[1], quiet[2]
+            polling = self._due(bell, span, seen, full_at)
+            if polling is None:
+                seen = bell.rings
+        while True:
+            if polling is not None:
+                if polling is span:
+                    full_at = clock()
+                # taken before looking: a ring while the poll is under way is not waited for
+                mark = bell.rings
+                out = await self._poll(count, polling)
+                if out:
+                    return out
+                seen = mark
+            left = deadline - clock()
+            if not block_ms or left <= 0:
+                if bell.live:
+                    self._quiet = (span.streams, seen, full_at)
+                return []
+            if not bell.live:  # not listening (yet, or again): nothing would ring
+                return await self._fast_poll(count, int(left * 1000) + 1, span,
+                                             looked=polling is span)
+            await bell.wait(seen, min(full_at + self.safety_poll_s - clock(), left))
+            polling = self._due(bell, span, seen, full_at)
+            if polling is None:
+                seen = bell.rings  # rings of nothing in this span
+
+    def _due(self, bell: Doorbell, span: Span, seen: int, full_at: float) -> Span | None:
+        """What to poll after ring ``seen``: the shards rung since (every one after a
+        subscription or a loss, or once ``safety_poll_s`` passed since ``full_at``), None
+        for nothing."""
+        rang = bell.since(seen)
+        if rang is None or anyio.current_time() - full_at >= self.safety_poll_s:
+            return span
+        if not rang:
+            return None
+        part = [(shard, name) for shard, name in zip(span.shards, span.streams, strict=True)
+                if shard in rang]
+        if not part:
+            return None
+        if len(part) == len(span.shards):
+            return span
+        return Span(tuple(p[0] for p in part), tuple(p[1] for p in part), span.node)
+
+    async def _poll(self, count: int, span: Span) -> list[Entry]:
+        """One look at every stream of ``span``: a pipeline of non-blocking XREADGROUPs
+        (redis-py sends one round trip per master node)."""
+        self.polls += 1
+        self.looks += len(span.streams)
+        with redis_errors("xreadgroup"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in span.streams:
+                    pipe.xreadgroup(self.group, self.consumer, {name: ">"}, count=count)
+                replies = await pipe.execute()
+        return [(shard, _s(eid), fields)
+                for shard, got in zip(span.shards, replies, strict=True)
+                for _, items in got or () for eid, fields in items]
+
+    async def _fast_poll(self, count: int, block_ms: int | None, span: Span, *,
+                         looked: bool = False) -> list[Entry]:
+        """Without a live doorbell: poll again after 5 ms, doubling up to 100 ms, until
+        ``block_ms`` is spent (``looked``: the span was just polled, wait first)."""
         deadline = anyio.current_time() + (block_ms or 0) / 1000
         pause, most = CLUSTER_POLL_S
+        out: list[Entry] = []
         while True:
-            with redis_errors("xreadgroup"):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for name in span.streams:
-                        pipe.xreadgroup(self.group, self.consumer, {name: ">"}, count=count)
-                    replies = await pipe.execute()
-            out = [(shard, _s(eid), fields)
-                   for shard, got in zip(span.shards, replies, strict=True)
-                   for _, items in got or () for eid, fields in items]
+            if not looked:
+                out = await self._poll(count, span)
+            looked = False
             left = deadline - anyio.current_time()
             if out or not block_ms or left <= 0:
                 return out

@@ -11,7 +11,10 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
     ns:{N}:lease:<id>        string: the host's lease (worker id), PX = lease TTL
     ns:{N}:view:<id>         hash: the projector's read model of the session (seq, v = JSON)
     ns:{N}:feed              stream: every envelope appended in the shard (consumer groups)
-    ns:{N}:dispatch          stream: "host this session" jobs (group ``workers``)
+    ns:{N}:dispatch          stream: "host this session" jobs (group ``workers``); also the
+                             name of a pub/sub channel: "<session_id>" after each dispatch
+                             entry (prelude.lua's ec_dispatch), the doorbell of the workers'
+                             cluster reads (eventcore._doorbell)
     ns:{N}:delayed           zset: dispatch jobs waiting for a retry, scored by due time (ms)
     ns:{N}:dead              stream: dead-lettered jobs and poison feed entries
     ns:{N}:blob:<sha256>     string: a large payload, stored once per content
@@ -163,6 +166,13 @@ class Keys:
 
     def dispatch(self, shard: int) -> str:
         return f"{self._tag(shard)}:dispatch"
+
+    def dispatched(self, shard: int) -> str:
+        """Pub/sub channel: a dispatch entry was added to ``dispatch(shard)``. Named as the
+        stream itself (channels and keys are apart in Redis; same slot): every script that
+        adds one (append, release, requeue, delayed) publishes on the key it was given, so
+        none needs another argument."""
+        return self.dispatch(shard)
 
     def delayed(self, shard: int) -> str:
         return f"{self._tag(shard)}:delayed"

@@ -355,6 +355,13 @@ class _Budget:
 _NOT_CALLBACK_OPTIONS = frozenset({"keys", EMPTY_RESPONSE, NEVER_DECODE})
 
 
+_STREAM_READS = frozenset({"XREAD", "XREADGROUP"})
+
+
+def _text_upper(value: str | bytes) -> str:
+    return (value.decode() if isinstance(value, bytes) else value).upper()
+
+
 class _ClusterClient(RedisCluster):
     """redis-py's cluster client with eventcore's retry budget around every command.
 
@@ -410,6 +417,21 @@ class _ClusterClient(RedisCluster):
                     raise
                 budget = budget or _Budget(self.retry_budget_s)
                 await budget.wait(exc)
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # XREAD/XREADGROUP have "movable keys": redis-py asks a node for them (COMMAND
+        # GETKEYS, a round trip and a command per read, every poll of a group read on every
+        # shard). They are the first half of what follows STREAMS.
+        if isinstance(command, str | bytes) and _text_upper(command) in _STREAM_READS:
+            at = next((i for i, a in enumerate(args)
+                       if isinstance(a, str | bytes) and _text_upper(a) == "STREAMS"), None)
+            if at is not None:
+                rest = args[at + 1:]
+                keys = rest[:len(rest) // 2]
+                slots = {self.keyslot(k) for k in keys}
+                if len(slots) == 1:
+                    return slots.pop()
+        return await super()._determine_slot(command, *args)
 
     #: the masters have sharded pub/sub (set by :func:`connect_cluster`): scripts publish with
     #: SPUBLISH and listeners subscribe on each master (:mod:`eventcore._channels`); else

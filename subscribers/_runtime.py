@@ -170,7 +170,9 @@ class SubscriberRunner(Running):
             self._fg = ConsumerGroup(
                 ShardStreams(log.redis, log.keys.feed, self.shards), log.keys, self.group,
                 self.consumer, start_id=self.start_id, store=self.checkpoints,
-                on_recovered=self._recovered)
+                on_recovered=self._recovered, channel=log.keys.notify,
+                doorbell=log.settings.cluster_doorbell,
+                safety_poll_s=log.settings.cluster_safety_poll_s)
         return self._fg
 
     async def ensure_groups(self) -> None:
@@ -214,6 +216,9 @@ class SubscriberRunner(Running):
                     tg.start_soon(self._heartbeat)
                     if not burst:
                         tg.start_soon(self._maintenance)
+                        if self.group_ops.doorbell is not None:  # Redis Cluster: see read()
+                            # (not awaited: reads poll fast until it is subscribed)
+                            tg.start_soon(self.group_ops.doorbell.listen)
                     task_status.started()
                     await self._loop(burst)
                     if burst:  # leave the checkpoint where the drain got to

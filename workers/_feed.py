@@ -13,6 +13,10 @@ at once after every (re)subscription, also notices a session whose seq went back
 host's cursor: Redis restarted without its latest writes (fsync everysec, an older snapshot, a
 failover to a lagging replica), so new inputs get seqs the host believes it has read. Such a
 hosting saw history that is gone: it is handed back, and hosted again from the log as it is.
+
+On Redis Cluster the same listener hears the dispatch channels for the worker's dispatch read
+(:attr:`Feed.bell`, the group's :class:`~eventcore._doorbell.Doorbell`): one connection per
+master for both.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from anyio.abc import TaskStatus
 from eventcore import Envelope, EventLog
 from eventcore._channels import Channels, Lost, Message, Subscribed
 from eventcore._codec import decode_entry, entry_type
+from eventcore._doorbell import Doorbell
 from eventcore._layout import META_SEQ
 from eventcore._redis import redis_errors
 from eventcore.errors import EventcoreError
@@ -69,6 +74,8 @@ class Feed:
         self._check_now = anyio.Event()
         self._recent: dict[str, int] = {}
         self.fetches = 0
+        #: the dispatch read's doorbell, rung by this listener (set before :meth:`run`)
+        self.bell: Doorbell | None = None
 
     def mark(self, s: Session, seq: int | None = None) -> None:
         """The session has entries past its cursor: up to ``seq`` (a notification), or
@@ -106,19 +113,29 @@ class Feed:
     async def _listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         keys = self._log.keys
         channels = [keys.wake(shard) for shard in keys.all_shards()]
-        async with Channels(self._log.redis, channels) as listener:
-            task_status.started()
-            async for event in listener:
-                if type(event) is Message:
-                    self._notified(event.data)
-                elif type(event) is Subscribed:
-                    # first subscription, or subscribed again: messages may have been missed
-                    self.mark_all()
-                    self._check_now.set()  # (a restart may have lost history)
-                    if listener.connected:
-                        self._on_success("feed")
-                elif type(event) is Lost:
-                    self._on_failure("feed", event.error)
+        bell = self.bell
+        if bell is not None:
+            channels += bell.channels
+        try:
+            async with Channels(self._log.redis, channels) as listener:
+                task_status.started()
+                async for event in listener:
+                    if bell is not None and bell.hear(event):
+                        continue
+                    if type(event) is Message:
+                        self._notified(event.data)
+                    elif type(event) is Subscribed:
+                        # first subscription, or subscribed again: messages may have been
+                        # missed
+                        self.mark_all()
+                        self._check_now.set()  # (a restart may have lost history)
+                        if listener.connected:
+                            self._on_success("feed")
+                    elif type(event) is Lost:
+                        self._on_failure("feed", event.error)
+        finally:
+            if bell is not None:
+                bell.silence()
 
     def _notified(self, data: Any) -> None:
         sid, _, seq = (data.decode() if isinstance(data, bytes) else str(data)).rpartition(" ")

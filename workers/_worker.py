@@ -192,7 +192,12 @@ class Worker(Running):
         keys = self.log.keys
         self._group = ConsumerGroup(
             ShardStreams(redis, keys.dispatch, keys.all_shards()), keys, GROUP, self.id,
-            start_id="0", kind="worker", on_recovered=self._recovered)
+            start_id="0", kind="worker", on_recovered=self._recovered,
+            channel=keys.dispatched, doorbell=self.log.settings.cluster_doorbell,
+            safety_poll_s=self.log.settings.cluster_safety_poll_s)
+        # Redis Cluster: the feed's listener (one connection per master) hears the dispatch
+        # channels too, and rings the group's doorbell
+        self.feed.bell = self._group.doorbell
         self._release = Coalescer(redis, RELEASE_LUA, lambda shard: (
             [keys.dispatch(shard), keys.delayed(shard), keys.dead(shard)],
             [self.id, GROUP, int(time.time() * 1000)]))

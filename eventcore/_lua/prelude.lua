@@ -59,9 +59,19 @@ local function ec_entry(kstream, feed, sid, sseq, inc, typ, d, sd, blob, gen)
   return x
 end
 
--- A "host this session" job on the shard's dispatch stream.
+-- EC_PUBLISH is PUBLISH, and SPUBLISH in the scripts of a Redis Cluster 7+ client
+-- (eventcore._scripts.sharded: sharded pub/sub, delivered on the node serving the channel's
+-- slot, the shard's, not to all nodes).
+local EC_PUBLISH = 'PUBLISH'
+
+-- A "host this session" job on the shard's dispatch stream, and "<sid>" published on the
+-- channel named as the stream (Keys.dispatched): the doorbell of the workers' reads on Redis
+-- Cluster, which cannot block on many shards at once (eventcore._doorbell). Every dispatch
+-- entry is written here, so every one rings it.
 local function ec_dispatch(dispatch, sid, reason)
-  return redis.call('XADD', dispatch, '*', L.DISPATCH_SESSION, sid, L.DISPATCH_REASON, reason)
+  local id = redis.call('XADD', dispatch, '*', L.DISPATCH_SESSION, sid, L.DISPATCH_REASON, reason)
+  redis.call(EC_PUBLISH, dispatch, sid)
+  return id
 end
 
 -- Session state and metadata: HSET of field/value pairs (field names from L.META_*).
@@ -70,10 +80,7 @@ local function ec_set(kmeta, ...)
 end
 
 -- The live notification after appends: "<sid> <last seq>" on notify, and on wake too when
--- they were made without a host epoch (what a host must react to). EC_PUBLISH is PUBLISH, and
--- SPUBLISH in the scripts of a Redis Cluster 7+ client (eventcore._scripts.sharded: sharded
--- pub/sub, delivered on the node serving the channel's slot, the shard's, not to all nodes).
-local EC_PUBLISH = 'PUBLISH'
+-- they were made without a host epoch (what a host must react to).
 local function ec_publish(notify, wake, sid, sseq, outside)
   local note = sid .. ' ' .. sseq
   redis.call(EC_PUBLISH, notify, note)
