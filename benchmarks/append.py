@@ -29,26 +29,19 @@ import argparse
 import asyncio
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from _measure import median_of_runs, pct_ms, timed_producers
 
 from eventcore import Envelope, EventLog, load_settings
 from eventcore.testing._server import RedisServer
 
 PAYLOAD = {"text": "hello from the benchmark", "n": 0}
-
-
-def _pct(latencies: list[float], q: float) -> float:
-    if not latencies:
-        return 0.0
-    ordered = sorted(latencies)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
 
 
 def _report(
@@ -58,8 +51,8 @@ def _report(
         "events": events,
         "seconds": round(elapsed, 3),
         "events_per_s": round(events / elapsed),
-        "p50_ms": _pct(latencies, 0.50),
-        "p99_ms": _pct(latencies, 0.99),
+        "p50_ms": pct_ms(latencies, 0.50),
+        "p99_ms": pct_ms(latencies, 0.99),
     }
     if cpu is not None:
         out["python_cpu_us_per_event"] = round(cpu[0] / events * 1e6, 2)
@@ -89,30 +82,6 @@ class Cpu:
         return time.process_time() - self.py, await self._redis_cpu() - self.rd
 
 
-async def _producers(
-    count: int, per: int, step: Callable[[int, int], Awaitable[int]]
-) -> tuple[float, list[float]]:
-    """Run ``count`` tasks, each calling ``step(producer, i)`` ``per`` times; time each call.
-    ``step`` returns how many events the call wrote (its latency is counted once per event)."""
-    latencies: list[float] = []
-    clock = time.perf_counter
-
-    async def producer(p: int) -> None:
-        local: list[float] = []
-        for i in range(per):
-            t0 = clock()
-            n = await step(p, i)
-            dt = clock() - t0
-            local += [dt] * n
-        latencies.extend(local)
-
-    start = clock()
-    async with asyncio.TaskGroup() as tg:
-        for p in range(count):
-            tg.create_task(producer(p))
-    return clock() - start, latencies
-
-
 async def bench_eventcore(
     url: str, events: int, producers: int, sessions: int, *, name: str, many: bool
 ) -> dict[str, Any]:
@@ -133,7 +102,7 @@ async def bench_eventcore(
 
         rt0 = log.appender.round_trips
         await cpu.start()
-        elapsed, lat = await _producers(producers, per, one)
+        elapsed, lat = await timed_producers(producers, per, one)
         out[name] = _report(per * producers, elapsed, lat, await cpu.stop())
         out[name]["sessions"] = sessions
         out[name]["producers"] = producers
@@ -154,7 +123,7 @@ async def bench_eventcore(
                 return batch
 
             await cpu.start()
-            elapsed, lat = await _producers(many_producers, per_many, append_many)
+            elapsed, lat = await timed_producers(many_producers, per_many, append_many)
             out["eventcore_append_many"] = _report(
                 per_many * many_producers * batch, elapsed, lat, await cpu.stop()
             )
@@ -178,7 +147,7 @@ async def bench_naive(url: str, events: int, producers: int) -> dict[str, Any]:
 
         cpu = Cpu(url)
         await cpu.start()
-        elapsed, lat = await _producers(1, n, seq_step)
+        elapsed, lat = await timed_producers(1, n, seq_step)
         sequential = _report(n, elapsed, lat, await cpu.stop())
 
         # timeout=None: producers queue for a connection as long as it takes (the default
@@ -192,7 +161,7 @@ async def bench_naive(url: str, events: int, producers: int) -> dict[str, Any]:
             return 1
 
         await cpu.start()
-        elapsed, lat = await _producers(producers, per, conc_step)
+        elapsed, lat = await timed_producers(producers, per, conc_step)
         concurrent = _report(per * producers, elapsed, lat, await cpu.stop())
         await pool.aclose()
     finally:
@@ -214,7 +183,7 @@ async def bench_pipelined(url: str, events: int) -> dict[str, Any]:
 
         cpu = Cpu(url)
         await cpu.start()
-        elapsed, lat = await _producers(1, events // chunk, step)
+        elapsed, lat = await timed_producers(1, events // chunk, step)
         used = await cpu.stop()
     finally:
         await r.aclose()
@@ -263,18 +232,6 @@ async def one_run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in runs[0].items():
-        if isinstance(value, dict):
-            out[key] = _median([r[key] for r in runs])
-        elif isinstance(value, int | float):
-            out[key] = round(statistics.median(r[key] for r in runs), 3)
-        else:
-            out[key] = value
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
@@ -292,7 +249,7 @@ def main() -> None:
     for i in range(args.runs):
         runs.append(run(one_run(args)))
         print(json.dumps({"run": i + 1, **runs[-1]}), file=sys.stderr)
-    result = {"runs": args.runs, "cpus": _cpus(), "median": _median(runs)}
+    result = {"runs": args.runs, "cpus": _cpus(), "median": median_of_runs(runs)}
     print(json.dumps(result, indent=2))
 
 

@@ -51,7 +51,6 @@ import contextlib
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -63,6 +62,8 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _measure import median_of_runs, pct_ms, timed_producers  # noqa: E402
+
 from eventcore import Envelope, EventLog, load_settings  # noqa: E402
 from eventcore._follow import LogFollowers  # noqa: E402
 from eventcore.subscribers import Delivery, SubscriberRunner  # noqa: E402
@@ -71,13 +72,6 @@ from eventcore.workers import App, Worker  # noqa: E402
 
 PAYLOAD = {"text": "hello from the benchmark", "n": 0}
 MODE_TIMEOUT_S = 600
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
 
 
 class Target:
@@ -144,35 +138,23 @@ async def bench_append(target: Target, args: argparse.Namespace, replicas: int
         for sid in sids:
             await log.create_session(session_id=sid)
         per = args.events // args.producers
-        latencies: list[float] = []
-        clock = time.perf_counter
-
-        async def producer(p: int) -> None:
-            local = []
-            for i in range(per):
-                env = Envelope(type="message", session_id=sids[(p + i) % len(sids)],
-                               payload=PAYLOAD)
-                t0 = clock()
-                await log.append(env)
-                local.append(clock() - t0)
-            latencies.extend(local)
+        async def one(p: int, i: int) -> int:
+            await log.append(Envelope(type="message", session_id=sids[(p + i) % len(sids)],
+                                      payload=PAYLOAD))
+            return 1
 
         trips0 = log.appender.round_trips
         before = await target.snapshot()
         py0 = time.process_time()
-        start = clock()
-        async with asyncio.TaskGroup() as tg:
-            for p in range(args.producers):
-                tg.create_task(producer(p))
-        elapsed = clock() - start
+        elapsed, latencies = await timed_producers(args.producers, per, one)
         py = time.process_time() - py0
         after = await target.snapshot()
         events = per * args.producers
         return {
             "events": events,
             "events_per_s": round(events / elapsed),
-            "p50_ms": _pct(latencies, 0.5),
-            "p99_ms": _pct(latencies, 0.99),
+            "p50_ms": pct_ms(latencies, 0.5),
+            "p99_ms": pct_ms(latencies, 0.99),
             "python_cpu_us_per_event": round(py / events * 1e6, 2),
             "round_trips_per_event": round((log.appender.round_trips - trips0) / events, 4),
             **_per_event(before, after, events),
@@ -228,8 +210,8 @@ async def bench_delivery(target: Target, args: argparse.Namespace) -> dict[str, 
         return {
             "events": got,
             "delivered_per_s": round(got / elapsed),
-            "p50_ms": _pct(lat, 0.5),
-            "p99_ms": _pct(lat, 0.99),
+            "p50_ms": pct_ms(lat, 0.5),
+            "p99_ms": pct_ms(lat, 0.99),
             **_per_event(before, after, got),
         }
 
@@ -348,8 +330,8 @@ async def bench_idle_groups(target: Target, args: argparse.Namespace, doorbell: 
         "idle_redis_cpu_ms_per_s": round(
             (after["cpu_masters"] - before["cpu_masters"]) / idle * 1000, 3),
         "deliveries": len(lat),
-        "after_idle_p50_ms": _pct(lat, 0.5),
-        "after_idle_p99_ms": _pct(lat, 0.99),
+        "after_idle_p50_ms": pct_ms(lat, 0.5),
+        "after_idle_p99_ms": pct_ms(lat, 0.99),
     }
 
 
@@ -465,18 +447,6 @@ async def _wait_link(replica: RedisServer) -> None:
             await asyncio.sleep(0.05)
 
 
-def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in runs[0].items():
-        if isinstance(value, dict):
-            out[key] = _median([r[key] for r in runs])
-        elif isinstance(value, int | float):
-            out[key] = round(statistics.median(r[key] for r in runs), 3)
-        else:
-            out[key] = value
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
@@ -499,7 +469,7 @@ def main() -> None:
         print(f"benchmarks/cluster.py failed: {exc!r}", file=sys.stderr)
         raise SystemExit(1) from exc
     result = {"runs": args.runs, "cpus": len(os.sched_getaffinity(0)),
-              "load_avg_1m": round(os.getloadavg()[0], 2), "median": _median(runs)}
+              "load_avg_1m": round(os.getloadavg()[0], 2), "median": median_of_runs(runs)}
     print(json.dumps(result, indent=2))
 
 

@@ -19,6 +19,7 @@ import sys
 import time
 
 import anyio
+from _measure import percentile
 
 from eventcore import EventLog, load_settings
 from eventcore.schedules import Scheduler, Schedules, occurrence_session_id
@@ -26,8 +27,7 @@ from eventcore.testing._server import RedisServer
 
 
 def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+    return round(percentile(values, q), 1)
 
 
 async def child(url: str, namespace: str, interval: float) -> None:

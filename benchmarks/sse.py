@@ -37,6 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _measure import percentile as pct  # noqa: E402
+
 API_KEY = "bench-api-key-" + "k" * 24
 _T = re.compile(rb'"t":([0-9.]+)')
 
@@ -233,13 +235,6 @@ async def append_load(log: Any, sessions: list[str], rate: float, stop: asyncio.
         next_at += tick
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
     return sent
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def scenario(mode: str, redis_url: str, clients: int, per_session: int, rate: float,
