@@ -25,11 +25,12 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from workers_support import EVENTCORE, WorkerProc
 
 from eventcore import EventLog, load_settings
+from eventcore.subscribers import Persistence
 from eventcore.testing._server import LocalCluster, free_port
 from eventcore.testing.invariants import check_log, read_all
 
 API_KEY = "cluster-e2e-key-" + "k" * 24
-SESSIONS = 120
+SESSIONS = 200
 SSE_PER_MASTER = 10  # sessions per master whose stream is read over SSE, A then B
 
 
@@ -205,6 +206,24 @@ async def test_two_apis_two_workers_every_input_answered_once(
                     assert [json.loads(e.data) for e in got] == pages[sid]
                     assert "message" in {e.event for e in got[split[sid]:]}  # B's live part
             assert answered_by == {w.pid for w in workers}  # both workers hosted sessions
+            # API A's subscribers: every session projected and persisted to its last seq
+            finals_all = {sid: (await read_all(log, sid))[-1].seq for sid in sessions}
+            db = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'history.sqlite3'}"
+            async with Persistence(log, db) as store, httpx.AsyncClient(timeout=30) as http:
+                async def behind() -> list[str]:
+                    late = []
+                    for sid in sessions:
+                        rows = await store.read(sid, 0, 1000)
+                        r = await http.get(f"{a}/v1/sessions/{sid}", headers=admin)
+                        view = r.json()["projection"]
+                        if ([e.seq for e in rows] != list(range(1, finals_all[sid] + 1))
+                                or view is None or view["last_seq"] != finals_all[sid]):
+                            late.append(sid)
+                    return late
+
+                with anyio.fail_after(120):  # fails naming none: see behind() for the rule
+                    while await behind():  # noqa: ASYNC110 - other processes
+                        await anyio.sleep(0.5)
         finally:
             for w in workers:
                 if w.proc is not None and w.proc.poll() is None:
