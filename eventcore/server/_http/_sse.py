@@ -18,10 +18,11 @@ carry an ``id:``, the cursor to resume from (``<resume_after>`` or, on a diverge
 no ``id:`` (Last-Event-ID stays the last seq): ``server.shutdown`` (with a ``retry:`` hint,
 right before the server closes the stream while draining), ``token.expired`` (the session
 token that opened the stream has expired: the stream ends; the client reconnects with a fresh
-token and ``Last-Event-ID``) and ``session.deleted`` (the incarnation the stream follows is gone before
-the stream reached its ``session.ended``: the stream ends, never carrying an event of a session
-created again under the id). ``data`` of those first two carries ``resume_after``, the last seq
-sent; of ``session.deleted``, ``last_seq`` and the ``incarnation`` deleted.
+token and ``Last-Event-ID``) and ``session.deleted`` (the incarnation the stream follows is
+gone before the stream reached its ``session.ended``: the stream ends, never carrying an event
+of a session created again under the id). ``data`` of those first two carries
+``resume_after``, the last seq sent; of ``session.deleted``, ``last_seq`` and the
+``incarnation`` deleted.
 
 sse-starlette races the stream against the client's disconnect, the heartbeat and the server's
 shutdown in one task group. A client whose send has been pending longer than the send timeout
