@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import anyio
 import msgspec
 
+from . import _layout as L
 from ._codec import (
     client_json,
     decode_entry,
@@ -188,11 +189,18 @@ def divergence(session_id: str, cursor: int, generation: str, ev: Event
 
     An entry of an older generation is the surviving prefix of the reader's history (async
     replication keeps a prefix), so only newer ones count. A newer entry without ``good_to``
-    belongs to an incarnation created in that generation: the reader read nothing older."""
-    gen = ev.generation
+    belongs to an incarnation created in that generation: the reader read nothing older.
+
+    The session's metadata decides the same way where there is no event to look at (an empty
+    page at the tail): :meth:`PageReader.read` with ``generation``."""
+    return _divergence(session_id, cursor, generation, ev.generation, ev.good_to)
+
+
+def _divergence(session_id: str, cursor: int, generation: str, gen: str, good: int | None
+                ) -> HistoryDiverged | str | None:
+    """:func:`divergence` for the epoch ``gen`` known good up to ``good``."""
     if gen == generation or not newer_generation(gen, generation):
         return None
-    good = ev.good_to
     if good is None or cursor <= good:
         return gen
     return HistoryDiverged(session_id, cursor, good, gen or "0", generation or "0")
@@ -237,13 +245,19 @@ class PageReader:
 
     async def read(
         self, session_id: str, after: int, limit: int | None = None, *,
-        incarnation: str | None = None,
+        incarnation: str | None = None, generation: str | None = None,
     ) -> tuple[list[Event], bool]:
         """One page after ``after`` (at most ``limit`` events) and whether it reached the end
         of the log. With ``incarnation``, a page of that incarnation or
         :class:`SessionNotFound`: the session's metadata is read after the page (in the same
         round trip; one more after an archive read), and incarnations only grow, so a page of
-        any other passes no check. :class:`HistoryGone` where history is gone everywhere."""
+        any other passes no check. :class:`HistoryGone` where history is gone everywhere.
+
+        With ``generation`` too (the reader's epoch, ``""``: 0), a page that finds the reader
+        caught up says whether its epoch is still the session's (from the same metadata read,
+        :func:`divergence`): :class:`HistoryDiverged` where the seqs it holds were rewritten,
+        exactly as the page's events would have said had there been any. A page with events
+        leaves that to them."""
         limit = limit or self.page
         redis = self.log.redis
         keys = self.log.keys.session(session_id)
@@ -254,20 +268,29 @@ class PageReader:
             else:
                 async with redis.pipeline(transaction=False) as pipe:
                     pipe.xrange(keys.stream, f"({seq_id(after)}", "+", count=count)
-                    pipe.hmget(keys.meta, list(INCARNATION_FIELDS))
+                    pipe.hmget(keys.meta, [*INCARNATION_FIELDS, L.META_GENERATION,
+                                           L.META_GENERATION_FROM])
                     entries, meta = await pipe.execute()
-                _expect(session_id, incarnation, current_incarnation(meta))
+                _expect(session_id, incarnation, current_incarnation(meta[:2]))
                 if not entries and after and int(meta[0]) < after:
                     # the cursor is beyond the tail: what the reader holds past it is gone
                     # (a failover lost it), and new appends would reuse those seqs
                     diverged = await self._beyond_tail(session_id, after, incarnation)
                     if diverged is not None:
                         raise diverged
-                    return await self.read(session_id, after, limit, incarnation=incarnation)
+                    return await self.read(session_id, after, limit, incarnation=incarnation,
+                                           generation=generation)
                 if not entries and int(meta[0] or 0) == after:
                     # caught up (the metadata is read after the page): not an archive read,
                     # whose envelopes would lose their stream generation if an append landed
                     # between the two
+                    if generation is not None:
+                        # no event tells a stale epoch at the tail: the metadata does (the
+                        # seqs up to the cursor may be another history's by now)
+                        changed = _divergence(session_id, after, generation,
+                                              _text(meta[2]), _int(meta[3]))
+                        if isinstance(changed, HistoryDiverged):
+                            raise changed
                     return [], True
         if entries and entry_seq(entries[0][0]) == after + 1:
             page, largest = self._cut(entries)
@@ -330,7 +353,8 @@ class PageReader:
                 for e, (_, f) in zip(envs, entries, strict=True)]
 
 
-ReadPage = Callable[[int], Awaitable[tuple[list[Event], bool]]]
+ReadPage = Callable[[int, str], Awaitable[tuple[list[Event], bool]]]
+"""A follower's page read: after its cursor, in its generation (:meth:`PageReader.read`)."""
 
 
 class LiveSource(Protocol):
@@ -393,7 +417,7 @@ class Follower:
                 if catchup:
                     live.rewind()
                     try:
-                        items, caught_up = await self._read_page(self.cursor)
+                        items, caught_up = await self._read_page(self.cursor, self.generation)
                     except HistoryDiverged as exc:
                         gone, items, caught_up = exc, [], False
                     except HistoryGone as exc:
@@ -506,8 +530,8 @@ class LogFollowers:
         inc = await resolve_incarnation(self.log, session_id, incarnation)
         pages = self.pages
 
-        async def read_page(cursor: int) -> tuple[list[Event], bool]:
-            return await pages.read(session_id, cursor, incarnation=inc)
+        async def read_page(cursor: int, generation: str) -> tuple[list[Event], bool]:
+            return await pages.read(session_id, cursor, incarnation=inc, generation=generation)
 
         yield Follower(session_id, read_page, _LogLive(self, session_id, inc), after,
                        types=types, until_ended=until_ended, retry_cap_s=retry_cap_s,
@@ -543,6 +567,11 @@ class _LogLive:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+def _int(value: object) -> int | None:
+    text = _text(value)
+    return int(text) if text.isdigit() else None
 
 
 def _expect(session_id: str, incarnation: str, current: str | None) -> None:

@@ -185,10 +185,11 @@ class Subscription(Follower):
         self._watch = watch
         self.incarnation = client.inc
 
-    async def _page(self, cursor: int) -> tuple[list[Event], bool]:
+    async def _page(self, cursor: int, generation: str) -> tuple[list[Event], bool]:
         try:
             return await self._hub.read_page(self.session_id, cursor,
-                                             incarnation=self.incarnation)
+                                             incarnation=self.incarnation,
+                                             generation=generation)
         except SessionNotFound:
             self._hub._incarnation_gone(self._watch, self.incarnation)
             raise
@@ -331,10 +332,11 @@ class Hub:
 
     async def read_page(
         self, session_id: str, after: int, limit: int | None = None, *,
-        incarnation: str | None = None,
+        incarnation: str | None = None, generation: str | None = None,
     ) -> tuple[list[Event], bool]:
         """One catch-up page (:meth:`PageReader.read <eventcore._follow.PageReader.read>`)."""
-        return await self.pages.read(session_id, after, limit, incarnation=incarnation)
+        return await self.pages.read(session_id, after, limit, incarnation=incarnation,
+                                     generation=generation)
 
     async def follow(self, session_id: str, after: int = 0, *, incarnation: str | None = None
                      ) -> AsyncIterator[Envelope]:

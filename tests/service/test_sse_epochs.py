@@ -158,3 +158,62 @@ def test_a_bad_epoch_parameter_is_422() -> None:
     for bad_id in ("1.5", "1.0", "1.", "1.0000000000000000"):
         with pytest.raises(Problem):
             _parse_after(None, bad_id)
+
+
+
+async def _rewritten_to_the_same_length(c: httpx.AsyncClient, log: EventLog) -> str:
+    """A session whose seqs 8..14 were lost and reused: at seq 14 again, in a new epoch, with
+    nothing appended since."""
+    sid = await _session(c)
+    await log.append_many([Envelope(type="note", session_id=sid, payload={"v": "old", "i": i})
+                           for i in range(13)])
+    page = (await c.get(f"/v1/sessions/{sid}/events?format=json&after=13", headers=KEY)).json()
+    assert page["next_after"] == 14
+    await lose_tail(log, sid, 7)
+    await log.append_many([Envelope(type="note", session_id=sid, payload={"v": "new", "i": i})
+                           for i in range(7)])  # seqs 8..14 again
+    return sid
+
+
+async def test_a_json_page_at_the_tail_with_a_stale_epoch_is_reset(
+    shared_service: Service, shared_log: EventLog
+) -> None:
+    """The page a reader that held seq 14 of the old epoch reads is empty: it must still be
+    the reset, not a caught-up page in epoch 0."""
+    async with shared_service.client() as c:
+        sid = await _rewritten_to_the_same_length(c, shared_log)
+        path = f"/v1/sessions/{sid}/events"
+        page = (await c.get(f"{path}?format=json&after=14&epoch=0", headers=KEY)).json()
+        assert page["events"] == [] and page["next_after"] == 7, page
+        assert page["reset"]["reason"] == "diverged" and page["reset"]["after"] == 14
+        epoch = page["epoch"]
+        assert epoch != "0" and page["reset"]["seen_epoch"] == "0"
+        # in the new epoch the same cursor is simply caught up; below genf it just moves on
+        page = (await c.get(f"{path}?format=json&after=14&epoch={epoch}", headers=KEY)).json()
+        assert page == {"events": [], "next_after": 14, "epoch": epoch}
+        page = (await c.get(f"{path}?format=json&after=7&epoch=0", headers=KEY)).json()
+        assert [e["seq"] for e in page["events"]] == list(range(8, 15)) and "reset" not in page
+
+
+async def test_an_sse_resume_at_the_tail_with_a_stale_epoch_is_reset_at_once(
+    shared_service: Service, shared_log: EventLog
+) -> None:
+    """``Last-Event-ID: 14`` (epoch 0) on the rewritten session: the reset comes on its own,
+    not with the next append (there is none here)."""
+    async with shared_service.client() as c:
+        sid = await _rewritten_to_the_same_length(c, shared_log)
+        path = f"/v1/sessions/{sid}/events"
+        async with aconnect_sse(c, "GET", path, headers={**KEY, "Last-Event-ID": "14"}) as sse:
+            it = sse.aiter_sse()
+            with anyio.fail_after(10):  # no append in between
+                reset = await it.__anext__()
+            assert reset.event == "stream.reset", reset
+            data = json.loads(reset.data)
+            epoch = data["epoch"]
+            assert (data["reason"], data["after"], data["resume_after"]) == ("diverged", 14, 7)
+            assert data["seen_epoch"] == "0" and epoch != "0" and reset.id == f"7.{epoch}"
+            with anyio.fail_after(30):
+                new = [await it.__anext__() for _ in range(7)]
+        assert [e.id for e in new] == [f"{s}.{epoch}" for s in range(8, 15)]
+        assert [json.loads(e.data)["payload"] for e in new] == [{"v": "new", "i": i}
+                                                                for i in range(7)]

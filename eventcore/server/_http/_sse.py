@@ -11,15 +11,18 @@ rewritten past the cursor, or from beyond the tail, gets ``stream.reset`` with `
 Each event is framed once and the bytes shared by every client of the
 session. A ``: ping`` comment line every heartbeat interval, without the blank line that would
 end an event (some clients, httpx-sse among them, dispatch an empty "message" on a blank line
-once an id has been seen). Four events are not envelopes and carry
-no ``id:``: ``stream.reset`` (history after the cursor is gone everywhere; ``data`` says where
-the stream continues), ``server.shutdown`` (with a ``retry:`` hint, right before the server
-closes the stream while draining), ``token.expired`` (the session token that opened the
-stream has expired: the stream ends; the client reconnects with a fresh token and
-``Last-Event-ID``) and ``session.deleted`` (the incarnation the stream follows is gone before
-the stream reached its ``session.ended``: the stream ends, never carrying an event of a session
-created again under the id). ``data`` of the middle two carries ``resume_after``, the last seq
-sent; of ``session.deleted``, ``last_seq`` and the ``incarnation`` deleted.
+once an id has been seen). Four events are not envelopes: ``stream.reset`` (history after
+the cursor is gone everywhere, or was rewritten; ``data`` says where the stream continues) does
+carry an ``id:``, the cursor to resume from (``<resume_after>`` or, on a divergence,
+``<resume_after>.<epoch>``), so a reconnect after it does not repeat it. The other three carry
+no ``id:`` (Last-Event-ID stays the last seq): ``server.shutdown`` (with a ``retry:`` hint,
+right before the server closes the stream while draining), ``token.expired`` (the session
+token that opened the stream has expired: the stream ends; the client reconnects with a fresh
+token and ``Last-Event-ID``) and ``session.deleted`` (the incarnation the stream follows is
+gone before the stream reached its ``session.ended``: the stream ends, never carrying an event
+of a session created again under the id). ``data`` of those first two carries
+``resume_after``, the last seq sent; of ``session.deleted``, ``last_seq`` and the
+``incarnation`` deleted.
 
 sse-starlette races the stream against the client's disconnect, the heartbeat and the server's
 shutdown in one task group. A client whose send has been pending longer than the send timeout
@@ -349,7 +352,8 @@ async def _json_page(
 ) -> Response:
     # a page of the incarnation the caller opened (404 if it went meanwhile), never the next
     try:
-        events, _ = await ctx.hub.read_page(session_id, after, limit, incarnation=incarnation)
+        events, _ = await ctx.hub.read_page(session_id, after, limit, incarnation=incarnation,
+                                            generation=generation)
     except HistoryDiverged as exc:
         return _json_reset(exc)
     for ev in events:
