@@ -6,11 +6,13 @@ every session created for one of those agents is hosted by exactly one worker at
 
 from ._app import AgentSpec, App, Handler, RetryPolicy
 from ._control import DeadLetter, cancel, dead_letters
+from ._harness import AgentRun, run_agent
 from ._metrics import WorkerMetrics
 from ._session import Run, Session
 from ._worker import Worker
 
 __all__ = [
+    "AgentRun",
     "AgentSpec",
     "App",
     "DeadLetter",
@@ -22,4 +24,5 @@ __all__ = [
     "WorkerMetrics",
     "cancel",
     "dead_letters",
+    "run_agent",
 ]
