@@ -62,6 +62,8 @@ _KNOWN_TYPES = frozenset({
     "run.failed", "run.cancelled", "run.timed_out", "tool.started", "tool.ended", "input",
     "signal", "effect", "message", "log", "session.checkpoint",
 })
+# known types that need no aux: prepare()'s fast path takes them
+_PLAIN_TYPES = _KNOWN_TYPES - _KEYED - {"session.created"}
 
 
 class _Ids:
@@ -168,6 +170,29 @@ class Appender:
 
     # -- preparing -----------------------------------------------------------------------------
     def prepare(self, env: Envelope, epoch: int | None = None, aux: str = "") -> PreparedAppend:
+        # the common event first: a known plain type, generated key, nothing server-side, no
+        # epoch or aux, small enough to go inline (the checks below all pass for it)
+        typ = env.type
+        if (
+            epoch is None and not aux and env.event_key == "" and env.seq == 0
+            and env.server_data is None and env.payload_ref is None and typ in _PLAIN_TYPES
+            and type(typ) is str
+        ):
+            sid = env.session_id
+            keys = self._session_keys.get(sid) if type(sid) is str else None
+            if keys is not None:
+                event_key = f"{_ids.prefix}{next(_ids.counter)}"
+                try:
+                    encoded = encode(env)
+                except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:
+                    raise ValidationError(f"envelope is not JSON-encodable: {exc}") from exc
+                # omit_defaults left event_key out: splice it in (the key is plain ASCII)
+                body = b'"event_key":"' + event_key.encode() + b'",' + encoded[1:]
+                if len(body) < self._inline_limit:
+                    return PreparedAppend(keys, typ, "", event_key, body, b"", None, None)
+        return self._prepare(env, epoch, aux)
+
+    def _prepare(self, env: Envelope, epoch: int | None, aux: str) -> PreparedAppend:
         keys = self.session_keys(env.session_id)
         typ = env.type
         if type(typ) is not str or (
