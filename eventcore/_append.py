@@ -62,6 +62,18 @@ _KNOWN_TYPES = frozenset({
     "run.failed", "run.cancelled", "run.timed_out", "tool.started", "tool.ended", "input",
     "signal", "effect", "message", "log", "session.checkpoint",
 })
+# the short form's first argument (a session index, negated), and event types, as bytes
+_NSHORT = 256
+_SHORT = [b"-%d" % i for i in range(_NSHORT)]
+_TYPE_BYTES: dict[str, bytes] = {t: t.encode() for t in _KNOWN_TYPES}
+
+
+def _type_bytes(typ: str) -> bytes:
+    if len(_TYPE_BYTES) < 1024:
+        _TYPE_BYTES[typ] = typ.encode()
+    return typ.encode()
+
+
 # known types that need no aux: prepare()'s fast path takes them
 _PLAIN_TYPES = _KNOWN_TYPES - _KEYED - {"session.created"}
 
@@ -331,6 +343,7 @@ class Appender:
         events: list[Any] = []
         slot: dict[str, int] = {}
         blobs: dict[str, bytes] = {}
+        types = _TYPE_BYTES
         for item in batch:
             k = item.keys
             idx = slot.get(k.session_id)
@@ -341,7 +354,9 @@ class Appender:
             if item.blob is not None:
                 blobs[item.blob[0]] = item.blob[1]
             if item.epoch is None and not item.wire_key and not item.extra:
-                events += (-idx, item.type, item.body)  # a plain event: its short form
+                # a plain event: its short form (as bytes: packed without converting them)
+                typ = types.get(item.type) or _type_bytes(item.type)
+                events += (_SHORT[idx] if idx < _NSHORT else b"-%d" % idx, typ, item.body)
             else:
                 events += (
                     idx, item.type, item.wire_key, item.body,
