@@ -187,8 +187,8 @@ class Appender:
         typ = env.type
         if (
             epoch is None and not aux and env.event_key == "" and env.seq == 0
-            and env.server_data is None and env.payload_ref is None and typ in _PLAIN_TYPES
-            and type(typ) is str
+            and env.server_data is None and env.payload_ref is None and type(typ) is str
+            and typ in _PLAIN_TYPES
         ):
             sid = env.session_id
             keys = self._session_keys.get(sid) if type(sid) is str else None
