@@ -62,6 +62,20 @@ _KNOWN_TYPES = frozenset({
     "run.failed", "run.cancelled", "run.timed_out", "tool.started", "tool.ended", "input",
     "signal", "effect", "message", "log", "session.checkpoint",
 })
+# the short form's first argument (a session index, negated), and event types, as bytes
+_NSHORT = 256
+_SHORT = [b"-%d" % i for i in range(_NSHORT)]
+_TYPE_BYTES: dict[str, bytes] = {t: t.encode() for t in _KNOWN_TYPES}
+
+
+def _type_bytes(typ: str) -> bytes:
+    if len(_TYPE_BYTES) < 1024:
+        _TYPE_BYTES[typ] = typ.encode()
+    return typ.encode()
+
+
+# known types that need no aux: prepare()'s fast path takes them
+_PLAIN_TYPES = _KNOWN_TYPES - _KEYED - {"session.created"}
 
 
 class _Ids:
@@ -168,6 +182,29 @@ class Appender:
 
     # -- preparing -----------------------------------------------------------------------------
     def prepare(self, env: Envelope, epoch: int | None = None, aux: str = "") -> PreparedAppend:
+        # the common event first: a known plain type, generated key, nothing server-side, no
+        # epoch or aux, small enough to go inline (the checks below all pass for it)
+        typ = env.type
+        if (
+            epoch is None and not aux and env.event_key == "" and env.seq == 0
+            and env.server_data is None and env.payload_ref is None and type(typ) is str
+            and typ in _PLAIN_TYPES
+        ):
+            sid = env.session_id
+            keys = self._session_keys.get(sid) if type(sid) is str else None
+            if keys is not None:
+                event_key = f"{_ids.prefix}{next(_ids.counter)}"
+                try:
+                    encoded = encode(env)
+                except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:
+                    raise ValidationError(f"envelope is not JSON-encodable: {exc}") from exc
+                # omit_defaults left event_key out: splice it in (the key is plain ASCII)
+                body = b'"event_key":"' + event_key.encode() + b'",' + encoded[1:]
+                if len(body) < self._inline_limit:
+                    return PreparedAppend(keys, typ, "", event_key, body, b"", None, None)
+        return self._prepare(env, epoch, aux)
+
+    def _prepare(self, env: Envelope, epoch: int | None, aux: str) -> PreparedAppend:
         keys = self.session_keys(env.session_id)
         typ = env.type
         if type(typ) is not str or (
@@ -306,6 +343,7 @@ class Appender:
         events: list[Any] = []
         slot: dict[str, int] = {}
         blobs: dict[str, bytes] = {}
+        types = _TYPE_BYTES
         for item in batch:
             k = item.keys
             idx = slot.get(k.session_id)
@@ -316,7 +354,9 @@ class Appender:
             if item.blob is not None:
                 blobs[item.blob[0]] = item.blob[1]
             if item.epoch is None and not item.wire_key and not item.extra:
-                events += (-idx, item.type, item.body)  # a plain event: its short form
+                # a plain event: its short form (as bytes: packed without converting them)
+                typ = types.get(item.type) or _type_bytes(item.type)
+                events += (_SHORT[idx] if idx < _NSHORT else b"-%d" % idx, typ, item.body)
             else:
                 events += (
                     idx, item.type, item.wire_key, item.body,

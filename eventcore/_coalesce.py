@@ -2,7 +2,9 @@
 
 Used by the core appender and the worker's scripts. A flush started for a shard runs on the
 next tick and sends everything queued so far; while that round trip is in flight, new items
-queue for the next one. One flush in flight per shard keeps each shard's items in order.
+queue for the next one. One flush in flight per shard keeps each shard's items in order. A
+shard's flush loop is started once and then waits, idle, to be woken for the next batch
+(starting a task per round trip cost more than the Python side of a 60-event batch).
 
 The coalescer is an async context manager: its flushes run in its task group, so none outlives
 it (leaving the block waits for the batches already queued). Each round trip is shielded from
@@ -44,7 +46,13 @@ class ShardCoalescer(Generic[I, R]):
         self._max_batch = max_batch
         self._pending: dict[int, list[tuple[I, asyncio.Future[R]]]] = {}
         self._flushing: set[int] = set()
+        # per shard whose flush loop is idle: the future that wakes it for the next batch (a
+        # flush loop stays in the task group for the coalescer's lifetime: waking one costs a
+        # fraction of starting a task, once per round trip)
+        self._idle: dict[int, asyncio.Future[None]] = {}
+        self._closing = False
         self._tg: TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> Self:
         if self._tg is not None:
@@ -52,6 +60,9 @@ class ShardCoalescer(Generic[I, R]):
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        # the loop, looked up once: asyncio.get_running_loop() calls getpid() on every call
+        # (CPython 3.11), a syscall per queued item on the hot path
+        self._loop = asyncio.get_running_loop()
         return self
 
     async def __aexit__(
@@ -60,7 +71,13 @@ class ShardCoalescer(Generic[I, R]):
         tg, self._tg = self._tg, None
         if tg is None:
             return None
-        # the flushes already started send what is queued, then end: the task group waits
+        # the flushes already started send what is queued, then end; idle ones end now: the
+        # task group waits for them
+        self._closing = True
+        idle, self._idle = self._idle, {}
+        for wake in idle.values():
+            if not wake.done():
+                wake.set_result(None)
         return await tg.__aexit__(et, e, tb)
 
     async def submit(self, shard: int, item: I) -> R:
@@ -73,38 +90,57 @@ class ShardCoalescer(Generic[I, R]):
         tg = self._tg
         if tg is None:
             raise UsageError("submit() outside the coalescer's lifetime (not started or closed)")
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        assert loop is not None
+        fut: asyncio.Future[R] = loop.create_future()
         queue = self._pending.get(shard)
         if queue is None:
             queue = self._pending[shard] = []
         queue.append((item, fut))
         if shard not in self._flushing:
             self._flushing.add(shard)
-            tg.start_soon(self._drain, shard)
+            wake = self._idle.pop(shard, None)
+            if wake is None:
+                tg.start_soon(self._drain, shard)
+            else:
+                wake.set_result(None)  # the shard's idle flush loop runs on the next tick
         return fut
 
     async def _drain(self, shard: int) -> None:
         queue = self._pending[shard]
+        wake: asyncio.Future[None] | None = None
         try:
-            while queue:
-                batch = queue[: self._max_batch]
-                del queue[: self._max_batch]
+            while True:
+                while queue:
+                    batch = queue[: self._max_batch]
+                    del queue[: self._max_batch]
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            results = await self._send(shard, [item for item, _ in batch])
+                        except BaseException as exc:
+                            for _, fut in batch:
+                                if not fut.done():
+                                    fut.set_exception(exc)
+                            if not isinstance(exc, Exception):
+                                raise
+                            continue
+                    for (_, fut), res in zip(batch, results, strict=True):
+                        if fut.done():
+                            continue
+                        if isinstance(res, BaseException):
+                            fut.set_exception(res)
+                        else:
+                            fut.set_result(res)
+                self._flushing.discard(shard)
+                if self._closing:
+                    return
+                assert self._loop is not None
+                wake = self._idle[shard] = self._loop.create_future()
+                # enqueue() wakes it (and marks the shard flushing again), __aexit__ to end
+                # it. Shielded: a loop cancelled as it was woken would strand what was queued
                 with anyio.CancelScope(shield=True):
-                    try:
-                        results = await self._send(shard, [item for item, _ in batch])
-                    except BaseException as exc:
-                        for _, fut in batch:
-                            if not fut.done():
-                                fut.set_exception(exc)
-                        if not isinstance(exc, Exception):
-                            raise
-                        continue
-                for (_, fut), res in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(res, BaseException):
-                        fut.set_exception(res)
-                    else:
-                        fut.set_result(res)
+                    await wake
         finally:
             self._flushing.discard(shard)
+            if wake is not None and self._idle.get(shard) is wake:
+                del self._idle[shard]

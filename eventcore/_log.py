@@ -202,7 +202,8 @@ class EventLog:
     ) -> AppendResult:
         """Append one envelope (group-committed with concurrent appends). Safe to retry with the
         same ``event_key``: the log keeps the first."""
-        return await self.appender.append(self.appender.prepare(envelope, epoch, aux))
+        appender = self.appender
+        return await appender.append(appender.prepare(envelope, epoch, aux))
 
     async def append_many(
         self, envelopes: Sequence[Envelope], *, epoch: int | None = None

@@ -93,10 +93,11 @@ local function typed(key, want)
   return t == 'none' or t == want
 end
 
--- Pass 1: the caller-chosen event keys of each session, to look them all up in one HMGET.
+-- Pass 1: the caller-chosen event keys of each session, to look them all up in one HMGET
+-- (none when every event came in the plain short form: 3 arguments each).
 local wanted = {}
 local a = E0
-for _ = 1, n do
+for _ = 1, (#ARGV == E0 - 1 + 3 * n) and 0 or n do
   if string.byte(ARGV[a], 1) == 45 then
     a = a + 3  -- a plain event: no key
   else
@@ -115,7 +116,7 @@ local sessions = {}
 local order = {}
 local function load(sidx)
   local kb = 5 + (sidx - 1) * 6
-  local m = {sid = ARGV[7 + sidx], kb = kb}
+  local m = {sid = ARGV[7 + sidx], kb = kb, kstream = KEYS[kb + 1]}
   sessions[sidx] = m
   order[#order + 1] = m
   local r = redis.pcall('HMGET', KEYS[kb + 2], L.META_SEQ, L.META_STATE, L.META_EPOCH,
@@ -162,15 +163,16 @@ local function plain(m)
 end
 
 local out = {}
+local argv, byte, tostr = ARGV, string.byte, tostring
 a = E0
 for i = 1, n do
-  local h = ARGV[a]
+  local h = argv[a]
   local typ, ek, body, epoch, extra
-  if string.byte(h, 1) == 45 then  -- '-<session index>', type, body: a plain event
-    typ, ek, body, epoch, extra = ARGV[a + 1], '', ARGV[a + 2], '', ''
+  if byte(h, 1) == 45 then  -- '-<session index>', type, body: a plain event
+    typ, ek, body, epoch, extra = argv[a + 1], '', argv[a + 2], '', ''
     a = a + 3
   else
-    typ, ek, body, epoch, extra = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+    typ, ek, body, epoch, extra = argv[a + 1], argv[a + 2], argv[a + 3], argv[a + 4], argv[a + 5]
     a = a + 6
   end
   local m = sessions[h]  -- by the argument as sent, then by index
@@ -184,14 +186,17 @@ for i = 1, n do
       and (epoch == '' or tonumber(epoch) == m.epoch) then
     -- the common event: a generated key, no server data, no side effects
     local seq = m.seq + 1
-    local sseq = tostring(seq)
-    local g = ''
-    if m.gen ~= '' then g = m.gen .. ':' .. (m.genf or '') end
-    local x = ec_entry(KEYS[m.kb + 1], feed, m.sid, sseq, m.inc, typ, ec_body(sseq, body), '',
-      false, g)
-    if x.err then
-      out[i] = '5:' .. x.err
-      m.corrupt = x.err
+    local sseq = tostr(seq)
+    local g = m.g  -- the entries' generation field, built once per session and batch
+    if g == nil then
+      g = ''
+      if m.gen ~= '' then g = m.gen .. ':' .. (m.genf or '') end
+      m.g = g
+    end
+    local x = ec_entry_plain(m.kstream, feed, m.sid, sseq, m.inc, typ, ec_body(sseq, body), g)
+    if x then
+      out[i] = '5:' .. x
+      m.corrupt = x
       m.plain = false
     else
       m.seq = seq
@@ -241,6 +246,7 @@ for i = 1, n do
     if created then
       inc = new_incarnation()
       m.gen, m.genf = shard_gen, nil  -- a new session starts on the shard's generation
+      m.g = nil
     end
     if m.gen ~= '' then g = m.gen .. ':' .. (m.genf or '') end
     local x = ec_entry(KEYS[kb + 1], feed, sid, sseq, inc, typ, d, sd,

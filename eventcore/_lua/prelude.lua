@@ -59,6 +59,27 @@ local function ec_entry(kstream, feed, sid, sseq, inc, typ, d, sd, blob, gen)
   return x
 end
 
+-- ec_entry for the common event (no server_data, no blob): returns the stream's error text when
+-- it refused the entry (nothing written then), nil when both entries were written.
+local function ec_entry_plain(kstream, feed, sid, sseq, inc, typ, d, gen)
+  if gen ~= '' then
+    local x = ec_entry(kstream, feed, sid, sseq, inc, typ, d, '', false, gen)
+    if type(x) == 'table' then return x.err end
+    return nil
+  end
+  local x
+  if inc == '' then
+    x = redis.pcall('XADD', kstream, '0-' .. sseq, EC_T, typ, EC_D, d)
+    if type(x) == 'table' then return x.err end
+    redis.call('XADD', feed, '*', EC_SID, sid, EC_SEQ, sseq, EC_T, typ, EC_D, d)
+  else
+    x = redis.pcall('XADD', kstream, '0-' .. sseq, EC_INC, inc, EC_T, typ, EC_D, d)
+    if type(x) == 'table' then return x.err end
+    redis.call('XADD', feed, '*', EC_SID, sid, EC_SEQ, sseq, EC_INC, inc, EC_T, typ, EC_D, d)
+  end
+  return nil
+end
+
 -- EC_PUBLISH is PUBLISH, and SPUBLISH in the scripts of a Redis Cluster 7+ client
 -- (eventcore._scripts.sharded: sharded pub/sub, delivered on the node serving the channel's
 -- slot, the shard's, not to all nodes).

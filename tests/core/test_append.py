@@ -262,7 +262,7 @@ async def test_plain_and_full_events_mixed_in_one_script_call(event_log: EventLo
         ap.prepare(env(a, 9)),
     ]
     _, args, _ = ap.script_call(batch, "layout")
-    assert args.count(-1) + args.count(-2) == 5  # the plain events (a checkpoint too): short
+    assert args.count(b"-1") + args.count(b"-2") == 5  # the plain events (a checkpoint too): short
     first = await ap._send(batch, token="mixed")
     summary = [
         (r.session_id, r.seq, r.duplicate) if not isinstance(r, Exception) else type(r).__name__

@@ -139,3 +139,26 @@ async def test_submit_outside_the_lifetime_is_a_usage_error(counter: Counter) ->
     with pytest.raises(UsageError):
         await co.submit(0, 2)
     assert counter.batches == [[1]]
+
+
+async def test_an_idle_flush_loop_is_woken_for_the_next_batch_and_ended_on_leaving(
+    counter: Counter,
+) -> None:
+    """A shard's flush loop outlives its round trip (idle, waiting for the next item): items
+    queued after it went idle are sent, and leaving the block, with an error or cancelled,
+    ends the idle loops instead of waiting for them forever."""
+    co: ShardCoalescer[int, int] = ShardCoalescer(counter.send, max_batch=8)
+    with pytest.raises(BaseExceptionGroup) as failed:
+        async with co:
+            for i in range(3):  # one after another: the loop goes idle between them
+                assert await co.submit(0, i) == 1
+            assert await co.submit(1, 3) == 1
+            raise RuntimeError("the owner fails")
+    assert [type(e) for e in failed.value.exceptions] == [RuntimeError]
+    assert counter.batches == [[0], [1], [2], [3]]
+    with anyio.CancelScope() as owner:
+        async with ShardCoalescer(counter.send, max_batch=8) as co2:
+            assert await co2.submit(0, 10) == 1
+            owner.cancel()
+            await anyio.sleep_forever()
+    assert owner.cancelled_caught
