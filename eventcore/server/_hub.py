@@ -91,7 +91,7 @@ class HubStats:
 class _Client:
     """One follower's bounded buffer: its :class:`~eventcore._follow.LiveSource`."""
 
-    __slots__ = ("buf", "closed", "gone", "inc", "lagged", "limit", "limit_bytes",
+    __slots__ = ("buf", "closed", "direct", "gone", "inc", "lagged", "limit", "limit_bytes",
                  "session_id", "size", "waiter")
 
     def __init__(self, session_id: str, limit: int, limit_bytes: int, inc: str) -> None:
@@ -105,10 +105,20 @@ class _Client:
         self.gone = False
         self.closed = False
         self.waiter: anyio.Event | None = None
+        # the transport's synchronous delivery (Subscription.deliver_directly), if it has one
+        self.direct: Callable[[Sequence[Event]], bool] | None = None
 
     def push(self, events: Sequence[Event], size: int) -> bool:
-        """Queue without ever waiting; False if the client overflowed (it then catches up)."""
+        """Queue without ever waiting; False if the client overflowed (it then catches up).
+
+        A follower parked on its empty buffer (``waiter``: everything handed to it before has
+        been delivered) whose transport delivers directly takes the events at once instead,
+        without waking its task; the transport refuses whatever is not the plain case."""
         if self.lagged:
+            return True
+        direct = self.direct
+        if (direct is not None and self.waiter is not None and not self.buf
+                and not self.closed and direct(events)):
             return True
         if self.buf and (len(self.buf) + len(events) > self.limit
                          or self.size + size > self.limit_bytes):
@@ -184,6 +194,40 @@ class Subscription(Follower):
         self._hub = hub
         self._watch = watch
         self.incarnation = client.inc
+
+    def deliver_directly(self, deliver: Callable[[list[Event]], bool]) -> None:
+        """Let the live path hand this follower's events to ``deliver`` synchronously while it
+        is caught up (parked on its empty buffer), instead of waking its task to iterate
+        :meth:`batches`. ``deliver(events)`` (non-empty, in seq order, ``types`` applied) must
+        deliver all of them, or return False having delivered nothing; the follower's cursor
+        moves only once it returned True. Only the plain case goes this way: a batch that is
+        not exactly the next events of the follower's generation, or that ends the session,
+        is buffered for :meth:`batches` as ever."""
+        client = self._live
+        assert isinstance(client, _Client)
+
+        def direct(items: Sequence[Event]) -> bool:
+            cursor = self.cursor
+            generation = self.generation
+            types = self.types
+            until_ended = self.until_ended
+            out: list[Event] = []
+            for ev in items:
+                if ev.generation != generation or (until_ended and ev.type == "session.ended"):
+                    return False
+                if ev.seq <= cursor:
+                    continue  # a duplicate
+                if ev.seq != cursor + 1:
+                    return False  # a gap: batches() reads it from the log
+                cursor = ev.seq
+                if types is None or ev.type in types:
+                    out.append(ev)
+            if out and not deliver(out):
+                return False
+            self.cursor = cursor
+            return True
+
+        client.direct = direct
 
     async def _page(self, cursor: int, generation: str) -> tuple[list[Event], bool]:
         try:
