@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -254,6 +255,7 @@ class Hub:
         fetch_batch: int = 256,
         resync_s: float = 5.0,
         xread_block_ms: int = 100,
+        xread_interval_ms: float = 0.0,
         on_lag: Callable[[float], None] | None = None,
     ) -> None:
         if live not in ("pubsub", "xread"):
@@ -268,6 +270,7 @@ class Hub:
         self.fetch_batch = fetch_batch
         self.resync_s = resync_s
         self.xread_block_ms = xread_block_ms
+        self.xread_interval_ms = xread_interval_ms
         self.on_lag = on_lag
         self.stats = HubStats()
         self.closed = False
@@ -600,8 +603,17 @@ class Hub:
         on the next call (its clients catch up by themselves meanwhile)."""
         self.live_connected = True
         task_status.started()
+        interval = self.xread_interval_ms / 1000
+        started = -math.inf
         while True:
             try:
+                if interval:
+                    # at most one XREAD per interval: under load each call (and each client's
+                    # write) carries more events, at the cost of up to the interval in latency
+                    wait = started + interval - time.monotonic()
+                    if wait > 0:
+                        await anyio.sleep(wait)
+                    started = time.monotonic()
                 fresh = [w for w in self._watches.values() if w.cursor is None]
                 if fresh:
                     with redis_errors("hub init"):
