@@ -135,7 +135,7 @@ def floor_app(redis_url: str, namespace: str) -> Any:
             if not cursors:
                 wake.clear()
                 await wake.wait()
-            got = await r.xread(dict(cursors), count=500, block=100)  # type: ignore[arg-type]
+            got = await r.xread(dict(cursors), count=500, block=100)
             for key, entries in got or ():
                 cursors[key] = entries[-1][0]
                 body = b"".join(b"id: %s\nevent: %s\ndata: %s\n\n"

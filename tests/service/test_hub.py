@@ -407,11 +407,14 @@ async def test_stream_body_sends_skip_the_wrappers_but_the_start_does_not() -> N
     assert raw == [b"id: 1\nevent: input\ndata: {}\n\n", b""]
 
 
-async def _parked(sub: Subscription) -> None:
-    """Until the follower waits on its empty live buffer (caught up)."""
+async def _parked(sub: Subscription, cursor: int = 0) -> None:
+    """Until the follower waits on its empty live buffer (caught up), past ``cursor``."""
     client = sub._live
     with anyio.fail_after(10):
-        while getattr(client, "waiter", None) is None or getattr(client, "buf", None):
+        while True:
+            if (sub.cursor >= cursor and getattr(client, "waiter", None) is not None
+                    and not getattr(client, "buf", None)):
+                return
             await anyio.sleep(0.005)  # the follower's state is poll-only from outside
 
 
@@ -453,9 +456,7 @@ async def test_a_caught_up_follower_is_handed_plain_batches_directly(
                 assert direct == [2, 3, 4, 5, 6] and via_batches == []
                 refuse = True
                 await emit(event_log, sid, 3)  # 7..9: refused, so through batches()
-                while sub.cursor < 9:
-                    await anyio.sleep(0.005)
-                await _parked(sub)
+                await _parked(sub, 9)
                 refuse = False
                 await event_log.signal(sid, "k", 1)  # 10: filtered out, the cursor covers it
                 await _parked(sub)
