@@ -10,6 +10,8 @@ Modes (each its own server process on its own port, same redis-server):
 - ``baseline``: a plain sse-starlette endpoint doing one blocking XREAD per client
 - ``ws``:       eventcore's app (XREAD live path), clients on ``GET /v1/sessions/{id}/ws``
   instead of SSE (``websockets`` clients: the same follower, another framing)
+- ``xread-queued``: ``xread`` without the direct live path (``Hub(direct=False)``): every
+  event queued to each client's task, which sends it through ASGI (the path before)
 - ``xread-i<ms>``: ``xread`` with the hub's ``xread_interval_ms`` at ``<ms>``
 - ``floor``:    the measured floor, not a product: a bare ASGI app under the same uvicorn, one
   multiplexed XREAD, each entry framed once and its bytes written straight to every client's
@@ -61,6 +63,9 @@ def run_server(mode: str, port: int, redis_url: str, namespace: str) -> None:
     from eventcore.server._http import serve
 
     hub_options = json.loads(os.environ.get("SSE_BENCH_HUB", "{}"))
+    if mode == "xread-queued":  # the live path as before the direct one: every event queued
+        hub_options["direct"] = False
+        mode = "xread"
     if mode.startswith("xread-i"):  # xread-i<ms>: the XREAD path at most one call per <ms>
         hub_options["xread_interval_ms"] = float(mode.removeprefix("xread-i"))
         mode = "xread"

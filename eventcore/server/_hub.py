@@ -33,6 +33,15 @@ Not a consumer group (a group would split events between clients instead of copy
   it continues with catch-up reads at its own pace. A client that accepts no bytes at all is
   closed by the transport's send timeout.
 
+- **Direct delivery** (:meth:`Subscription.deliver_directly`, SSE's): a caught-up follower
+  (parked on its empty buffer, so everything handed to it before has been delivered) whose
+  transport can write at once is handed the next events inside the fan-out, synchronously:
+  no task wake-up per event per client. Only the plain case (exactly the next seqs of its
+  generation, not ``session.ended``), and only if the transport takes all of it; anything
+  else is buffered as above. ``direct=False`` turns it off (``benchmarks/sse.py
+  --modes xread-queued``). ``xread_interval_ms`` spaces the live XREADs (at most one per
+  interval; 0, the default, does not).
+
 The hub is transport-neutral (a :class:`~eventcore._follow.Followers`): SSE and the WebRTC data
 channel both iterate :meth:`Subscription.batches` and format :class:`~eventcore._follow.Event`
 themselves.
@@ -206,6 +215,8 @@ class Subscription(Follower):
         is buffered for :meth:`batches` as ever."""
         client = self._live
         assert isinstance(client, _Client)
+        if not self._hub.direct:
+            return
 
         def direct(items: Sequence[Event]) -> bool:
             cursor = self.cursor
@@ -256,6 +267,7 @@ class Hub:
         resync_s: float = 5.0,
         xread_block_ms: int = 100,
         xread_interval_ms: float = 0.0,
+        direct: bool = True,
         on_lag: Callable[[float], None] | None = None,
     ) -> None:
         if live not in ("pubsub", "xread"):
@@ -271,6 +283,7 @@ class Hub:
         self.resync_s = resync_s
         self.xread_block_ms = xread_block_ms
         self.xread_interval_ms = xread_interval_ms
+        self.direct = direct  # whether Subscription.deliver_directly takes effect
         self.on_lag = on_lag
         self.stats = HubStats()
         self.closed = False
