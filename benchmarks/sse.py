@@ -28,7 +28,7 @@ Load: ``clients / per_session`` sessions, ``per_session`` clients on each, every
 client should receive ``rate`` events/s (``appended_events_per_s`` says whether the load
 generator kept its rate). Each event's payload carries its append wall-clock time; a client
 records ``receive time - append time``. Clients are raw HTTP/1.0 sockets in this process (the
-body comes chunked anyway; they look at lines only), next to the appender; the server and
+body comes chunked anyway; they look at lines only); the appender, the server and
 redis-server are separate processes. Prints JSON.
 """
 
@@ -293,36 +293,73 @@ async def connect_ws(port: int, sessions: list[str], stats: Stats) -> list[Any]:
     return conns
 
 
-async def append_load(log: Any, sessions: list[str], rate: float, stop: asyncio.Event,
-                      stats: Stats) -> int:
-    """Every session gets ``rate`` events/s, spread evenly over 10 ms ticks."""
-    from eventcore import Envelope
+class Appender:
+    """The load generator in a process of its own (``--append``), so that the clients' reads
+    in this process do not hold its rate back: every session gets ``rate`` events/s, spread
+    evenly over 10 ms ticks, one ``append_many`` per tick. ``counted`` is what it appended
+    while ``recording``."""
 
-    tick = 0.01
-    per_tick = len(sessions) * rate * tick
-    owed = 0.0
-    i = 0
-    sent = 0
-    next_at = time.monotonic()
-    while not stop.is_set():
-        owed += per_tick
-        batch = []
-        while owed >= 1:
-            owed -= 1
-            batch.append(sessions[i % len(sessions)])
-            i += 1
-        if batch:
-            now = time.time()
-            # one call per tick (one script call per shard): the load generator shares this
-            # process with the 1,000 clients, and must keep its rate at 50 ev/s per session
-            await log.append_many([Envelope(type="tick", session_id=s, payload={"t": now})
-                                   for s in batch])
-            sent += len(batch)
-            if stats.recording:
-                stats.appended += len(batch)
-        next_at += tick
-        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-    return sent
+    def __init__(self, redis_url: str, namespace: str, sessions: list[str], rate: float
+                 ) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.recording = ctx.Value("b", 0)
+        self.stop = ctx.Value("b", 0)
+        self.count = ctx.Value("q", 0)
+        self.proc = ctx.Process(target=_append_main, daemon=True, args=(
+            redis_url, namespace, sessions, rate, self.recording, self.stop, self.count))
+        self.proc.start()
+
+    def record(self, on: bool) -> None:
+        self.recording.value = int(on)
+
+    @property
+    def counted(self) -> int:
+        return int(self.count.value)
+
+    async def close(self) -> None:
+        self.stop.value = 1
+        await asyncio.to_thread(self.proc.join, 15)
+        if self.proc.is_alive():
+            self.proc.kill()
+            raise SystemExit("sse.py: the appender did not stop within 15 s")
+        if self.proc.exitcode != 0:
+            raise SystemExit(f"sse.py: the appender failed (exit {self.proc.exitcode})")
+
+
+def _append_main(redis_url: str, namespace: str, sessions: list[str], rate: float,
+                 recording: Any, stop: Any, count: Any) -> None:
+    sys.path.insert(0, str(ROOT))
+    asyncio.run(_append_loop(redis_url, namespace, sessions, rate, recording, stop, count))
+
+
+async def _append_loop(redis_url: str, namespace: str, sessions: list[str], rate: float,
+                       recording: Any, stop: Any, count: Any) -> None:
+    from eventcore import Envelope, EventLog, load_settings
+
+    settings = load_settings(redis_url=redis_url, namespace=namespace, shards=16)
+    async with EventLog(settings) as log:
+        tick = 0.01
+        per_tick = len(sessions) * rate * tick
+        owed = 0.0
+        i = 0
+        next_at = time.monotonic()
+        while not stop.value:
+            owed += per_tick
+            batch = []
+            while owed >= 1:
+                owed -= 1
+                batch.append(sessions[i % len(sessions)])
+                i += 1
+            if batch:
+                now = time.time()
+                await log.append_many([Envelope(type="tick", session_id=s, payload={"t": now})
+                                       for s in batch])
+                if recording.value:
+                    count.value += len(batch)
+            next_at += tick
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
 
 async def scenario(mode: str, redis_url: str, clients: int, per_session: int, rate: float,
@@ -377,23 +414,24 @@ async def _scenario(mode: str, redis_url: str, clients: int, per_session: int, r
                 transports = await connect_all(port, paths, stats)
                 wss = []
             connect_s = time.monotonic() - t0
-            stop = asyncio.Event()
-            load = asyncio.create_task(append_load(log, sessions, rate, stop, stats))
+            load = Appender(redis_url, namespace, sessions, rate)
             await asyncio.sleep(warmup)
             cpu0 = sum(ps.cpu_times()[:2])
             xread0 = await _xread_calls(log)
             me = psutil.Process()
             my0 = sum(me.cpu_times()[:2])
             stats.recording = True
+            load.record(True)
             t1 = time.monotonic()
             await asyncio.sleep(duration)
             stats.recording = False
+            load.record(False)
             elapsed = time.monotonic() - t1
+            stats.appended = load.counted
             cpu = sum(ps.cpu_times()[:2]) - cpu0
             xreads = await _xread_calls(log) - xread0
             my_cpu = sum(me.cpu_times()[:2]) - my0
-            stop.set()
-            await load
+            await load.close()
             for t in transports:
                 t.close()
             for ws, task in wss:
