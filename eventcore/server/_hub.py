@@ -385,6 +385,7 @@ class Hub:
                                on_retry)
         finally:
             client.closed = True
+            client.direct = None  # (it refers back to the subscription)
             w.clients.discard(client)
             if not w.clients and self._watches.get(session_id) is w:
                 del self._watches[session_id]

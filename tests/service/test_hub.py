@@ -450,16 +450,16 @@ async def test_a_caught_up_follower_is_handed_plain_batches_directly(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(read)
                 await _parked(sub)
-                for _ in range(5):  # 2..6, one by one
+                for seq in range(2, 7):  # one by one
                     await emit(event_log, sid, 1)
-                    await _parked(sub)
+                    await _parked(sub, seq)
                 assert direct == [2, 3, 4, 5, 6] and via_batches == []
                 refuse = True
                 await emit(event_log, sid, 3)  # 7..9: refused, so through batches()
                 await _parked(sub, 9)
                 refuse = False
                 await event_log.signal(sid, "k", 1)  # 10: filtered out, the cursor covers it
-                await _parked(sub)
+                await _parked(sub, 10)
                 await emit(event_log, sid, 2)  # 11, 12
                 await event_log.end_session(sid)  # 13: ends it, through batches()
     assert set(direct) & set(via_batches) == set()

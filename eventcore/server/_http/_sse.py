@@ -32,6 +32,16 @@ hub's ``buffer_bytes`` (one catch-up page or its live buffer), handed to the ser
 of about ``_CHUNK_BYTES``. On shutdown the stream ends with ``server.shutdown``; the client
 resumes with ``Last-Event-ID`` on any server.
 
+Live, a caught-up stream skips all of that per event: the hub's fan-out hands the next
+events to the stream's ``deliver`` (``Subscription.deliver_directly``), which writes their
+shared frames, a batch joined into one write, straight to the connection's transport
+(:func:`._transport.body_writer`: the bytes and chunk framing uvicorn's ``send`` would write
+at once). It refuses whatever that path would not send at once (the write buffer over its
+high-water mark, the token expired, the peer gone, a batch past ``_CHUNK_BYTES``), and the hub
+refuses what is not the plain case (a gap, a new generation, ``session.ended``): those take
+the buffered path above, unchanged. Pings, control events and the stream's end still go
+through ``send``; the frames, ids and resume points are the same either way.
+
 A session that has ended and whose last event the client has seen answers 204, which tells an
 ``EventSource`` to stop reconnecting.
 """
