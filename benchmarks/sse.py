@@ -12,6 +12,8 @@ Modes (each its own server process on its own port, same redis-server):
   instead of SSE (``websockets`` clients: the same follower, another framing)
 - ``xread-queued``: ``xread`` without the direct live path (``Hub(direct=False)``): every
   event queued to each client's task, which sends it through ASGI (the path before)
+- ``xread-asyncio``: ``xread`` on the stdlib event loop (uvicorn picks uvloop and httptools when
+  installed; the direct live path needs httptools)
 - ``xread-i<ms>``: ``xread`` with the hub's ``xread_interval_ms`` at ``<ms>``
 - ``floor``:    the measured floor, not a product: a bare ASGI app under the same uvicorn, one
   multiplexed XREAD, each entry framed once and its bytes written straight to every client's
@@ -63,6 +65,10 @@ def run_server(mode: str, port: int, redis_url: str, namespace: str) -> None:
     from eventcore.server._http import serve
 
     hub_options = json.loads(os.environ.get("SSE_BENCH_HUB", "{}"))
+    serve_options: dict[str, Any] = {}
+    if mode == "xread-asyncio":  # the stdlib event loop instead of uvloop (uvicorn's "auto")
+        serve_options["loop"] = "asyncio"
+        mode = "xread"
     if mode == "xread-queued":  # the live path as before the direct one: every event queued
         hub_options["direct"] = False
         mode = "xread"
@@ -83,7 +89,7 @@ def run_server(mode: str, port: int, redis_url: str, namespace: str) -> None:
         app = baseline_app(redis_url, namespace)
     # every mode runs under the same serve() (uvicorn settings, GC thresholds)
     serve(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-          backlog=8192)
+          backlog=8192, **serve_options)
 
 
 def baseline_app(redis_url: str, namespace: str) -> Any:
