@@ -513,6 +513,16 @@ def _targets(m: dict[str, Any], hi: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _ratios(m: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    def ratio(key: str, digits: int = 3) -> float | None:
+        a, b = m.get(key), base.get(key)
+        return round(a / b, digits) if a and b else None
+
+    return {"delivered_ratio": ratio("delivered_events_per_s", 2),
+            "p50_ratio": ratio("p50_ms"), "p99_ratio": ratio("p99_ms"),
+            "cpu_per_delivery_ratio": ratio("server_cpu_us_per_delivery")}
+
+
 async def main(args: argparse.Namespace) -> None:
     from eventcore.testing._server import RedisServer
 
@@ -530,21 +540,12 @@ async def main(args: argparse.Namespace) -> None:
                                        args.warmup, args.duration) for _ in range(args.repeat)]
                 row[mode] = median_of(runs)
                 print(f"# {n} clients {mode}: {json.dumps(row[mode])}", file=sys.stderr)
-            base = row.get("baseline")
-            for mode in modes:
-                if mode == "baseline" or not base:
-                    continue
-                m = row[mode]
-                row[f"{mode}_vs_baseline"] = {
-                    "delivered_ratio": round(m["delivered_events_per_s"]
-                                             / max(1, base["delivered_events_per_s"]), 2),
-                    "p99_ratio": round(m["p99_ms"] / base["p99_ms"], 3)
-                    if base["p99_ms"] and base["p99_ms"] == base["p99_ms"] else None,
-                    "cpu_per_delivery_ratio": round(m["server_cpu_us_per_delivery"]
-                                                    / base["server_cpu_us_per_delivery"], 3)
-                    if m.get("server_cpu_us_per_delivery")
-                    and base.get("server_cpu_us_per_delivery") else None,
-                }
+            for ref in ("baseline", "floor", "xread-queued"):  # side by side, same run
+                base = row.get(ref)
+                for mode in modes:
+                    if mode == ref or not base or mode in ("baseline", "floor"):
+                        continue
+                    row[f"{mode}_vs_{ref}"] = _ratios(row[mode], base)
             if n == 1000:
                 hi: dict[str, Any] = {}
                 if args.high_rate:
@@ -583,7 +584,7 @@ if __name__ == "__main__":
         raise SystemExit(0)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", default="100,1000,5000")
-    p.add_argument("--modes", default="pubsub,xread,baseline")
+    p.add_argument("--modes", default="pubsub,xread,floor,baseline")
     p.add_argument("--rate", type=float, default=10.0, help="events/s per session")
     p.add_argument("--per-session", type=int, default=10, help="clients per session")
     p.add_argument("--warmup", type=float, default=1.5)
