@@ -17,14 +17,14 @@ that the session is still the incarnation the client was authorized for.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from eventcore._envelope import Envelope
-from eventcore._follow import Event, Followers, closing_iter
+from eventcore._follow import Event, Follower, Followers, closing_iter
 from eventcore._log import EventLog
 from eventcore._values import validate_value
 from eventcore.errors import (
@@ -111,9 +111,12 @@ class ClientFollow:
     def __init__(
         self, followers: Followers, session_id: str, after: int, *, incarnation: str,
         types: Collection[str] | None = None, retry_cap_s: float | None = None,
-        generation: str = "",
+        generation: str = "", on_follower: Callable[[Follower], None] | None = None,
     ) -> None:
         self.followers = followers
+        self.on_follower = on_follower
+        """Called with the follower once subscribed, before it is iterated (SSE's direct
+        delivery, see ``Subscription.deliver_directly``)."""
         self.generation = generation
         """The stream epoch's generation of ``after`` (``""``: 0; see ``Follower``)."""
         self.session_id = session_id
@@ -132,6 +135,8 @@ class ClientFollow:
                                                 incarnation=self.incarnation,
                                                 retry_cap_s=self.retry_cap_s) as follower:
                 follower.generation = self.generation
+                if self.on_follower is not None:
+                    self.on_follower(follower)
                 async with closing_iter(follower.batches()) as batches:
                     async for batch in batches:
                         yield batch

@@ -33,6 +33,15 @@ Not a consumer group (a group would split events between clients instead of copy
   it continues with catch-up reads at its own pace. A client that accepts no bytes at all is
   closed by the transport's send timeout.
 
+- **Direct delivery** (:meth:`Subscription.deliver_directly`, SSE's): a caught-up follower
+  (parked on its empty buffer, so everything handed to it before has been delivered) whose
+  transport can write at once is handed the next events inside the fan-out, synchronously:
+  no task wake-up per event per client. Only the plain case (exactly the next seqs of its
+  generation, not ``session.ended``), and only if the transport takes all of it; anything
+  else is buffered as above. ``direct=False`` turns it off (``benchmarks/sse.py
+  --modes xread-queued``). ``xread_interval_ms`` spaces the live XREADs (at most one per
+  interval; 0, the default, does not).
+
 The hub is transport-neutral (a :class:`~eventcore._follow.Followers`): SSE and the WebRTC data
 channel both iterate :meth:`Subscription.batches` and format :class:`~eventcore._follow.Event`
 themselves.
@@ -43,6 +52,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -91,7 +101,7 @@ class HubStats:
 class _Client:
     """One follower's bounded buffer: its :class:`~eventcore._follow.LiveSource`."""
 
-    __slots__ = ("buf", "closed", "gone", "inc", "lagged", "limit", "limit_bytes",
+    __slots__ = ("buf", "closed", "direct", "gone", "inc", "lagged", "limit", "limit_bytes",
                  "session_id", "size", "waiter")
 
     def __init__(self, session_id: str, limit: int, limit_bytes: int, inc: str) -> None:
@@ -105,10 +115,20 @@ class _Client:
         self.gone = False
         self.closed = False
         self.waiter: anyio.Event | None = None
+        # the transport's synchronous delivery (Subscription.deliver_directly), if it has one
+        self.direct: Callable[[Sequence[Event]], bool] | None = None
 
     def push(self, events: Sequence[Event], size: int) -> bool:
-        """Queue without ever waiting; False if the client overflowed (it then catches up)."""
+        """Queue without ever waiting; False if the client overflowed (it then catches up).
+
+        A follower parked on its empty buffer (``waiter``: everything handed to it before has
+        been delivered) whose transport delivers directly takes the events at once instead,
+        without waking its task; the transport refuses whatever is not the plain case."""
         if self.lagged:
+            return True
+        direct = self.direct
+        if (direct is not None and self.waiter is not None and not self.buf
+                and not self.closed and direct(events)):
             return True
         if self.buf and (len(self.buf) + len(events) > self.limit
                          or self.size + size > self.limit_bytes):
@@ -185,6 +205,42 @@ class Subscription(Follower):
         self._watch = watch
         self.incarnation = client.inc
 
+    def deliver_directly(self, deliver: Callable[[list[Event]], bool]) -> None:
+        """Let the live path hand this follower's events to ``deliver`` synchronously while it
+        is caught up (parked on its empty buffer), instead of waking its task to iterate
+        :meth:`batches`. ``deliver(events)`` (non-empty, in seq order, ``types`` applied) must
+        deliver all of them, or return False having delivered nothing; the follower's cursor
+        moves only once it returned True. Only the plain case goes this way: a batch that is
+        not exactly the next events of the follower's generation, or that ends the session,
+        is buffered for :meth:`batches` as ever."""
+        client = self._live
+        assert isinstance(client, _Client)
+        if not self._hub.direct:
+            return
+
+        def direct(items: Sequence[Event]) -> bool:
+            cursor = self.cursor
+            generation = self.generation
+            types = self.types
+            until_ended = self.until_ended
+            out: list[Event] = []
+            for ev in items:
+                if ev.generation != generation or (until_ended and ev.type == "session.ended"):
+                    return False
+                if ev.seq <= cursor:
+                    continue  # a duplicate
+                if ev.seq != cursor + 1:
+                    return False  # a gap: batches() reads it from the log
+                cursor = ev.seq
+                if types is None or ev.type in types:
+                    out.append(ev)
+            if out and not deliver(out):
+                return False
+            self.cursor = cursor
+            return True
+
+        client.direct = direct
+
     async def _page(self, cursor: int, generation: str) -> tuple[list[Event], bool]:
         try:
             return await self._hub.read_page(self.session_id, cursor,
@@ -210,6 +266,8 @@ class Hub:
         fetch_batch: int = 256,
         resync_s: float = 5.0,
         xread_block_ms: int = 100,
+        xread_interval_ms: float = 0.0,
+        direct: bool = True,
         on_lag: Callable[[float], None] | None = None,
     ) -> None:
         if live not in ("pubsub", "xread"):
@@ -224,6 +282,8 @@ class Hub:
         self.fetch_batch = fetch_batch
         self.resync_s = resync_s
         self.xread_block_ms = xread_block_ms
+        self.xread_interval_ms = xread_interval_ms
+        self.direct = direct  # whether Subscription.deliver_directly takes effect
         self.on_lag = on_lag
         self.stats = HubStats()
         self.closed = False
@@ -325,6 +385,7 @@ class Hub:
                                on_retry)
         finally:
             client.closed = True
+            client.direct = None  # (it refers back to the subscription)
             w.clients.discard(client)
             if not w.clients and self._watches.get(session_id) is w:
                 del self._watches[session_id]
@@ -556,8 +617,17 @@ class Hub:
         on the next call (its clients catch up by themselves meanwhile)."""
         self.live_connected = True
         task_status.started()
+        interval = self.xread_interval_ms / 1000
+        started = -math.inf
         while True:
             try:
+                if interval:
+                    # at most one XREAD per interval: under load each call (and each client's
+                    # write) carries more events, at the cost of up to the interval in latency
+                    wait = started + interval - time.monotonic()
+                    if wait > 0:
+                        await anyio.sleep(wait)
+                    started = time.monotonic()
                 fresh = [w for w in self._watches.values() if w.cursor is None]
                 if fresh:
                     with redis_errors("hub init"):

@@ -405,3 +405,65 @@ async def test_stream_body_sends_skip_the_wrappers_but_the_start_does_not() -> N
     await stream(scope, receive, send_wrapped)  # type: ignore[arg-type]
     assert wrapped == ["http.response.start"]
     assert raw == [b"id: 1\nevent: input\ndata: {}\n\n", b""]
+
+
+async def _parked(sub: Subscription, cursor: int = 0) -> None:
+    """Until the follower waits on its empty live buffer (caught up), past ``cursor``."""
+    client = sub._live
+    with anyio.fail_after(10):
+        while True:
+            if (sub.cursor >= cursor and getattr(client, "waiter", None) is not None
+                    and not getattr(client, "buf", None)):
+                return
+            await anyio.sleep(0.005)  # the follower's state is poll-only from outside
+
+
+async def test_a_caught_up_follower_is_handed_plain_batches_directly(
+    hub: Hub, event_log: EventLog
+) -> None:
+    """``deliver_directly`` (SSE's fast path): while a follower is caught up, the live path
+    hands it the next events synchronously, ``types`` applied; a refused batch and
+    ``session.ended`` go through ``batches()``. Together it sees every event exactly once, in
+    order, and its cursor covers the filtered ones."""
+    s = await event_log.create_session("echo")
+    sid = s.session_id
+    direct: list[int] = []
+    via_batches: list[int] = []
+    refuse = False
+
+    def deliver(events: list[Event]) -> bool:
+        assert events
+        if refuse:
+            return False
+        direct.extend(e.seq for e in events)
+        return True
+
+    async with hub.subscribe(sid, after=0, types={"input", "session.ended"}) as sub:
+        sub.deliver_directly(deliver)
+
+        async def read() -> None:
+            async for batch in sub.batches():
+                assert not isinstance(batch, HistoryGone)
+                via_batches.extend(e.seq for e in batch)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await _parked(sub)
+                for seq in range(2, 7):  # one by one
+                    await emit(event_log, sid, 1)
+                    await _parked(sub, seq)
+                assert direct == [2, 3, 4, 5, 6] and via_batches == []
+                refuse = True
+                await emit(event_log, sid, 3)  # 7..9: refused, so through batches()
+                await _parked(sub, 9)
+                refuse = False
+                await event_log.signal(sid, "k", 1)  # 10: filtered out, the cursor covers it
+                await _parked(sub, 10)
+                await emit(event_log, sid, 2)  # 11, 12
+                await event_log.end_session(sid)  # 13: ends it, through batches()
+    assert set(direct) & set(via_batches) == set()
+    assert direct == sorted(direct) and via_batches == sorted(via_batches)
+    assert {7, 8, 9, 13} <= set(via_batches)
+    assert sorted(direct + via_batches) == [*range(2, 10), 11, 12, 13]
+    assert sub.cursor == 13

@@ -113,6 +113,58 @@ async def test_stalled_clients_are_disconnected_and_cost_no_more_than_their_buff
         assert seen == list(range(1, last + 1))
 
 
+async def test_clients_that_stop_reading_while_live_are_bounded_and_others_get_everything(
+    service: Service, service_log: EventLog
+) -> None:
+    """The live fast path (the hub's fan-out writing frames straight to each caught-up
+    client's connection) stops writing to a client whose write buffer is full: then its
+    bounded buffer, then catch-up at its own pace, then the send timeout, as for any stream.
+    8 clients stop reading while live, 8 MiB are appended; a reading client of the same session
+    gets every event once, in order."""
+    sid, token = await service.create("echo")
+    api = psutil.Process(service.api.proc.pid if service.api.proc else 0)
+    n = 8
+    big = "x" * 32 * 1024
+    last = 257
+    async with service.client(token) as c:
+        baseline = api.memory_info().rss
+        clients = [_stalled_client(service.api.port or 0, sid, token) for _ in range(n)]
+        ports = {s.getsockname()[1] for s in clients}
+        seen: list[int] = []
+        try:
+            async with aconnect_sse(c, "GET", f"/v1/sessions/{sid}/events") as src:
+                await wait_metric(c, lambda t: metric(t, "eventcore_sse_clients") == n + 1.0)
+                peak = baseline
+                async with anyio.create_task_group() as tg:
+                    async def append() -> None:
+                        for i in range(256):
+                            await service_log.append(Envelope(type="blob", session_id=sid,
+                                                              payload={"i": i, "x": big}))
+                    tg.start_soon(append)
+                    with anyio.fail_after(60):
+                        async for e in src.aiter_sse():
+                            if e.id:
+                                seen.append(int(e.id))
+                                peak = max(peak, api.memory_info().rss)
+                                if int(e.id) == last:
+                                    break
+            assert seen == list(range(1, last + 1))
+            with anyio.fail_after(30):
+                while (metric((await c.get("/metrics")).text,
+                              "eventcore_sse_slow_closed_total") or 0) < n:
+                    peak = max(peak, api.memory_info().rss)
+                    await anyio.sleep(0.05)  # sampling memory: there is nothing to await
+            assert peak - baseline < n * 6 * MiB, f"grew {(peak - baseline) / MiB:.0f} MiB"
+            with anyio.fail_after(15):
+                while True:
+                    if not _established_from(api, ports):
+                        break
+                    await anyio.sleep(0.1)  # the server's socket table is poll-only
+        finally:
+            for s in clients:
+                s.close()
+
+
 def _exp(token: str) -> int:
     import base64
 

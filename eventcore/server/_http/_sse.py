@@ -32,6 +32,16 @@ hub's ``buffer_bytes`` (one catch-up page or its live buffer), handed to the ser
 of about ``_CHUNK_BYTES``. On shutdown the stream ends with ``server.shutdown``; the client
 resumes with ``Last-Event-ID`` on any server.
 
+Live, a caught-up stream skips all of that per event: the hub's fan-out hands the next
+events to the stream's ``deliver`` (``Subscription.deliver_directly``), which writes their
+shared frames, a batch joined into one write, straight to the connection's transport
+(:func:`._transport.body_writer`: the bytes and chunk framing uvicorn's ``send`` would write
+at once). It refuses whatever that path would not send at once (the write buffer over its
+high-water mark, the token expired, the peer gone, a batch past ``_CHUNK_BYTES``), and the hub
+refuses what is not the plain case (a gap, a new generation, ``session.ended``): those take
+the buffered path above, unchanged. Pings, control events and the stream's end still go
+through ``send``; the frames, ids and resume points are the same either way.
+
 A session that has ended and whose last event the client has seen answers 204, which tells an
 ``EventSource`` to stop reconnecting.
 """
@@ -52,18 +62,17 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from eventcore._follow import closing_iter, divergence
+from eventcore._follow import Event, Follower, closing_iter, divergence
 from eventcore.errors import HistoryDiverged, HistoryGone
 
 from .._clients import ClientFollow, StreamEnd, diverged_fields, is_generation, parse_epoch
+from .._hub import Subscription
 from ._context import SessionAccess, session_reader
 from ._params import PageSize, SeqParam, parse_digits
 from ._problems import Problem
-from ._transport import abort
+from ._transport import BodyWriter, abort, body_writer
 
 if TYPE_CHECKING:
-    from eventcore._follow import Event
-
     from ._context import ServiceContext
 
 __all__ = ["event_stream", "parse_types", "sse_frame"]
@@ -126,12 +135,15 @@ def _parse_after(after: int | None, last_event_id: str | None, epoch: str | None
 
 
 class _Progress:
-    """The last seq sent to the client: where the control events tell it to resume."""
+    """The last seq sent to the client: where the control events tell it to resume. With the
+    server's direct body writer (set by the response once called) and the stream's expiry."""
 
-    __slots__ = ("cursor",)
+    __slots__ = ("cursor", "expires_at", "writer")
 
-    def __init__(self, cursor: int) -> None:
+    def __init__(self, cursor: int, expires_at: float | None = None) -> None:
         self.cursor = cursor
+        self.expires_at = expires_at
+        self.writer: BodyWriter | None = None
 
 
 class _Stream(EventSourceResponse):
@@ -153,6 +165,7 @@ class _Stream(EventSourceResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             self._body_send = scope.get("eventcore.body_send")
+            self.progress.writer = body_writer(scope)
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
             self.ctx.metrics.sse_closed_slow.inc()
@@ -247,7 +260,7 @@ async def event_stream(
     if ctx.hub.closed or ctx.shutdown.is_set():
         raise Problem(503, "shutting-down", "resume on another server or shortly",
                       headers={"Retry-After": "1"})
-    progress = _Progress(start)
+    progress = _Progress(start, access.principal.expires_at)
     response = _Stream(
         _frames(ctx, access.session_id, incarnation, progress, wanted, generation),
         shutdown_event=ctx.shutdown,
@@ -279,8 +292,34 @@ async def _frames(
 
     metrics = ctx.metrics
     metrics.sse_clients.inc()
+
+    def deliver(events: list[Event]) -> bool:
+        # The live fast path (Subscription.deliver_directly): the hub's fan-out writes the
+        # session's shared frames straight to the connection, the batch joined in one write,
+        # when that is what the path below would send at once; anything else (token expired,
+        # write buffer full, past a chunk) is refused and goes the ordinary way.
+        writer = progress.writer
+        if writer is None or (progress.expires_at is not None
+                              and time.time() >= progress.expires_at):
+            return False
+        if len(events) == 1:
+            body = sse_frame(events[0])
+        else:
+            body = b"".join([sse_frame(ev) for ev in events])
+            if len(body) > _CHUNK_BYTES:
+                return False
+        if not writer(body):
+            return False
+        progress.cursor = follow.sent = events[-1].seq
+        metrics.sse_events.inc(len(events))
+        return True
+
+    def direct(follower: Follower) -> None:
+        if progress.writer is not None and isinstance(follower, Subscription):
+            follower.deliver_directly(deliver)
+
     follow = ClientFollow(ctx.hub, session_id, progress.cursor, incarnation=incarnation,
-                          types=types, generation=generation)
+                          types=types, generation=generation, on_follower=direct)
     try:
         async with closing_iter(follow.items()) as items:
             async for item in items:
