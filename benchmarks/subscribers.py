@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -109,13 +110,58 @@ async def run_subscriber(log: EventLog, sub: Any, group: str) -> int:
     return await runner.drain()
 
 
-async def timed(total: int, coro: Any) -> float:
-    start = time.perf_counter()
-    n = await coro
-    elapsed = time.perf_counter() - start
-    if n != total:
-        raise RuntimeError(f"consumed {n} of {total} entries")
-    return round(total / elapsed)
+def _proc_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (Linux /proc; 0 where unreadable)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _postgres_pids() -> list[int]:
+    """Every postgres server process on this machine (backends come and go with pools)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() == "postgres":
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+class Cpu:
+    """CPU µs per event of this process, the benchmark's redis-server and PostgreSQL."""
+
+    def __init__(self, redis_pid: int) -> None:
+        self.redis_pid = redis_pid
+        self.samples: dict[str, list[dict[str, float]]] = {}
+
+    async def timed(self, mode: str, total: int, coro: Any) -> float:
+        pg = _postgres_pids() if mode == "persistence_postgres" else []
+        c0, r0, p0 = time.process_time(), _proc_cpu_s([self.redis_pid]), _proc_cpu_s(pg)
+        start = time.perf_counter()
+        n = await coro
+        elapsed = time.perf_counter() - start
+        c1, r1, p1 = time.process_time(), _proc_cpu_s([self.redis_pid]), _proc_cpu_s(pg)
+        if n != total:
+            raise RuntimeError(f"consumed {n} of {total} entries")
+        us = 1e6 / total
+        sample = {"python": round((c1 - c0) * us, 2), "redis": round((r1 - r0) * us, 2)}
+        if pg:
+            sample["postgres"] = round((p1 - p0) * us, 2)
+        self.samples.setdefault(mode, []).append(sample)
+        return round(total / elapsed)
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {m: {k: statistics.median(s[k] for s in v) for k in v[0]}
+                for m, v in self.samples.items()}
 
 
 async def postgres_ok() -> bool:
@@ -144,24 +190,30 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool,
             settings = load_settings(redis_url=server.url, namespace="bench")
             async with EventLog(settings) as log:
                 sids, total = await preload(log, sessions, events)
+                assert server.proc is not None
+                cpu = Cpu(server.proc.pid)
+                timed = cpu.timed
                 for r in range(runs):
                     results["bare_xreadgroup_xack"].append(
-                        await timed(total, bare(log, f"bare{r}")))
+                        await timed("bare_xreadgroup_xack", total, bare(log, f"bare{r}")))
                     if "projector" in modes:
                         await log.redis.delete(*[log.keys.view(s) for s in sids])
                         results["projector"].append(
-                            await timed(total, run_subscriber(log, Projector(log), f"proj{r}")))
+                            await timed("projector", total,
+                                        run_subscriber(log, Projector(log), f"proj{r}")))
                     if "persistence_sqlite" in modes:
                         url = f"sqlite+aiosqlite:///{tmp / f'run{r}.sqlite3'}"
                         async with Persistence(log, url) as store:
                             results["persistence_sqlite"].append(
-                                await timed(total, run_subscriber(log, store, f"sqlite{r}")))
+                                await timed("persistence_sqlite", total,
+                                            run_subscriber(log, store, f"sqlite{r}")))
                     if "persistence_postgres" in modes:
                         prefix = f"bench{uuid.uuid4().hex[:8]}_"
                         async with Persistence(log, PG_URL, prefix=prefix) as store:
                             try:
                                 results["persistence_postgres"].append(
-                                    await timed(total, run_subscriber(log, store, f"pg{r}")))
+                                    await timed("persistence_postgres", total,
+                                                run_subscriber(log, store, f"pg{r}")))
                             finally:
                                 await store.drop_tables()
                 version = server.version
@@ -181,6 +233,7 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool,
         "events_per_s": results,
         "median_events_per_s": medians,
         "ratio_to_bare": {m: round(v / base, 3) for m, v in medians.items()},
+        "cpu_us_per_event": cpu.medians(),
     }
 
 
@@ -192,13 +245,15 @@ if __name__ == "__main__":
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--only", action="append", choices=MODES[1:], default=[],
                     help="run only these modes (repeatable; the bare loop always runs)")
-    ap.add_argument("--gc", choices=("service", "default"), default="service",
+    ap.add_argument("--gc", choices=("service", "default", "off"), default="service",
                     help="the collector's thresholds: eventcore serve's, or the interpreter's")
     a = ap.parse_args()
     if a.gc == "service":  # imported only then: the server's modules are many objects more
         from eventcore.server._http._serve import GC_THRESHOLDS
 
         gc.set_threshold(*GC_THRESHOLDS)
+    elif a.gc == "off":  # what the collector costs: compare with the others
+        gc.disable()
     out = asyncio.run(main(a.sessions, a.events, a.runs, not a.no_postgres, tuple(a.only)))
     json.dump(out, sys.stdout, indent=2)
     print()
