@@ -1,7 +1,7 @@
 """Subscriber throughput: the projector and persistence against a bare consumer-group loop.
 
 Run: ``.venv/bin/python benchmarks/subscribers.py [--sessions S] [--events E] [--runs R]
-[--no-postgres]``.
+[--no-postgres] [--only MODE] [--gc service|default|off]``.
 
 Spawns its own redis-server (no AOF: this measures the consumers, not the disk), preloads S
 sessions of E envelopes (messages, runs, tool calls and signals), then, in each run and in this
@@ -15,12 +15,15 @@ one process, consumes the whole feed once per mode, each mode with a fresh consu
 ``persistence_sqlite``     ``SubscriberRunner`` + ``Persistence`` into a new SQLite file
 ``persistence_postgres``   the same into the local PostgreSQL (db ``test``; own tables, dropped)
 
-Prints JSON: every run's events/s per mode, the medians, and each mode's ratio to the bare
-loop's median.
+Prints JSON: every run's events/s per mode, the medians, each mode's ratio to the bare loop's
+median (``ratio_lines``, and ``targets``: issue 11's target per mode and whether it is met),
+and CPU µs per event of this process (the driver threads included: SQLite works in one),
+the redis-server and, for PostgreSQL, every postgres process on the machine (medians).
 
 ``--gc service`` (the default) runs with the cyclic collector's thresholds ``eventcore serve``
 sets (``GC_THRESHOLDS``), the process the built-in subscribers run in; ``--gc default`` with
-the interpreter's (a subscriber in a process of its own that leaves them alone). Each batch
+the interpreter's (a subscriber in a process of its own that leaves them alone); ``--gc off``
+without the collector, to see what it costs. Each batch
 holds thousands of deliveries alive, which the default thresholds rescan many times a batch.
 """
 
@@ -174,6 +177,8 @@ async def postgres_ok() -> bool:
 
 
 MODES = ("bare_xreadgroup_xack", "projector", "persistence_sqlite", "persistence_postgres")
+# issue 11: each mode's events/s as a fraction of the bare loop's, measured in the same run
+TARGETS = {"projector": 0.6, "persistence_sqlite": 0.5, "persistence_postgres": 0.6}
 
 
 async def main(sessions: int, events: int, runs: int, use_pg: bool,
@@ -221,6 +226,13 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool,
         shutil.rmtree(tmp, ignore_errors=True)
     medians = {m: statistics.median(v) for m, v in results.items()}
     base = medians["bare_xreadgroup_xack"]
+    ratios = {m: round(v / base, 3) for m, v in medians.items()}
+    targets = {m: {"ratio": ratios[m], "target": t, "met": ratios[m] >= t}
+               for m, t in TARGETS.items() if m in ratios}
+    lines = [f"{m}: {ratios[m]:.3f}x of bare XREADGROUP+XACK ({medians[m]:.0f} vs {base:.0f} "
+             f"events/s, median of {runs}); target >= {t}x: "
+             f"{'met' if ratios[m] >= t else 'NOT met'}"
+             for m, t in TARGETS.items() if m in ratios]
     return {
         "benchmark": "subscribers",
         "redis": version,
@@ -232,7 +244,9 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool,
         "gc_thresholds": gc.get_threshold(),
         "events_per_s": results,
         "median_events_per_s": medians,
-        "ratio_to_bare": {m: round(v / base, 3) for m, v in medians.items()},
+        "ratio_to_bare": ratios,
+        "ratio_lines": lines,
+        "targets": targets,
         "cpu_us_per_event": cpu.medians(),
     }
 
