@@ -23,8 +23,8 @@ the redis-server and, for PostgreSQL, every postgres process on the machine (med
 ``--gc service`` (the default) runs with the cyclic collector's thresholds ``eventcore serve``
 sets (``GC_THRESHOLDS``), the process the built-in subscribers run in; ``--gc default`` with
 the interpreter's (a subscriber in a process of its own that leaves them alone); ``--gc off``
-without the collector, to see what it costs. Each batch
-holds thousands of deliveries alive, which the default thresholds rescan many times a batch.
+without the collector, to see what it costs. Each batch holds thousands of deliveries alive,
+which the default thresholds rescan many times a batch.
 """
 
 from __future__ import annotations
@@ -227,6 +227,7 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool,
     medians = {m: statistics.median(v) for m, v in results.items()}
     base = medians["bare_xreadgroup_xack"]
     ratios = {m: round(v / base, 3) for m, v in medians.items()}
+    cpu_med = cpu.medians()
     targets = {m: {"ratio": ratios[m], "target": t, "met": ratios[m] >= t}
                for m, t in TARGETS.items() if m in ratios}
     lines = [f"{m}: {ratios[m]:.3f}x of bare XREADGROUP+XACK ({medians[m]:.0f} vs {base:.0f} "
@@ -247,7 +248,12 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool,
         "ratio_to_bare": ratios,
         "ratio_lines": lines,
         "targets": targets,
-        "cpu_us_per_event": cpu.medians(),
+        "cpu_us_per_event": cpu_med,
+        # less swayed by other load on the machine than events/s: the bare loop's CPU per
+        # event (all processes) over each mode's (what a run alone on idle cores would show
+        # if nothing overlapped)
+        "cpu_ratio_to_bare": {m: round(sum(cpu_med[MODES[0]].values()) / sum(c.values()), 3)
+                              for m, c in cpu_med.items()},
     }
 
 
