@@ -158,7 +158,6 @@ class Persistence(OrderedSubscriber):
         # rows of delivered envelopes, by the envelope's identity (see prepare): a run's
         # envelope that came from the feed is stored as the feed's JSON (not encoded again)
         self._rows: dict[int, tuple[Envelope, tuple[Any, ...]]] = {}
-        self._batch: dict[int, tuple[Envelope, tuple[Any, ...]]] = {}
         self._dialect = sa.engine.make_url(url).get_backend_name()
         if self._dialect not in ("sqlite", "postgresql"):
             raise ConfigError(f"database URL {url!r}: use postgresql+asyncpg:// or sqlite+aiosqlite://")
@@ -277,7 +276,7 @@ class Persistence(OrderedSubscriber):
 
     def prepare(self, deliveries: Sequence[Delivery]) -> None:
         """Build the rows of a batch as soon as it is read: what a row holds depends on the
-        delivery alone (the runner calls this while the batch before may still be committing,
+        envelope alone (the runner calls this while the batch before may still be committing,
         so the work overlaps the database's). Kept by envelope identity until the batch is
         handled; those of a batch never handled (a read-ahead abandoned at a stop) are
         dropped once too many wait."""
@@ -289,26 +288,20 @@ class Persistence(OrderedSubscriber):
                 rows[id(d.envelope)] = (d.envelope, _record(d.envelope, d))
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
-        # the batch's rows, taken out of what prepare built (or built now): only this
-        # handle uses them, whatever prepare does meanwhile with the next batch
-        prepared, mine = self._rows, {}
-        for d in deliveries:
-            env = d.envelope
-            got = prepared.pop(id(env), None)
-            if got is not None and got[0] is env:
-                mine[id(env)] = got
-            elif d.body:
-                mine[id(env)] = (env, _record(env, d))
-        self._batch = mine
+        rows = self._rows
+        todo = [d for d in deliveries if id(d.envelope) not in rows]
+        if todo:
+            self.prepare(todo)
         try:
             await super().handle(deliveries)
         finally:
-            self._batch = {}
+            for d in deliveries:
+                rows.pop(id(d.envelope), None)
 
     def _row(self, env: Envelope) -> tuple[Any, ...]:
-        """The row of an envelope: built from its delivery (the feed's JSON), else (an
-        envelope the log filled a gap with, or hydrated) encoded."""
-        got = self._batch.get(id(env))
+        """The row of an envelope: prepared from its delivery, else (an envelope the log
+        filled a gap with, or hydrated) encoded."""
+        got = self._rows.get(id(env))
         if got is not None and got[0] is env:
             return got[1]
         return _record(env, None)
