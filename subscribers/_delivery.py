@@ -56,12 +56,6 @@ class Subscriber(Protocol):
     and must raise if any of it failed; the runtime then retries the entries one by one, so one
     poison entry does not hold back the rest. Deliveries are at least once: use
     :class:`~subscribers.OrderedSubscriber` for in-order, exactly-once application per session.
-
-    Optionally ``prepare(deliveries)`` (synchronous): called with each batch as soon as it is
-    read and decoded, possibly while the batch before is still being handled, for work that
-    depends on the deliveries alone (``Persistence`` builds its rows there). Advisory:
-    ``handle`` may get a batch that was never prepared (retries, reclaims), and a failing
-    ``prepare`` is only logged.
     """
 
     name: str

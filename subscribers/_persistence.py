@@ -51,7 +51,6 @@ SCHEMA_VERSION: Final = 2  # 2: sessions.incarnation and sessions.deleted_ms
 log_ = logging.getLogger("eventcore.persistence")
 T = TypeVar("T")
 _CHUNK = 500
-_PREPARED_MAX = 100_000  # rows prepared and not handled yet (a few batches' worth)
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -155,9 +154,9 @@ class Persistence(OrderedSubscriber):
         self.db_retries = 0
         self._engine: AsyncEngine | None = None
         self._sql: _Sql | None = None
-        # rows of delivered envelopes, by the envelope's identity (see prepare): a run's
-        # envelope that came from the feed is stored as the feed's JSON (not encoded again)
-        self._rows: dict[int, tuple[Envelope, tuple[Any, ...]]] = {}
+        # the deliveries of the batch in hand, by their envelope's identity: a run's envelope
+        # that came from the feed is stored as the feed's JSON (not encoded again)
+        self._from_feed: dict[int, Delivery] = {}
         self._dialect = sa.engine.make_url(url).get_backend_name()
         if self._dialect not in ("sqlite", "postgresql"):
             raise ConfigError(f"database URL {url!r}: use postgresql+asyncpg:// or sqlite+aiosqlite://")
@@ -274,37 +273,12 @@ class Persistence(OrderedSubscriber):
             raise UsageError("Persistence is not started: use `async with Persistence(...)`")
         return self._sql
 
-    def prepare(self, deliveries: Sequence[Delivery]) -> None:
-        """Build the rows of a batch as soon as it is read: what a row holds depends on the
-        envelope alone (the runner calls this while the batch before may still be committing,
-        so the work overlaps the database's). Kept by envelope identity until the batch is
-        handled; those of a batch never handled (a read-ahead abandoned at a stop) are
-        dropped once too many wait."""
-        rows = self._rows
-        if len(rows) > _PREPARED_MAX:
-            rows.clear()
-        for d in deliveries:
-            if d.body:
-                rows[id(d.envelope)] = (d.envelope, _record(d.envelope, d))
-
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
-        rows = self._rows
-        todo = [d for d in deliveries if id(d.envelope) not in rows]
-        if todo:
-            self.prepare(todo)
+        self._from_feed = {id(d.envelope): d for d in deliveries if d.body}
         try:
             await super().handle(deliveries)
         finally:
-            for d in deliveries:
-                rows.pop(id(d.envelope), None)
-
-    def _row(self, env: Envelope) -> tuple[Any, ...]:
-        """The row of an envelope: prepared from its delivery, else (an envelope the log
-        filled a gap with, or hydrated) encoded."""
-        got = self._rows.get(id(env))
-        if got is not None and got[0] is env:
-            return got[1]
-        return _record(env, None)
+            self._from_feed = {}
 
     async def positions(self, session_ids: Collection[str]) -> Mapping[str, Position]:
         return await self._retrying(lambda: self._positions(list(session_ids)))
@@ -327,21 +301,23 @@ class Persistence(OrderedSubscriber):
 
     async def _write(self, runs: Sequence[Run]) -> list[str]:
         now = int(time.time() * 1000)
+        from_feed = self._from_feed
         sids = sorted({r.session_id for r in runs})
         async with self.engine.connect() as conn:
             driver = await _driver(conn)
             if self.sql.postgres:
                 try:
                     async with driver.transaction():
-                        return await self._write_pg(driver, runs, sids, now)
+                        return await self._write_pg(driver, runs, sids, now, from_feed)
                 except Exception as exc:
                     if not _unique_violation(exc):
                         raise
                 log_.info("persistence: rows past a watermark are stored already; writing "
                           "the batch again through the conflict check")
                 async with driver.transaction():
-                    return await self._write_pg(driver, runs, sids, now, staged=True)
-            return await self._write_sqlite(driver, runs, sids, now)
+                    return await self._write_pg(driver, runs, sids, now, from_feed,
+                                                staged=True)
+            return await self._write_sqlite(driver, runs, sids, now, from_feed)
 
     @staticmethod
     def _fitting(runs: Sequence[Run], stored: Mapping[str, tuple[str, int | None, int]]
@@ -360,7 +336,7 @@ class Persistence(OrderedSubscriber):
         return ok, conflicts
 
     async def _write_pg(self, driver: Any, runs: Sequence[Run], sids: list[str], now: int,
-                        *, staged: bool = False) -> list[str]:
+                        from_feed: Mapping[int, Delivery], *, staged: bool = False) -> list[str]:
         """One transaction: the sessions' rows locked (created empty first where missing, so
         that there is a row to lock; in one order everywhere: no deadlock between two
         consumers), an older incarnation's rows deleted where a run resets, the envelopes
@@ -374,7 +350,7 @@ class Persistence(OrderedSubscriber):
         by an older version), COPY fails on the primary key and the caller writes the batch
         again ``staged``: COPY into a temporary table, then INSERT ... SELECT ON CONFLICT DO
         NOTHING (an extra pass over every row in the server)."""
-        sql, row = self.sql, self._row
+        sql = self.sql
         stored: dict[str, tuple[str, int | None, int]] = {
             sid: (inc, deleted, last) for sid, inc, deleted, last
             in await driver.fetch(sql.lock, sids)}
@@ -390,9 +366,9 @@ class Persistence(OrderedSubscriber):
         if resets:
             await driver.execute(sql.purge, resets)
         if staged:
-            rows = [row(e) for run in ok for e in run.envelopes]
+            rows = [_record(e, from_feed.get(id(e))) for run in ok for e in run.envelopes]
         else:  # only what is past the watermark (a run may start below it: duplicates)
-            rows = [row(e) for run in ok
+            rows = [_record(e, from_feed.get(id(e))) for run in ok
                     for e in _past(run, 0 if run.reset else stored[run.session_id][2])]
         if rows and staged:
             # COPY's binary records cost a fraction of the CPU of array parameters (asyncpg
@@ -412,8 +388,8 @@ class Persistence(OrderedSubscriber):
                              [r.incarnation for r in ok], [r.reset for r in ok], now)
         return conflicts
 
-    async def _write_sqlite(self, driver: Any, runs: Sequence[Run], sids: list[str], now: int
-                            ) -> list[str]:
+    async def _write_sqlite(self, driver: Any, runs: Sequence[Run], sids: list[str], now: int,
+                            from_feed: Mapping[int, Delivery]) -> list[str]:
         """The same steps in one SQLite transaction, begun IMMEDIATE (the write lock taken
         before the sessions rows are read, as FOR UPDATE does on PostgreSQL); each step one
         statement, or one executemany, on the transaction's connection."""
@@ -432,7 +408,7 @@ class Persistence(OrderedSubscriber):
             resets = [r.session_id for r in ok if r.reset]
             for chunk in _chunks(resets):
                 await driver.execute(sql.purge_in(len(chunk)), chunk)
-            rows = [self._row(e) for run in ok for e in run.envelopes]
+            rows = [_record(e, from_feed.get(id(e))) for run in ok for e in run.envelopes]
             if rows:
                 await driver.executemany(sql.insert, rows)
             raised = [(r.last, now, r.session_id) for r in ok if not r.reset]

@@ -367,7 +367,6 @@ class SubscriberRunner(Running):
         if raw:
             items = await self._decode([(s, i, f, 1) for s, i, f in raw])
             if items:
-                self._prepare(items)
                 await self._process(items, read_ahead=True)
             return True
         if burst:
@@ -442,27 +441,12 @@ class SubscriberRunner(Running):
                 ahead.items = await self._decode([(s, i, f, 1) for s, i, f in raw])
                 for item in ahead.items:
                     self._inflight[item.key] = item
-                self._prepare(ahead.items)
         except Exception as exc:
             ahead.error = exc
         finally:
             ahead.done.set()
 
     # -- handling --------------------------------------------------------------------------------
-    def _prepare(self, items: list[_Item]) -> None:
-        """The subscriber's optional ``prepare(deliveries)``, on a batch just read: work that
-        depends on the deliveries alone, done while the batch before is still in hand (a
-        read-ahead's runs while that one waits on its backend). Advisory: ``handle`` must not
-        rely on it, so a failure here is only logged."""
-        prepare = getattr(self.subscriber, "prepare", None)
-        if prepare is None or not items:
-            return
-        try:
-            prepare([i.delivery for i in items])
-        except Exception as exc:
-            log_.debug("subscriber %s: prepare failed (handle does the work): %r",
-                       self.group, exc)
-
     async def _process(self, items: list[_Item], *, read_ahead: bool = False) -> None:
         """Handle a batch and acknowledge what succeeded. ``read_ahead``: meanwhile read the
         next batch (a full batch suggests more is waiting), so Redis and the subscriber's

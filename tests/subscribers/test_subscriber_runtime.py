@@ -74,32 +74,6 @@ async def test_handles_everything_once_and_acks(event_log: EventLog) -> None:
     assert await runner.drain() == 0  # nothing is delivered twice once acked
 
 
-class Preparing(Recorder):
-    """Records the batches given to ``prepare``; ``broken``: prepare raises."""
-
-    def __init__(self, broken: bool = False) -> None:
-        super().__init__()
-        self.broken = broken
-        self.prepared: list[tuple[str, int]] = []
-
-    def prepare(self, deliveries: Sequence[Delivery]) -> None:
-        if self.broken:
-            raise RuntimeError("prepare is advisory")
-        self.prepared += [(d.session_id, d.seq) for d in deliveries]
-
-
-@pytest.mark.parametrize("broken", [False, True], ids=["prepares", "prepare-fails"])
-async def test_prepare_sees_each_batch_read_before_it_is_handled(
-    event_log: EventLog, broken: bool
-) -> None:
-    last = await populate(event_log, 6, 20)
-    sub = Preparing(broken)
-    runner = SubscriberRunner(event_log, sub, batch=7, **fast())
-    assert await runner.drain() == len(all_keys(last))
-    assert sorted(sub.keys) == sorted(all_keys(last))  # a failing prepare changes nothing
-    assert sub.prepared == ([] if broken else sub.keys)  # every batch, in handling order
-
-
 async def test_instances_share_work_and_groups_each_see_everything(event_log: EventLog) -> None:
     b_started = anyio.Event()
 
