@@ -1,7 +1,7 @@
 """Subscriber throughput: the projector and persistence against a bare consumer-group loop.
 
 Run: ``.venv/bin/python benchmarks/subscribers.py [--sessions S] [--events E] [--runs R]
-[--no-postgres]``.
+[--no-postgres] [--only MODE] [--gc service|default|off]``.
 
 Spawns its own redis-server (no AOF: this measures the consumers, not the disk), preloads S
 sessions of E envelopes (messages, runs, tool calls and signals), then, in each run and in this
@@ -15,13 +15,16 @@ one process, consumes the whole feed once per mode, each mode with a fresh consu
 ``persistence_sqlite``     ``SubscriberRunner`` + ``Persistence`` into a new SQLite file
 ``persistence_postgres``   the same into the local PostgreSQL (db ``test``; own tables, dropped)
 
-Prints JSON: every run's events/s per mode, the medians, and each mode's ratio to the bare
-loop's median.
+Prints JSON: every run's events/s per mode, the medians, each mode's ratio to the bare loop's
+median (``ratio_lines``, and ``targets``: issue 11's target per mode and whether it is met),
+and CPU µs per event of this process (the driver threads included: SQLite works in one),
+the redis-server and, for PostgreSQL, every postgres process on the machine (medians).
 
 ``--gc service`` (the default) runs with the cyclic collector's thresholds ``eventcore serve``
 sets (``GC_THRESHOLDS``), the process the built-in subscribers run in; ``--gc default`` with
-the interpreter's (a subscriber in a process of its own that leaves them alone). Each batch
-holds thousands of deliveries alive, which the default thresholds rescan many times a batch.
+the interpreter's (a subscriber in a process of its own that leaves them alone); ``--gc off``
+without the collector, to see what it costs. Each batch holds thousands of deliveries alive,
+which the default thresholds rescan many times a batch.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -109,13 +113,58 @@ async def run_subscriber(log: EventLog, sub: Any, group: str) -> int:
     return await runner.drain()
 
 
-async def timed(total: int, coro: Any) -> float:
-    start = time.perf_counter()
-    n = await coro
-    elapsed = time.perf_counter() - start
-    if n != total:
-        raise RuntimeError(f"consumed {n} of {total} entries")
-    return round(total / elapsed)
+def _proc_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (Linux /proc; 0 where unreadable)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _postgres_pids() -> list[int]:
+    """Every postgres server process on this machine (backends come and go with pools)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() == "postgres":
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+class Cpu:
+    """CPU µs per event of this process, the benchmark's redis-server and PostgreSQL."""
+
+    def __init__(self, redis_pid: int) -> None:
+        self.redis_pid = redis_pid
+        self.samples: dict[str, list[dict[str, float]]] = {}
+
+    async def timed(self, mode: str, total: int, coro: Any) -> float:
+        pg = _postgres_pids() if mode == "persistence_postgres" else []
+        c0, r0, p0 = time.process_time(), _proc_cpu_s([self.redis_pid]), _proc_cpu_s(pg)
+        start = time.perf_counter()
+        n = await coro
+        elapsed = time.perf_counter() - start
+        c1, r1, p1 = time.process_time(), _proc_cpu_s([self.redis_pid]), _proc_cpu_s(pg)
+        if n != total:
+            raise RuntimeError(f"consumed {n} of {total} entries")
+        us = 1e6 / total
+        sample = {"python": round((c1 - c0) * us, 2), "redis": round((r1 - r0) * us, 2)}
+        if pg:
+            sample["postgres"] = round((p1 - p0) * us, 2)
+        self.samples.setdefault(mode, []).append(sample)
+        return round(total / elapsed)
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {m: {k: statistics.median(s[k] for s in v) for k in v[0]}
+                for m, v in self.samples.items()}
 
 
 async def postgres_ok() -> bool:
@@ -128,6 +177,8 @@ async def postgres_ok() -> bool:
 
 
 MODES = ("bare_xreadgroup_xack", "projector", "persistence_sqlite", "persistence_postgres")
+# issue 11: each mode's events/s as a fraction of the bare loop's, measured in the same run
+TARGETS = {"projector": 0.6, "persistence_sqlite": 0.5, "persistence_postgres": 0.6}
 
 
 async def main(sessions: int, events: int, runs: int, use_pg: bool,
@@ -144,24 +195,30 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool,
             settings = load_settings(redis_url=server.url, namespace="bench")
             async with EventLog(settings) as log:
                 sids, total = await preload(log, sessions, events)
+                assert server.proc is not None
+                cpu = Cpu(server.proc.pid)
+                timed = cpu.timed
                 for r in range(runs):
                     results["bare_xreadgroup_xack"].append(
-                        await timed(total, bare(log, f"bare{r}")))
+                        await timed("bare_xreadgroup_xack", total, bare(log, f"bare{r}")))
                     if "projector" in modes:
                         await log.redis.delete(*[log.keys.view(s) for s in sids])
                         results["projector"].append(
-                            await timed(total, run_subscriber(log, Projector(log), f"proj{r}")))
+                            await timed("projector", total,
+                                        run_subscriber(log, Projector(log), f"proj{r}")))
                     if "persistence_sqlite" in modes:
                         url = f"sqlite+aiosqlite:///{tmp / f'run{r}.sqlite3'}"
                         async with Persistence(log, url) as store:
                             results["persistence_sqlite"].append(
-                                await timed(total, run_subscriber(log, store, f"sqlite{r}")))
+                                await timed("persistence_sqlite", total,
+                                            run_subscriber(log, store, f"sqlite{r}")))
                     if "persistence_postgres" in modes:
                         prefix = f"bench{uuid.uuid4().hex[:8]}_"
                         async with Persistence(log, PG_URL, prefix=prefix) as store:
                             try:
                                 results["persistence_postgres"].append(
-                                    await timed(total, run_subscriber(log, store, f"pg{r}")))
+                                    await timed("persistence_postgres", total,
+                                                run_subscriber(log, store, f"pg{r}")))
                             finally:
                                 await store.drop_tables()
                 version = server.version
@@ -169,6 +226,14 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool,
         shutil.rmtree(tmp, ignore_errors=True)
     medians = {m: statistics.median(v) for m, v in results.items()}
     base = medians["bare_xreadgroup_xack"]
+    ratios = {m: round(v / base, 3) for m, v in medians.items()}
+    cpu_med = cpu.medians()
+    targets = {m: {"ratio": ratios[m], "target": t, "met": ratios[m] >= t}
+               for m, t in TARGETS.items() if m in ratios}
+    lines = [f"{m}: {ratios[m]:.3f}x of bare XREADGROUP+XACK ({medians[m]:.0f} vs {base:.0f} "
+             f"events/s, median of {runs}); target >= {t}x: "
+             f"{'met' if ratios[m] >= t else 'NOT met'}"
+             for m, t in TARGETS.items() if m in ratios]
     return {
         "benchmark": "subscribers",
         "redis": version,
@@ -180,7 +245,15 @@ async def main(sessions: int, events: int, runs: int, use_pg: bool,
         "gc_thresholds": gc.get_threshold(),
         "events_per_s": results,
         "median_events_per_s": medians,
-        "ratio_to_bare": {m: round(v / base, 3) for m, v in medians.items()},
+        "ratio_to_bare": ratios,
+        "ratio_lines": lines,
+        "targets": targets,
+        "cpu_us_per_event": cpu_med,
+        # less swayed by other load on the machine than events/s: the bare loop's CPU per
+        # event (all processes) over each mode's (what a run alone on idle cores would show
+        # if nothing overlapped)
+        "cpu_ratio_to_bare": {m: round(sum(cpu_med[MODES[0]].values()) / sum(c.values()), 3)
+                              for m, c in cpu_med.items()},
     }
 
 
@@ -192,13 +265,15 @@ if __name__ == "__main__":
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--only", action="append", choices=MODES[1:], default=[],
                     help="run only these modes (repeatable; the bare loop always runs)")
-    ap.add_argument("--gc", choices=("service", "default"), default="service",
+    ap.add_argument("--gc", choices=("service", "default", "off"), default="service",
                     help="the collector's thresholds: eventcore serve's, or the interpreter's")
     a = ap.parse_args()
     if a.gc == "service":  # imported only then: the server's modules are many objects more
         from eventcore.server._http._serve import GC_THRESHOLDS
 
         gc.set_threshold(*GC_THRESHOLDS)
+    elif a.gc == "off":  # what the collector costs: compare with the others
+        gc.disable()
     out = asyncio.run(main(a.sessions, a.events, a.runs, not a.no_postgres, tuple(a.only)))
     json.dump(out, sys.stdout, indent=2)
     print()

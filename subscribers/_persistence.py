@@ -306,17 +306,26 @@ class Persistence(OrderedSubscriber):
         async with self.engine.connect() as conn:
             driver = await _driver(conn)
             if self.sql.postgres:
+                try:
+                    async with driver.transaction():
+                        return await self._write_pg(driver, runs, sids, now, from_feed)
+                except Exception as exc:
+                    if not _unique_violation(exc):
+                        raise
+                log_.info("persistence: rows past a watermark are stored already; writing "
+                          "the batch again through the conflict check")
                 async with driver.transaction():
-                    return await self._write_pg(driver, runs, sids, now, from_feed)
+                    return await self._write_pg(driver, runs, sids, now, from_feed,
+                                                staged=True)
             return await self._write_sqlite(driver, runs, sids, now, from_feed)
 
     @staticmethod
-    def _fitting(runs: Sequence[Run], stored: Mapping[str, tuple[str, int | None]]
+    def _fitting(runs: Sequence[Run], stored: Mapping[str, tuple[str, int | None, int]]
                  ) -> tuple[list[Run], list[str]]:
         ok: list[Run] = []
         conflicts: list[str] = []
         for run in runs:
-            inc, deleted_ms = stored[run.session_id]
+            inc, deleted_ms, _ = stored[run.session_id]
             # a reset replaces an older incarnation; anything else continues the stored one
             fits = inc < run.incarnation if run.reset else (
                 inc == run.incarnation and deleted_ms is None)
@@ -327,38 +336,54 @@ class Persistence(OrderedSubscriber):
         return ok, conflicts
 
     async def _write_pg(self, driver: Any, runs: Sequence[Run], sids: list[str], now: int,
-                        from_feed: Mapping[int, Delivery]) -> list[str]:
+                        from_feed: Mapping[int, Delivery], *, staged: bool = False) -> list[str]:
         """One transaction: the sessions' rows locked (created empty first where missing, so
         that there is a row to lock; in one order everywhere: no deadlock between two
         consumers), an older incarnation's rows deleted where a run resets, the envelopes
-        inserted (ON CONFLICT DO NOTHING: idempotent on (session_id, seq)) and the
-        watermarks raised, each one statement for the whole batch with array parameters."""
+        inserted (idempotent on (session_id, seq)) and the watermarks raised, each one
+        statement for the whole batch with array parameters.
+
+        The rows go in by COPY, straight into the events table: a session's rows and its
+        watermark commit together and the watermark never falls within an incarnation, so
+        under the lock no row past the watermark exists (a reset purges them all first),
+        and only the rows past it are sent. Should one be there anyway (written by hand, or
+        by an older version), COPY fails on the primary key and the caller writes the batch
+        again ``staged``: COPY into a temporary table, then INSERT ... SELECT ON CONFLICT DO
+        NOTHING (an extra pass over every row in the server)."""
         sql = self.sql
-        stored = {sid: (inc, deleted) for sid, inc, deleted in await driver.fetch(sql.lock, sids)}
+        stored: dict[str, tuple[str, int | None, int]] = {
+            sid: (inc, deleted, last) for sid, inc, deleted, last
+            in await driver.fetch(sql.lock, sids)}
         missing = [sid for sid in sids if sid not in stored]
         if missing:
             await driver.execute(sql.ensure, missing, now)
-            stored.update({sid: (inc, deleted)
-                           for sid, inc, deleted in await driver.fetch(sql.lock, missing)})
+            stored.update({sid: (inc, deleted, last) for sid, inc, deleted, last
+                           in await driver.fetch(sql.lock, missing)})
         ok, conflicts = self._fitting(runs, stored)
         if not ok:
             return conflicts
         resets = [r.session_id for r in ok if r.reset]
         if resets:
             await driver.execute(sql.purge, resets)
-        rows = [_record(e, from_feed.get(id(e))) for run in ok for e in run.envelopes]
-        if rows:
-            # COPY into a temporary staging table, then one INSERT ... SELECT ON CONFLICT DO
-            # NOTHING: COPY's binary records cost a fraction of the CPU of array parameters
-            # (asyncpg checks every array element's type through the ABCs) or of
-            # SQLAlchemy's executemany. The staging table keeps its rows only until the
-            # transaction ends (a rollback leaves nothing behind); it is created in every
-            # transaction, not once per connection: behind a transaction-mode pooler the next
-            # transaction may run on another server connection.
+        if staged:
+            rows = [_record(e, from_feed.get(id(e))) for run in ok for e in run.envelopes]
+        else:  # only what is past the watermark (a run may start below it: duplicates)
+            rows = [_record(e, from_feed.get(id(e))) for run in ok
+                    for e in _past(run, 0 if run.reset else stored[run.session_id][2])]
+        if rows and staged:
+            # COPY's binary records cost a fraction of the CPU of array parameters (asyncpg
+            # checks every array element's type through the ABCs) or of SQLAlchemy's
+            # executemany. The staging table keeps its rows only until the transaction ends
+            # (a rollback leaves nothing behind); it is created in every transaction, not
+            # once per connection: behind a transaction-mode pooler the next transaction may
+            # run on another server connection.
             await driver.execute(sql.stage)
             await driver.copy_records_to_table(sql.stage_name, records=rows, columns=_COLUMNS,
                                                schema_name="pg_temp")
             await driver.execute(sql.insert)
+        elif rows:
+            await driver.copy_records_to_table(sql.events_name, records=rows,
+                                               columns=_COLUMNS, schema_name=self.schema)
         await driver.execute(sql.marks, [r.session_id for r in ok], [r.last for r in ok],
                              [r.incarnation for r in ok], [r.reset for r in ok], now)
         return conflicts
@@ -371,14 +396,14 @@ class Persistence(OrderedSubscriber):
         sql = self.sql
         await driver.execute("BEGIN IMMEDIATE")
         try:
-            stored: dict[str, tuple[str, int | None]] = {}
+            stored: dict[str, tuple[str, int | None, int]] = {}
             for chunk in _chunks(sids):
-                stored.update({sid: (inc, deleted) for sid, inc, deleted
+                stored.update({sid: (inc, deleted, last) for sid, inc, deleted, last
                                in await driver.execute_fetchall(sql.lock_in(len(chunk)), chunk)})
             missing = [sid for sid in sids if sid not in stored]
             if missing:
                 await driver.executemany(sql.ensure, [(sid, now) for sid in missing])
-                stored.update(dict.fromkeys(missing, ("", None)))
+                stored.update(dict.fromkeys(missing, ("", None, 0)))
             ok, conflicts = self._fitting(runs, stored)
             resets = [r.session_id for r in ok if r.reset]
             for chunk in _chunks(resets):
@@ -528,6 +553,16 @@ def _record(env: Envelope, d: Delivery | None) -> tuple[Any, ...]:
             None if env.server_data is None else encode(env.server_data).decode())
 
 
+def _past(run: Run, watermark: int) -> Sequence[Envelope]:
+    """The run's envelopes with seq past ``watermark`` (a run is contiguous from after + 1)."""
+    skip = watermark - run.after
+    return run.envelopes[skip:] if skip > 0 else run.envelopes
+
+
+def _unique_violation(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("asyncpg") and getattr(exc, "sqlstate", "") == "23505"
+
+
 async def _driver(conn: AsyncConnection) -> Any:
     """The driver's own connection under SQLAlchemy's pooled one (asyncpg or aiosqlite)."""
     return (await conn.get_raw_connection()).driver_connection
@@ -546,13 +581,14 @@ class _Sql:
         if self.postgres:
             self.positions = (f"SELECT session_id, last_seq, incarnation, deleted_ms "
                               f"FROM {sessions} WHERE session_id = ANY($1::text[])")
-            self.lock = (f"SELECT session_id, incarnation, deleted_ms FROM {sessions} "
+            self.lock = (f"SELECT session_id, incarnation, deleted_ms, last_seq FROM {sessions} "
                          f"WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE")
             self.ensure = (f"INSERT INTO {sessions} (session_id, last_seq, updated_ms, "
                            f"incarnation) SELECT sid, 0, $2::bigint, '' "
                            f"FROM unnest($1::text[]) AS sid "
                            f"ORDER BY sid ON CONFLICT (session_id) DO NOTHING")
             self.purge = f"DELETE FROM {events} WHERE session_id = ANY($1::text[])"
+            self.events_name = tables["events"].name
             self.stage_name = f"{tables['events'].name}_stage"
             stage = quote.quote(self.stage_name)
             self.stage = (f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
@@ -584,7 +620,7 @@ class _Sql:
                 f"WHERE session_id IN ({', '.join('?' * n)})")
 
     def lock_in(self, n: int) -> str:
-        return (f"SELECT session_id, incarnation, deleted_ms FROM {self.sessions} "
+        return (f"SELECT session_id, incarnation, deleted_ms, last_seq FROM {self.sessions} "
                 f"WHERE session_id IN ({', '.join('?' * n)})")
 
     def purge_in(self, n: int) -> str:
