@@ -50,12 +50,18 @@ async def settle(w: Worker, s: Session, dead: bool, error: str, *, fresh: bool =
     if dead:
         # a previous host dead-lettered the session but died before recording its end
         info = _decode_error(error)
-        with anyio.CancelScope(shield=True), anyio.move_on_after(w.lease_ttl_s):
+        with _settling(w):
             await _end_and_ack(w, s, "failed", info)
         return
     outcome, exc = await _run(s, started)
-    with anyio.CancelScope(shield=True), anyio.move_on_after(w.lease_ttl_s):
+    with _settling(w):
         await _finish(w, s, outcome, exc)
+
+
+def _settling(w: Worker) -> anyio.CancelScope:
+    """Recording how a session ended: shielded from the worker's cancellation, given up
+    after a lease TTL (one scope: a shielded scope's own deadline still applies)."""
+    return anyio.CancelScope(shield=True, deadline=anyio.current_time() + w.lease_ttl_s)
 
 
 async def _restore(w: Worker, s: Session) -> None:
