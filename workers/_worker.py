@@ -401,8 +401,9 @@ class Worker(Running):
             args: list[Any] = [self.id, int(self.lease_ttl_s * 1000), GROUP,
                                self.max_deliveries, int(time.time() * 1000), lk.notify(shard),
                                b"", evicted]
+            session_keys = self.log.appender.session_keys  # (cached: _start takes them too)
             for sid, eid in items:
-                sk = lk.session(sid)
+                sk = session_keys(sid)
                 keys += (sk.meta, sk.lease, sk.stream, sk.dedupe)
                 head, args[6] = session_started_parts(sid)  # (the tail is the same for all)
                 args += (eid, sid, head)
