@@ -86,13 +86,20 @@ def peak_rss_mb(pid: int) -> float:
 
 class FeedCounter:
     """Reads every shard feed of a log from the start and calls ``on`` for each entry
-    ``(session_id, type, arrival time)``; one blocking XREAD over all shards."""
+    ``(session_id, type, arrival time)``; one blocking XREAD over all shards. ``raw``: on a
+    connection of its own whose XREAD replies are not parsed into dicts (a single-node URL
+    only), so the measuring costs the measured client less."""
 
-    def __init__(self, log: EventLog, on: Callable[[str, str, float], None]) -> None:
+    def __init__(self, log: EventLog, on: Callable[[str, str, float], None], *,
+                 raw: bool = False) -> None:
         self.log = log
         self.on = on
+        self.raw = raw
 
     async def run(self, until: Callable[[], bool]) -> None:
+        if self.raw:
+            await self._run_raw(until)
+            return
         keys = self.log.keys
         last: dict[Any, Any] = {keys.feed(s): "0-0" for s in keys.all_shards()}
         while not until():
@@ -102,6 +109,43 @@ class FeedCounter:
                 for _eid, fields in entries:
                     self.on(fields[b"sid"].decode(), fields[b"t"].decode(), now)
                 last[stream.decode() if isinstance(stream, bytes) else stream] = entries[-1][0]
+
+    async def _run_raw(self, until: Callable[[], bool]) -> None:
+        keys = self.log.keys
+        feeds = [keys.feed(s) for s in keys.all_shards()]
+        last = ["0-0"] * len(feeds)
+        at = {f.encode(): i for i, f in enumerate(feeds)}
+        r = raw_reader(str(self.log.settings.redis_url))
+        on = self.on
+        try:
+            while not until():
+                got = await r.execute_command("XREAD", "COUNT", 5000, "BLOCK", 200, "STREAMS",
+                                              *feeds, *last)
+                now = time.time()
+                for stream, entries in got or ():
+                    for _eid, fields in entries:
+                        sid = typ = None
+                        for i in range(0, len(fields), 2):
+                            name = fields[i]
+                            if name == b"sid":
+                                sid = fields[i + 1]
+                            elif name == b"t":
+                                typ = fields[i + 1]
+                                break
+                        if sid is not None and typ is not None:
+                            on(sid.decode(), typ.decode(), now)
+                    last[at[stream]] = entries[-1][0]
+        finally:
+            await r.aclose()
+
+
+def raw_reader(url: str) -> Any:
+    """A client of ``url`` whose XREAD replies stay as Redis sent them (lists, not dicts)."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(url)
+    r.response_callbacks.pop("XREAD", None)
+    return r
 
 
 async def create_many(log: EventLog, agent: str, n: int, *, parallel: int = 256,

@@ -55,6 +55,7 @@ from _workers_common import (
     FeedCounter,
     eventcore_worker,
     median,
+    raw_reader,
     ready,
     spawn,
     stop,
@@ -70,8 +71,12 @@ def summarize(submit: dict[Any, float], done: dict[Any, float], n: int, t_start:
               ) -> Result:
     ends = sorted(done.values())
     lat = sorted(done[k] - submit[k] for k in done if k in submit)
+    sent = sorted(t for t in submit.values() if t >= t_start)
     return {
         "jobs_per_s": round((n - 1) / (ends[-1] - ends[0]), 1) if len(ends) > 1 else 0.0,
+        # how fast the one client submitted (the live rate cannot exceed it)
+        "submits_per_s": round((len(sent) - 1) / (sent[-1] - sent[0]), 1)
+        if len(sent) > 1 and sent[-1] > sent[0] else 0.0,
         "jobs_per_s_from_first_submit": round(n / (ends[-1] - t_start), 1),
         "latency_p50_ms": round(1000 * lat[len(lat) // 2], 1) if lat else 0.0,
         "latency_p99_ms": round(1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1)
@@ -80,16 +85,21 @@ def summarize(submit: dict[Any, float], done: dict[Any, float], n: int, t_start:
 
 
 async def watch_done(url: str, n: int, done: dict[Any, float]) -> None:
-    """Completions of the baselines: entries ``{i, sent, at}`` on ``bench:done``."""
-    r = aioredis.Redis.from_url(url)
+    """Completions of the baselines: entries ``{i, sent, at}`` on ``bench:done`` (read as
+    eventcore's feeds are, unparsed: the watcher costs each system's client the same)."""
+    r = raw_reader(url)
     last = "0-0"
     try:
         while len(done) < n:
-            got = await r.xread({"bench:done": last}, count=5000, block=200)
+            got = await r.execute_command("XREAD", "COUNT", 5000, "BLOCK", 200, "STREAMS",
+                                          "bench:done", last)
             now = time.time()
             for _, entries in got or ():
                 for eid, fields in entries:
-                    done[int(fields[b"i"])] = now
+                    for i in range(0, len(fields), 2):
+                        if fields[i] == b"i":
+                            done[int(fields[i + 1])] = now
+                            break
                     last = eid
     finally:
         await r.aclose()
@@ -143,7 +153,7 @@ class Eventcore(System):
             if typ == "message":
                 done.setdefault(sid, now)
 
-        await FeedCounter(self.log, on).run(lambda: len(done) >= want)
+        await FeedCounter(self.log, on, raw=True).run(lambda: len(done) >= want)
 
     async def teardown(self, proc: Any) -> None:
         if proc is not None:
@@ -341,6 +351,57 @@ async def recovery_run(url: str, m: int, ttl: float, run: int, how: str) -> floa
                 await stop(b)
 
 
+TARGETS = {"taskiq": 2.0, "arq": 4.0}
+"""Issue 11: eventcore's live rate at least this many times each baseline's, in every run."""
+
+
+def targets(raw: dict[str, dict[str, list[Result]]], systems: Any, modes: list[str]
+            ) -> dict[str, Any]:
+    """The ratio lines: eventcore / baseline per run (measured side by side, one after the
+    other on the same Redis), their median, and whether the live target is met in every run;
+    and what one session lifecycle costs Redis."""
+    out: dict[str, Any] = {}
+    if "eventcore" not in systems:
+        return out
+    lines: list[str] = []
+    checks: dict[str, Any] = {}
+    for base, want in TARGETS.items():
+        if base not in systems:
+            continue
+        for mode in modes:
+            ours, theirs = raw["eventcore"][mode], raw[base][mode]
+            runs = [round(e["jobs_per_s"] / b["jobs_per_s"], 2) if b["jobs_per_s"] else 0.0
+                    for e, b in zip(ours, theirs, strict=True)]
+            if not runs:
+                continue
+            entry: dict[str, Any] = {"ratio_median": median(runs), "ratio_runs": runs}
+            line = (f"dispatch {mode}: eventcore {median(e['jobs_per_s'] for e in ours):.0f} "
+                    f"jobs/s = {median(runs):.2f}x {base} "
+                    f"({median(b['jobs_per_s'] for b in theirs):.0f} jobs/s); runs {runs}")
+            if mode == "live":
+                met = min(runs) >= want
+                entry.update(target=want, met_every_run=met, met_median=median(runs) >= want)
+                line += f"; target >= {want:g}x in every run: {'met' if met else 'NOT met'}"
+            checks[f"eventcore_vs_{base}_{mode}"] = entry
+            lines.append(line)
+    out["targets"] = checks
+    live = raw["eventcore"].get("live") or []
+    if live:
+        life = {k: median(r[k] for r in live) for k in
+                ("redis_commands_per_job", "script_calls_per_job", "redis_cpu_ms_per_job",
+                 "worker_cpu_ms_per_job", "client_cpu_ms_per_job", "total_cpu_ms_per_job")}
+        out["eventcore_per_session_lifecycle"] = {
+            k.removesuffix("_per_job"): v for k, v in life.items()}
+        lines.append("eventcore per session lifecycle (create, claim + session.started, "
+                     f"message, session.ended + ack): {life['redis_commands_per_job']} Redis "
+                     f"commands, {life['script_calls_per_job']} script calls, "
+                     f"{life['total_cpu_ms_per_job']} ms CPU (worker "
+                     f"{life['worker_cpu_ms_per_job']}, Redis {life['redis_cpu_ms_per_job']}, "
+                     f"client {life['client_cpu_ms_per_job']})")
+    out["ratio_lines"] = lines
+    return out
+
+
 async def flush(url: str) -> None:
     r = aioredis.Redis.from_url(url)
     await r.flushall()
@@ -396,6 +457,7 @@ async def main() -> None:
                 mode: round(out["eventcore"][mode]["jobs_per_s"]
                             / out[base][mode]["jobs_per_s"], 2)
                 for mode in modes if mode in out["eventcore"]}
+    out.update(targets(raw, systems, modes))
     if args.recovery_runs:
         lease = statistics.median(recovery["sigkill_lease"])
         takeover = statistics.median(recovery["sigkill_takeover"])
@@ -411,6 +473,8 @@ async def main() -> None:
             "after_sigterm_handback_s_median": statistics.median(recovery["sigterm"]),
             "after_sigterm_handback_s_runs": recovery["sigterm"],
         }
+    for line in out.get("ratio_lines", []):
+        print(line, file=sys.stderr)
     print(json.dumps(out, indent=2))
 
 

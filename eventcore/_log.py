@@ -377,7 +377,16 @@ class EventLog:
         items, info = self.prepare_session(agent, session_id=session_id, labels=labels,
                                            input=input, ttl_s=ttl_s,
                                            idempotency_key=idempotency_key)
-        results = await self.appender.append_many(items)
+        if len(items) == 1:
+            # through the shard's group commit, with whatever concurrent callers append in
+            # the same tick: one script call per shard for them all, not one round trip each
+            # on one of the appender's few connections (many clients creating sessions at
+            # once waited for those connections)
+            results = [await self.appender.append(items[0])]
+        else:
+            # session.created and the first input in one script call: atomically, so a
+            # creation retried after a failure never finds the session without its input
+            results = await self.appender.append_many(items)
         if results[0].duplicate:  # it existed: its state now, not ours
             return await self.get_session(info.session_id)
         return msgspec.structs.replace(info, last_seq=results[-1].seq,

@@ -370,7 +370,8 @@ class Session:
     def stop_reason(self) -> str | None:
         """Why the host stopped the handler (``cancel``, ``ended``, ``unload``, ``lost``,
         ``handback``), or ``timeout`` once the session deadline has passed."""
-        if self._stop_reason is None and anyio.current_time() >= self._deadline:
+        if (self._stop_reason is None and self._deadline != math.inf
+                and anyio.current_time() >= self._deadline):
             return "timeout"
         return self._stop_reason
 

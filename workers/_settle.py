@@ -17,6 +17,7 @@ lost        another host took over (fencing): this worker writes nothing more
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -50,12 +51,38 @@ async def settle(w: Worker, s: Session, dead: bool, error: str, *, fresh: bool =
     if dead:
         # a previous host dead-lettered the session but died before recording its end
         info = _decode_error(error)
-        with anyio.CancelScope(shield=True), anyio.move_on_after(w.lease_ttl_s):
+        with _settling(w):
             await _end_and_ack(w, s, "failed", info)
         return
-    outcome, exc = await _run(s, started)
-    with anyio.CancelScope(shield=True), anyio.move_on_after(w.lease_ttl_s):
+    result: tuple[str, Exception | None] | None = None
+    with anyio.CancelScope(deadline=s._deadline) as scope:
+        s._scope = scope
+        if s._stop_reason is not None:
+            scope.cancel()
+        result = await _run(s, started)
+        if not scope.cancel_called:
+            # the common end (the handler returned or raised): this scope becomes the one
+            # settling it, shielded and given a lease TTL (one scope per session less). The
+            # session no longer cancels it: a stop from now on changes nothing it records
+            s._scope = None
+            scope.shield = True
+            scope.deadline = asyncio.get_running_loop().time() + w.lease_ttl_s
+            outcome, exc = _outcome(s, result)
+            await _finish(w, s, outcome, exc)
+            return
+    # the host cancelled the handler (a stop, the session timeout): settled in a scope of its
+    # own
+    outcome, exc = _outcome(s, result)
+    with _settling(w):
         await _finish(w, s, outcome, exc)
+
+
+def _settling(w: Worker) -> anyio.CancelScope:
+    """Recording how a session ended: shielded from the worker's cancellation, given up
+    after a lease TTL (one scope: a shielded scope's own deadline still applies). The
+    worker runs on asyncio, whose loop clock is anyio's (and cheaper to ask directly)."""
+    return anyio.CancelScope(shield=True,
+                             deadline=asyncio.get_running_loop().time() + w.lease_ttl_s)
 
 
 async def _restore(w: Worker, s: Session) -> None:
@@ -73,22 +100,25 @@ async def _restore(w: Worker, s: Session) -> None:
 
 
 async def _run(s: Session, started: bool) -> tuple[str, Exception | None]:
-    result: tuple[str, Exception | None] | None = None
-    with anyio.CancelScope(deadline=s._deadline) as scope:
-        s._scope = scope
-        if s._stop_reason is not None:
-            scope.cancel()
-        try:
-            if not started:
-                await s._append(SESSION_STARTED, {"agent": s.agent}, SESSION_STARTED)
-            await s.spec.handler(s)
-            result = ("completed", None)
-        except StaleHost:
-            result = ("lost", None)
-        except SessionEnded:
-            result = ("ended", None)
-        except Exception as exc:
-            result = ("failed", exc)
+    """The handler, inside the session's cancel scope (:func:`settle`'s): how it ended, unless
+    that scope cancelled it."""
+    try:
+        if not started:
+            await s._append(SESSION_STARTED, {"agent": s.agent}, SESSION_STARTED)
+        await s.spec.handler(s)
+        return ("completed", None)
+    except StaleHost:
+        return ("lost", None)
+    except SessionEnded:
+        return ("ended", None)
+    except Exception as exc:
+        return ("failed", exc)
+
+
+def _outcome(s: Session, result: tuple[str, Exception | None] | None
+             ) -> tuple[str, Exception | None]:
+    """What to record: the handler's result (None: the host cancelled it), as the host's
+    reason to stop it (if any) overrides."""
     reason = s.stop_reason
     if reason in _QUIET:
         return reason, None

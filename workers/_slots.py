@@ -24,6 +24,7 @@ class Slots:
         self.hosted = 0
         self.reserved = 0
         self._changed = anyio.Event()
+        self._waiting = 0
 
     @property
     def free(self) -> int:
@@ -52,12 +53,20 @@ class Slots:
         self.wake()
 
     def wake(self) -> None:
-        """Waiters check their condition again (also for a reason of the caller's: drain)."""
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        """Waiters check their condition again (also for a reason of the caller's: drain).
+        With nobody waiting there is nothing to wake (no new event per hosted session)."""
+        if self._waiting:
+            changed, self._changed = self._changed, anyio.Event()
+            changed.set()
 
     async def wait_until(self, done: Callable[[], bool]) -> None:
         """Return once ``done()`` holds, checked again after every change of the slots and
         every :meth:`wake`."""
         while not done():
-            await self._changed.wait()
+            # (counted before waiting, with no await between the check and the wait: a wake
+            # from now on sets the event waited on)
+            self._waiting += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1

@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from workers_support import ended_reason, eventually, watching
 
 from eventcore import EventLog
+from eventcore._layout import META_EPOCH
 from eventcore.workers import Worker, dead_letters
 
 Hosting = Callable[..., AbstractAsyncContextManager[Worker]]
@@ -30,6 +31,8 @@ async def test_an_entry_whose_lease_still_lives_is_not_counted_as_a_delivery(
     for shard in keys.all_shards():  # a ghost worker takes the entry first and holds a lease
         got += await log.redis.xreadgroup(GROUP, "ghost", {keys.dispatch(shard): ">"}) or []
     ((stream, ((eid, _),)),) = got
+    # (as its claim would have: a lease is only ever taken with an epoch bump)
+    await log.redis.hincrby(sk.meta, META_EPOCH, 1)
     await log.redis.set(sk.lease, "ghost")
 
     async def make_idle() -> None:  # as if nobody had renewed it for a minute
