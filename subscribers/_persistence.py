@@ -23,6 +23,7 @@ from here.
 from __future__ import annotations
 
 import logging
+import operator
 import random
 import sqlite3
 import time
@@ -279,7 +280,9 @@ class Persistence(OrderedSubscriber):
         return self._sql
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
-        self._from_feed = {id(d.envelope): d for d in deliveries if d.body}
+        # (every delivery: one without the feed's JSON is told apart in _record)
+        self._from_feed = dict(zip(map(id, map(_ENVELOPE, deliveries)), deliveries,
+                                   strict=True))
         self._batch = True
         try:
             await super().handle(deliveries)
@@ -568,6 +571,7 @@ class Persistence(OrderedSubscriber):
         await self._retrying(go, budget_s=self.read_budget_s)
 
 
+_ENVELOPE: Final = operator.attrgetter("envelope")
 _COLUMNS: Final = ("session_id", "seq", "type", "run_id", "event_key", "ts_ms", "envelope",
                    "server_data")
 
@@ -575,7 +579,7 @@ _COLUMNS: Final = ("session_id", "seq", "type", "run_id", "event_key", "ts_ms", 
 def _record(env: Envelope, d: Delivery | None) -> tuple[Any, ...]:
     """One events row, in ``_COLUMNS`` order: the JSON the feed delivered the envelope in (an
     envelope filled from the log, or hydrated, is encoded)."""
-    if d is not None:
+    if d is not None and d.body:
         sd = d.server_body
         return (env.session_id, env.seq, env.type, env.run_id, env.event_key,
                 int(env.ts.timestamp() * 1000), d.body.decode(),

@@ -32,7 +32,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
-from eventcore._codec import entry_bodies, entry_has_blob, entry_incarnation
+from eventcore._codec import feed_parts
 from eventcore._groups import Claimed, ConsumerGroup
 from eventcore._lifetime import Running
 from eventcore._streams import ShardStreams
@@ -365,7 +365,7 @@ class SubscriberRunner(Running):
         if scope.cancelled_caught:
             return False
         if raw:
-            items = await self._decode([(s, i, f, 1) for s, i, f in raw])
+            items = await self._decode(raw)
             if items:
                 await self._process(items, read_ahead=True)
             return True
@@ -395,16 +395,20 @@ class SubscriberRunner(Running):
             return []
         self.metrics.reclaimed += len(found)
         self.metrics.redeliveries += len(found)
-        return await self._decode([(s, c.entry_id, c.fields, c.deliveries) for s, c in found])
+        return await self._decode([(s, c.entry_id, c.fields) for s, c in found],
+                                  [c.deliveries for _, c in found])
 
-    async def _decode(self, raw: Sequence[tuple[int, str, Any, int]]) -> list[_Item]:
-        """Feed entries to deliveries; an entry that is not an envelope is dead-lettered at once
-        (no retry can fix it)."""
+    async def _decode(self, raw: Sequence[tuple[int, str, Any]],
+                      attempts: Sequence[int] | None = None) -> list[_Item]:
+        """Feed entries to deliveries (``attempts``: each one's delivery count; default 1);
+        an entry that is not an envelope is dead-lettered at once (no retry can fix it)."""
         items: list[_Item] = []
         refs: list[_Item] = []
-        for shard, entry_id, fields, attempt in raw:
+        append = items.append
+        for n, (shard, entry_id, fields) in enumerate(raw):
+            attempt = 1 if attempts is None else attempts[n]
             try:
-                env = decode_feed_entry(fields, "")
+                env, body, server_body, inc, blob = feed_parts(fields)
             except CorruptEntry:  # again, naming the entry in the error (the rare path)
                 try:
                     decode_feed_entry(fields, f"{self.group_ops.stream(shard)} {entry_id}")
@@ -412,13 +416,11 @@ class SubscriberRunner(Running):
                 except CorruptEntry as exc:
                     await self._dead_letter(shard, entry_id, fields, attempt, exc)
                 continue
-            if entry_has_blob(fields):  # its JSON holds the blob's ref, not the payload
-                refs.append(_Item(Delivery(entry_id, shard, env, attempt,
-                                           entry_incarnation(fields)), fields))
+            if blob:  # its JSON holds the blob's ref, not the payload
+                refs.append(_Item(Delivery(entry_id, shard, env, attempt, inc), fields))
                 continue
-            body, server_body = entry_bodies(fields)
-            items.append(_Item(Delivery(entry_id, shard, env, attempt, entry_incarnation(fields),
-                                        body, server_body), fields))
+            append(_Item(Delivery(entry_id, shard, env, attempt, inc, body, server_body),
+                         fields))
         for item in refs:  # rare (large payloads): one by one, so a missing blob is isolated
             try:
                 (env,) = await self.log.hydrate([item.delivery.envelope])
@@ -438,7 +440,7 @@ class SubscriberRunner(Running):
         try:
             raw = await self.group_ops.read(self.batch, None)
             if raw:
-                ahead.items = await self._decode([(s, i, f, 1) for s, i, f in raw])
+                ahead.items = await self._decode(raw)
                 for item in ahead.items:
                     self._inflight[item.key] = item
         except Exception as exc:
