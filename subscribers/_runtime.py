@@ -147,7 +147,9 @@ class SubscriberRunner(Running):
         self.metrics = SubscriberMetrics(self.group, self.consumer)
         self._fg: ConsumerGroup | None = None
         self._retry: dict[tuple[int, str], _Retry] = {}
-        self._inflight: dict[tuple[int, str], _Item] = {}
+        # the batches in hand (read ahead, or being handled), by their list's identity: held
+        # per batch, not per entry (no per-entry bookkeeping on the hot path)
+        self._inflight: dict[int, list[_Item]] = {}
         self._cursor = dict.fromkeys(self.shards, "0-0")
         self._next_reclaim = 0.0
         self._outage_streak = 0  # consecutive Redis failures of the loop itself
@@ -290,7 +292,7 @@ class SubscriberRunner(Running):
         while True:
             await anyio.sleep(every)
             held: dict[int, list[str]] = {}
-            for shard, entry_id in [*self._inflight, *self._retry]:
+            for shard, entry_id in [*self._held(), *self._retry]:
                 held.setdefault(shard, []).append(entry_id)
             if held:
                 try:
@@ -381,6 +383,7 @@ class SubscriberRunner(Running):
 
     async def _reclaim_pass(self) -> list[_Item]:
         found: list[tuple[int, Claimed]] = []
+        inflight = set(self._held())
         for shard in self.shards:
             step = await self.group_ops.reclaim(
                 shard, cursor=self._cursor[shard], min_idle_ms=self.claim_idle_ms,
@@ -390,7 +393,7 @@ class SubscriberRunner(Running):
             self.metrics.dead_lettered += step.dead
             found += [(shard, c) for c in step.claimed
                       if (shard, c.entry_id) not in self._retry
-                      and (shard, c.entry_id) not in self._inflight]  # held here already
+                      and (shard, c.entry_id) not in inflight]  # held here already
         if not found:
             return []
         self.metrics.reclaimed += len(found)
@@ -441,12 +444,15 @@ class SubscriberRunner(Running):
             raw = await self.group_ops.read(self.batch, None)
             if raw:
                 ahead.items = await self._decode(raw)
-                for item in ahead.items:
-                    self._inflight[item.key] = item
+                self._inflight[id(ahead.items)] = ahead.items
         except Exception as exc:
             ahead.error = exc
         finally:
             ahead.done.set()
+
+    def _held(self) -> list[tuple[int, str]]:
+        """The (shard, entry id) of every entry in hand."""
+        return [item.key for batch in self._inflight.values() for item in batch]
 
     # -- handling --------------------------------------------------------------------------------
     async def _process(self, items: list[_Item], *, read_ahead: bool = False) -> None:
@@ -454,8 +460,7 @@ class SubscriberRunner(Running):
         next batch (a full batch suggests more is waiting), so Redis and the subscriber's
         backend work at the same time; batches are still handled one after the other."""
         started = time.perf_counter()
-        for item in items:
-            self._inflight[item.key] = item
+        self._inflight[id(items)] = items
         if read_ahead and not self._stopping and self._tg is not None and self._ahead is None:
             self._ahead = _Ahead()
             self._tg.start_soon(self._read_ahead, self._ahead)
@@ -473,8 +478,7 @@ class SubscriberRunner(Running):
                 log_.warning("subscriber %s: backend unavailable (%s: %s); %d entries wait to "
                              "be retried", self.group, type(exc).__name__, exc, len(failed))
         finally:
-            for item in items:
-                self._inflight.pop(item.key, None)
+            self._inflight.pop(id(items), None)
         self.metrics.retry_queue = len(self._retry)
         self.metrics.record_batch((time.perf_counter() - started) * 1000)
         self._notify()
