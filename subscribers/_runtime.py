@@ -38,7 +38,7 @@ from eventcore._lifetime import Running
 from eventcore._streams import ShardStreams
 from eventcore.errors import UsageError, ValidationError
 
-from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry, entry_ids
+from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
 from ._metrics import SubscriberMetrics
 
 __all__ = ["SubscriberRunner", "default_consumer_name", "is_transient"]
@@ -68,6 +68,18 @@ class _Item:
         self.delivery = delivery
         self.fields = fields
         self.key = (delivery.shard, delivery.entry_id)
+
+
+def _entry_ids(items: Sequence[_Item]) -> dict[int, list[str]]:
+    """The entry ids of ``items`` by shard."""
+    out: dict[int, list[str]] = {}
+    for shard, entry_id in (i.key for i in items):
+        ids = out.get(shard)
+        if ids is None:
+            out[shard] = [entry_id]
+        else:
+            ids.append(entry_id)
+    return out
 
 
 class _Ahead:
@@ -467,7 +479,7 @@ class SubscriberRunner(Running):
         try:
             self.metrics.delivered += len(items)
             ok, failed = await self._handle(items)
-            await self.group_ops.ack(entry_ids([i.delivery for i in ok]))
+            await self.group_ops.ack(_entry_ids(ok))
             self.metrics.acked += len(ok)
             outage = bool(failed) and all(is_transient(exc) for _, exc in failed)
             self._backend_streak = self._backend_streak + 1 if outage else 0
