@@ -40,6 +40,7 @@ __all__ = [
     "entry_seq",
     "entry_size",
     "entry_type",
+    "feed_parts",
     "feed_ref",
     "seq_id",
     "session_info",
@@ -143,6 +144,30 @@ def decode_entry(fields: Mapping[bytes, bytes], *, where: str = "") -> Envelope:
 def feed_ref(fields: Mapping[bytes, bytes]) -> tuple[bytes | None, bytes | None]:
     """The (session id, seq) fields of a feed entry, as stored (None where absent)."""
     return fields.get(_FEED_SID), fields.get(_FEED_SEQ)
+
+
+def feed_parts(fields: Mapping[bytes, bytes]
+               ) -> tuple[Envelope, bytes, bytes | None, str, bool]:
+    """A feed entry in one pass (the subscribers' hot path): its envelope (checked against its
+    ``sid`` and ``seq`` fields, as a subscriber's ``decode_feed_entry`` does), client JSON,
+    server_data JSON (None: none), incarnation (``""``: the entry does not say) and whether its
+    payload lives in a blob. :class:`CorruptEntry` (not naming the entry) where
+    ``decode_feed_entry`` raises it."""
+    get = fields.get
+    sid, seq, body = get(_FEED_SID), get(_FEED_SEQ), get(_D)
+    if sid is None or seq is None or body is None or not seq.isdigit():
+        raise CorruptEntry("feed entry has no valid 'sid'/'seq'/envelope fields")
+    sd = get(_SD)
+    try:
+        env = _env_decoder.decode(body)
+        if sd is not None:
+            env = msgspec.structs.replace(env, server_data=_any_decoder.decode(sd))
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise CorruptEntry(f"feed entry is not a valid envelope: {exc}") from exc
+    if env.seq != int(seq) or env.session_id.encode() != sid:
+        raise CorruptEntry("feed entry: envelope and fields disagree")
+    inc = get(_INC)
+    return (env, body, sd, "" if inc is None else inc.decode(errors="replace"), _R in fields)
 
 
 _AGENT = b'{"agent":"'

@@ -23,11 +23,13 @@ from here.
 from __future__ import annotations
 
 import logging
+import operator
 import random
 import sqlite3
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -157,6 +159,10 @@ class Persistence(OrderedSubscriber):
         # the deliveries of the batch in hand, by their envelope's identity: a run's envelope
         # that came from the feed is stored as the feed's JSON (not encoded again)
         self._from_feed: dict[int, Delivery] = {}
+        # the pooled connection the batch in hand reads its positions and writes on (one
+        # checkout, so one pre-ping, per batch); None outside a batch or after a failure
+        self._batch = False
+        self._held: AsyncConnection | None = None
         self._dialect = sa.engine.make_url(url).get_backend_name()
         if self._dialect not in ("sqlite", "postgresql"):
             raise ConfigError(f"database URL {url!r}: use postgresql+asyncpg:// or sqlite+aiosqlite://")
@@ -274,18 +280,47 @@ class Persistence(OrderedSubscriber):
         return self._sql
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
-        self._from_feed = {id(d.envelope): d for d in deliveries if d.body}
+        # (every delivery: one without the feed's JSON is told apart in _record)
+        self._from_feed = dict(zip(map(id, map(_ENVELOPE, deliveries)), deliveries,
+                                   strict=True))
+        self._batch = True
         try:
             await super().handle(deliveries)
         finally:
-            self._from_feed = {}
+            self._from_feed, self._batch = {}, False
+            held, self._held = self._held, None
+            if held is not None:
+                with anyio.CancelScope(shield=True):
+                    await held.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection]:
+        """The hot path's connection: within a batch one checkout for all its steps (the
+        pool pre-pings it once), else a checkout of its own. A failure gives it up (discarded
+        when the database is unavailable), so a retry checks out a fresh, pinged one."""
+        if not self._batch:
+            async with self.engine.connect() as conn:
+                yield conn
+            return
+        if self._held is None:
+            self._held = await self.engine.connect()
+        try:
+            yield self._held
+        except BaseException as exc:
+            held, self._held = self._held, None
+            if held is not None:
+                with anyio.CancelScope(shield=True):
+                    if is_unavailable(exc):
+                        await held.invalidate()
+                    await held.close()
+            raise
 
     async def positions(self, session_ids: Collection[str]) -> Mapping[str, Position]:
         return await self._retrying(lambda: self._positions(list(session_ids)))
 
     async def _positions(self, session_ids: Sequence[str]) -> dict[str, Position]:
         sql = self.sql
-        async with self.engine.connect() as conn:
+        async with self._connection() as conn:
             driver = await _driver(conn)
             if sql.postgres:
                 rows = await driver.fetch(sql.positions, session_ids)
@@ -303,7 +338,7 @@ class Persistence(OrderedSubscriber):
         now = int(time.time() * 1000)
         from_feed = self._from_feed
         sids = sorted({r.session_id for r in runs})
-        async with self.engine.connect() as conn:
+        async with self._connection() as conn:
             driver = await _driver(conn)
             if self.sql.postgres:
                 try:
@@ -536,6 +571,7 @@ class Persistence(OrderedSubscriber):
         await self._retrying(go, budget_s=self.read_budget_s)
 
 
+_ENVELOPE: Final = operator.attrgetter("envelope")
 _COLUMNS: Final = ("session_id", "seq", "type", "run_id", "event_key", "ts_ms", "envelope",
                    "server_data")
 
@@ -543,7 +579,7 @@ _COLUMNS: Final = ("session_id", "seq", "type", "run_id", "event_key", "ts_ms", 
 def _record(env: Envelope, d: Delivery | None) -> tuple[Any, ...]:
     """One events row, in ``_COLUMNS`` order: the JSON the feed delivered the envelope in (an
     envelope filled from the log, or hydrated, is encoded)."""
-    if d is not None:
+    if d is not None and d.body:
         sd = d.server_body
         return (env.session_id, env.seq, env.type, env.run_id, env.event_key,
                 int(env.ts.timestamp() * 1000), d.body.decode(),

@@ -32,13 +32,13 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
-from eventcore._codec import entry_bodies, entry_has_blob, entry_incarnation
+from eventcore._codec import feed_parts
 from eventcore._groups import Claimed, ConsumerGroup
 from eventcore._lifetime import Running
 from eventcore._streams import ShardStreams
 from eventcore.errors import UsageError, ValidationError
 
-from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry, entry_ids
+from ._delivery import CheckpointStore, Delivery, Subscriber, decode_feed_entry
 from ._metrics import SubscriberMetrics
 
 __all__ = ["SubscriberRunner", "default_consumer_name", "is_transient"]
@@ -68,6 +68,18 @@ class _Item:
         self.delivery = delivery
         self.fields = fields
         self.key = (delivery.shard, delivery.entry_id)
+
+
+def _entry_ids(items: Sequence[_Item]) -> dict[int, list[str]]:
+    """The entry ids of ``items`` by shard."""
+    out: dict[int, list[str]] = {}
+    for shard, entry_id in (i.key for i in items):
+        ids = out.get(shard)
+        if ids is None:
+            out[shard] = [entry_id]
+        else:
+            ids.append(entry_id)
+    return out
 
 
 class _Ahead:
@@ -147,7 +159,9 @@ class SubscriberRunner(Running):
         self.metrics = SubscriberMetrics(self.group, self.consumer)
         self._fg: ConsumerGroup | None = None
         self._retry: dict[tuple[int, str], _Retry] = {}
-        self._inflight: dict[tuple[int, str], _Item] = {}
+        # the batches in hand (read ahead, or being handled), by their list's identity: held
+        # per batch, not per entry (no per-entry bookkeeping on the hot path)
+        self._inflight: dict[int, list[_Item]] = {}
         self._cursor = dict.fromkeys(self.shards, "0-0")
         self._next_reclaim = 0.0
         self._outage_streak = 0  # consecutive Redis failures of the loop itself
@@ -290,7 +304,7 @@ class SubscriberRunner(Running):
         while True:
             await anyio.sleep(every)
             held: dict[int, list[str]] = {}
-            for shard, entry_id in [*self._inflight, *self._retry]:
+            for shard, entry_id in [*self._held(), *self._retry]:
                 held.setdefault(shard, []).append(entry_id)
             if held:
                 try:
@@ -365,7 +379,7 @@ class SubscriberRunner(Running):
         if scope.cancelled_caught:
             return False
         if raw:
-            items = await self._decode([(s, i, f, 1) for s, i, f in raw])
+            items = await self._decode(raw)
             if items:
                 await self._process(items, read_ahead=True)
             return True
@@ -381,6 +395,7 @@ class SubscriberRunner(Running):
 
     async def _reclaim_pass(self) -> list[_Item]:
         found: list[tuple[int, Claimed]] = []
+        inflight = set(self._held())
         for shard in self.shards:
             step = await self.group_ops.reclaim(
                 shard, cursor=self._cursor[shard], min_idle_ms=self.claim_idle_ms,
@@ -390,21 +405,25 @@ class SubscriberRunner(Running):
             self.metrics.dead_lettered += step.dead
             found += [(shard, c) for c in step.claimed
                       if (shard, c.entry_id) not in self._retry
-                      and (shard, c.entry_id) not in self._inflight]  # held here already
+                      and (shard, c.entry_id) not in inflight]  # held here already
         if not found:
             return []
         self.metrics.reclaimed += len(found)
         self.metrics.redeliveries += len(found)
-        return await self._decode([(s, c.entry_id, c.fields, c.deliveries) for s, c in found])
+        return await self._decode([(s, c.entry_id, c.fields) for s, c in found],
+                                  [c.deliveries for _, c in found])
 
-    async def _decode(self, raw: Sequence[tuple[int, str, Any, int]]) -> list[_Item]:
-        """Feed entries to deliveries; an entry that is not an envelope is dead-lettered at once
-        (no retry can fix it)."""
+    async def _decode(self, raw: Sequence[tuple[int, str, Any]],
+                      attempts: Sequence[int] | None = None) -> list[_Item]:
+        """Feed entries to deliveries (``attempts``: each one's delivery count; default 1);
+        an entry that is not an envelope is dead-lettered at once (no retry can fix it)."""
         items: list[_Item] = []
         refs: list[_Item] = []
-        for shard, entry_id, fields, attempt in raw:
+        append = items.append
+        for n, (shard, entry_id, fields) in enumerate(raw):
+            attempt = 1 if attempts is None else attempts[n]
             try:
-                env = decode_feed_entry(fields, "")
+                env, body, server_body, inc, blob = feed_parts(fields)
             except CorruptEntry:  # again, naming the entry in the error (the rare path)
                 try:
                     decode_feed_entry(fields, f"{self.group_ops.stream(shard)} {entry_id}")
@@ -412,13 +431,11 @@ class SubscriberRunner(Running):
                 except CorruptEntry as exc:
                     await self._dead_letter(shard, entry_id, fields, attempt, exc)
                 continue
-            if entry_has_blob(fields):  # its JSON holds the blob's ref, not the payload
-                refs.append(_Item(Delivery(entry_id, shard, env, attempt,
-                                           entry_incarnation(fields)), fields))
+            if blob:  # its JSON holds the blob's ref, not the payload
+                refs.append(_Item(Delivery(entry_id, shard, env, attempt, inc), fields))
                 continue
-            body, server_body = entry_bodies(fields)
-            items.append(_Item(Delivery(entry_id, shard, env, attempt, entry_incarnation(fields),
-                                        body, server_body), fields))
+            append(_Item(Delivery(entry_id, shard, env, attempt, inc, body, server_body),
+                         fields))
         for item in refs:  # rare (large payloads): one by one, so a missing blob is isolated
             try:
                 (env,) = await self.log.hydrate([item.delivery.envelope])
@@ -438,13 +455,16 @@ class SubscriberRunner(Running):
         try:
             raw = await self.group_ops.read(self.batch, None)
             if raw:
-                ahead.items = await self._decode([(s, i, f, 1) for s, i, f in raw])
-                for item in ahead.items:
-                    self._inflight[item.key] = item
+                ahead.items = await self._decode(raw)
+                self._inflight[id(ahead.items)] = ahead.items
         except Exception as exc:
             ahead.error = exc
         finally:
             ahead.done.set()
+
+    def _held(self) -> list[tuple[int, str]]:
+        """The (shard, entry id) of every entry in hand."""
+        return [item.key for batch in self._inflight.values() for item in batch]
 
     # -- handling --------------------------------------------------------------------------------
     async def _process(self, items: list[_Item], *, read_ahead: bool = False) -> None:
@@ -452,15 +472,14 @@ class SubscriberRunner(Running):
         next batch (a full batch suggests more is waiting), so Redis and the subscriber's
         backend work at the same time; batches are still handled one after the other."""
         started = time.perf_counter()
-        for item in items:
-            self._inflight[item.key] = item
+        self._inflight[id(items)] = items
         if read_ahead and not self._stopping and self._tg is not None and self._ahead is None:
             self._ahead = _Ahead()
             self._tg.start_soon(self._read_ahead, self._ahead)
         try:
             self.metrics.delivered += len(items)
             ok, failed = await self._handle(items)
-            await self.group_ops.ack(entry_ids([i.delivery for i in ok]))
+            await self.group_ops.ack(_entry_ids(ok))
             self.metrics.acked += len(ok)
             outage = bool(failed) and all(is_transient(exc) for _, exc in failed)
             self._backend_streak = self._backend_streak + 1 if outage else 0
@@ -471,8 +490,7 @@ class SubscriberRunner(Running):
                 log_.warning("subscriber %s: backend unavailable (%s: %s); %d entries wait to "
                              "be retried", self.group, type(exc).__name__, exc, len(failed))
         finally:
-            for item in items:
-                self._inflight.pop(item.key, None)
+            self._inflight.pop(id(items), None)
         self.metrics.retry_queue = len(self._retry)
         self.metrics.record_batch((time.perf_counter() - started) * 1000)
         self._notify()

@@ -356,7 +356,7 @@ async def test_read_ahead_is_never_acked_before_it_is_handled(event_log: EventLo
             await entered.wait()
             assert runner._ahead is not None  # the next batch is being read meanwhile
             await runner._ahead.done.wait()
-        in_hand = len(runner._inflight)
+        in_hand = len(runner._held())
         assert in_hand > runner.metrics.delivered  # read ahead: held, not handled
         await runner.aclose()  # the batch in hand is abandoned (drain timeout)
         tg.cancel_scope.cancel()
