@@ -212,7 +212,12 @@ class Subscription(Follower):
         deliver all of them, or return False having delivered nothing; the follower's cursor
         moves only once it returned True. Only the plain case goes this way: a batch that is
         not exactly the next events of the follower's generation, or that ends the session,
-        is buffered for :meth:`batches` as ever."""
+        is buffered for :meth:`batches` as ever.
+
+        A follower that takes the whole batch gets the fan-out's own list, the same object for
+        every such follower of the session: ``deliver`` may cache what it makes of it by
+        identity (SSE frames a batch once for all its streams). Work worth doing once per
+        fan-out rather than per follower (a metrics counter) goes in :meth:`Hub.after_fan_out`."""
         client = self._live
         assert isinstance(client, _Client)
         if not self._hub.direct:
@@ -234,6 +239,8 @@ class Subscription(Follower):
                 cursor = ev.seq
                 if types is None or ev.type in types:
                     out.append(ev)
+            if len(out) == len(items) and isinstance(items, list):
+                out = items  # the whole batch: the list every such follower gets
             if out and not deliver(out):
                 return False
             self.cursor = cursor
@@ -289,10 +296,16 @@ class Hub:
         self.closed = False
         self.live_connected = False
         self._watches: dict[str, _Watch] = {}
+        # The live XREAD's arguments, kept up to date rather than rebuilt per call: every
+        # registered watch by stream key, and the cursor id of each whose cursor is set
+        # (``_ids`` covers ``_watches`` exactly when none waits for its cursor).
+        self._by_stream: dict[str, _Watch] = {}
+        self._ids: dict[Any, Any] = {}  # stream -> seq_id(cursor), as xread takes them
         self._dirty: dict[str, _Watch] = {}
         self._dirty_event = anyio.Event()
         self._tg: TaskGroup | None = None
         self._cluster = False
+        self._after_fan_out: list[Callable[[], None]] = []
 
     # -- lifetime ----------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -370,6 +383,7 @@ class Hub:
                 client.gone = True  # this one is gone already
         if w is None:
             w = self._watches[session_id] = _Watch(session_id, keys.stream, keys.meta)
+            self._by_stream[w.stream] = w
             self._mark(w)  # initialise its cursor on the live path
         if not client.gone:
             w.clients.add(client)
@@ -388,8 +402,7 @@ class Hub:
             client.direct = None  # (it refers back to the subscription)
             w.clients.discard(client)
             if not w.clients and self._watches.get(session_id) is w:
-                del self._watches[session_id]
-                self._dirty.pop(session_id, None)
+                self._unregister(w)
 
     async def read_page(
         self, session_id: str, after: int, limit: int | None = None, *,
@@ -417,6 +430,19 @@ class Hub:
                 c.closed = True
                 c.wake()
 
+    def after_fan_out(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after each round of the live path's fan-out (one XREAD's or fetch's
+        sessions, in the same step): for transports' bookkeeping of direct deliveries done
+        once per round instead of once per follower."""
+        self._after_fan_out.append(fn)
+
+    def _fanned_out(self) -> None:
+        for fn in self._after_fan_out:
+            try:
+                fn()
+            except Exception:  # a transport's bookkeeping must not stop the live path
+                log_.exception("hub after_fan_out callback failed")
+
     # -- live path: common -------------------------------------------------------------------
     def _mark(self, w: _Watch) -> None:
         # a retired watch must not hold its session's place here for a newer one
@@ -437,7 +463,7 @@ class Hub:
             # expired) and its id created again
             self._retire(w)
             return
-        w.cursor = events[-1].seq
+        self._set_cursor(w, events[-1].seq)
         self.stats.fetched_events += len(events)
         if self.on_lag is not None:
             with contextlib.suppress(msgspec.DecodeError):
@@ -459,13 +485,15 @@ class Hub:
             if current is None:
                 self._retire(w)  # deleted (or expired) since its clients opened it
                 continue
-            w.cursor, w.inc = int(meta[0]), current
+            cursor = int(meta[0])
+            w.inc = current
+            self._set_cursor(w, cursor)
             for c in [c for c in w.clients if c.inc != current]:
                 # subscribed for an incarnation gone by now (a newer one would have retired a
                 # watch that knew its incarnation, but this one did not yet)
                 w.clients.discard(c)
                 _end(c)
-            if w.head > w.cursor:
+            if w.head > cursor:
                 self._mark(w)
 
     def _retire(self, w: _Watch) -> None:
@@ -473,10 +501,20 @@ class Hub:
         of that incarnation); a later subscriber gets a watch of its own."""
         w.retired = True
         if self._watches.get(w.session_id) is w:
-            del self._watches[w.session_id]
-            self._dirty.pop(w.session_id, None)
+            self._unregister(w)
         for c in w.clients:
             _end(c)
+
+    def _unregister(self, w: _Watch) -> None:
+        del self._watches[w.session_id]
+        self._dirty.pop(w.session_id, None)
+        self._by_stream.pop(w.stream, None)
+        self._ids.pop(w.stream, None)
+
+    def _set_cursor(self, w: _Watch, cursor: int) -> None:
+        w.cursor = cursor
+        if self._by_stream.get(w.stream) is w:
+            self._ids[w.stream] = seq_id(cursor)
 
     def _incarnation_gone(self, w: _Watch, inc: str) -> None:
         """A client's read found its incarnation ``inc`` gone: so is the watch's, if the same."""
@@ -580,14 +618,17 @@ class Hub:
                         pipe.xrange(w.stream, f"({seq_id(w.cursor)}", "+", count=self.page)
                     results = await pipe.execute()
         self.stats.fetches += 1
-        for w, entries in zip(ready, results, strict=True):
-            if not entries:
-                if w.head > (w.cursor or 0):
-                    await self._check_gone(w)
-                continue
-            self._fan_out(w, await self.pages.events_of(entries, w.stream))
-            if len(entries) == self.page or w.head > (w.cursor or 0):
-                self._mark(w)
+        try:
+            for w, entries in zip(ready, results, strict=True):
+                if not entries:
+                    if w.head > (w.cursor or 0):
+                        await self._check_gone(w)
+                    continue
+                self._fan_out(w, await self.pages.events_of(entries, w.stream))
+                if len(entries) == self.page or w.head > (w.cursor or 0):
+                    self._mark(w)
+        finally:
+            self._fanned_out()
 
     async def _xread_shards(self, ready: list[_Watch]) -> list[Any]:
         """The entries after each watch's cursor: one XREAD per shard over its watches'
@@ -628,34 +669,39 @@ class Hub:
                     if wait > 0:
                         await anyio.sleep(wait)
                     started = time.monotonic()
-                fresh = [w for w in self._watches.values() if w.cursor is None]
-                if fresh:
-                    with redis_errors("hub init"):
-                        await self._init_cursors(fresh)
+                if len(self._ids) != len(self._watches):
+                    fresh = [w for w in self._watches.values() if w.cursor is None]
+                    if fresh:
+                        with redis_errors("hub init"):
+                            await self._init_cursors(fresh)
                 self._dirty.clear()
-                streams: dict[Any, Any] = {
-                    w.stream: seq_id(w.cursor) for w in self._watches.values()
-                    if w.cursor is not None
-                }
+                streams = self._ids
                 if not streams:
                     self._dirty_event = anyio.Event()
                     with anyio.move_on_after(self.xread_block_ms / 1000):
                         await self._dirty_event.wait()
                     continue
-                by_stream = {w.stream: w for w in self._watches.values()}
+                # the watches the call is for (a stream's entries are its watch's: one for a
+                # newer incarnation registered meanwhile is another's); redis-py takes
+                # ``streams`` apart before it returns the call's coroutine
+                by_stream = self._by_stream.copy()
                 with redis_errors("hub xread"):
                     got = await self.log.redis.xread(
                         streams, count=self.page, block=self.xread_block_ms
                     )
                 self.live_connected = True
                 self.stats.fetches += 1
-                for key, entries in got or ():
-                    w = by_stream.get(key.decode() if isinstance(key, bytes) else key)
-                    if w is None or w.cursor is None or not entries:
-                        continue
-                    events = [e for e in await self.pages.events_of(entries, w.stream)
-                              if e.seq > w.cursor]
-                    self._fan_out(w, events)
+                try:
+                    for key, entries in got or ():
+                        w = by_stream.get(key.decode() if isinstance(key, bytes) else key)
+                        if w is None or w.cursor is None or not entries:
+                            continue
+                        events = [e for e in await self.pages.events_of(entries, w.stream)
+                                  if e.seq > w.cursor]
+                        self._fan_out(w, events)
+                finally:
+                    if got:
+                        self._fanned_out()
             except (EventcoreError, rexc.RedisError, OSError) as exc:
                 self.live_connected = False
                 log_.warning("hub xread failed (%s); retrying", exc)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -467,3 +467,50 @@ async def test_a_caught_up_follower_is_handed_plain_batches_directly(
     assert {7, 8, 9, 13} <= set(via_batches)
     assert sorted(direct + via_batches) == [*range(2, 10), 11, 12, 13]
     assert sub.cursor == 13
+
+
+async def test_direct_batches_are_shared_whole_and_rounds_reported(
+    hub: Hub, event_log: EventLog
+) -> None:
+    """Followers taking a fan-out's batch whole get the same list object (a transport frames
+    it once for all of them); a filtered one gets its own list with just its types; each
+    round of direct deliveries is followed by the ``after_fan_out`` callbacks."""
+    s = await event_log.create_session("echo")
+    sid = s.session_id
+    got: dict[str, list[list[Event]]] = {"a": [], "b": [], "f": []}
+    rounds: list[int] = []
+    hub.after_fan_out(lambda: rounds.append(sum(len(v) for v in got.values())))
+
+    def deliver_to(name: str) -> Callable[[list[Event]], bool]:
+        def deliver(events: list[Event]) -> bool:
+            got[name].append(events)
+            return True
+        return deliver
+
+    async with (hub.subscribe(sid, after=0) as a, hub.subscribe(sid, after=0) as b,
+                hub.subscribe(sid, after=0, types={"signal"}) as f):
+        for name, sub in (("a", a), ("b", b), ("f", f)):
+            sub.deliver_directly(deliver_to(name))
+
+        async def read(sub: Subscription) -> None:
+            async for _ in sub.batches():
+                pass
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for sub in (a, b, f):
+                    tg.start_soon(read, sub)
+                for sub in (a, b, f):
+                    await _parked(sub)
+                cursor = a.cursor
+                await emit(event_log, sid, 1)
+                await event_log.signal(sid, "k", 1)
+                for sub in (a, b, f):
+                    await _parked(sub, cursor + 2)
+                tg.cancel_scope.cancel()
+    seqs = {name: [e.seq for batch in v for e in batch] for name, v in got.items()}
+    assert seqs["a"] == seqs["b"] == [cursor + 1, cursor + 2]
+    assert seqs["f"] == [cursor + 2]
+    assert all(x is y for x, y in zip(got["a"], got["b"], strict=True))
+    assert all(e.type == "signal" for batch in got["f"] for e in batch)
+    assert rounds and rounds[-1] == sum(len(v) for v in got.values())

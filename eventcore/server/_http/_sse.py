@@ -40,7 +40,10 @@ at once). It refuses whatever that path would not send at once (the write buffer
 high-water mark, the token expired, the peer gone, a batch past ``_CHUNK_BYTES``), and the hub
 refuses what is not the plain case (a gap, a new generation, ``session.ended``): those take
 the buffered path above, unchanged. Pings, control events and the stream's end still go
-through ``send``; the frames, ids and resume points are the same either way.
+through ``send``; the frames, ids and resume points are the same either way. A batch is
+joined and chunk-framed once for every stream of the session that takes it whole (the
+fan-out hands them the same list), and the sent-events counter is added to once per fan-out
+round (``Hub.after_fan_out``), not per stream.
 
 A session that has ended and whose last event the client has seen answers 204, which tells an
 ``EventSource`` to stop reconnecting.
@@ -51,6 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -66,13 +70,15 @@ from eventcore._follow import Event, Follower, closing_iter, divergence
 from eventcore.errors import HistoryDiverged, HistoryGone
 
 from .._clients import ClientFollow, StreamEnd, diverged_fields, is_generation, parse_epoch
-from .._hub import Subscription
+from .._hub import Hub, Subscription
 from ._context import SessionAccess, session_reader
 from ._params import PageSize, SeqParam, parse_digits
 from ._problems import Problem
-from ._transport import BodyWriter, abort, body_writer
+from ._transport import BodyWriter, abort, body_writer, chunk
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from ._context import ServiceContext
 
 __all__ = ["event_stream", "parse_types", "sse_frame"]
@@ -144,6 +150,37 @@ class _Progress:
         self.cursor = cursor
         self.expires_at = expires_at
         self.writer: BodyWriter | None = None
+
+
+class _Shared:
+    """The direct path's state shared by a hub's streams: the chunk made of the last batch
+    delivered (the fan-out hands the same list to every stream of the session that takes it
+    whole; ``b""``: too big to go this way) and the deliveries not yet added to the counter
+    (once per fan-out round)."""
+
+    __slots__ = ("batch", "chunk", "counter", "sent")
+
+    def __init__(self, counter: Counter) -> None:
+        self.batch: list[Event] | None = None
+        self.chunk = b""
+        self.counter = counter
+        self.sent = 0
+
+    def flush(self) -> None:
+        if self.sent:
+            n, self.sent = self.sent, 0
+            self.counter.inc(n)
+
+
+_shared: weakref.WeakKeyDictionary[Hub, _Shared] = weakref.WeakKeyDictionary()
+
+
+def _shared_of(ctx: ServiceContext) -> _Shared:
+    shared = _shared.get(ctx.hub)
+    if shared is None:
+        shared = _shared[ctx.hub] = _Shared(ctx.metrics.sse_events)
+        ctx.hub.after_fan_out(shared.flush)
+    return shared
 
 
 class _Stream(EventSourceResponse):
@@ -292,6 +329,7 @@ async def _frames(
 
     metrics = ctx.metrics
     metrics.sse_clients.inc()
+    shared = _shared_of(ctx)
 
     def deliver(events: list[Event]) -> bool:
         # The live fast path (Subscription.deliver_directly): the hub's fan-out writes the
@@ -302,16 +340,19 @@ async def _frames(
         if writer is None or (progress.expires_at is not None
                               and time.time() >= progress.expires_at):
             return False
-        if len(events) == 1:
-            body = sse_frame(events[0])
+        if events is shared.batch:
+            framed = shared.chunk  # this batch's bytes, made for another stream of it
         else:
-            body = b"".join([sse_frame(ev) for ev in events])
-            if len(body) > _CHUNK_BYTES:
-                return False
-        if not writer(body):
+            if len(events) == 1:
+                body = sse_frame(events[0])
+            else:
+                body = b"".join([sse_frame(ev) for ev in events])
+            framed = b"" if len(events) > 1 and len(body) > _CHUNK_BYTES else chunk(body)
+            shared.batch, shared.chunk = events, framed
+        if not framed or not writer(framed):
             return False
         progress.cursor = follow.sent = events[-1].seq
-        metrics.sse_events.inc(len(events))
+        shared.sent += len(events)
         return True
 
     def direct(follower: Follower) -> None:

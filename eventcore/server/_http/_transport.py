@@ -14,7 +14,9 @@ ordinary close.
 
 :func:`body_writer` is the live SSE stream's way past ASGI ``send`` (see ``_sse.py``): a plain
 function that writes a body chunk straight to the connection's transport, framed as the
-server frames it, when that is exactly what ``send`` would do at once; it refuses (returns
+server frames it (:func:`chunk`: done once by the caller, so the bytes of a batch shared by
+many streams are framed once for all of them), when that is exactly what ``send`` would do
+at once; it refuses (returns
 False, writing nothing) otherwise: write buffer over its high-water mark, response not
 started or complete, peer gone. Offered under uvicorn's httptools protocol only (whose
 ``send`` is, for a started body, a plain ``transport.write``); elsewhere the stream keeps to
@@ -30,15 +32,21 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 __all__ = ["ABORT_EXTENSION", "WRITE_EXTENSION", "AbortableApp", "BodyWriter", "abort",
-           "body_writer"]
+           "body_writer", "chunk"]
 
 ABORT_EXTENSION = "eventcore.transport.abort"
 WRITE_EXTENSION = "eventcore.transport.write"
 
 BodyWriter = Callable[[bytes], bool]
-"""Write one non-empty body chunk now, or refuse (False, nothing written)."""
+"""Write one body chunk (:func:`chunk`'s framing of non-empty bytes) now, or refuse (False,
+nothing written)."""
 
 _HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
+
+
+def chunk(body: bytes) -> bytes:
+    """``body`` (not empty) framed as one chunk of a chunked body, as uvicorn frames a send."""
+    return b"%x\r\n%b\r\n" % (len(body), body)
 
 
 def _body_writer(send: Send) -> BodyWriter | None:
@@ -51,15 +59,15 @@ def _body_writer(send: Send) -> BodyWriter | None:
     transport = cycle.transport
     flow = cycle.flow
 
-    def write(body: bytes) -> bool:
+    def write(framed: bytes) -> bool:
         # what the cycle's send does for a started chunked body with more to come, when it
         # would not first wait for the write buffer to drain (a Content-Length body is no
         # stream: left to send)
         if (flow.write_paused or cycle.disconnected or not cycle.response_started
                 or cycle.response_complete or cycle.chunked_encoding is not True
-                or transport.is_closing() or not body):
+                or transport.is_closing()):
             return False
-        transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        transport.write(framed)
         return True
 
     return write
