@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import anyio
 import pytest
@@ -94,7 +95,8 @@ async def test_fencing_refuses_stale_epoch(event_log: EventLog) -> None:
     ok = await event_log.append(env(sid), epoch=0)  # a fresh session is at epoch 0
     assert ok.seq == 2
     # a worker re-hosts the session: the epoch moves on (as the workers' claim script does)
-    await event_log.redis.hincrby(event_log.keys.session(sid).meta, "epoch", 3)
+    redis: Any = event_log.redis  # (redis-py's stubs mix sync and async return types)
+    await redis.hincrby(event_log.keys.session(sid).meta, "epoch", 3)
     with pytest.raises(StaleHost) as info:
         await event_log.append(env(sid), epoch=0)
     assert (info.value.epoch, info.value.current) == (0, 3)
@@ -226,7 +228,8 @@ async def test_every_append_notifies_but_only_outside_writes_wake_hosts(
         assert listener.connected  # both subscribed before anything is appended
         await log.append(Envelope(type="message", session_id=s.session_id), epoch=0)
         await log.append(Envelope(type="input", session_id=s.session_id, payload="no host"))
-        await log.redis.hset(sk.meta, META_HOST, "w1")  # as a claim does
+        redis: Any = log.redis  # (redis-py's stubs mix sync and async return types)
+        await redis.hset(sk.meta, META_HOST, "w1")  # as a claim does
         await log.append(Envelope(type="input", session_id=s.session_id, payload="hi"))
         await log.append_many([Envelope(type="message", session_id=s.session_id)] * 2,
                               epoch=0)
