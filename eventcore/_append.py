@@ -150,6 +150,9 @@ class Appender:
     ) -> None:
         self._redis = redis
         self._keys = keys
+        # the append script rings the dispatch doorbell channel only for a cluster client (the
+        # only kind whose group reads listen to it)
+        self._ring = "1" if is_cluster(redis) else ""
         self._inline_limit = inline_limit
         self._max_payload = max_payload
         self._max_batch = max_batch
@@ -364,7 +367,8 @@ class Appender:
                 )
         keys.append(first.sessions)  # the shard's listing index, after the sessions' keys
         args = [len(batch), int(time.time() * 1000), first.notify, first.wake,
-                self._token_ttl_s, self.writes.get(first.shard, 0), len(sids), *sids, *events]
+                self._token_ttl_s, self.writes.get(first.shard, 0), len(sids),
+                self._ring, *sids, *events]
         return keys, args, blobs
 
     def observe_writes(self, shard: int, counter: Any) -> None:

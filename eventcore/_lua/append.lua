@@ -7,7 +7,9 @@
 --   session is added with its incarnation as score)
 -- ARGV[1] event count, ARGV[2] now (ms), ARGV[3] notify channel, ARGV[4] wake channel,
 --   ARGV[5] token ttl (s), ARGV[6] the highest write counter this writer has been answered for
---   the shard, ARGV[7] session count S, ARGV[8 .. 7+S] the session ids, then per event either
+--   the shard, ARGV[7] session count S, ARGV[8] '1' when the caller is a Redis Cluster client
+--   (dispatch entries then ring the doorbell channel, see ec_dispatch), ARGV[9 .. 8+S] the
+--   session ids, then per event either
 --   6 args: session index (1-based), type, event key ('' when the client generated it), body
 --   (the envelope JSON without seq and without its opening brace), host epoch or '', extra;
 --   or, for a plain event (generated key, no epoch, extra ''), 3 args: '-' .. session index,
@@ -59,18 +61,26 @@ for _, k in ipairs({feed, dispatch}) do
     return redis.error_reply('WRONGTYPE shard stream ' .. k .. ' holds a ' .. t)
   end
 end
-local E0 = 8 + nsess  -- first event arg
+local E0 = 9 + nsess  -- first event arg
+local ring = ARGV[8] == '1'
 local CREATED, ENDED, CHECKPOINT = L.SESSION_CREATED, L.SESSION_ENDED,
   L.SESSION_CHECKPOINT
 
+-- the shard's last issued incarnation: read (with the clock) at the batch's first creation,
+-- stored once after the batch (KEYS[4])
+local last_inc = nil
 local function new_incarnation()
-  local t = redis.call('TIME')
-  local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local last = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
-  if us <= last then us = last + 1 end
-  local inc = string.format('%016.0f', us)
-  redis.call('SET', KEYS[4], inc)
-  return inc
+  local us
+  if last_inc == nil then
+    local t = redis.call('TIME')
+    us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    local last = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
+    if us <= last then us = last + 1 end
+  else
+    us = last_inc + 1
+  end
+  last_inc = us
+  return string.format('%016.0f', us)
 end
 
 local ep = redis.call('HMGET', KEYS[5], L.SHARD_WRITES, L.SHARD_GENERATION)
@@ -116,12 +126,12 @@ local sessions = {}
 local order = {}
 local function load(sidx)
   local kb = 5 + (sidx - 1) * 6
-  local m = {sid = ARGV[7 + sidx], kb = kb, kstream = KEYS[kb + 1]}
+  local m = {sid = ARGV[8 + sidx], kb = kb, kstream = KEYS[kb + 1]}
   sessions[sidx] = m
   order[#order + 1] = m
   local r = redis.pcall('HMGET', KEYS[kb + 2], L.META_SEQ, L.META_STATE, L.META_EPOCH,
                         L.META_DISPATCHED, L.META_TTL, L.META_INCARNATION,
-                        L.META_GENERATION, L.META_GENERATION_FROM)
+                        L.META_GENERATION, L.META_GENERATION_FROM, L.META_HOST)
   if r.err then m.corrupt = r.err; return m end
   if (r[1] and not tonumber(r[1])) or (r[3] and not tonumber(r[3])) then
     m.corrupt = 'session metadata holds a non-numeric seq or epoch'
@@ -130,6 +140,7 @@ local function load(sidx)
   m.seq, m.state, m.epoch = tonumber(r[1]), r[2], tonumber(r[3]) or 0
   m.dispatched, m.ttl, m.inc = r[4], tonumber(r[5]), r[6] or ''
   m.gen, m.genf = r[7] or '', tonumber(r[8])
+  m.hosted = (r[9] or '') ~= ''
   if m.seq ~= nil and shard_gen ~= '' and (tonumber(m.gen) or 0) < tonumber(shard_gen) then
     -- the shard changed generation since this session's last append: so does the session,
     -- known good up to its tail now (the lowest of every change)
@@ -270,6 +281,7 @@ for i = 1, n do
         local set = {}
         m.set = set
         m.state = L.STATE_CREATED
+        m.hosted = false
         m.ttl = tonumber(created.ttl)
         m.inc = inc
         local agent = created.agent or ''
@@ -282,7 +294,7 @@ for i = 1, n do
         if kindex then redis.call('ZADD', kindex, inc, sid) end
         if shard_gen ~= '' then set[L.META_GENERATION] = shard_gen end
         if agent ~= '' then
-          ec_dispatch(dispatch, sid, 'created')
+          ec_dispatch(dispatch, sid, 'created', ring)
           set[L.META_DISPATCHED] = '1'
           m.dispatched = '1'
         end
@@ -300,6 +312,7 @@ for i = 1, n do
             if redis.call('GET', KEYS[kb + 6]) == host then redis.call('DEL', KEYS[kb + 6]) end
             redis.call('HDEL', KEYS[kb + 2], L.META_DISPATCHED)
             m.set[L.META_HOST] = ''
+            m.hosted = false
           end
         end
       elseif typ == CHECKPOINT then
@@ -311,7 +324,7 @@ for i = 1, n do
         -- overwriting the field also releases the caller's claim on the key
         redis.call('HSET', KEYS[kb + 5], aux, d)
       elseif typ == 'input' and m.state == L.STATE_IDLE and m.dispatched ~= '1' then
-        ec_dispatch(dispatch, sid, 'input')
+        ec_dispatch(dispatch, sid, 'input', ring)
         if m.set == nil then m.set = {} end
         m.set[L.META_DISPATCHED] = '1'
         m.dispatched = '1'
@@ -342,7 +355,10 @@ for _, m in ipairs(order) do
         redis.call('HSET', KEYS[kb + 3], unpack(nk, j, math.min(j + 399, #nk)))
       end
     end
-    ec_publish(ARGV[3], ARGV[4], m.sid, m.seq, m.outside)
+    -- wake only while a host holds the session: one that claims it later reads its stream
+    -- in the claim's own step, so it misses nothing appended before (a created session has
+    -- no host yet)
+    ec_publish(ARGV[3], ARGV[4], m.sid, m.seq, m.outside and m.hosted)
     if m.ended and m.ttl and m.ttl > 0 then
       for j = 1, 5 do redis.call('EXPIRE', KEYS[kb + j], m.ttl) end
     end
@@ -350,6 +366,7 @@ for _, m in ipairs(order) do
 end
 -- written even when nothing was appended (all duplicates): a WAIT after it then covers the
 -- writes of the first copies too
+if last_inc ~= nil then redis.call('SET', KEYS[4], string.format('%016.0f', last_inc)) end
 if any then writes = writes + 1 end
 redis.call('HSET', KEYS[5], L.SHARD_WRITES, writes)
 out[n + 1] = writes

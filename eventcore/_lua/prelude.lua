@@ -88,10 +88,12 @@ local EC_PUBLISH = 'PUBLISH'
 -- A "host this session" job on the shard's dispatch stream, and "<sid>" published on the
 -- channel named as the stream (Keys.dispatched): the doorbell of the workers' reads on Redis
 -- Cluster, which cannot block on many shards at once (eventcore._doorbell). Every dispatch
--- entry is written here, so every one rings it.
-local function ec_dispatch(dispatch, sid, reason)
+-- entry is written here, so every one rings it, unless ring is false: the append script's
+-- caller is no Redis Cluster client, and only a cluster client's groups listen to the
+-- channel (a single node's readers block on XREADGROUP).
+local function ec_dispatch(dispatch, sid, reason, ring)
   local id = redis.call('XADD', dispatch, '*', L.DISPATCH_SESSION, sid, L.DISPATCH_REASON, reason)
-  redis.call(EC_PUBLISH, dispatch, sid)
+  if ring ~= false then redis.call(EC_PUBLISH, dispatch, sid) end
   return id
 end
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import anyio
 import pytest
@@ -17,6 +18,7 @@ from eventcore import (
     ValidationError,
 )
 from eventcore._channels import Channels, Message
+from eventcore._layout import META_HOST
 from eventcore.testing.invariants import check_log, read_all
 
 
@@ -93,7 +95,8 @@ async def test_fencing_refuses_stale_epoch(event_log: EventLog) -> None:
     ok = await event_log.append(env(sid), epoch=0)  # a fresh session is at epoch 0
     assert ok.seq == 2
     # a worker re-hosts the session: the epoch moves on (as the workers' claim script does)
-    await event_log.redis.hincrby(event_log.keys.session(sid).meta, "epoch", 3)
+    redis: Any = event_log.redis  # (redis-py's stubs mix sync and async return types)
+    await redis.hincrby(event_log.keys.session(sid).meta, "epoch", 3)
     with pytest.raises(StaleHost) as info:
         await event_log.append(env(sid), epoch=0)
     assert (info.value.epoch, info.value.current) == (0, 3)
@@ -212,8 +215,10 @@ def test_forked_child_generates_other_keys_and_tokens() -> None:
 async def test_every_append_notifies_but_only_outside_writes_wake_hosts(
     event_log: EventLog,
 ) -> None:
-    """``notify`` hears every append; ``wake`` only those made without a host epoch (what a
-    hosting worker must react to: it learns its own writes' seqs from their replies)."""
+    """``notify`` hears every append; ``wake`` only those made without a host epoch while the
+    session has a host (what a hosting worker must react to: it learns its own writes' seqs
+    from their replies; one that claims the session later reads its stream in the claim's own
+    step, so a session without a host wakes nobody)."""
     log = event_log
     s = await log.create_session()
     sk = log.keys.session(s.session_id)
@@ -222,6 +227,9 @@ async def test_every_append_notifies_but_only_outside_writes_wake_hosts(
     async with Channels(log.redis, [sk.notify, sk.wake]) as listener:
         assert listener.connected  # both subscribed before anything is appended
         await log.append(Envelope(type="message", session_id=s.session_id), epoch=0)
+        await log.append(Envelope(type="input", session_id=s.session_id, payload="no host"))
+        redis: Any = log.redis  # (redis-py's stubs mix sync and async return types)
+        await redis.hset(sk.meta, META_HOST, "w1")  # as a claim does
         await log.append(Envelope(type="input", session_id=s.session_id, payload="hi"))
         await log.append_many([Envelope(type="message", session_id=s.session_id)] * 2,
                               epoch=0)
@@ -229,10 +237,35 @@ async def test_every_append_notifies_but_only_outside_writes_wake_hosts(
             async for event in listener:
                 if isinstance(event, Message):
                     heard[event.channel.decode()].append(event.data.decode())
-                if len(heard[sk.notify]) >= 3:
+                if len(heard[sk.notify]) >= 4:
                     break
     sid = s.session_id
-    assert heard == {sk.notify: [f"{sid} 2", f"{sid} 3", f"{sid} 5"], sk.wake: [f"{sid} 3"]}
+    assert heard == {sk.notify: [f"{sid} 2", f"{sid} 3", f"{sid} 4", f"{sid} 6"],
+                     sk.wake: [f"{sid} 4"]}
+
+
+@pytest.mark.single_node  # (on a cluster the doorbell listens: tests/cluster)
+async def test_a_dispatch_rings_no_channel_on_one_node(event_log: EventLog) -> None:
+    """On one node the workers' dispatch read blocks on XREADGROUP: a creation (a dispatch
+    entry) publishes nothing on the dispatch doorbell channel, nor wakes a host (it has
+    none)."""
+    log = event_log
+    sid = "rings-nothing"
+    sk = log.keys.session(sid)
+    bell = log.keys.dispatched(sk.shard)
+    heard: list[tuple[str, str]] = []
+    async with Channels(log.redis, [bell, sk.wake]) as listener:
+        assert listener.connected
+        await log.create_session("agent", session_id=sid, input="go")
+        assert await log.redis.xlen(sk.dispatch) == 1  # dispatched all the same
+        await log.redis.publish(bell, "marker")  # (published after the script's step)
+        with anyio.fail_after(5):
+            async for event in listener:
+                if isinstance(event, Message):
+                    heard.append((event.channel.decode(), event.data.decode()))
+                    if event.data == b"marker":
+                        break
+    assert heard == [(bell, "marker")]
 
 
 async def test_plain_and_full_events_mixed_in_one_script_call(event_log: EventLog) -> None:
