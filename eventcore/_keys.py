@@ -37,8 +37,9 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
                              (workers._presence), in one slot of its own
     ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
     ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
-                             epoch (inputs, signals, control, ends from outside): what a host
-                             must react to, without hearing of its own writes
+                             epoch (inputs, signals, control, ends from outside) to a session
+                             that has a host: what a host must react to, without hearing of its
+                             own writes (an unhosted session's next claim reads its stream)
 
 The shard hash tag puts every key of a session, its shard's feed and its shard's dispatch stream
 in one Redis Cluster slot, so one Lua script may touch them all atomically. The namespace is
@@ -171,7 +172,9 @@ class Keys:
         """Pub/sub channel: a dispatch entry was added to ``dispatch(shard)``. Named as the
         stream itself (channels and keys are apart in Redis; same slot): every script that
         adds one (append, release, requeue, delayed) publishes on the key it was given, so
-        none needs another argument."""
+        none needs another argument. Only Redis Cluster deployments listen (the doorbell of
+        cluster group reads); append skips the publish for a single-node client, whose readers
+        block on XREADGROUP."""
         return self.dispatch(shard)
 
     def delayed(self, shard: int) -> str:
