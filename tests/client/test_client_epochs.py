@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from divergence import lose_tail
 from service_support import API_KEY, Service
 
@@ -49,6 +50,7 @@ async def _take(stream: EventStream, items: list[StreamItem], until: int) -> Non
             return
 
 
+@pytest.mark.own_api
 async def test_a_live_stream_is_reset_once_and_resumes_in_the_new_epoch(
     service: Service, service_log: EventLog
 ) -> None:

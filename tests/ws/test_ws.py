@@ -89,6 +89,7 @@ async def test_resume_after_disconnect_no_gap_no_duplicate(
     await ws2.close()
 
 
+@pytest.mark.own_api
 async def test_api_restart_mid_stream(service: Service, service_log: EventLog) -> None:
     sid, token = await service.create()
     await _append(service_log, sid, 10)
