@@ -27,6 +27,10 @@ from eventcore.client import (
     StreamItem,
 )
 
+# a divergence gives its shard an epoch, which every later session there sees: these tests
+# (they assert the epochs) each have a namespace and an API process of their own
+pytestmark = pytest.mark.own_api
+
 DEADLINE = 90
 
 
@@ -50,7 +54,6 @@ async def _take(stream: EventStream, items: list[StreamItem], until: int) -> Non
             return
 
 
-@pytest.mark.own_api
 async def test_a_live_stream_is_reset_once_and_resumes_in_the_new_epoch(
     service: Service, service_log: EventLog
 ) -> None:

@@ -235,6 +235,7 @@ async def test_token_expiry_closes_4401(service: Service) -> None:
                         "resume_after": delivered[-1] if delivered else 0}
 
 
+@pytest.mark.own_api  # its divergence gives the shard an epoch; it asserts "0" before
 async def test_a_diverged_stream_resets_with_its_epoch_and_resumes_in_it(
     service: Service, service_log: EventLog
 ) -> None:
