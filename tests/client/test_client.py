@@ -160,6 +160,7 @@ async def test_every_event_type_is_delivered_in_order(service: Service,
         assert [e.type for e in only if isinstance(e, Envelope)] == ["message", "session.ended"]
 
 
+@pytest.mark.own_api
 async def test_the_stream_resumes_across_restarts_with_no_gap_and_no_duplicate(
     service: Service, service_log: EventLog
 ) -> None:
@@ -274,6 +275,7 @@ async def test_the_blocking_client(service: Service, service_log: EventLog) -> N
     assert dup == 2
 
 
+@pytest.mark.own_api
 async def test_list_sessions(service: Service) -> None:
     async with AsyncClient(service.url, API_KEY) as c:
         s = await c.create_session("echo", metadata={"team": "z"})

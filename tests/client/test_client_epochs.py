@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from divergence import lose_tail
 from service_support import API_KEY, Service
 
@@ -25,6 +26,10 @@ from eventcore.client import (
     HistoryGone,
     StreamItem,
 )
+
+# a divergence gives its shard an epoch, which every later session there sees: these tests
+# (they assert the epochs) each have a namespace and an API process of their own
+pytestmark = pytest.mark.own_api
 
 DEADLINE = 90
 

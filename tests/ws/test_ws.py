@@ -89,6 +89,7 @@ async def test_resume_after_disconnect_no_gap_no_duplicate(
     await ws2.close()
 
 
+@pytest.mark.own_api
 async def test_api_restart_mid_stream(service: Service, service_log: EventLog) -> None:
     sid, token = await service.create()
     await _append(service_log, sid, 10)
@@ -234,6 +235,7 @@ async def test_token_expiry_closes_4401(service: Service) -> None:
                         "resume_after": delivered[-1] if delivered else 0}
 
 
+@pytest.mark.own_api  # its divergence gives the shard an epoch; it asserts "0" before
 async def test_a_diverged_stream_resets_with_its_epoch_and_resumes_in_it(
     service: Service, service_log: EventLog
 ) -> None:
