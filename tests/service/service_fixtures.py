@@ -7,8 +7,8 @@ tests/client use as ``service`` and ``service_env``: one API process (same setti
 per-test one) for a module's tests, which each make sessions of their own; a test marked
 ``own_api`` (it stops, kills or restarts the API, reads the whole namespace, or makes a
 divergence, which gives its shard an epoch every later session there sees, and asserts epochs)
-gets a process and a namespace of its own, as before. The start-up of an API process (a Python interpreter
-importing the service) is most of such a test's time."""
+gets a process and a namespace of its own, as before. The start-up of an API process (a Python
+interpreter importing the service) is most of such a test's time."""
 
 from __future__ import annotations
 
