@@ -11,10 +11,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 
-from service_fixtures import module_api, module_service, module_service_env, service_log
-from service_support import API_KEY, Service, service_env_for
+from service_fixtures import (
+    module_api,
+    module_service,
+    module_service_env,
+    per_module_service,
+    per_module_service_env,
+    service_log,
+)
+from service_support import API_KEY, service_env_for
 
-__all__ = ["API_KEY", "module_api", "module_service", "module_service_env", "service_log"]
+__all__ = ["API_KEY", "module_api", "module_service", "module_service_env", "per_module_service",
+           "per_module_service_env", "service_log"]
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +31,3 @@ def module_api_env(redis_session_url: str) -> dict[str, str]:
     return service_env_for(redis_session_url, EVENTCORE_HTTP_MAX_BODY=None,
                            EVENTCORE_SSE_SEND_TIMEOUT_S=None)
 
-
-@pytest.fixture
-def service_env(module_service_env: dict[str, str]) -> dict[str, str]:
-    return module_service_env
-
-
-@pytest.fixture
-def service(module_service: Service) -> Service:
-    return module_service

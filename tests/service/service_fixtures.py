@@ -21,8 +21,9 @@ from service_support import Service, service_env_for
 
 from eventcore import EventLog, load_settings
 
-__all__ = ["module_service", "module_service_env", "service", "service_env", "service_log",
-           "shared_log", "shared_service"]
+__all__ = ["module_service", "module_service_env", "per_module_service",
+           "per_module_service_env", "service", "service_env", "service_log", "shared_log",
+           "shared_service"]
 
 
 @pytest.fixture
@@ -90,6 +91,19 @@ def module_service(request: pytest.FixtureRequest, module_service_env: dict[str,
     api = shared.api
     if api.proc is None or api.proc.poll() is not None:  # a failed test left it down
         api.start()
+
+
+@pytest.fixture(name="service_env")
+def per_module_service_env(module_service_env: dict[str, str]) -> dict[str, str]:
+    """``service_env`` for a folder whose tests share the module's API process (its conftest
+    imports this and :func:`per_module_service`)."""
+    return module_service_env
+
+
+@pytest.fixture(name="service")
+def per_module_service(module_service: Service) -> Service:
+    """``service`` for a folder whose tests share the module's API process."""
+    return module_service
 
 
 @pytest.fixture

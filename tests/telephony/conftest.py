@@ -6,8 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 for _d in ("service", "ws"):
     sys.path.insert(0, str(Path(__file__).parents[1] / _d))
 
@@ -16,19 +14,11 @@ from service_fixtures import (  # noqa: E402
     module_api_env,
     module_service,
     module_service_env,
+    per_module_service,
+    per_module_service_env,
     service_log,
 )
-from service_support import Service  # noqa: E402
 
 __all__ = ["module_api", "module_api_env", "module_service", "module_service_env",
-           "service_log"]
+           "per_module_service", "per_module_service_env", "service_log"]
 
-
-@pytest.fixture
-def service_env(module_service_env: dict[str, str]) -> dict[str, str]:
-    return module_service_env
-
-
-@pytest.fixture
-def service(module_service: Service) -> Service:
-    return module_service
