@@ -80,21 +80,7 @@ async def test_stalled_clients_are_disconnected_and_cost_no_more_than_their_buff
         ports = {s.getsockname()[1] for s in clients}
         try:
             await wait_metric(c, lambda t: metric(t, "eventcore_sse_clients") == float(n))
-            peak = baseline
-            with anyio.fail_after(30):
-                while (metric((await c.get("/metrics")).text,
-                              "eventcore_sse_slow_closed_total") or 0) < n:
-                    peak = max(peak, api.memory_info().rss)
-                    await anyio.sleep(0.05)  # sampling memory: there is nothing to await
-            # bounded by the buffer (a few pages in flight per client), not by the history
-            assert peak - baseline < n * 6 * MiB, f"grew {(peak - baseline) / MiB:.0f} MiB"
-
-            # past the send timeout the server drops the connection itself
-            with anyio.fail_after(15):
-                while True:
-                    if not _established_from(api, ports):
-                        break
-                    await anyio.sleep(0.1)  # the server's socket table is poll-only
+            await _slow_clients_closed_within_memory(c, api, ports, baseline, baseline)
             for s in clients:
                 assert await anyio.to_thread.run_sync(_drained_to_eof, s, 10.0)
         finally:
@@ -149,20 +135,29 @@ async def test_clients_that_stop_reading_while_live_are_bounded_and_others_get_e
                                 if int(e.id) == last:
                                     break
             assert seen == list(range(1, last + 1))
-            with anyio.fail_after(30):
-                while (metric((await c.get("/metrics")).text,
-                              "eventcore_sse_slow_closed_total") or 0) < n:
-                    peak = max(peak, api.memory_info().rss)
-                    await anyio.sleep(0.05)  # sampling memory: there is nothing to await
-            assert peak - baseline < n * 6 * MiB, f"grew {(peak - baseline) / MiB:.0f} MiB"
-            with anyio.fail_after(15):
-                while True:
-                    if not _established_from(api, ports):
-                        break
-                    await anyio.sleep(0.1)  # the server's socket table is poll-only
+            await _slow_clients_closed_within_memory(c, api, ports, baseline, peak)
         finally:
             for s in clients:
                 s.close()
+
+
+async def _slow_clients_closed_within_memory(c: httpx.AsyncClient, api: psutil.Process,
+                                             ports: set[int], baseline: int, peak: int) -> None:
+    """Wait until the server has closed every stalled client (``ports``) as slow, sampling its
+    memory meanwhile: bounded by the buffers (a few pages in flight per client), not by the
+    history; then, past the send timeout, the server drops the connections itself."""
+    n = len(ports)
+    with anyio.fail_after(30):
+        while (metric((await c.get("/metrics")).text,
+                      "eventcore_sse_slow_closed_total") or 0) < n:
+            peak = max(peak, api.memory_info().rss)
+            await anyio.sleep(0.05)  # sampling memory: there is nothing to await
+    assert peak - baseline < n * 6 * MiB, f"grew {(peak - baseline) / MiB:.0f} MiB"
+    with anyio.fail_after(15):
+        while True:
+            if not _established_from(api, ports):
+                break
+            await anyio.sleep(0.1)  # the server's socket table is poll-only
 
 
 def _exp(token: str) -> int:
