@@ -160,8 +160,10 @@ class Persistence(OrderedSubscriber):
         # that came from the feed is stored as the feed's JSON (not encoded again)
         self._from_feed: dict[int, Delivery] = {}
         # the pooled connection the batch in hand reads its positions and writes on (one
-        # checkout, so one pre-ping, per batch); None outside a batch or after a failure
-        self._batch = False
+        # checkout, so one pre-ping, per batch); None outside a batch or after a failure. Only
+        # the task handling the batch uses it: a call from another task meanwhile (watermarks
+        # read by an API, a test) checks out its own, so it neither shares nor replaces it
+        self._batch_task: int | None = None
         self._held: AsyncConnection | None = None
         self._dialect = sa.engine.make_url(url).get_backend_name()
         if self._dialect not in ("sqlite", "postgresql"):
@@ -283,11 +285,11 @@ class Persistence(OrderedSubscriber):
         # (every delivery: one without the feed's JSON is told apart in _record)
         self._from_feed = dict(zip(map(id, map(_ENVELOPE, deliveries)), deliveries,
                                    strict=True))
-        self._batch = True
+        self._batch_task = anyio.get_current_task().id
         try:
             await super().handle(deliveries)
         finally:
-            self._from_feed, self._batch = {}, False
+            self._from_feed, self._batch_task = {}, None
             held, self._held = self._held, None
             if held is not None:
                 with anyio.CancelScope(shield=True):
@@ -298,7 +300,7 @@ class Persistence(OrderedSubscriber):
         """The hot path's connection: within a batch one checkout for all its steps (the
         pool pre-pings it once), else a checkout of its own. A failure gives it up (discarded
         when the database is unavailable), so a retry checks out a fresh, pinged one."""
-        if not self._batch:
+        if self._batch_task is None or anyio.get_current_task().id != self._batch_task:
             async with self.engine.connect() as conn:
                 yield conn
             return

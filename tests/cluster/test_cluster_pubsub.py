@@ -15,6 +15,7 @@ from cluster_support import master_of, sessions_on_every_master
 from eventcore import Envelope, EventLog, load_settings
 from eventcore._append import APPEND_LUA
 from eventcore._channels import ChannelEvent, Channels, Lost, Message
+from eventcore._layout import META_HOST
 from eventcore._redis import connect_redis
 from eventcore.testing._server import LocalCluster
 from eventcore.testing.invariants import read_all
@@ -225,6 +226,8 @@ async def test_the_feed_is_woken_on_every_master(
         hosts: dict[str, Any] = {}
         for sid in sids:
             await log.create_session(session_id=sid)
+            # hosted, as a claim records it (appends wake only a session that has a host)
+            await log.redis.hset(log.keys.session(sid).meta, META_HOST, "w1")
             hosts[sid] = _Host(sid, 1)
         failures: list[BaseException] = []
 

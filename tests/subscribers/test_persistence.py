@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Collection, Mapping
 
 import pytest
 import sqlalchemy as sa
@@ -12,6 +13,7 @@ from subscriber_helpers import all_keys, fast, populate
 
 from eventcore import ConfigError, Envelope, EventLog, HistoryGone, client_json
 from eventcore.subscribers import SCHEMA_VERSION, Delivery, Persistence, SubscriberRunner
+from eventcore.subscribers._ordered import Position
 from eventcore.testing.invariants import assert_replay_suffixes, check_log, read_all
 
 
@@ -311,3 +313,40 @@ async def test_rows_above_the_watermark_already_stored_are_kept_once(
     async with persistence.engine.connect() as conn:
         kinds = (await conn.execute(sa.select(t.c.type).where(t.c.seq == 6))).scalars().all()
     assert kinds == ["by-hand"]  # ON CONFLICT DO NOTHING: the row there first stays
+
+
+async def test_a_call_from_another_task_during_a_batch_holds_no_connection_after_it(
+    event_log: EventLog, db_url: str, table_prefix: str
+) -> None:
+    """A batch reads its positions and writes on one pooled connection; a call made by another
+    task meanwhile (an API reading watermarks, a test waiting for them) checks out a connection
+    of its own and returns it: it neither shares nor replaces the batch's (a replaced one was
+    left checked out, for the garbage collector to find)."""
+    import anyio
+
+    class Parked(Persistence):
+        parked = anyio.Event()
+        go = anyio.Event()
+        first = True
+
+        async def positions(self, session_ids: Collection[str]) -> Mapping[str, Position]:
+            if self.first:  # the batch's own first look-up waits here
+                self.first = False
+                self.parked.set()
+                await self.go.wait()
+            return await super().positions(session_ids)
+
+    (sid, top), = (await populate(event_log, 1, 5)).items()
+    log = await read_all(event_log, sid)
+    async with Parked(event_log, db_url, prefix=table_prefix) as p:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(p.handle, [Delivery("0-1", 0, e) for e in log])
+                await p.parked.wait()
+                assert await p.watermarks([sid]) == {}
+                assert p.engine.pool.checkedout() == 0  # returned, not kept as the batch's
+                p.go.set()
+            assert await p.watermarks([sid]) == {sid: top}
+            assert p.engine.pool.checkedout() == 0
+        finally:
+            await p.drop_tables()
