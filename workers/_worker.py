@@ -34,7 +34,7 @@ from eventcore._groups import ConsumerGroup
 from eventcore._lifetime import Running
 from eventcore._redis import is_cluster, redis_errors, run_script, run_scripts
 from eventcore._redis import text as _text
-from eventcore._streams import ShardStreams
+from eventcore._streams import ShardStreams, id_key
 from eventcore.errors import (
     AppendNotReplicated,
     EventcoreError,
@@ -359,15 +359,38 @@ class Worker(Running):
                                  [GROUP, self.id, *args])
 
     async def _burst_done(self) -> bool:
+        """Nothing hosted or queued here, no delayed retry left, and no dispatch entry the
+        group has not been given: the delayed sets are looked at first, so a retry moved onto
+        a dispatch stream after the last (empty) read is seen on the stream."""
         if self._slots.hosted or self._slots.reserved or self._backlog:
             return False
         keys = self.log.keys
+        shards = list(keys.all_shards())
         with redis_errors("burst check"):
             async with self.log.redis.pipeline(transaction=False) as pipe:
-                for shard in keys.all_shards():
+                for shard in shards:
                     pipe.zcard(keys.delayed(shard))
                 sizes = await pipe.execute()
-        return not any(sizes)
+            if any(sizes):
+                return False
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                for shard in shards:
+                    pipe.xrevrange(keys.dispatch(shard), "+", "-", count=1)
+                tails = await pipe.execute()
+            with_entries = [(shard, _text(t[0][0])) for shard, t in zip(shards, tails, strict=True)
+                            if t]
+            if not with_entries:
+                return True
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                for shard, _ in with_entries:
+                    pipe.xinfo_groups(keys.dispatch(shard))
+                infos = await pipe.execute()
+        for (_, last), groups in zip(with_entries, infos, strict=True):
+            delivered = next((_text(g["last-delivered-id"]) for g in groups
+                              if _text(g["name"]) == GROUP), "0-0")
+            if id_key(last) > id_key(delivered):
+                return False  # an entry the group has not been given yet
+        return True
 
     async def _claim(self, entries: Sequence[tuple[int, str, Any]], *, reclaimed: bool,
                      evicted: str = "") -> None:

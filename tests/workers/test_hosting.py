@@ -331,6 +331,26 @@ async def test_ended_from_outside_stops_the_handler(event_log: EventLog,
         assert events[-1].type == "session.ended" and ended_reason(events[-1]) == "deleted"
 
 
+async def test_burst_is_not_done_while_a_dispatch_entry_is_undelivered(
+    event_log: EventLog,
+) -> None:
+    """Burst mode ends only once the dispatch streams hold nothing the workers' group has not
+    been given: a retry moved from the delayed set onto a stream after the last empty read
+    (the maintenance loop's move) is still there to host."""
+    from eventcore.workers._scripts import GROUP
+
+    log = event_log
+    w = Worker(App(), log, concurrency=1)
+    assert await w._burst_done()  # nothing anywhere
+    s = await log.create_session("nobody")  # its dispatch entry: no read has taken it
+    assert not await w._burst_done()
+    stream = log.keys.dispatch(log.keys.session(s.session_id).shard)
+    redis: Any = log.redis
+    await redis.xgroup_create(stream, GROUP, id="0")
+    assert len((await redis.xreadgroup(GROUP, "c1", {stream: ">"}))[0][1]) == 1
+    assert await w._burst_done()  # given to the group (whether acknowledged is the host's)
+
+
 async def test_a_superseded_host_is_fenced_and_stops(event_log: EventLog) -> None:
     """Another host took the session over (its epoch moved on): this host's next write is
     refused with StaleHost, and it stops hosting without acknowledging anything."""
@@ -353,6 +373,9 @@ async def test_a_superseded_host_is_fenced_and_stops(event_log: EventLog) -> Non
     w = Worker(app, log, concurrency=5, lease_ttl_s=30, block_ms=100)
     async with anyio.create_task_group() as tg:
         await tg.start(w.run)
+        # the heartbeat's first beat comes once its own client has connected (a cluster
+        # client, on a loaded machine, can take past the claim): the next is TTL/3 away
+        await eventually(lambda: w.metrics.heartbeats >= 1)
         async with watching(log) as feed:
             s = await log.create_session("fenced")
             await feed.until(lambda: feed.count(s.session_id, "session.started") == 1)
