@@ -51,9 +51,17 @@ async def test_master_restart_during_burst(
         restarted = False
         at_restart = 0
 
+        victims = by_master[victim.port]
+
+        def went_on() -> bool:  # an append to the restarted master's sessions after it
+            return restarted and any(after_restart[s] for s in victims)
+
         async def producer(p: int) -> None:
             nonlocal count
-            for i in range(40):
+            i = -1
+            # 40 appends each, and on until one to the restarted master's sessions came after
+            # it (fast producers could otherwise be through before it is back)
+            while (i := i + 1) < 40 or not went_on():
                 sid = sessions[(p + i) % len(sessions)]
                 key = f"p{p}-{i}" if p % 2 else ""  # chosen keys and generated ones
                 if i % 5 == 2:
@@ -85,7 +93,7 @@ async def test_master_restart_during_burst(
                     tg.start_soon(producer, p)
         assert restarted and 300 <= at_restart < count  # the restart hit the burst midway
         # appends to the restarted master's sessions went on after it came back
-        assert sum(after_restart[s] for s in by_master[victim.port]) > 0
+        assert sum(after_restart[s] for s in victims) > 0
         for sid in sessions:
             full = await read_all(log, sid)
             check_log(full)  # gap-free from 1, each event key once: no duplicate
