@@ -243,7 +243,7 @@ async def open_redis(
 
 async def connect_cluster(
     url: str, seeds: Sequence[str] = (), *, retry_budget_s: float = 15.0,
-    max_connections: int = 64,
+    max_connections: int = 64, sharded_pubsub: bool | None = None,
 ) -> Redis:
     """A Redis Cluster client (redis-py's, following MOVED and ASK) whose commands and
     pipelines retry transient errors (connection loss, CLUSTERDOWN, TRYAGAIN, a slot not
@@ -252,7 +252,8 @@ async def connect_cluster(
     Typed as :data:`Redis`: the command API is the same. What differs: there is no
     ``connection_pool`` (each node has its own connections), a pipeline runs on the nodes of
     its keys' slots, and ``pipeline(transaction=True)`` (MULTI/EXEC) needs every key in one
-    slot.
+    slot. ``sharded_pubsub``: whether the cluster has sharded pub/sub, when a client of the
+    same cluster already found out (else every master is asked).
     """
     if url.startswith("unix://"):
         raise ConfigError("Redis Cluster needs redis:// or rediss:// URLs, not unix://")
@@ -282,9 +283,10 @@ async def connect_cluster(
         client.connection_kwargs.get("connection_class", Connection))
     try:
         with redis_errors("connect"):
-            await client.execute_command("PING", target_nodes=RedisCluster.RANDOM)
             ours = cast(_ClusterClient, client)
-            ours.sharded_pubsub = await _sharded_pubsub(ours)
+            await client.initialize()  # the slot map, from the first seed that answers
+            ours.sharded_pubsub = (await _sharded_pubsub(ours) if sharded_pubsub is None
+                                   else sharded_pubsub)
     except BaseException:
         await client.aclose()
         raise
@@ -292,12 +294,24 @@ async def connect_cluster(
 
 
 async def _sharded_pubsub(client: _ClusterClient) -> bool:
-    """Whether every master has sharded pub/sub (SSUBSCRIBE, SPUBLISH: Redis 7.0+)."""
+    """Whether every master that answers has sharded pub/sub (SSUBSCRIBE, SPUBLISH: Redis
+    7.0+). A master that is down (killed, its failover under way) is left out: the client
+    serves the others' slots meanwhile, and its replica, promoted, runs the same version.
+    Raises when no master answers."""
+    answered = False
+    last: Exception | None = None
     for node in client.get_primaries():
-        info = await client.execute_command("INFO", "server", target_nodes=node)
+        try:
+            info = await client.execute_command("INFO", "server", target_nodes=node)
+        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+            last = exc
+            continue
+        answered = True
         version = str(info.get("redis_version", "0"))
         if int(version.partition(".")[0] or 0) < 7:
             return False
+    if not answered:
+        raise last or rexc.ConnectionError("no master of the cluster answered")
     return True
 
 

@@ -67,7 +67,8 @@ async def thread_client(redis: Redis) -> Redis:
             else "redis"
         return await connect_cluster(
             f"{scheme}://{auth}{nodes[0]}", nodes[1:],
-            retry_budget_s=getattr(redis, "retry_budget_s", 15.0), max_connections=4)
+            retry_budget_s=getattr(redis, "retry_budget_s", 15.0), max_connections=4,
+            sharded_pubsub=getattr(redis, "sharded_pubsub", None))
     pool = redis.connection_pool
     new = aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=4,
                                   **pool.connection_kwargs)

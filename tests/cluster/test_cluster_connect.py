@@ -1,0 +1,43 @@
+"""Connecting to a cluster one of whose masters is down (killed, not yet failed over) works:
+the client serves the slots of the masters that are up. A worker's heartbeat connects its own
+client while a failover is under way (CI: the victim was SIGKILLed between the heartbeat's
+first PING and its probe of every master's version, and the worker gave up at start)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from eventcore._redis import connect_cluster
+from eventcore.testing._server import LocalCluster
+from eventcore.workers._heartbeat import thread_client
+
+
+def _key_on(cluster: LocalCluster, node_index: int) -> str:
+    wanted = cluster.masters()[node_index]
+    return next(k for k in (f"probe{{{i}}}" for i in range(10_000))
+                if cluster.node_of_slot(cluster.keyslot(k)) is wanted)
+
+
+async def test_a_client_connects_while_a_master_is_down(
+    redis_cluster_factory: Callable[..., LocalCluster],
+) -> None:
+    cluster = redis_cluster_factory()
+    alive = _key_on(cluster, 0)
+    victim = cluster.masters()[2]
+    first = await connect_cluster(cluster.url)
+    try:
+        victim.kill()
+        # a client of its own made from one that knows the dead master (the heartbeat's)
+        second = await thread_client(first)
+        try:
+            await second.set(alive, "1")
+            assert await second.get(alive) == b"1"
+        finally:
+            await second.aclose()
+        third = await connect_cluster(cluster.url)  # a new process's
+        try:
+            assert await third.get(alive) == b"1"
+        finally:
+            await third.aclose()
+    finally:
+        await first.aclose()
