@@ -61,7 +61,8 @@ for _, k in ipairs({feed, dispatch}) do
     return redis.error_reply('WRONGTYPE shard stream ' .. k .. ' holds a ' .. t)
   end
 end
-local E0 = 9 + nsess  -- first event arg
+-- the events: one msgpack array (unpacked in C, instead of an argument each to parse)
+local ev = cmsgpack.unpack(ARGV[9 + nsess])
 local ring = ARGV[8] == '1'
 local CREATED, ENDED, CHECKPOINT = L.SESSION_CREATED, L.SESSION_ENDED,
   L.SESSION_CHECKPOINT
@@ -106,14 +107,14 @@ end
 -- Pass 1: the caller-chosen event keys of each session, to look them all up in one HMGET
 -- (none when every event came in the plain short form: 3 arguments each).
 local wanted = {}
-local a = E0
-for _ = 1, (#ARGV == E0 - 1 + 3 * n) and 0 or n do
-  if string.byte(ARGV[a], 1) == 45 then
+local a = 1
+for _ = 1, (#ev == 3 * n) and 0 or n do
+  if string.byte(ev[a], 1) == 45 then
     a = a + 3  -- a plain event: no key
   else
-    local ek = ARGV[a + 2]
+    local ek = ev[a + 2]
     if ek ~= '' then
-      local sidx = tonumber(ARGV[a])
+      local sidx = tonumber(ev[a])
       local w = wanted[sidx]
       if w == nil then w = {}; wanted[sidx] = w end
       w[#w + 1] = ek
@@ -174,8 +175,8 @@ local function plain(m)
 end
 
 local out = {}
-local argv, byte, tostr = ARGV, string.byte, tostring
-a = E0
+local argv, byte, tostr = ev, string.byte, tostring
+a = 1
 for i = 1, n do
   local h = argv[a]
   local typ, ek, body, epoch, extra
