@@ -56,18 +56,23 @@ _BLOB_PREFIX = "sha256:"
 # the flag that makes the append script mark the entry blob-backed (its ENTRY_BLOB field)
 _BLOB_FLAG = ENTRY_BLOB.encode()
 _KEY_CACHE = 65536
-# the events of a batch go to the script as one msgpack array (packing and parsing one argument
-# costs a fraction of ~3 per event, on both sides)
-_pack = msgspec.msgpack.Encoder().encode
 _KEYED = frozenset({"signal", "effect"})
 _KNOWN_TYPES = frozenset({
     "session.created", "session.started", "session.ended", "run.started", "run.completed",
     "run.failed", "run.cancelled", "run.timed_out", "tool.started", "tool.ended", "input",
     "signal", "effect", "message", "log", "session.checkpoint",
 })
-# the short form's first element (a session index, negated)
+# the short form's first argument (a session index, negated), and event types, as bytes
 _NSHORT = 256
-_SHORT = [f"-{i}" for i in range(_NSHORT)]
+_SHORT = [b"-%d" % i for i in range(_NSHORT)]
+_TYPE_BYTES: dict[str, bytes] = {t: t.encode() for t in _KNOWN_TYPES}
+
+
+def _type_bytes(typ: str) -> bytes:
+    if len(_TYPE_BYTES) < 1024:
+        _TYPE_BYTES[typ] = typ.encode()
+    return typ.encode()
+
 
 # known types that need no aux: prepare()'s fast path takes them
 _PLAIN_TYPES = _KNOWN_TYPES - _KEYED - {"session.created"}
@@ -341,6 +346,7 @@ class Appender:
         events: list[Any] = []
         slot: dict[str, int] = {}
         blobs: dict[str, bytes] = {}
+        types = _TYPE_BYTES
         for item in batch:
             k = item.keys
             idx = slot.get(k.session_id)
@@ -350,20 +356,19 @@ class Appender:
                 sids.append(k.session_id)
             if item.blob is not None:
                 blobs[item.blob[0]] = item.blob[1]
-            # as msgpack strings (the script's cmsgpack has no bin type; the bodies are UTF-8)
             if item.epoch is None and not item.wire_key and not item.extra:
-                # a plain event: its short form
-                events += (_SHORT[idx] if idx < _NSHORT else f"-{idx}", item.type,
-                           item.body.decode())
+                # a plain event: its short form (as bytes: packed without converting them)
+                typ = types.get(item.type) or _type_bytes(item.type)
+                events += (_SHORT[idx] if idx < _NSHORT else b"-%d" % idx, typ, item.body)
             else:
                 events += (
-                    str(idx), item.type, item.wire_key, item.body.decode(),
-                    "" if item.epoch is None else str(item.epoch), item.extra.decode(),
+                    idx, item.type, item.wire_key, item.body,
+                    "" if item.epoch is None else item.epoch, item.extra,
                 )
         keys.append(first.sessions)  # the shard's listing index, after the sessions' keys
         args = [len(batch), int(time.time() * 1000), first.notify, first.wake,
                 self._token_ttl_s, self.writes.get(first.shard, 0), len(sids),
-                self._ring, *sids, _pack(events)]
+                self._ring, *sids, *events]
         return keys, args, blobs
 
     def observe_writes(self, shard: int, counter: Any) -> None:

@@ -61,8 +61,7 @@ for _, k in ipairs({feed, dispatch}) do
     return redis.error_reply('WRONGTYPE shard stream ' .. k .. ' holds a ' .. t)
   end
 end
--- the events: one msgpack array (unpacked in C, instead of an argument each to parse)
-local ev = cmsgpack.unpack(ARGV[9 + nsess])
+local E0 = 9 + nsess  -- first event arg
 local ring = ARGV[8] == '1'
 local CREATED, ENDED, CHECKPOINT = L.SESSION_CREATED, L.SESSION_ENDED,
   L.SESSION_CHECKPOINT
@@ -107,14 +106,14 @@ end
 -- Pass 1: the caller-chosen event keys of each session, to look them all up in one HMGET
 -- (none when every event came in the plain short form: 3 arguments each).
 local wanted = {}
-local a = 1
-for _ = 1, (#ev == 3 * n) and 0 or n do
-  if string.byte(ev[a], 1) == 45 then
+local a = E0
+for _ = 1, (#ARGV == E0 - 1 + 3 * n) and 0 or n do
+  if string.byte(ARGV[a], 1) == 45 then
     a = a + 3  -- a plain event: no key
   else
-    local ek = ev[a + 2]
+    local ek = ARGV[a + 2]
     if ek ~= '' then
-      local sidx = tonumber(ev[a])
+      local sidx = tonumber(ARGV[a])
       local w = wanted[sidx]
       if w == nil then w = {}; wanted[sidx] = w end
       w[#w + 1] = ek
@@ -176,8 +175,8 @@ end
 
 local out = {}
 -- a seq as text: '%d' (integer formatting) costs half of tostring's '%.14g' per event
-local argv, byte, fmt = ev, string.byte, string.format
-a = 1
+local argv, byte, fmt = ARGV, string.byte, string.format
+a = E0
 for i = 1, n do
   local h = argv[a]
   local typ, ek, body, epoch, extra
