@@ -26,6 +26,8 @@ from .errors import UsageError
 
 __all__ = ["ShardCoalescer"]
 
+_Future = asyncio.Future
+
 I = TypeVar("I")  # noqa: E741 - the conventional name of an item type
 R = TypeVar("R")
 
@@ -92,7 +94,8 @@ class ShardCoalescer(Generic[I, R]):
             raise UsageError("submit() outside the coalescer's lifetime (not started or closed)")
         loop = self._loop
         assert loop is not None
-        fut: asyncio.Future[R] = loop.create_future()
+        # the C future itself: loop.create_future() is a Python frame more per item
+        fut: asyncio.Future[R] = _Future(loop=loop)
         queue = self._pending.get(shard)
         if queue is None:
             queue = self._pending[shard] = []

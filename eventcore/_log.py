@@ -202,7 +202,7 @@ class EventLog:
     ) -> AppendResult:
         """Append one envelope (group-committed with concurrent appends). Safe to retry with the
         same ``event_key``: the log keeps the first."""
-        appender = self.appender
+        appender = self._appender or self.appender  # (the property raises when not started)
         return await appender.append(appender.prepare(envelope, epoch, aux))
 
     async def append_many(

@@ -174,7 +174,8 @@ local function plain(m)
 end
 
 local out = {}
-local argv, byte, tostr = ARGV, string.byte, tostring
+-- a seq as text: '%d' (integer formatting) costs half of tostring's '%.14g' per event
+local argv, byte, fmt = ARGV, string.byte, string.format
 a = E0
 for i = 1, n do
   local h = argv[a]
@@ -197,7 +198,7 @@ for i = 1, n do
       and (epoch == '' or tonumber(epoch) == m.epoch) then
     -- the common event: a generated key, no server data, no side effects
     local seq = m.seq + 1
-    local sseq = tostr(seq)
+    local sseq = fmt('%d', seq)
     local g = m.g  -- the entries' generation field, built once per session and batch
     if g == nil then
       g = ''
@@ -249,7 +250,7 @@ for i = 1, n do
   else
     local kb = m.kb
     local seq = (m.seq or 0) + 1
-    local sseq = tostring(seq)
+    local sseq = fmt('%d', seq)
     local d = ec_body(sseq, body)
     local sid = m.sid
     local inc = m.inc

@@ -315,3 +315,27 @@ async def test_plain_and_full_events_mixed_in_one_script_call(event_log: EventLo
     assert [e.payload for e in (await read_all(event_log, a))[1:]] == [
         {"n": 1}, {"n": 3}, {"n": 7}, {"n": 9}]
     assert (await event_log.get_session(a)).last_seq == 5
+
+
+async def test_non_ascii_envelopes_in_one_batch_round_trip(event_log: EventLog) -> None:
+    """The script takes a batch's events as one msgpack array of strings: envelopes with
+    non-ASCII payloads, event keys, server_data and signal keys (plain and full forms, one
+    batch) are stored and read back exactly."""
+    s = await event_log.create_session()
+    sid = s.session_id
+    text = "ünï—cødé 🎉 \u2028 \\ \" \x7f"
+    envs = [
+        Envelope(type="message", session_id=sid, payload={"t": text}),
+        Envelope(type="message", session_id=sid, payload={"t": text}, event_key="ключ-🎉"),
+        Envelope(type="message", session_id=sid, payload=text, server_data={"é": text}),
+        Envelope(type="signal", session_id=sid, payload={"key": "sïg-🎉", "v": text}),
+    ]
+    got = await event_log.append_many(envs)
+    assert [r.seq for r in got] == [2, 3, 4, 5]
+    stored = (await event_log.read(sid))[1:]
+    assert [(e.payload, e.event_key, e.server_data) for e in stored] == [
+        ({"t": text}, got[0].event_key, None), ({"t": text}, "ключ-🎉", None),
+        (text, got[2].event_key, {"é": text}),
+        ({"key": "sïg-🎉", "v": text}, got[3].event_key, None)]
+    again = await event_log.append(envs[1])  # the non-ASCII key dedupes
+    assert (again.seq, again.duplicate) == (3, True)
