@@ -655,57 +655,89 @@ class Hub:
     # -- live path: one multiplexed XREAD ------------------------------------------------------
     async def _xread_loop(self, *, task_status: TaskStatus[None]) -> None:
         """One blocking XREAD over every watched stream. A session watched while it blocks joins
-        on the next call (its clients catch up by themselves meanwhile)."""
+        on the next call (its clients catch up by themselves meanwhile).
+
+        It runs on a connection of the hub's own (:meth:`_live_connection`), held for the
+        loop's life, not one checked out of the pool per call: a checkout costs a lock, a
+        timeout and a poll of the socket that takes a turn of the event loop (redis-py's
+        ``ensure_connection``), per call, ahead of the call. Errors are retried on it as
+        redis-py retries a command (the client's retry policy; a lost connection is opened
+        again), the reply parsed by redis-py's own XREAD callback."""
         self.live_connected = True
         task_status.started()
         interval = self.xread_interval_ms / 1000
         started = -math.inf
-        while True:
-            try:
-                if interval:
-                    # at most one XREAD per interval: under load each call (and each client's
-                    # write) carries more events, at the cost of up to the interval in latency
-                    wait = started + interval - time.monotonic()
-                    if wait > 0:
-                        await anyio.sleep(wait)
-                    started = time.monotonic()
-                if len(self._ids) != len(self._watches):
-                    fresh = [w for w in self._watches.values() if w.cursor is None]
-                    if fresh:
-                        with redis_errors("hub init"):
-                            await self._init_cursors(fresh)
-                self._dirty.clear()
-                streams = self._ids
-                if not streams:
-                    self._dirty_event = anyio.Event()
-                    with anyio.move_on_after(self.xread_block_ms / 1000):
-                        await self._dirty_event.wait()
-                    continue
-                # the watches the call is for (a stream's entries are its watch's: one for a
-                # newer incarnation registered meanwhile is another's); redis-py takes
-                # ``streams`` apart before it returns the call's coroutine
-                by_stream = self._by_stream.copy()
-                with redis_errors("hub xread"):
-                    got = await self.log.redis.xread(
-                        streams, count=self.page, block=self.xread_block_ms
-                    )
-                self.live_connected = True
-                self.stats.fetches += 1
+        conn = self._live_connection()
+        parse = self.log.redis.response_callbacks["XREAD"]
+
+        async def xread(streams: dict[Any, Any]) -> Any:
+            # the command is packed here, before the first await: ``streams`` changes
+            args = ("XREAD", "COUNT", self.page, "BLOCK", self.xread_block_ms, "STREAMS",
+                    *streams, *streams.values())
+
+            async def once() -> Any:
+                await conn.send_command(*args, check_health=False)
+                return await conn.read_response()
+
+            return parse(await conn.retry.call_with_retry(once, lambda _: conn.disconnect()))
+
+        try:
+            while True:
                 try:
-                    for key, entries in got or ():
-                        w = by_stream.get(key.decode() if isinstance(key, bytes) else key)
-                        if w is None or w.cursor is None or not entries:
-                            continue
-                        events = [e for e in await self.pages.events_of(entries, w.stream)
-                                  if e.seq > w.cursor]
-                        self._fan_out(w, events)
-                finally:
-                    if got:
-                        self._fanned_out()
-            except (EventcoreError, rexc.RedisError, OSError) as exc:
-                self.live_connected = False
-                log_.warning("hub xread failed (%s); retrying", exc)
-                await anyio.sleep(0.1)
+                    if interval:
+                        # at most one XREAD per interval: under load each call (and each
+                        # client's write) carries more events, at the cost of up to the
+                        # interval in latency
+                        wait = started + interval - time.monotonic()
+                        if wait > 0:
+                            await anyio.sleep(wait)
+                        started = time.monotonic()
+                    if len(self._ids) != len(self._watches):
+                        fresh = [w for w in self._watches.values() if w.cursor is None]
+                        if fresh:
+                            with redis_errors("hub init"):
+                                await self._init_cursors(fresh)
+                    self._dirty.clear()
+                    streams = self._ids
+                    if not streams:
+                        self._dirty_event = anyio.Event()
+                        with anyio.move_on_after(self.xread_block_ms / 1000):
+                            await self._dirty_event.wait()
+                        continue
+                    # the watches the call is for (a stream's entries are its watch's: one for
+                    # a newer incarnation registered meanwhile is another's)
+                    by_stream = self._by_stream.copy()
+                    with redis_errors("hub xread"):
+                        got = await xread(streams)
+                    self.live_connected = True
+                    self.stats.fetches += 1
+                    try:
+                        for key, entries in got or ():
+                            w = by_stream.get(key.decode() if isinstance(key, bytes) else key)
+                            if w is None or w.cursor is None or not entries:
+                                continue
+                            events = [e for e in await self.pages.events_of(entries, w.stream)
+                                      if e.seq > w.cursor]
+                            self._fan_out(w, events)
+                    finally:
+                        if got:
+                            self._fanned_out()
+                except (EventcoreError, rexc.RedisError, OSError) as exc:
+                    self.live_connected = False
+                    log_.warning("hub xread failed (%s); retrying", exc)
+                    await anyio.sleep(0.1)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.disconnect()
+
+    def _live_connection(self) -> Any:
+        """A connection like the pool's, outside it, named ``eventcore-hub-<namespace>`` (so
+        ``CLIENT LIST`` tells the hub's blocking XREAD from the pool's connections)."""
+        pool: Any = self.log.redis.connection_pool
+        return pool.connection_class(**{
+            **pool.connection_kwargs,
+            "client_name": f"eventcore-hub-{self.log.keys.namespace}",
+        })
 
 
 _event_type: type[anyio.Event] | None = None

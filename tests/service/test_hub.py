@@ -514,3 +514,46 @@ async def test_direct_batches_are_shared_whole_and_rounds_reported(
     assert all(x is y for x, y in zip(got["a"], got["b"], strict=True))
     assert all(e.type == "signal" for batch in got["f"] for e in batch)
     assert rounds and rounds[-1] == sum(len(v) for v in got.values())
+
+
+async def test_the_live_xread_has_a_connection_of_its_own_and_gets_it_back(
+    event_log: EventLog,
+) -> None:
+    """The live XREAD runs on one connection of the hub's own, named for its namespace in
+    ``CLIENT LIST`` (not a pool checkout per call); killed, it is opened again and the live
+    path goes on: a follower parked on it still gets every event, in order."""
+    name = f"eventcore-hub-{event_log.keys.namespace}"
+
+    async def live_conns(wanted: Callable[[int], bool] = lambda n: True
+                         ) -> list[dict[str, object]]:
+        """The hub's named connections, once their number is as ``wanted`` (polled: Redis's
+        view of connections is known only by asking)."""
+        while True:
+            conns = [c for c in await event_log.redis.client_list() if c.get("name") == name]
+            if wanted(len(conns)):
+                return conns
+            await anyio.sleep(0.01)
+
+    s = await event_log.create_session("echo")
+    sid = s.session_id
+    seqs: list[int] = []
+    async with Hub(event_log, live="xread", xread_block_ms=50) as hub, \
+            hub.subscribe(sid, after=1) as sub:
+
+        async def read() -> None:
+            seqs.extend(await collect(sub, 4))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await _parked(sub)
+                conns = await live_conns(lambda n: n > 0)  # its first XREAD is under way
+                assert len(conns) == 1
+                first = conns[0]["id"]
+                await event_log.redis.execute_command("CLIENT", "KILL", "ID", first)
+                await emit(event_log, sid, 3)
+            assert seqs == [2, 3, 4]
+            conns = await live_conns()  # (the one it blocks on now)
+            assert len(conns) == 1 and conns[0]["id"] != first
+    with anyio.fail_after(10):
+        assert await live_conns(lambda n: n == 0) == []  # closed with the hub
