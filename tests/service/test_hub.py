@@ -12,7 +12,7 @@ import pytest
 
 from eventcore import Envelope, EventLog, HistoryGone, SessionNotFound
 from eventcore._follow import Event
-from eventcore.server._hub import Hub, Subscription
+from eventcore.server._hub import Hub, Subscription, _bulk
 from eventcore.subscribers import Persistence, SubscriberRunner
 
 
@@ -557,3 +557,61 @@ async def test_the_live_xread_has_a_connection_of_its_own_and_gets_it_back(
             assert len(conns) == 1 and conns[0]["id"] != first
     with anyio.fail_after(10):
         assert await live_conns(lambda n: n == 0) == []  # closed with the hub
+
+
+async def test_the_live_xread_follows_streams_joining_and_leaving(event_log: EventLog) -> None:
+    """The live XREAD's command is kept packed between calls (each stream with its cursor):
+    as sessions are watched and unwatched in any order next to one watched throughout, every
+    follower gets exactly its session's events, and the packed streams are those watched, in
+    the order their cursors are packed (a stream read from another's cursor would skip or
+    repeat events, which followers would then mend by reading pages: hidden from them)."""
+    anchor = (await event_log.create_session("echo")).session_id
+    sids = [(await event_log.create_session("echo")).session_id for _ in range(6)]
+    last = dict.fromkeys([anchor, *sids], 1)  # session.created
+    rounds = [sids[:3], sids[2:5], [sids[5], sids[0]], sids[::-1]]
+    async with Hub(event_log, live="xread", xread_block_ms=50) as hub, \
+            hub.subscribe(anchor, after=1) as anchored:
+        anchor_seen: list[int] = []
+
+        async def follow_anchor() -> None:
+            async for batch in anchored.batches():
+                assert not isinstance(batch, HistoryGone)
+                anchor_seen.extend(e.seq for e in batch)
+
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(follow_anchor)
+            await _parked(anchored)
+
+            def aligned() -> None:
+                packed = hub._keys_packed
+                if packed is not None:  # (None: packed again on the next call)
+                    assert packed == b"".join(_bulk(k.encode()) for k in hub._ids)
+                assert set(hub._ids) <= {w.stream for w in hub._watches.values()}
+            for chosen in rounds:
+                seen: dict[str, list[int]] = {sid: [] for sid in chosen}
+
+                async def follow(sid: str, watching: anyio.Event, seen: list[int]) -> None:
+                    async with hub.subscribe(sid, after=last[sid]) as sub:
+                        watching.set()
+                        seen.extend(await collect(sub, last[sid] + 4))
+                        aligned()
+
+                with anyio.fail_after(30):
+                    async with anyio.create_task_group() as tg:
+                        for sid in chosen:
+                            watching = anyio.Event()
+                            tg.start_soon(follow, sid, watching, seen[sid])
+                            await watching.wait()
+                            aligned()
+                        for _ in range(4):
+                            for sid in chosen:
+                                await emit(event_log, sid, 1)
+                        await emit(event_log, anchor, 1)
+                    await _parked(anchored, last[anchor] + 1)
+                assert seen == {sid: list(range(last[sid] + 1, last[sid] + 5))
+                                for sid in chosen}
+                for sid in chosen:
+                    last[sid] += 4
+                last[anchor] += 1
+            outer.cancel_scope.cancel()
+    assert anchor_seen == list(range(2, last[anchor] + 1))
