@@ -376,6 +376,30 @@ def test_a_coalesced_write_parses_as_the_events_one_by_one() -> None:
         (f"3.{gen}", "output", '{"seq":3}')]
 
 
+def test_an_event_is_framed_as_sse_starlette_frames_it() -> None:
+    """The live path frames an event's bytes itself: the same bytes as sse-starlette's
+    encoder (``id:``, ``event:``, then ``data:`` per line of the data, newlines dropped from
+    the id and type), for plain JSON, non-ASCII, line breaks of each kind, odd types and ids
+    of either epoch form; data that is not UTF-8 fails as it did."""
+    from sse_starlette import ServerSentEvent
+
+    from eventcore.server._http._sse import _event_id, sse_frame
+
+    gen = "1" * 16
+    datas = [b'{"seq":1}', '{"x":"caf\u00e9 \u2603"}'.encode(), b'{"x":"a\\nb"}',
+             b"a\nb", b"a\rb", b"a\r\nb", b"\n", b"", b"x\n\n", "\u00e9\n".encode()]
+    types = ["input", "output", "session.ended", "t\ry", "t\nz", "\u00e9", ""]
+    for data in datas:
+        for typ in types:
+            for generation in ("", "0", gen):
+                ev = Event(seq=7, type=typ, data=data, generation=generation)
+                want = ServerSentEvent(data=data.decode(), id=_event_id(7, generation),
+                                       event=typ, sep="\n").encode()
+                assert sse_frame(ev) == want, (data, typ, generation)
+    with pytest.raises(UnicodeDecodeError):
+        sse_frame(Event(seq=1, type="input", data=b'{"x":"\xff"}'))
+
+
 async def test_stream_body_sends_skip_the_wrappers_but_the_start_does_not() -> None:
     """The SSE response sends its start through the wrapped ``send`` (the edge middleware adds
     its headers there) and its body straight to the send the edge middleware was given."""
