@@ -422,7 +422,7 @@ async def _scenario(mode: str, redis_url: str, clients: int, per_session: int, r
             connect_s = time.monotonic() - t0
             load = Appender(redis_url, namespace, sessions, rate)
             await asyncio.sleep(warmup)
-            cpu0 = sum(ps.cpu_times()[:2])
+            user0, sys0 = ps.cpu_times()[:2]
             xread0 = await _xread_calls(log)
             me = psutil.Process()
             my0 = sum(me.cpu_times()[:2])
@@ -434,7 +434,9 @@ async def _scenario(mode: str, redis_url: str, clients: int, per_session: int, r
             load.record(False)
             elapsed = time.monotonic() - t1
             stats.appended = load.counted
-            cpu = sum(ps.cpu_times()[:2]) - cpu0
+            user1, sys1 = ps.cpu_times()[:2]
+            user, system = user1 - user0, sys1 - sys0  # Python and the loop / the kernel
+            cpu = user + system
             xreads = await _xread_calls(log) - xread0
             my_cpu = sum(me.cpu_times()[:2]) - my0
             await load.close()
@@ -456,6 +458,9 @@ async def _scenario(mode: str, redis_url: str, clients: int, per_session: int, r
             "server_cpu_s_per_s": round(cpu / elapsed, 2),
             "server_cpu_us_per_delivery": round(cpu / stats.events * 1e6, 1)
             if stats.events else None,
+            # of which in the kernel (socket writes: what no user-space change removes)
+            "server_sys_us_per_delivery": round(system / stats.events * 1e6, 1)
+            if stats.events else None,
             "client_cpu_s_per_s": round(my_cpu / elapsed, 2), "connect_s": round(connect_s, 2),
         }
     finally:
@@ -476,8 +481,8 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(runs[0])
     for key in ("appended_events_per_s", "xread_calls_per_s",
                 "delivered_events_per_s", "p50_ms", "p99_ms", "max_ms", "server_cpu_s_per_s",
-                "server_cpu_us_per_delivery", "client_cpu_s_per_s", "connect_s", "connected",
-                "errors"):
+                "server_cpu_us_per_delivery", "server_sys_us_per_delivery", "client_cpu_s_per_s",
+                "connect_s", "connected", "errors"):
         vals = [r[key] for r in runs if r.get(key) is not None]
         out[key] = statistics.median(vals) if vals else None
     out["runs"] = len(runs)

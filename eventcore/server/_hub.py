@@ -298,9 +298,12 @@ class Hub:
         self._watches: dict[str, _Watch] = {}
         # The live XREAD's arguments, kept up to date rather than rebuilt per call: every
         # registered watch by stream key, and the cursor id of each whose cursor is set
-        # (``_ids`` covers ``_watches`` exactly when none waits for its cursor).
+        # (``_ids`` covers ``_watches`` exactly when none waits for its cursor), packed as
+        # the command carries them (:func:`_bulk`); the streams' part of the command is
+        # packed again only once a stream joined or left (``_keys_packed`` None).
         self._by_stream: dict[str, _Watch] = {}
-        self._ids: dict[Any, Any] = {}  # stream -> seq_id(cursor), as xread takes them
+        self._ids: dict[str, bytes] = {}  # stream -> _bulk(seq_id(cursor))
+        self._keys_packed: bytes | None = None  # _bulk of each stream in _ids, in its order
         self._dirty: dict[str, _Watch] = {}
         self._dirty_event = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -509,12 +512,16 @@ class Hub:
         del self._watches[w.session_id]
         self._dirty.pop(w.session_id, None)
         self._by_stream.pop(w.stream, None)
-        self._ids.pop(w.stream, None)
+        if self._ids.pop(w.stream, None) is not None:
+            self._keys_packed = None
 
     def _set_cursor(self, w: _Watch, cursor: int) -> None:
         w.cursor = cursor
         if self._by_stream.get(w.stream) is w:
-            self._ids[w.stream] = seq_id(cursor)
+            ids = self._ids
+            if w.stream not in ids:
+                self._keys_packed = None  # (a value replaced keeps its place in the dict)
+            ids[w.stream] = _bulk(seq_id(cursor).encode())
 
     def _incarnation_gone(self, w: _Watch, inc: str) -> None:
         """A client's read found its incarnation ``inc`` gone: so is the watch's, if the same."""
@@ -655,57 +662,98 @@ class Hub:
     # -- live path: one multiplexed XREAD ------------------------------------------------------
     async def _xread_loop(self, *, task_status: TaskStatus[None]) -> None:
         """One blocking XREAD over every watched stream. A session watched while it blocks joins
-        on the next call (its clients catch up by themselves meanwhile)."""
+        on the next call (its clients catch up by themselves meanwhile).
+
+        It runs on a connection of the hub's own (:meth:`_live_connection`), held for the
+        loop's life, not one checked out of the pool per call: a checkout costs a lock, a
+        timeout and a poll of the socket that takes a turn of the event loop (redis-py's
+        ``ensure_connection``), per call, ahead of the call. Errors are retried on it as
+        redis-py retries a command (the client's retry policy; a lost connection is opened
+        again), the reply parsed by redis-py's own XREAD callback."""
         self.live_connected = True
         task_status.started()
         interval = self.xread_interval_ms / 1000
         started = -math.inf
-        while True:
-            try:
-                if interval:
-                    # at most one XREAD per interval: under load each call (and each client's
-                    # write) carries more events, at the cost of up to the interval in latency
-                    wait = started + interval - time.monotonic()
-                    if wait > 0:
-                        await anyio.sleep(wait)
-                    started = time.monotonic()
-                if len(self._ids) != len(self._watches):
-                    fresh = [w for w in self._watches.values() if w.cursor is None]
-                    if fresh:
-                        with redis_errors("hub init"):
-                            await self._init_cursors(fresh)
-                self._dirty.clear()
-                streams = self._ids
-                if not streams:
-                    self._dirty_event = anyio.Event()
-                    with anyio.move_on_after(self.xread_block_ms / 1000):
-                        await self._dirty_event.wait()
-                    continue
-                # the watches the call is for (a stream's entries are its watch's: one for a
-                # newer incarnation registered meanwhile is another's); redis-py takes
-                # ``streams`` apart before it returns the call's coroutine
-                by_stream = self._by_stream.copy()
-                with redis_errors("hub xread"):
-                    got = await self.log.redis.xread(
-                        streams, count=self.page, block=self.xread_block_ms
-                    )
-                self.live_connected = True
-                self.stats.fetches += 1
+        conn = self._live_connection()
+        parse = self.log.redis.response_callbacks["XREAD"]
+
+        head = b"".join(_bulk(str(a).encode()) for a in (
+            "XREAD", "COUNT", self.page, "BLOCK", self.xread_block_ms, "STREAMS"))
+
+        async def xread() -> Any:
+            streams = self._ids
+            # Packed here, before the first await (``streams`` changes), by hand: hiredis packs
+            # the ~2 arguments per watched stream at ~0.25 us each, per call; here the streams'
+            # part is reused until one joins or leaves, and the ids are packed as they move.
+            keys = self._keys_packed
+            if keys is None:
+                keys = self._keys_packed = b"".join([_bulk(k.encode()) for k in streams])
+            command = b"*%d\r\n%b%b%b" % (6 + 2 * len(streams), head, keys,
+                                          b"".join(streams.values()))
+
+            async def once() -> Any:
+                await conn.send_packed_command(command, check_health=False)
+                return await conn.read_response()
+
+            return parse(await conn.retry.call_with_retry(once, lambda _: conn.disconnect()))
+
+        try:
+            while True:
                 try:
-                    for key, entries in got or ():
-                        w = by_stream.get(key.decode() if isinstance(key, bytes) else key)
-                        if w is None or w.cursor is None or not entries:
-                            continue
-                        events = [e for e in await self.pages.events_of(entries, w.stream)
-                                  if e.seq > w.cursor]
-                        self._fan_out(w, events)
-                finally:
-                    if got:
-                        self._fanned_out()
-            except (EventcoreError, rexc.RedisError, OSError) as exc:
-                self.live_connected = False
-                log_.warning("hub xread failed (%s); retrying", exc)
-                await anyio.sleep(0.1)
+                    if interval:
+                        # at most one XREAD per interval: under load each call (and each
+                        # client's write) carries more events, at the cost of up to the
+                        # interval in latency
+                        wait = started + interval - time.monotonic()
+                        if wait > 0:
+                            await anyio.sleep(wait)
+                        started = time.monotonic()
+                    if len(self._ids) != len(self._watches):
+                        fresh = [w for w in self._watches.values() if w.cursor is None]
+                        if fresh:
+                            with redis_errors("hub init"):
+                                await self._init_cursors(fresh)
+                    self._dirty.clear()
+                    streams = self._ids
+                    if not streams:
+                        self._dirty_event = anyio.Event()
+                        with anyio.move_on_after(self.xread_block_ms / 1000):
+                            await self._dirty_event.wait()
+                        continue
+                    # the watches the call is for (a stream's entries are its watch's: one for
+                    # a newer incarnation registered meanwhile is another's)
+                    by_stream = self._by_stream.copy()
+                    with redis_errors("hub xread"):
+                        got = await xread()
+                    self.live_connected = True
+                    self.stats.fetches += 1
+                    try:
+                        for key, entries in got or ():
+                            w = by_stream.get(key.decode() if isinstance(key, bytes) else key)
+                            if w is None or w.cursor is None or not entries:
+                                continue
+                            events = [e for e in await self.pages.events_of(entries, w.stream)
+                                      if e.seq > w.cursor]
+                            self._fan_out(w, events)
+                    finally:
+                        if got:
+                            self._fanned_out()
+                except (EventcoreError, rexc.RedisError, OSError) as exc:
+                    self.live_connected = False
+                    log_.warning("hub xread failed (%s); retrying", exc)
+                    await anyio.sleep(0.1)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.disconnect()
+
+    def _live_connection(self) -> Any:
+        """A connection like the pool's, outside it, named ``eventcore-hub-<namespace>`` (so
+        ``CLIENT LIST`` tells the hub's blocking XREAD from the pool's connections)."""
+        pool: Any = self.log.redis.connection_pool
+        return pool.connection_class(**{
+            **pool.connection_kwargs,
+            "client_name": f"eventcore-hub-{self.log.keys.namespace}",
+        })
 
 
 _event_type: type[anyio.Event] | None = None
@@ -718,6 +766,11 @@ def _new_event() -> anyio.Event:
     if _event_type is None:
         _event_type = type(anyio.Event())
     return _event_type()
+
+
+def _bulk(arg: bytes) -> bytes:
+    """``arg`` as a RESP bulk string, the form a command's arguments take."""
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
 
 
 def _newer(a: str, b: str) -> bool:

@@ -12,7 +12,7 @@ import pytest
 
 from eventcore import Envelope, EventLog, HistoryGone, SessionNotFound
 from eventcore._follow import Event
-from eventcore.server._hub import Hub, Subscription
+from eventcore.server._hub import Hub, Subscription, _bulk
 from eventcore.subscribers import Persistence, SubscriberRunner
 
 
@@ -376,6 +376,30 @@ def test_a_coalesced_write_parses_as_the_events_one_by_one() -> None:
         (f"3.{gen}", "output", '{"seq":3}')]
 
 
+def test_an_event_is_framed_as_sse_starlette_frames_it() -> None:
+    """The live path frames an event's bytes itself: the same bytes as sse-starlette's
+    encoder (``id:``, ``event:``, then ``data:`` per line of the data, newlines dropped from
+    the id and type), for plain JSON, non-ASCII, line breaks of each kind, odd types and ids
+    of either epoch form; data that is not UTF-8 fails as it did."""
+    from sse_starlette import ServerSentEvent
+
+    from eventcore.server._http._sse import _event_id, sse_frame
+
+    gen = "1" * 16
+    datas = [b'{"seq":1}', '{"x":"caf\u00e9 \u2603"}'.encode(), b'{"x":"a\\nb"}',
+             b"a\nb", b"a\rb", b"a\r\nb", b"\n", b"", b"x\n\n", "\u00e9\n".encode()]
+    types = ["input", "output", "session.ended", "t\ry", "t\nz", "\u00e9", ""]
+    for data in datas:
+        for typ in types:
+            for generation in ("", "0", gen):
+                ev = Event(seq=7, type=typ, data=data, generation=generation)
+                want = ServerSentEvent(data=data.decode(), id=_event_id(7, generation),
+                                       event=typ, sep="\n").encode()
+                assert sse_frame(ev) == want, (data, typ, generation)
+    with pytest.raises(UnicodeDecodeError):
+        sse_frame(Event(seq=1, type="input", data=b'{"x":"\xff"}'))
+
+
 async def test_stream_body_sends_skip_the_wrappers_but_the_start_does_not() -> None:
     """The SSE response sends its start through the wrapped ``send`` (the edge middleware adds
     its headers there) and its body straight to the send the edge middleware was given."""
@@ -514,3 +538,104 @@ async def test_direct_batches_are_shared_whole_and_rounds_reported(
     assert all(x is y for x, y in zip(got["a"], got["b"], strict=True))
     assert all(e.type == "signal" for batch in got["f"] for e in batch)
     assert rounds and rounds[-1] == sum(len(v) for v in got.values())
+
+
+async def test_the_live_xread_has_a_connection_of_its_own_and_gets_it_back(
+    event_log: EventLog,
+) -> None:
+    """The live XREAD runs on one connection of the hub's own, named for its namespace in
+    ``CLIENT LIST`` (not a pool checkout per call); killed, it is opened again and the live
+    path goes on: a follower parked on it still gets every event, in order."""
+    name = f"eventcore-hub-{event_log.keys.namespace}"
+
+    async def live_conns(wanted: Callable[[int], bool] = lambda n: True
+                         ) -> list[dict[str, object]]:
+        """The hub's named connections, once their number is as ``wanted`` (polled: Redis's
+        view of connections is known only by asking)."""
+        while True:
+            conns = [c for c in await event_log.redis.client_list() if c.get("name") == name]
+            if wanted(len(conns)):
+                return conns
+            await anyio.sleep(0.01)
+
+    s = await event_log.create_session("echo")
+    sid = s.session_id
+    seqs: list[int] = []
+    async with Hub(event_log, live="xread", xread_block_ms=50) as hub, \
+            hub.subscribe(sid, after=1) as sub:
+
+        async def read() -> None:
+            seqs.extend(await collect(sub, 4))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await _parked(sub)
+                conns = await live_conns(lambda n: n > 0)  # its first XREAD is under way
+                assert len(conns) == 1
+                first = conns[0]["id"]
+                await event_log.redis.execute_command("CLIENT", "KILL", "ID", first)
+                await emit(event_log, sid, 3)
+            assert seqs == [2, 3, 4]
+            conns = await live_conns()  # (the one it blocks on now)
+            assert len(conns) == 1 and conns[0]["id"] != first
+    with anyio.fail_after(10):
+        assert await live_conns(lambda n: n == 0) == []  # closed with the hub
+
+
+async def test_the_live_xread_follows_streams_joining_and_leaving(event_log: EventLog) -> None:
+    """The live XREAD's command is kept packed between calls (each stream with its cursor):
+    as sessions are watched and unwatched in any order next to one watched throughout, every
+    follower gets exactly its session's events, and the packed streams are those watched, in
+    the order their cursors are packed (a stream read from another's cursor would skip or
+    repeat events, which followers would then mend by reading pages: hidden from them)."""
+    anchor = (await event_log.create_session("echo")).session_id
+    sids = [(await event_log.create_session("echo")).session_id for _ in range(6)]
+    last = dict.fromkeys([anchor, *sids], 1)  # session.created
+    rounds = [sids[:3], sids[2:5], [sids[5], sids[0]], sids[::-1]]
+    async with Hub(event_log, live="xread", xread_block_ms=50) as hub, \
+            hub.subscribe(anchor, after=1) as anchored:
+        anchor_seen: list[int] = []
+
+        async def follow_anchor() -> None:
+            async for batch in anchored.batches():
+                assert not isinstance(batch, HistoryGone)
+                anchor_seen.extend(e.seq for e in batch)
+
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(follow_anchor)
+            await _parked(anchored)
+
+            def aligned() -> None:
+                packed = hub._keys_packed
+                if packed is not None:  # (None: packed again on the next call)
+                    assert packed == b"".join(_bulk(k.encode()) for k in hub._ids)
+                assert set(hub._ids) <= {w.stream for w in hub._watches.values()}
+            for chosen in rounds:
+                seen: dict[str, list[int]] = {sid: [] for sid in chosen}
+
+                async def follow(sid: str, watching: anyio.Event, seen: list[int]) -> None:
+                    async with hub.subscribe(sid, after=last[sid]) as sub:
+                        watching.set()
+                        seen.extend(await collect(sub, last[sid] + 4))
+                        aligned()
+
+                with anyio.fail_after(30):
+                    async with anyio.create_task_group() as tg:
+                        for sid in chosen:
+                            watching = anyio.Event()
+                            tg.start_soon(follow, sid, watching, seen[sid])
+                            await watching.wait()
+                            aligned()
+                        for _ in range(4):
+                            for sid in chosen:
+                                await emit(event_log, sid, 1)
+                        await emit(event_log, anchor, 1)
+                    await _parked(anchored, last[anchor] + 1)
+                assert seen == {sid: list(range(last[sid] + 1, last[sid] + 5))
+                                for sid in chosen}
+                for sid in chosen:
+                    last[sid] += 4
+                last[anchor] += 1
+            outer.cancel_scope.cancel()
+    assert anchor_seen == list(range(2, last[anchor] + 1))

@@ -98,8 +98,15 @@ def sse_frame(ev: Event) -> bytes:
 
 
 def _frame(ev: Event) -> bytes:
-    frame: bytes = ServerSentEvent(data=ev.data.decode(), id=_event_id(ev.seq, ev.generation),
-                                   event=ev.type, sep=_SEP).encode()
+    data, typ = ev.data, ev.type
+    if (data.isascii() and b"\n" not in data and b"\r" not in data
+            and "\n" not in typ and "\r" not in typ):
+        # the common case, formatted directly: the bytes sse-starlette's encoder makes of it
+        # (one line of data, nothing to drop; ASCII: valid UTF-8 as it is)
+        return b"id: %b\nevent: %b\ndata: %b\n\n" % (
+            _event_id(ev.seq, ev.generation).encode(), typ.encode(), data)
+    frame: bytes = ServerSentEvent(data=data.decode(), id=_event_id(ev.seq, ev.generation),
+                                   event=typ, sep=_SEP).encode()
     return frame
 
 
