@@ -347,6 +347,37 @@ async def test_a_call_from_another_task_during_a_batch_holds_no_connection_after
                 assert p.engine.pool.checkedout() == 0  # returned, not kept as the batch's
                 p.go.set()
             assert await p.watermarks([sid]) == {sid: top}
-            assert p.engine.pool.checkedout() == 0
+            assert p.engine.pool.checkedout() == 1  # the batch's, kept for the next batch
         finally:
             await p.drop_tables()
+    assert p._held is None  # given back at close
+
+
+async def test_batches_in_a_row_share_one_checkout_given_back_when_idle_or_closed(
+    event_log: EventLog, db_url: str, table_prefix: str
+) -> None:
+    """Batches that keep coming write on one connection, kept from batch to batch (a checkout
+    each, with the pool's pre-ping, would cost round trips every batch); one that comes after
+    ``hold_idle_s`` without a batch checks out a fresh (pinged) one, and closing gives the
+    kept one back to the pool."""
+    (sid, top), = (await populate(event_log, 1, 9)).items()
+    log = await read_all(event_log, sid)
+    checkouts = []
+    async with Persistence(event_log, db_url, prefix=table_prefix) as p:
+        sa.event.listen(p.engine.sync_engine, "checkout", lambda *a: checkouts.append(1))
+        try:
+            for n in range(0, 6, 2):
+                await p.handle([Delivery(f"0-{n + i + 1}", 0, e)
+                                for i, e in enumerate(log[n:n + 2])])
+            assert len(checkouts) == 1
+            assert p.engine.pool.checkedout() == 1
+            p.hold_idle_s = 0.0  # every gap between batches is now too long to keep it
+            await p.handle([Delivery("0-7", 0, log[6])])
+            assert len(checkouts) == 2
+            assert await p.watermarks([sid]) == {sid: 7}  # another task: its own checkout
+            assert p.engine.pool.checkedout() == 1
+        finally:
+            await p.drop_tables()
+        held = p._held
+        assert held is not None
+    assert p._held is None and held.closed
