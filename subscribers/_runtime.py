@@ -1,6 +1,8 @@
 """The consumer-group runtime: one runner drives one subscriber over every shard feed.
 
-One loop per runner, so a batch is handled, acknowledged and only then is the next one read:
+One loop per runner; batches are handled one after the other, each acknowledged once handled
+(the acknowledgement sent while the next batch is handled, and the next batch read while the
+current one is handled: at most one of each in flight). Each round:
 
 1. retries that are due (entries whose handling failed, after a backoff);
 2. every ``claim_interval_ms``: a fenced XAUTOCLAIM pass (the core runtime's
@@ -93,6 +95,17 @@ class _Ahead:
         self.error: Exception | None = None
 
 
+class _Acking:
+    """The acknowledgement of a handled batch, sent while the next batch is handled (at most
+    one at a time, in batch order)."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: Exception | None = None
+
+
 @dataclass(slots=True)
 class _Retry:
     due: float
@@ -174,6 +187,7 @@ class SubscriberRunner(Running):
         self._progress = anyio.Event()
         self._tg: TaskGroup | None = None
         self._ahead: _Ahead | None = None
+        self._acking: _Acking | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -226,7 +240,7 @@ class SubscriberRunner(Running):
             with anyio.CancelScope() as self._run_scope:
                 await self.ensure_groups()
                 async with anyio.create_task_group() as tg:
-                    self._tg, self._ahead = tg, None
+                    self._tg, self._ahead, self._acking = tg, None, None
                     tg.start_soon(self._heartbeat)
                     if not burst:
                         tg.start_soon(self._maintenance)
@@ -240,7 +254,7 @@ class SubscriberRunner(Running):
                     tg.cancel_scope.cancel()
         finally:
             self._running = False
-            self._run_scope = self._tg = self._ahead = None
+            self._run_scope = self._tg = self._ahead = self._acking = None
             with anyio.CancelScope(shield=True):
                 await self._release_leases()
             self._done.set()
@@ -335,6 +349,7 @@ class SubscriberRunner(Running):
         if self._ahead is not None and self._ahead.items:  # read already: finish it too
             ahead, self._ahead = self._ahead, None
             await self._process(ahead.items)
+        await self._acked()
 
     async def _recovered(self, created: list[int]) -> None:
         self._cursor = dict.fromkeys(self.shards, "0-0")
@@ -476,11 +491,19 @@ class SubscriberRunner(Running):
         if read_ahead and not self._stopping and self._tg is not None and self._ahead is None:
             self._ahead = _Ahead()
             self._tg.start_soon(self._read_ahead, self._ahead)
+        acking = False
         try:
             self.metrics.delivered += len(items)
             ok, failed = await self._handle(items)
-            await self.group_ops.ack(_entry_ids(ok))
-            self.metrics.acked += len(ok)
+            await self._acked()  # the previous batch's, sent while this one was handled
+            if ok and self._tg is not None:
+                # sent while the next batch is handled; held (heartbeat) until acknowledged
+                self._acking = _Acking()
+                self._tg.start_soon(self._ack, items, ok, self._acking)
+                acking = True
+            else:
+                await self.group_ops.ack(_entry_ids(ok))
+                self.metrics.acked += len(ok)
             outage = bool(failed) and all(is_transient(exc) for _, exc in failed)
             self._backend_streak = self._backend_streak + 1 if outage else 0
             for item, exc in failed:
@@ -490,10 +513,33 @@ class SubscriberRunner(Running):
                 log_.warning("subscriber %s: backend unavailable (%s: %s); %d entries wait to "
                              "be retried", self.group, type(exc).__name__, exc, len(failed))
         finally:
-            self._inflight.pop(id(items), None)
+            if not acking:
+                self._inflight.pop(id(items), None)
         self.metrics.retry_queue = len(self._retry)
         self.metrics.record_batch((time.perf_counter() - started) * 1000)
         self._notify()
+
+    async def _ack(self, items: list[_Item], ok: list[_Item], acking: _Acking) -> None:
+        """Acknowledge the handled entries ``ok`` of batch ``items`` (a task of its own); a
+        failure surfaces when the next batch, or the end of the loop, waits for it (the
+        entries stay pending, redelivered like any other)."""
+        try:
+            await self.group_ops.ack(_entry_ids(ok))
+            self.metrics.acked += len(ok)
+        except Exception as exc:
+            acking.error = exc
+        finally:
+            self._inflight.pop(id(items), None)
+            acking.done.set()
+            self._notify()
+
+    async def _acked(self) -> None:
+        """Wait for the acknowledgement in flight, if any; raise what failed it."""
+        acking, self._acking = self._acking, None
+        if acking is not None:
+            await acking.done.wait()
+            if acking.error is not None:
+                raise acking.error
 
     async def _handle(
         self, items: list[_Item]

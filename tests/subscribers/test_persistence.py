@@ -360,7 +360,7 @@ async def test_batches_in_a_row_share_one_checkout_given_back_when_idle_or_close
     each, with the pool's pre-ping, would cost round trips every batch); one that comes after
     ``hold_idle_s`` without a batch checks out a fresh (pinged) one, and closing gives the
     kept one back to the pool."""
-    (sid, top), = (await populate(event_log, 1, 9)).items()
+    (sid, _), = (await populate(event_log, 1, 9)).items()
     log = await read_all(event_log, sid)
     checkouts = []
     async with Persistence(event_log, db_url, prefix=table_prefix) as p:
