@@ -349,7 +349,11 @@ class SubscriberRunner(Running):
         if self._ahead is not None and self._ahead.items:  # read already: finish it too
             ahead, self._ahead = self._ahead, None
             await self._process(ahead.items)
-        await self._acked()
+        try:
+            await self._acked()
+        except RedisError as exc:  # left pending: redelivered like any other pending entry
+            log_.warning("subscriber %s: the last acknowledgement failed (%s); its entries "
+                         "stay pending", self.group, exc)
 
     async def _recovered(self, created: list[int]) -> None:
         self._cursor = dict.fromkeys(self.shards, "0-0")
