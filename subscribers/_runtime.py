@@ -34,7 +34,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
-from eventcore._codec import feed_parts
+from eventcore._codec import feed_parts, fields_of
 from eventcore._groups import Claimed, ConsumerGroup
 from eventcore._lifetime import Running
 from eventcore._streams import ShardStreams
@@ -62,11 +62,13 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class _Item:
-    """A delivery in hand with its raw fields (for the dead-letter stream) and its key."""
+    """A delivery in hand with its raw fields (for the dead-letter stream; as read: a dict, or
+    Redis's flat list) and its key."""
 
     __slots__ = ("delivery", "fields", "key")
 
-    def __init__(self, delivery: Delivery, fields: Mapping[bytes, bytes]) -> None:
+    def __init__(self, delivery: Delivery, fields: Mapping[bytes, bytes] | list[bytes]
+                 ) -> None:
         self.delivery = delivery
         self.fields = fields
         self.key = (delivery.shard, delivery.entry_id)
@@ -393,7 +395,7 @@ class SubscriberRunner(Running):
             self._read_scope = scope
             if self._stopping:
                 scope.cancel()
-            raw = await self.group_ops.read(self.batch, block)
+            raw = await self.group_ops.read(self.batch, block, pairs=True)
         self._read_scope = None
         if scope.cancelled_caught:
             return False
@@ -445,7 +447,8 @@ class SubscriberRunner(Running):
                 env, body, server_body, inc, blob = feed_parts(fields)
             except CorruptEntry:  # again, naming the entry in the error (the rare path)
                 try:
-                    decode_feed_entry(fields, f"{self.group_ops.stream(shard)} {entry_id}")
+                    decode_feed_entry(fields_of(fields),
+                                      f"{self.group_ops.stream(shard)} {entry_id}")
                     raise AssertionError("decoding a feed entry is deterministic") from None
                 except CorruptEntry as exc:
                     await self._dead_letter(shard, entry_id, fields, attempt, exc)
@@ -472,7 +475,7 @@ class SubscriberRunner(Running):
         acknowledged before it is handled in turn, so an abandoned read-ahead is redelivered
         like any pending entry. A failure surfaces when the next round takes the batch."""
         try:
-            raw = await self.group_ops.read(self.batch, None)
+            raw = await self.group_ops.read(self.batch, None, pairs=True)
             if raw:
                 ahead.items = await self._decode(raw)
                 self._inflight[id(ahead.items)] = ahead.items
@@ -587,11 +590,11 @@ class SubscriberRunner(Running):
                                        _Item(nxt, item.fields))
 
     async def _dead_letter(
-        self, shard: int, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int,
-        exc: BaseException,
+        self, shard: int, entry_id: str, fields: Mapping[bytes, bytes] | list[bytes],
+        deliveries: int, exc: BaseException,
     ) -> None:
         info = ErrorInfo.from_exception(exc)
         if isinstance(exc, CorruptEntry):
             info = ErrorInfo(type=info.type, message=info.message, retryable=False)
-        await self.group_ops.dead_letter(shard, entry_id, fields, deliveries, info)
+        await self.group_ops.dead_letter(shard, entry_id, fields_of(fields), deliveries, info)
         self.metrics.dead_lettered += 1
