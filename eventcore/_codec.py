@@ -42,6 +42,7 @@ __all__ = [
     "entry_type",
     "feed_parts",
     "feed_ref",
+    "fields_of",
     "seq_id",
     "session_info",
     "session_started_parts",
@@ -146,18 +147,48 @@ def feed_ref(fields: Mapping[bytes, bytes]) -> tuple[bytes | None, bytes | None]
     return fields.get(_FEED_SID), fields.get(_FEED_SEQ)
 
 
-def feed_parts(fields: Mapping[bytes, bytes]
+def fields_of(fields: Mapping[bytes, bytes] | list[bytes]) -> Mapping[bytes, bytes]:
+    """An entry's fields as a mapping, given as one or as Redis's flat ``[field, value, ...]``
+    list."""
+    if isinstance(fields, list):
+        it = iter(fields)
+        return dict(zip(it, it, strict=False))
+    return fields
+
+
+def feed_parts(fields: Mapping[bytes, bytes] | list[bytes]
                ) -> tuple[Envelope, bytes, bytes | None, str, bool]:
     """A feed entry in one pass (the subscribers' hot path): its envelope (checked against its
     ``sid`` and ``seq`` fields, as a subscriber's ``decode_feed_entry`` does), client JSON,
     server_data JSON (None: none), incarnation (``""``: the entry does not say) and whether its
     payload lives in a blob. :class:`CorruptEntry` (not naming the entry) where
-    ``decode_feed_entry`` raises it."""
-    get = fields.get
-    sid, seq, body = get(_FEED_SID), get(_FEED_SEQ), get(_D)
+    ``decode_feed_entry`` raises it.
+
+    ``fields`` may be Redis's flat ``[field, value, ...]`` list: the two layouts the append
+    script writes for an envelope with neither server_data nor a blob (sid, seq, [inc,] t, d)
+    are read by position, anything else through a dict."""
+    sid: bytes | None
+    seq: bytes | None
+    body: bytes | None
+    sd: bytes | None
+    inc: bytes | None
+    if isinstance(fields, list):
+        n = len(fields)
+        if (n == 10 and fields[0] == _FEED_SID and fields[2] == _FEED_SEQ
+                and fields[4] == _INC and fields[6] == _T and fields[8] == _D):
+            sid, seq, inc, body, sd, blob = (fields[1], fields[3], fields[5], fields[9],
+                                             None, False)
+        elif (n == 8 and fields[0] == _FEED_SID and fields[2] == _FEED_SEQ
+                and fields[4] == _T and fields[6] == _D):
+            sid, seq, inc, body, sd, blob = fields[1], fields[3], None, fields[7], None, False
+        else:
+            return feed_parts(fields_of(fields))
+    else:
+        get = fields.get
+        sid, seq, body, sd, inc = get(_FEED_SID), get(_FEED_SEQ), get(_D), get(_SD), get(_INC)
+        blob = _R in fields
     if sid is None or seq is None or body is None or not seq.isdigit():
         raise CorruptEntry("feed entry has no valid 'sid'/'seq'/envelope fields")
-    sd = get(_SD)
     try:
         env = _env_decoder.decode(body)
         if sd is not None:
@@ -166,8 +197,7 @@ def feed_parts(fields: Mapping[bytes, bytes]
         raise CorruptEntry(f"feed entry is not a valid envelope: {exc}") from exc
     if env.seq != int(seq) or env.session_id.encode() != sid:
         raise CorruptEntry("feed entry: envelope and fields disagree")
-    inc = get(_INC)
-    return (env, body, sd, "" if inc is None else inc.decode(errors="replace"), _R in fields)
+    return (env, body, sd, "" if inc is None else inc.decode(errors="replace"), blob)
 
 
 _AGENT = b'{"agent":"'

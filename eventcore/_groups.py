@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, overload, runtime_checkable
 
 import anyio
 import redis.exceptions as rexc
@@ -36,6 +36,7 @@ __all__ = [
     "Claimed",
     "ConsumerGroup",
     "Entry",
+    "PairsEntry",
     "Reclaimed",
     "is_nogroup",
 ]
@@ -63,6 +64,9 @@ def is_nogroup(exc: BaseException) -> bool:
 
 #: one entry read or reclaimed: (shard, entry id, fields)
 Entry = tuple[int, str, dict[bytes, bytes]]
+#: one entry read with ``pairs``: its fields as a dict, or as Redis sent them, a flat list
+#: ``[field, value, ...]`` (:func:`~eventcore._codec.fields_of` makes the dict)
+PairsEntry = tuple[int, str, dict[bytes, bytes] | list[bytes]]
 
 
 @runtime_checkable
@@ -213,8 +217,16 @@ class ConsumerGroup:
         return True
 
     # -- reading and acknowledging ---------------------------------------------------------------
-    async def read(self, count: int, block_ms: int | None, span: Span | None = None
-                   ) -> list[Entry]:
+    @overload
+    async def read(self, count: int, block_ms: int | None, span: Span | None = None, *,
+                   pairs: Literal[False] = False) -> list[Entry]: ...
+
+    @overload
+    async def read(self, count: int, block_ms: int | None, span: Span | None = None, *,
+                   pairs: Literal[True]) -> list[PairsEntry]: ...
+
+    async def read(self, count: int, block_ms: int | None, span: Span | None = None, *,
+                   pairs: bool = False) -> list[Entry] | list[PairsEntry]:
         """XREADGROUP of new entries over ``span`` (default: every shard), up to ``count``
         per shard, blocking up to ``block_ms`` (None: not at all). A lost group raises (see
         :meth:`recovered`).
@@ -230,16 +242,41 @@ class ConsumerGroup:
         polled; a read that follows an empty one polls only what was rung since (or all, once
         ``safety_poll_s`` passed). Without a live doorbell it polls again after a pause
         growing from 5 to 100 ms; until ``block_ms`` is spent. The connections stay one per
-        node however many shards there are."""
+        node however many shards there are.
+
+        ``pairs``: on a single node, each entry's fields as the flat list Redis sent (the
+        reply is not parsed into a dict per entry: the subscribers' hot path reads a few
+        fields of each); on Redis Cluster as dicts still."""
         if self.cluster:
             return await self._poll_nodes(count, block_ms, span or self.span)
         span = span or self.span
+        if pairs:
+            return await self._read_pairs(count, block_ms, span)
         with redis_errors("xreadgroup"):
             got = await self.redis.xreadgroup(
                 self.group, self.consumer, dict.fromkeys(span.streams, ">"), count=count,
                 block=block_ms)
         out: list[Entry] = []
         for name, items in got or ():  # the shard once per stream, not once per entry
+            shard = span.shard_of(_s(name))
+            out += [(shard, _s(eid), fields) for eid, fields in items]
+        return out
+
+    async def _read_pairs(self, count: int, block_ms: int | None, span: Span
+                          ) -> list[PairsEntry]:
+        args: list[object] = ["COUNT", count]
+        if block_ms is not None:
+            args += ["BLOCK", block_ms]
+        # named as two words, which redis-py packs as such and has no reply parser for:
+        # the reply comes as Redis sent it (stream name, [[entry id, [field, value, ...]]])
+        with redis_errors("xreadgroup"):
+            got = await cast("Any", self.redis).execute_command(
+                "XREADGROUP GROUP", self.group, self.consumer, *args, "STREAMS",
+                *span.streams, *(">",) * len(span.streams))
+        if isinstance(got, dict):  # RESP3: a map of stream name -> entries
+            got = got.items()
+        out: list[PairsEntry] = []
+        for name, items in got or ():
             shard = span.shard_of(_s(name))
             out += [(shard, _s(eid), fields) for eid, fields in items]
         return out

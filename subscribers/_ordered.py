@@ -120,20 +120,36 @@ class OrderedSubscriber(ABC):
         if self._log is None:  # fail on the first batch, not on the first gap
             raise UsageError(f"{type(self).__name__} was built without a log: it cannot "
                                "run as a subscriber")
-        incarnations = await self._incarnations(deliveries)
-        envelopes = [d.envelope for d in deliveries]
+        # one pass: per session the newest incarnation delivered, its envelopes by seq (a
+        # duplicate in the batch kept once), and whether it was deleted; everything of an
+        # older incarnation is stale, also when a newer one comes later in the batch
+        current: Mapping[str, str | None] | None = None
         newest: dict[str, str] = {}
-        for env, inc in zip(envelopes, incarnations, strict=True):
-            cur = newest.get(env.session_id)
-            if cur is None or inc > cur:
-                newest[env.session_id] = inc
         todo: dict[str, dict[int, Envelope]] = {}
         gone: set[str] = set()
-        for env, inc in zip(envelopes, incarnations, strict=True):
+        stale = 0
+        for n, d in enumerate(deliveries):
+            env = d.envelope
             sid = env.session_id
-            if inc != newest[sid]:  # superseded by a newer incarnation in this very batch
-                self.stats.stale += 1
-            elif env.type == DELETED:
+            inc = d.incarnation
+            if not inc:  # the session's current incarnation (one query for the batch)
+                if current is None:
+                    current = await self._current(deliveries)
+                inc = current.get(sid) or ""
+            cur = newest.get(sid)
+            if cur is None:
+                newest[sid] = inc
+            elif inc != cur:
+                if inc < cur:  # superseded by a newer incarnation in this very batch
+                    stale += 1
+                    continue
+                # supersedes what came before it in the batch (rare: counted again here)
+                stale += sum(1 for e in deliveries[:n] if e.envelope.session_id == sid
+                             and (e.incarnation or (current or {}).get(sid) or "") == cur)
+                todo.pop(sid, None)
+                gone.discard(sid)
+                newest[sid] = inc
+            if env.type == DELETED:
                 gone.add(sid)
             else:
                 envs = todo.get(sid)
@@ -141,6 +157,7 @@ class OrderedSubscriber(ABC):
                     todo[sid] = {env.seq: env}
                 elif env.seq not in envs:
                     envs[env.seq] = env
+        self.stats.stale += stale
         for sid in gone:
             self.stats.stale += len(todo.pop(sid, ()))
             self.stats.deleted += 1
@@ -172,14 +189,11 @@ class OrderedSubscriber(ABC):
             todo = {sid: todo[sid] for sid in conflicts}
         raise ApplyConflict(f"sessions {sorted(todo)[:5]} kept moving; retrying later")
 
-    async def _incarnations(self, deliveries: Sequence[Delivery]) -> list[str]:
-        """Each delivery's incarnation; one that does not say is taken to be the session's
-        current one (a legacy entry's session has none either)."""
+    async def _current(self, deliveries: Sequence[Delivery]) -> Mapping[str, str | None]:
+        """The current incarnation of each session with a delivery that does not say which
+        it belongs to (a legacy entry's session has none either)."""
         unknown = sorted({d.envelope.session_id for d in deliveries if not d.incarnation})
-        if not unknown:
-            return [d.incarnation for d in deliveries]
-        current = await self.log.incarnations(unknown)
-        return [d.incarnation or current.get(d.envelope.session_id) or "" for d in deliveries]
+        return await self.log.incarnations(unknown)
 
     async def _run(self, sid: str, inc: str, pos: Position, envs: Mapping[int, Envelope]
                    ) -> Run | None:

@@ -127,6 +127,9 @@ class Persistence(OrderedSubscriber):
     """
 
     name = "persistence"
+    #: a connection kept between batches is given back after this long without one (then the
+    #: next batch checks out a pinged one: a connection idle that long may have been dropped)
+    hold_idle_s = 5.0
 
     def __init__(
         self,
@@ -159,12 +162,15 @@ class Persistence(OrderedSubscriber):
         # the deliveries of the batch in hand, by their envelope's identity: a run's envelope
         # that came from the feed is stored as the feed's JSON (not encoded again)
         self._from_feed: dict[int, Delivery] = {}
-        # the pooled connection the batch in hand reads its positions and writes on (one
-        # checkout, so one pre-ping, per batch); None outside a batch or after a failure. Only
-        # the task handling the batch uses it: a call from another task meanwhile (watermarks
+        # the pooled connection batches read their positions and write on, kept from one batch
+        # to the next while they keep coming (no checkout, so no pre-ping's round trips, per
+        # batch); given back once idle for ``hold_idle_s`` (the next batch checks out a fresh,
+        # pinged one), after a failure on it, and at close. Only the task handling a batch
+        # uses it, and only during the batch: a call from another task meanwhile (watermarks
         # read by an API, a test) checks out its own, so it neither shares nor replaces it
         self._batch_task: int | None = None
         self._held: AsyncConnection | None = None
+        self._held_at = 0.0  # when the last batch on it ended (monotonic)
         self._dialect = sa.engine.make_url(url).get_backend_name()
         if self._dialect not in ("sqlite", "postgresql"):
             raise ConfigError(f"database URL {url!r}: use postgresql+asyncpg:// or sqlite+aiosqlite://")
@@ -230,6 +236,7 @@ class Persistence(OrderedSubscriber):
                 await conn.execute(t.update().values(version=SCHEMA_VERSION))
 
     async def aclose(self) -> None:
+        await self._release_held()
         if self._engine is not None:
             engine, self._engine = self._engine, None
             with anyio.CancelScope(shield=True):  # closing must finish even when cancelled
@@ -286,20 +293,27 @@ class Persistence(OrderedSubscriber):
         self._from_feed = dict(zip(map(id, map(_ENVELOPE, deliveries)), deliveries,
                                    strict=True))
         self._batch_task = anyio.get_current_task().id
+        if self._held is not None and time.monotonic() - self._held_at > self.hold_idle_s:
+            await self._release_held()
         try:
             await super().handle(deliveries)
         finally:
             self._from_feed, self._batch_task = {}, None
-            held, self._held = self._held, None
-            if held is not None:
-                with anyio.CancelScope(shield=True):
-                    await held.close()
+            self._held_at = time.monotonic()
+
+    async def _release_held(self) -> None:
+        """Give the connection kept between batches back to the pool."""
+        held, self._held = self._held, None
+        if held is not None:
+            with anyio.CancelScope(shield=True):
+                await held.close()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection]:
-        """The hot path's connection: within a batch one checkout for all its steps (the
-        pool pre-pings it once), else a checkout of its own. A failure gives it up (discarded
-        when the database is unavailable), so a retry checks out a fresh, pinged one."""
+        """The hot path's connection: within a batch the one kept between batches (checked
+        out, and pre-pinged by the pool, when there is none), else a checkout of its own. A
+        failure gives it up (discarded when the database is unavailable), so a retry checks
+        out a fresh, pinged one."""
         if self._batch_task is None or anyio.get_current_task().id != self._batch_task:
             async with self.engine.connect() as conn:
                 yield conn

@@ -1,6 +1,8 @@
 """The consumer-group runtime: one runner drives one subscriber over every shard feed.
 
-One loop per runner, so a batch is handled, acknowledged and only then is the next one read:
+One loop per runner; batches are handled one after the other, each acknowledged once handled
+(the acknowledgement sent while the next batch is handled, and the next batch read while the
+current one is handled: at most one of each in flight). Each round:
 
 1. retries that are due (entries whose handling failed, after a backoff);
 2. every ``claim_interval_ms``: a fenced XAUTOCLAIM pass (the core runtime's
@@ -32,7 +34,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from eventcore import CorruptEntry, ErrorInfo, EventLog, RedisError, RedisUnavailable
-from eventcore._codec import feed_parts
+from eventcore._codec import feed_parts, fields_of
 from eventcore._groups import Claimed, ConsumerGroup
 from eventcore._lifetime import Running
 from eventcore._streams import ShardStreams
@@ -60,11 +62,13 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class _Item:
-    """A delivery in hand with its raw fields (for the dead-letter stream) and its key."""
+    """A delivery in hand with its raw fields (for the dead-letter stream; as read: a dict, or
+    Redis's flat list) and its key."""
 
     __slots__ = ("delivery", "fields", "key")
 
-    def __init__(self, delivery: Delivery, fields: Mapping[bytes, bytes]) -> None:
+    def __init__(self, delivery: Delivery, fields: Mapping[bytes, bytes] | list[bytes]
+                 ) -> None:
         self.delivery = delivery
         self.fields = fields
         self.key = (delivery.shard, delivery.entry_id)
@@ -90,6 +94,17 @@ class _Ahead:
     def __init__(self) -> None:
         self.done = anyio.Event()
         self.items: list[_Item] = []
+        self.error: Exception | None = None
+
+
+class _Acking:
+    """The acknowledgement of a handled batch, sent while the next batch is handled (at most
+    one at a time, in batch order)."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
         self.error: Exception | None = None
 
 
@@ -174,6 +189,7 @@ class SubscriberRunner(Running):
         self._progress = anyio.Event()
         self._tg: TaskGroup | None = None
         self._ahead: _Ahead | None = None
+        self._acking: _Acking | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -226,7 +242,7 @@ class SubscriberRunner(Running):
             with anyio.CancelScope() as self._run_scope:
                 await self.ensure_groups()
                 async with anyio.create_task_group() as tg:
-                    self._tg, self._ahead = tg, None
+                    self._tg, self._ahead, self._acking = tg, None, None
                     tg.start_soon(self._heartbeat)
                     if not burst:
                         tg.start_soon(self._maintenance)
@@ -240,7 +256,7 @@ class SubscriberRunner(Running):
                     tg.cancel_scope.cancel()
         finally:
             self._running = False
-            self._run_scope = self._tg = self._ahead = None
+            self._run_scope = self._tg = self._ahead = self._acking = None
             with anyio.CancelScope(shield=True):
                 await self._release_leases()
             self._done.set()
@@ -335,6 +351,11 @@ class SubscriberRunner(Running):
         if self._ahead is not None and self._ahead.items:  # read already: finish it too
             ahead, self._ahead = self._ahead, None
             await self._process(ahead.items)
+        try:
+            await self._acked()
+        except RedisError as exc:  # left pending: redelivered like any other pending entry
+            log_.warning("subscriber %s: the last acknowledgement failed (%s); its entries "
+                         "stay pending", self.group, exc)
 
     async def _recovered(self, created: list[int]) -> None:
         self._cursor = dict.fromkeys(self.shards, "0-0")
@@ -374,7 +395,7 @@ class SubscriberRunner(Running):
             self._read_scope = scope
             if self._stopping:
                 scope.cancel()
-            raw = await self.group_ops.read(self.batch, block)
+            raw = await self.group_ops.read(self.batch, block, pairs=True)
         self._read_scope = None
         if scope.cancelled_caught:
             return False
@@ -426,7 +447,8 @@ class SubscriberRunner(Running):
                 env, body, server_body, inc, blob = feed_parts(fields)
             except CorruptEntry:  # again, naming the entry in the error (the rare path)
                 try:
-                    decode_feed_entry(fields, f"{self.group_ops.stream(shard)} {entry_id}")
+                    decode_feed_entry(fields_of(fields),
+                                      f"{self.group_ops.stream(shard)} {entry_id}")
                     raise AssertionError("decoding a feed entry is deterministic") from None
                 except CorruptEntry as exc:
                     await self._dead_letter(shard, entry_id, fields, attempt, exc)
@@ -453,7 +475,7 @@ class SubscriberRunner(Running):
         acknowledged before it is handled in turn, so an abandoned read-ahead is redelivered
         like any pending entry. A failure surfaces when the next round takes the batch."""
         try:
-            raw = await self.group_ops.read(self.batch, None)
+            raw = await self.group_ops.read(self.batch, None, pairs=True)
             if raw:
                 ahead.items = await self._decode(raw)
                 self._inflight[id(ahead.items)] = ahead.items
@@ -476,11 +498,19 @@ class SubscriberRunner(Running):
         if read_ahead and not self._stopping and self._tg is not None and self._ahead is None:
             self._ahead = _Ahead()
             self._tg.start_soon(self._read_ahead, self._ahead)
+        acking = False
         try:
             self.metrics.delivered += len(items)
             ok, failed = await self._handle(items)
-            await self.group_ops.ack(_entry_ids(ok))
-            self.metrics.acked += len(ok)
+            await self._acked()  # the previous batch's, sent while this one was handled
+            if ok and self._tg is not None:
+                # sent while the next batch is handled; held (heartbeat) until acknowledged
+                self._acking = _Acking()
+                self._tg.start_soon(self._ack, items, ok, self._acking)
+                acking = True
+            else:
+                await self.group_ops.ack(_entry_ids(ok))
+                self.metrics.acked += len(ok)
             outage = bool(failed) and all(is_transient(exc) for _, exc in failed)
             self._backend_streak = self._backend_streak + 1 if outage else 0
             for item, exc in failed:
@@ -490,10 +520,33 @@ class SubscriberRunner(Running):
                 log_.warning("subscriber %s: backend unavailable (%s: %s); %d entries wait to "
                              "be retried", self.group, type(exc).__name__, exc, len(failed))
         finally:
-            self._inflight.pop(id(items), None)
+            if not acking:
+                self._inflight.pop(id(items), None)
         self.metrics.retry_queue = len(self._retry)
         self.metrics.record_batch((time.perf_counter() - started) * 1000)
         self._notify()
+
+    async def _ack(self, items: list[_Item], ok: list[_Item], acking: _Acking) -> None:
+        """Acknowledge the handled entries ``ok`` of batch ``items`` (a task of its own); a
+        failure surfaces when the next batch, or the end of the loop, waits for it (the
+        entries stay pending, redelivered like any other)."""
+        try:
+            await self.group_ops.ack(_entry_ids(ok))
+            self.metrics.acked += len(ok)
+        except Exception as exc:
+            acking.error = exc
+        finally:
+            self._inflight.pop(id(items), None)
+            acking.done.set()
+            self._notify()
+
+    async def _acked(self) -> None:
+        """Wait for the acknowledgement in flight, if any; raise what failed it."""
+        acking, self._acking = self._acking, None
+        if acking is not None:
+            await acking.done.wait()
+            if acking.error is not None:
+                raise acking.error
 
     async def _handle(
         self, items: list[_Item]
@@ -537,11 +590,11 @@ class SubscriberRunner(Running):
                                        _Item(nxt, item.fields))
 
     async def _dead_letter(
-        self, shard: int, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int,
-        exc: BaseException,
+        self, shard: int, entry_id: str, fields: Mapping[bytes, bytes] | list[bytes],
+        deliveries: int, exc: BaseException,
     ) -> None:
         info = ErrorInfo.from_exception(exc)
         if isinstance(exc, CorruptEntry):
             info = ErrorInfo(type=info.type, message=info.message, retryable=False)
-        await self.group_ops.dead_letter(shard, entry_id, fields, deliveries, info)
+        await self.group_ops.dead_letter(shard, entry_id, fields_of(fields), deliveries, info)
         self.metrics.dead_lettered += 1

@@ -8,7 +8,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from eventcore import EventLog
+from eventcore import CorruptEntry, Envelope, EventLog
+from eventcore._codec import feed_parts, fields_of
 from eventcore._groups import ConsumerGroup
 from eventcore._lifetime import Running
 from eventcore._streams import ShardStreams, id_key, id_pred, spans
@@ -170,3 +171,55 @@ async def test_a_running_part_is_ready_on_entry_and_stopped_on_exit() -> None:
         with pytest.raises(UsageError):
             await part.__aenter__()
     assert part.closed.is_set()
+
+
+async def test_a_read_with_pairs_gives_the_fields_as_redis_sent_them(event_log: EventLog) -> None:
+    """``read(pairs=True)`` (the subscribers' hot path) reads the same entries as a plain read,
+    each one's fields as Redis's flat [field, value, ...] list on a single node instead of a
+    dict; ``feed_parts`` decodes either alike (the append script's own layouts by position,
+    any other through a dict), and a read that finds nothing returns nothing."""
+    log = event_log
+    plain, paired = _group(log, "plain"), _group(log, "paired")
+    await plain.ensure()
+    await paired.ensure()
+    s = await log.create_session("a")
+    await log.append_many([
+        Envelope(type="message", session_id=s.session_id, payload={"i": 1}),
+        Envelope(type="message", session_id=s.session_id, payload={"i": 2},
+                 server_data={"secret": True}),
+    ])
+    await _fill(log, 1, 2)  # not feed entries: neither layout
+    want = await plain.read(100, None)
+    got = await paired.read(100, None, pairs=True)
+    assert len(want) == 5 and all(isinstance(f, list) for _, _, f in got)
+    assert [(sh, fields_of(f)) for sh, _, f in got] == [(sh, f) for sh, _, f in want]
+    for (_, _, d), (_, _, f) in zip(want, got, strict=True):
+        if b"sid" in d:
+            assert feed_parts(f) == feed_parts(d)
+        else:
+            with pytest.raises(CorruptEntry):
+                feed_parts(f)
+    assert await paired.read(100, 5, pairs=True) == []
+
+
+def test_feed_parts_reads_every_layout_of_a_flat_list_as_of_a_dict() -> None:
+    """The two layouts read by position and every other (server data, a blob, fields in
+    another order, something missing) read through a dict give the same as the dict."""
+    body = b'{"seq":3,"type":"message","session_id":"s1","ts":"2026-01-01T00:00:00Z"}'
+    layouts = [
+        [b"sid", b"s1", b"seq", b"3", b"inc", b"7", b"t", b"message", b"d", body],
+        [b"sid", b"s1", b"seq", b"3", b"t", b"message", b"d", body],
+        [b"sid", b"s1", b"seq", b"3", b"inc", b"7", b"t", b"message", b"d", body,
+         b"sd", b'{"k":1}'],
+        [b"sid", b"s1", b"seq", b"3", b"t", b"message", b"d", body, b"r", b"1"],
+        [b"t", b"message", b"d", body, b"seq", b"3", b"sid", b"s1"],
+    ]
+    for flat in layouts:
+        assert feed_parts(flat) == feed_parts(fields_of(flat))
+    for broken in ([b"sid", b"s2", b"seq", b"3", b"t", b"message", b"d", body],
+                   [b"sid", b"s1", b"seq", b"x", b"t", b"message", b"d", body],
+                   [b"sid", b"s1", b"t", b"message", b"d", body]):
+        with pytest.raises(CorruptEntry):
+            feed_parts(broken)
+        with pytest.raises(CorruptEntry):
+            feed_parts(fields_of(broken))

@@ -13,7 +13,7 @@ from subscriber_helpers import all_keys, fast, populate
 
 from eventcore import ConfigError, Envelope, EventLog, HistoryGone, client_json
 from eventcore.subscribers import SCHEMA_VERSION, Delivery, Persistence, SubscriberRunner
-from eventcore.subscribers._ordered import Position
+from eventcore.subscribers._ordered import DELETED, Position
 from eventcore.testing.invariants import assert_replay_suffixes, check_log, read_all
 
 
@@ -347,6 +347,61 @@ async def test_a_call_from_another_task_during_a_batch_holds_no_connection_after
                 assert p.engine.pool.checkedout() == 0  # returned, not kept as the batch's
                 p.go.set()
             assert await p.watermarks([sid]) == {sid: top}
-            assert p.engine.pool.checkedout() == 0
+            assert p.engine.pool.checkedout() == 1  # the batch's, kept for the next batch
         finally:
             await p.drop_tables()
+    assert p._held is None  # given back at close
+
+
+async def test_batches_in_a_row_share_one_checkout_given_back_when_idle_or_closed(
+    event_log: EventLog, db_url: str, table_prefix: str
+) -> None:
+    """Batches that keep coming write on one connection, kept from batch to batch (a checkout
+    each, with the pool's pre-ping, would cost round trips every batch); one that comes after
+    ``hold_idle_s`` without a batch checks out a fresh (pinged) one, and closing gives the
+    kept one back to the pool."""
+    (sid, _), = (await populate(event_log, 1, 9)).items()
+    log = await read_all(event_log, sid)
+    checkouts = []
+    async with Persistence(event_log, db_url, prefix=table_prefix) as p:
+        sa.event.listen(p.engine.sync_engine, "checkout", lambda *a: checkouts.append(1))
+        try:
+            for n in range(0, 6, 2):
+                await p.handle([Delivery(f"0-{n + i + 1}", 0, e)
+                                for i, e in enumerate(log[n:n + 2])])
+            assert len(checkouts) == 1
+            assert p.engine.pool.checkedout() == 1
+            p.hold_idle_s = 0.0  # every gap between batches is now too long to keep it
+            await p.handle([Delivery("0-7", 0, log[6])])
+            assert len(checkouts) == 2
+            assert await p.watermarks([sid]) == {sid: 7}  # another task: its own checkout
+            assert p.engine.pool.checkedout() == 1
+        finally:
+            await p.drop_tables()
+        held = p._held
+        assert held is not None
+    assert p._held is None and held.closed
+
+
+async def test_a_batch_mixing_incarnations_keeps_only_the_newest(persistence: Persistence) -> None:
+    """One batch may carry entries of two incarnations of one session id, in any order: those
+    of the older one (before or after the newer one's, a duplicate and its deletion marker
+    among them) are stale, only the newest incarnation's apply; its own deletion marker
+    drops what it delivered and purges it."""
+    sid = "s_mixed"
+
+    def entry(n: int, inc: str, seq: int, kind: str = "message") -> Delivery:
+        env = Envelope(type=kind, session_id=sid, seq=seq, payload={"inc": inc})
+        return Delivery(f"0-{n}", 0, env, 1, inc)
+
+    await persistence.handle([entry(1, "a", 1), entry(2, "a", 2), entry(3, "a", 2),
+                              entry(4, "a", 0, DELETED), entry(5, "b", 1), entry(6, "a", 3),
+                              entry(7, "b", 2)])
+    assert [(e.seq, e.payload) for e in await stored(persistence, sid)] == [
+        (1, {"inc": "b"}), (2, {"inc": "b"})]
+    assert persistence.stats.stale == 5 and persistence.stats.deleted == 0
+    assert persistence.stats.applied == 2
+    await persistence.handle([entry(8, "b", 3), entry(9, "b", 0, DELETED), entry(10, "a", 4)])
+    assert await persistence.count(sid) == 0
+    assert persistence.stats.stale == 5 + 2 and persistence.stats.deleted == 1
+    assert persistence.stats.applied == 2

@@ -392,3 +392,39 @@ async def test_graceful_stop_handles_the_batch_read_ahead(event_log: EventLog) -
     assert m.pending == 0 and runner.metrics.acked == len(rec.got)
     assert len(rec.got) < len(all_keys(last))  # stopped: not everything was read
     assert runner.metrics.delivered == len(rec.got) >= ahead + 1
+
+
+async def test_a_batch_is_acked_while_the_next_is_handled_and_held_until_then(
+    event_log: EventLog,
+) -> None:
+    """A handled batch's acknowledgement goes out while the next batch is handled (not one
+    round trip after the other); until it is done its entries stay in the runner's hand (the
+    heartbeat keeps them from looking idle, a reclaim pass skips them): every entry handled
+    before is acknowledged or held, never neither. A drain ends with every entry handled
+    once and acknowledged."""
+    last = await populate(event_log, 4, 6)
+    earlier: list[Delivery] = []
+    ack_in_flight: list[bool] = []
+
+    class Checking(Recorder):
+        async def handle(self, deliveries: Sequence[Delivery]) -> None:
+            held = set(runner._held())  # before the look at Redis (an ack may end meanwhile)
+            ack_in_flight.append(getattr(runner, "_acking", None) is not None)
+            pending = set()
+            for shard in event_log.keys.all_shards():
+                rows = await event_log.redis.xpending_range(
+                    event_log.keys.feed(shard), "acks", "-", "+", 10_000)
+                pending |= {(shard, r["message_id"].decode()) for r in rows}
+            for d in earlier:
+                assert (d.shard, d.entry_id) in held or (d.shard, d.entry_id) not in pending
+            await super().handle(deliveries)
+            earlier.extend(deliveries)
+
+    rec = Checking("acks")
+    runner = SubscriberRunner(event_log, rec, batch=1, **fast())
+    assert await runner.drain() == len(all_keys(last))
+    assert len(ack_in_flight) > 2
+    assert ack_in_flight[0] is False and all(ack_in_flight[1:])  # the previous one's, each time
+    assert sorted(rec.keys) == sorted(all_keys(last))
+    m = await runner.refresh_metrics()
+    assert m.pending == 0 and runner.metrics.acked == len(all_keys(last))
