@@ -1,6 +1,6 @@
 """Dispatch throughput of one worker process, against taskiq and arq, plus recovery time.
 
-Run: ``.venv/bin/python benchmarks/dispatch.py [--jobs 8000] [--runs 3] [--rounds 2]
+Run: ``.venv/bin/python benchmarks/dispatch.py [--jobs 16000] [--runs 3] [--rounds 4]
 [--warmup 200] [--concurrency 1000] [--recovery-runs 5]``. Spawns its own redis-server (no
 AOF) and, in one run, side by side on it:
 
@@ -451,10 +451,10 @@ async def flush(url: str) -> None:
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--jobs", type=int, default=8000,
+    ap.add_argument("--jobs", type=int, default=16000,
                     help="jobs per system and run (split over --rounds)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--rounds", type=int, default=4,
                     help="measurements per system and run, in counterbalanced order")
     ap.add_argument("--warmup", type=int, default=200,
                     help="live mode: jobs completed before each measurement's clock starts")
