@@ -1,7 +1,8 @@
 """Dispatch throughput of one worker process, against taskiq and arq, plus recovery time.
 
-Run: ``.venv/bin/python benchmarks/dispatch.py [--jobs 3000] [--runs 3] [--concurrency 1000]
-[--recovery-runs 5]``. Spawns its own redis-server (no AOF) and, in one run, side by side on it:
+Run: ``.venv/bin/python benchmarks/dispatch.py [--jobs 16000] [--runs 3] [--rounds 4]
+[--warmup 200] [--concurrency 1000] [--recovery-runs 5]``. Spawns its own redis-server (no
+AOF) and, in one run, side by side on it:
 
 ``eventcore``  sessions started -> first event recorded: N sessions of an agent that emits one
                event and ends. Each session is a ``session.created`` append that writes the
@@ -19,10 +20,23 @@ Each system runs in two modes, all with the same concurrency (in-flight limit):
 ``live``       the worker runs while N jobs are submitted as fast as one client can: completions
                per second from the first submission, and latency submit -> completion (p50/p99)
 
-Completion is observed the same way for all (XREAD of a stream in this process). Then the
-recovery time: a worker hosting sessions in the middle of a run is stopped, and a second worker
-takes them over. Reported: the time from the stop until every session has recorded an event
-from the new worker (median of several runs), for
+Completion is observed the same way for all (XREAD of a stream in this process). The
+submitting client is the same for all: ``limited(n, 256, ...)``, 256 submitters each making
+one awaited call of the system's own client API per job (``create_session``, ``kiq``,
+``enqueue_job``), unpaced.
+
+How a run measures, the same for every system: its ``--jobs`` are split over ``--rounds``
+measurements, taken in counterbalanced order (ABC, then CBA, ...: on a shared machine a load
+change in the middle of a run then weighs on every system, not on whichever ran at that
+moment), each with a fresh worker process; a run's rate is over the rounds' total time (the
+harmonic mean of theirs). In live mode each measurement starts after ``--warmup`` jobs have
+completed (the worker's connections open, its code paths run). This process (the clients and
+the watchers of all three) runs with the cyclic GC thresholds an ``eventcore worker`` uses
+while it serves (``GC_THRESHOLD``).
+
+Then the recovery time: a worker hosting sessions in the middle of a run is stopped, and a
+second worker takes them over. Reported: the time from the stop until every session has
+recorded an event from the new worker (median of several runs), for
 
 ``sigkill_lease``     SIGKILL with the presence check off (``--presence-interval 0``): the new
                       worker waits for the leases (``--lease-ttl``, 2 s) to lapse: the baseline
@@ -37,6 +51,7 @@ Prints JSON: medians of ``--runs`` runs and the ratios eventcore / baseline.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -63,6 +78,7 @@ from _workers_common import (
 
 from eventcore import EventLog, load_settings
 from eventcore.testing._server import RedisServer
+from eventcore.workers._worker import GC_THRESHOLD
 
 Result = dict[str, float]
 
@@ -82,6 +98,22 @@ def summarize(submit: dict[Any, float], done: dict[Any, float], n: int, t_start:
         "latency_p99_ms": round(1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1)
         if lat else 0.0,
     }
+
+
+RATES = ("jobs_per_s", "submits_per_s", "jobs_per_s_from_first_submit")
+
+
+def combine(rounds: list[Result]) -> Result:
+    """One run's result from its rounds (the same number of jobs each): a rate as over their
+    total time (the harmonic mean), everything else (per-job costs, latencies) the mean."""
+    out: Result = {}
+    for k in rounds[0]:
+        vals = [r.get(k, 0.0) for r in rounds]
+        if k in RATES:
+            out[k] = round(len(vals) / sum(1 / v for v in vals), 1) if all(vals) else 0.0
+        else:
+            out[k] = round(statistics.fmean(vals), 3)
+    return out
 
 
 async def watch_done(url: str, n: int, done: dict[Any, float]) -> None:
@@ -106,15 +138,18 @@ async def watch_done(url: str, n: int, done: dict[Any, float]) -> None:
 
 
 async def limited(n: int, parallel: int, fn: Callable[[int], Awaitable[None]]) -> None:
-    sem = anyio.Semaphore(parallel)
+    """``fn(0) .. fn(n - 1)``, ``parallel`` at a time: ``parallel`` submitters, each taking the
+    next job as soon as its last one is done (not a task and a semaphore per job: their ~60 µs
+    per job were the larger part of the cheapest client's CPU, the same for every system)."""
+    jobs = iter(range(n))
 
-    async def one(i: int) -> None:
-        async with sem:
+    async def submitter() -> None:
+        for i in jobs:
             await fn(i)
 
     async with anyio.create_task_group() as tg:
-        for i in range(n):
-            tg.start_soon(one, i)
+        for _ in range(min(parallel, n)):
+            tg.start_soon(submitter)
 
 
 class System:
@@ -264,7 +299,8 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-async def run_one(system: System, url: str, n: int, conc: int, mode: str, run: int) -> Result:
+async def run_one(system: System, url: str, n: int, conc: int, mode: str, run: int,
+                  warmup: int = 1) -> Result:
     await system.setup(url, run, mode)
     submit: dict[Any, float] = {}
     done: dict[Any, float] = {}
@@ -282,19 +318,24 @@ async def run_one(system: System, url: str, n: int, conc: int, mode: str, run: i
             await system.watch(n, done)
         else:
             proc = system.start_worker(conc)
-            # warm up: the worker process is up and consuming before the clock starts
-            await submit_one(n)
-            await system.watch(1, done)
+            # warm up: the worker process is up and consuming, its connections open and its
+            # code paths run, before the clock starts (jobs n .. n + warmup - 1, submitted the
+            # same way; the watchers read from the start, so they count them again below)
+            warm = max(1, warmup)
+            await limited(warm, 256, lambda i: submit_one(n + i))
+            await system.watch(warm, done)
             done.clear()
+            submit.clear()
             t_start = time.time()
             cmd0 = await commandstats(url)
             cpu0 = (tree_cpu_s(proc.pid), tree_cpu_s(REDIS_PID[0]), time.process_time())
             async with anyio.create_task_group() as tg:
-                tg.start_soon(system.watch, n + 1, done)
+                tg.start_soon(system.watch, n + warm, done)
                 await limited(n, 256, submit_one)
             cpu1 = (tree_cpu_s(proc.pid), tree_cpu_s(REDIS_PID[0]), time.process_time())
             cmd1 = await commandstats(url)
-            done.pop(system.key(n), None)
+            for i in range(warm):
+                done.pop(system.key(n + i), None)
             res = summarize(submit, done, n, t_start)
             # CPU per job: what the throughput would be on a machine of its own
             for name, a, b in zip(("worker", "redis", "client"), cpu0, cpu1, strict=True):
@@ -410,8 +451,13 @@ async def flush(url: str) -> None:
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--jobs", type=int, default=3000)
+    ap.add_argument("--jobs", type=int, default=16000,
+                    help="jobs per system and run (split over --rounds)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="measurements per system and run, in counterbalanced order")
+    ap.add_argument("--warmup", type=int, default=200,
+                    help="live mode: jobs completed before each measurement's clock starts")
     ap.add_argument("--concurrency", type=int, default=1000)
     ap.add_argument("--recovery-runs", type=int, default=5)
     ap.add_argument("--recovery-sessions", type=int, default=50)
@@ -421,6 +467,11 @@ async def main() -> None:
     ap.add_argument("--systems", default="eventcore,taskiq,arq",
                     help="comma-separated: eventcore,taskiq,arq")
     args = ap.parse_args()
+    if args.rounds < 1 or args.jobs // args.rounds < 2:
+        ap.error("--rounds must be >= 1 and leave >= 2 jobs per round")
+    # every client (and watcher) in this process collects garbage as an eventcore worker does
+    # while it serves (the same for all three systems)
+    gc.set_threshold(*GC_THRESHOLD)
     modes = args.modes.split(",")
     every: dict[str, System] = {"eventcore": Eventcore(), "taskiq": Taskiq(), "arq": Arq()}
     systems = {name: every[name] for name in args.systems.split(",")}
@@ -432,10 +483,21 @@ async def main() -> None:
         REDIS_PID[0] = server.proc.pid
         for run in range(args.runs):
             for mode in modes:
-                for name, system in systems.items():
-                    await flush(server.url)
-                    res = await run_one(system, server.url, args.jobs, args.concurrency, mode,
-                                        run)
+                rounds: dict[str, list[Result]] = {name: [] for name in systems}
+                for r in range(args.rounds):
+                    # counterbalanced (ABC CBA ...): each system measured early and late in
+                    # the run, so a load change on a shared machine mid-run weighs on all
+                    order = list(systems.items())
+                    for name, system in order if r % 2 == 0 else order[::-1]:
+                        await flush(server.url)
+                        res = await run_one(system, server.url, args.jobs // args.rounds,
+                                            args.concurrency, mode, run * args.rounds + r,
+                                            args.warmup)
+                        rounds[name].append(res)
+                        print(json.dumps({"run": run, "round": r, "system": name,
+                                          "mode": mode, **res}), file=sys.stderr)
+                for name in systems:
+                    res = combine(rounds[name])
                     raw[name][mode].append(res)
                     print(json.dumps({"run": run, "system": name, "mode": mode, **res}),
                           file=sys.stderr)
@@ -447,6 +509,7 @@ async def main() -> None:
                 recovery[how].append(round(took, 3))
                 print(json.dumps({"recovery": how, "run": run, "s": took}), file=sys.stderr)
     out: dict[str, Any] = {"benchmark": "dispatch", "jobs": args.jobs, "runs": args.runs,
+                           "rounds": args.rounds, "warmup": args.warmup,
                            "concurrency": args.concurrency, "cpus": os.cpu_count()}
     for name in systems:
         out[name] = {mode: {k: median(r.get(k, 0.0) for r in results) for k in results[0]}

@@ -120,7 +120,7 @@ class SessionKeys:
 class Keys:
     """Builds key names for one namespace and shard count."""
 
-    __slots__ = ("namespace", "shards")
+    __slots__ = ("_shard_names", "namespace", "shards")
 
     def __init__(self, namespace: str = "ec", shards: int = 16) -> None:
         if not _NAMESPACE.fullmatch(namespace):
@@ -131,6 +131,8 @@ class Keys:
             raise ConfigError(f"shards must be between 1 and 16384, got {shards}")
         self.namespace = namespace
         self.shards = shards
+        # per shard: its tag and the shard-level names a SessionKeys carries (built once)
+        self._shard_names: dict[int, tuple[str, ...]] = {}
 
     def shard_of(self, session_id: str) -> int:
         return zlib.crc32(session_id.encode("utf-8")) % self.shards
@@ -140,22 +142,20 @@ class Keys:
 
     def session(self, session_id: str) -> SessionKeys:
         shard = self.shard_of(session_id)
-        t = self._tag(shard)
+        names = self._shard_names.get(shard)
+        if names is None:
+            t = self._tag(shard)
+            names = self._shard_names[shard] = (
+                t, self.feed(shard), self.dispatch(shard), self.notify(shard), self.wake(shard),
+                f"{t}:incarnation", self.sessions(shard))
+        t, feed, dispatch, notify, wake, incarnation, sessions = names
+        # positional, in the fields' order (keywords cost twice as much, on the hot path of
+        # every new session in clients and workers)
         return SessionKeys(
-            session_id=session_id,
-            shard=shard,
-            stream=f"{t}:session/{session_id}",
-            meta=f"{t}:meta:{session_id}",
-            dedupe=f"{t}:dedupe:{session_id}",
-            signals=f"{t}:signals:{session_id}",
-            effects=f"{t}:effects:{session_id}",
-            lease=f"{t}:lease:{session_id}",
-            feed=f"{t}:feed",
-            dispatch=f"{t}:dispatch",
-            notify=f"{t}:notify",
-            wake=f"{t}:wake",
-            incarnation=f"{t}:incarnation",
-            sessions=f"{t}:sessions",
+            session_id, shard, f"{t}:session/{session_id}", f"{t}:meta:{session_id}",
+            f"{t}:dedupe:{session_id}", f"{t}:signals:{session_id}",
+            f"{t}:effects:{session_id}", f"{t}:lease:{session_id}",
+            feed, dispatch, notify, wake, incarnation, sessions,
         )
 
     def view(self, session_id: str) -> str:

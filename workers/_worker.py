@@ -35,6 +35,7 @@ from eventcore._lifetime import Running
 from eventcore._redis import is_cluster, redis_errors, run_script, run_scripts
 from eventcore._redis import text as _text
 from eventcore._streams import ShardStreams, id_key
+from eventcore._tasks import TaskSet
 from eventcore.errors import (
     AppendNotReplicated,
     EventcoreError,
@@ -177,7 +178,7 @@ class Worker(Running):
         self._running = False
         self._fatal: tuple[str, BaseException] | None = None
         self._tg: TaskGroup | None = None
-        self._sessions: TaskGroup | None = None
+        self._sessions: TaskSet | None = None
         self.feed = Feed(log, self._hosts, poll_interval_s=poll_interval_s,
                          on_failure=self.supervisor.failed, on_success=self.supervisor.ok,
                          on_rewound=self._rewound)
@@ -267,7 +268,9 @@ class Worker(Running):
                     if self.presence_interval_s:
                         await tg.start(presence.run)
                     tg.start_soon(self._maintain)
-                    async with anyio.create_task_group() as sessions:
+                    # a task per hosted session, native (see eventcore._tasks: anyio's
+                    # start_soon was a third of the worker's CPU per session)
+                    async with TaskSet() as sessions:
                         self._sessions = sessions
                         task_status.started()
                         await self._consume(burst)
