@@ -30,7 +30,7 @@ __all__ = ["TaskSet"]
 
 
 class TaskSet:
-    __slots__ = ("_errors", "_idle", "_loop", "_scope", "_stopping", "_tasks")
+    __slots__ = ("_closed", "_errors", "_idle", "_loop", "_scope", "_stopping", "_tasks")
 
     def __init__(self) -> None:
         # each running task and the cancel scope it runs in (None until it has started)
@@ -40,13 +40,14 @@ class TaskSet:
         self._stopping = False
         self._errors: list[BaseException] = []
         self._idle: asyncio.Future[None] | None = None
+        self._closed = False  # the block has ended: no task starts any more
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     async def __aenter__(self) -> Self:
-        if self._scope is not None:
-            raise UsageError("this task set is already entered")
+        if self._scope is not None or self._closed:
+            raise UsageError("a task set is entered once")
         self._loop = asyncio.get_running_loop()
         # the body's scope: a failing task cancels the body too, as in a task group
         self._scope = anyio.CancelScope()
@@ -56,7 +57,8 @@ class TaskSet:
     def start_soon(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         """Start ``fn(*args)`` as a task of the set (it runs from the next tick on)."""
         loop = self._loop
-        if loop is None or self._scope is None:
+        if loop is None or self._closed:
+            # (while the block waits for its tasks, as with a task group, one may still start)
             raise UsageError("start_soon() outside the task set's block")
         task = loop.create_task(self._run(fn, args))
         self._tasks[task] = None
@@ -98,7 +100,7 @@ class TaskSet:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        scope, self._scope = self._scope, None
+        scope = self._scope
         assert scope is not None and self._loop is not None
         try:
             if et is not None:
@@ -109,7 +111,8 @@ class TaskSet:
                     await self._idle
         finally:
             self._idle = None
-            self._stopping = True  # (no more tasks: the set is closed)
+            self._closed = True
+            self._scope = None
             swallowed = scope.__exit__(et, e, tb)
         if self._errors:
             errors = self._errors

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextvars
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from eventcore._tasks import TaskSet
@@ -147,3 +148,25 @@ async def test_no_task_starts_outside_the_block() -> None:
         tasks.start_soon(job)
     with pytest.raises(UsageError):
         tasks.start_soon(job)
+
+
+async def test_a_task_started_while_the_block_waits_is_waited_for_too() -> None:
+    # as with anyio: a worker's reclaim or takeover (another task) may host a session after
+    # the consuming body returned, while the set waits for the sessions it has
+    done: list[str] = []
+    tasks = TaskSet()
+
+    async def late() -> None:
+        await anyio.lowlevel.checkpoint()
+        done.append("late")
+
+    async def first() -> None:
+        # a task runs from the next tick on: the body has left the block by now, the set is
+        # waiting for its tasks
+        tasks.start_soon(late)
+        done.append("first")
+
+    async with tasks:
+        tasks.start_soon(first)
+    assert done == ["first", "late"]
+    assert len(tasks) == 0
