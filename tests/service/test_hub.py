@@ -540,6 +540,7 @@ async def test_direct_batches_are_shared_whole_and_rounds_reported(
     assert rounds and rounds[-1] == sum(len(v) for v in got.values())
 
 
+@pytest.mark.single_node  # on a cluster the hub follows sessions by pub/sub, not XREAD
 async def test_the_live_xread_has_a_connection_of_its_own_and_gets_it_back(
     event_log: EventLog,
 ) -> None:

@@ -290,6 +290,8 @@ async def test_a_session_that_keeps_killing_its_workers_is_dead_lettered(
                 assert await w.wait() == 3
             finally:
                 w.kill()
+            # the watcher reads the feed on its own: await what the worker wrote before dying
+            await feed.until(lambda: feed.count(sid, "message") >= 1)
             assert feed.count(sid, "message") == 1  # the re-run's emit is deduplicated
         last = WorkerProc(log, *args).start()
         try:
@@ -302,6 +304,7 @@ async def test_a_session_that_keeps_killing_its_workers_is_dead_lettered(
     assert (dead.error.type, dead.error.retryable) == ("CrashLoop", False)
     ended = decode_payload(feed.of(sid, "session.ended")[0])
     assert ended.reason == "failed" and ended.error == dead.error
+    assert feed.count(sid, "message") == 1  # (session.ended is after any duplicate)
     assert final["claims"] == 1 and final["reclaims"] == 1
     check_log(await read_all(log, sid))
 
