@@ -1,5 +1,6 @@
-"""Two fixes of redis-py 5.3's cluster client: a node that gives its connection back whatever
-happens to a command, and a slot map that stays right when one slot is redirected twice.
+"""Three fixes of redis-py 5.3's cluster client: a node that gives its connection back whatever
+happens to a command, a slot map that stays right when one slot is redirected twice, and a
+connect that works while the slot map's first master is down.
 
 redis-py 5.3's ``ClusterNode`` returns a connection to its free list only after a command's
 reply was read (and a pipeline's only after every reply): a command cancelled while its
@@ -16,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import redis.exceptions as rexc
+from redis._parsers import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, NodesManager, PipelineCommand
 from redis.cluster import PRIMARY
 
-__all__ = ["LeakFreeNode", "RedirectSafeNodes", "adopt"]
+__all__ = ["AnyNodeCommands", "LeakFreeNode", "RedirectSafeNodes", "adopt"]
 
 
 class LeakFreeNode(ClusterNode):
@@ -80,3 +83,31 @@ class RedirectSafeNodes(NodesManager):
             self._moved_exception = None  # type: ignore[assignment]  # as redis-py does
             return
         super()._update_moved_slots()
+
+
+class AnyNodeCommands(AsyncCommandsParser):
+    """The command table (``COMMAND``), asked of any node that answers.
+
+    redis-py asks only the slot map's first master at every (re)initialize, so a client
+    connecting while that master is down (killed, its failover not done yet) failed with its
+    connection error, though every other node would have told the same table.
+    """
+
+    __slots__ = ("nodes",)
+
+    def __init__(self, nodes: NodesManager) -> None:
+        super().__init__()
+        self.nodes = nodes
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        first = [node] if node is not None else []
+        error: Exception | None = None
+        for candidate in [*first, *(n for n in self.nodes.nodes_cache.values()
+                                    if n is not node)]:
+            try:
+                await super().initialize(candidate)
+            except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+                error = exc
+                continue
+            return
+        raise error or rexc.ConnectionError("no cluster node answered COMMAND")

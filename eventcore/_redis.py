@@ -17,7 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE
 
-from ._cluster_node import LeakFreeNode, RedirectSafeNodes, adopt
+from ._cluster_node import AnyNodeCommands, LeakFreeNode, RedirectSafeNodes, adopt
 from ._scripts import sharded
 from .errors import ConfigError, CorruptEntry, RedisError, RedisUnavailable
 
@@ -388,6 +388,7 @@ class _ClusterClient(RedisCluster):
     def __init__(self, *args: Any, retry_budget_s: float = 15.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.nodes_manager.__class__ = RedirectSafeNodes
+        self.commands_parser = AnyNodeCommands(self.nodes_manager)
         self.retry_budget_s = retry_budget_s
         self._seeds = {n.name: (n.host, n.port) for n in self.nodes_manager.startup_nodes.values()}
 

@@ -204,21 +204,28 @@ class LocalCluster:
                 raise EmbeddedRedisError(
                     f"redis-cli --cluster create failed:\n{created.stdout[-2000:]}"
                     f"{created.stderr[-2000:]}")
-            self.wait_ok(timeout)
+            self.wait_ok(timeout, meet=True)
         except BaseException:
             self.cleanup()
             raise
         return self
 
-    def wait_ok(self, timeout: float = 60.0, *, nodes: list[RedisServer] | None = None) -> None:
+    def wait_ok(self, timeout: float = 60.0, *, nodes: list[RedisServer] | None = None,
+                meet: bool = False) -> None:
         """Wait until every node (of ``nodes``, default all) says ``cluster_state:ok``, knows
         all the others, and all agree on the slot owners; with replicas, until each master
-        has its replicas connected."""
+        has its replicas connected. ``meet``: a node that does not know them all yet is
+        introduced to them again every 2 s (a handshake that timed out, on a loaded machine,
+        is dropped by the server and never tried again)."""
         deadline = time.monotonic() + timeout
+        introduced = time.monotonic()
         last = ""
         while True:
             try:
                 last = self._not_ready(nodes if nodes is not None else self.nodes)
+                if meet and "nodes" in last and time.monotonic() - introduced > 2.0:
+                    introduced = time.monotonic()
+                    self._meet_all()
             except OSError as exc:
                 last = f"a node did not answer: {exc}"
             if not last:
@@ -226,6 +233,17 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise EmbeddedRedisError(f"cluster not ready after {timeout}s: {last}")
             time.sleep(0.05)  # polling: a cluster has no readiness signal but its CLUSTER INFO
+
+    def _meet_all(self) -> None:
+        """Every node that does not know every other is asked to meet them all (a node it
+        knows already is recognised by its id at the handshake and kept once)."""
+        for node in self.nodes:
+            info = _fields(node.command("CLUSTER", "INFO"))
+            if int(info.get("cluster_known_nodes", 0)) == len(self.nodes):
+                continue
+            for other in self.nodes:
+                if other is not node:
+                    node.command("CLUSTER", "MEET", "127.0.0.1", str(other.port))
 
     def _not_ready(self, nodes: list[RedisServer]) -> str:
         views = set()
@@ -316,6 +334,30 @@ class LocalCluster:
                     raise EmbeddedRedisError(
                         f"replicas of 127.0.0.1:{master.port} not in sync after {timeout}s")
                 time.sleep(0.02)  # polling: replication offsets have no notification
+
+    def promote(self, replica: RedisServer, timeout: float = 60.0) -> None:
+        """A graceful failover (``CLUSTER FAILOVER``): ``replica`` catches up with its master
+        and takes over its slots; returns once every live node sees it serve them.
+
+        The server aborts a manual failover that does not complete within 5 s (its master
+        slow to pause its clients, the replica slow to catch up: a loaded machine), saying
+        nothing; then it is asked again.
+        """
+        port = f":{replica.port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            replica.command("CLUSTER", "FAILOVER")
+            asked = time.monotonic()
+            while time.monotonic() - asked < 6.0:  # the server gives up after 5 s
+                live = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+                with contextlib.suppress(OSError):
+                    if all(any(owner.endswith(port) for owner, _ in self._slot_owners(n))
+                           for n in live):
+                        return
+                if time.monotonic() > deadline:
+                    raise EmbeddedRedisError(
+                        f"127.0.0.1:{replica.port} not promoted after {timeout}s")
+                time.sleep(0.05)  # polling: a failover has no notification but CLUSTER NODES
 
     def move_slot(self, slot: int, to: RedisServer, *, batch: int = 10) -> int:
         """Migrate ``slot`` to the master ``to`` as ``redis-cli --cluster reshard`` does (mark

@@ -60,8 +60,7 @@ async def test_failover_during_hosting_and_persistence(
             await feed.until(lambda: sum(feed.count(s, "run.completed") for s in sessions)
                              > len(sessions) + 2)
             if how == "graceful":  # the replica takes over after catching up: nothing lost
-                await anyio.to_thread.run_sync(
-                    lambda: replica.command("CLUSTER", "FAILOVER"))
+                await anyio.to_thread.run_sync(cluster.promote, replica)
             else:
                 await anyio.to_thread.run_sync(cluster.wait_synced)
                 victim.kill()
