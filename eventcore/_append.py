@@ -361,7 +361,8 @@ class Appender:
                 if tidx < 256 and _NL not in body:
                     # a plain event: a record (JSON holds no raw newline: the guard is for
                     # the impossible)
-                    records += (heads[idx][tidx], body)
+                    records.append(heads[idx][tidx])  # (no pair to allocate per event)
+                    records.append(body)
                     continue
             records.append(_FULL)
             events += (
