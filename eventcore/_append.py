@@ -155,6 +155,8 @@ class Appender:
         self._script: AsyncScript = redis.register_script(APPEND_LUA)
         self._commit: ShardCoalescer[PreparedAppend, AppendResult] = ShardCoalescer(
             lambda _shard, items: self._send(items), max_batch=max_batch)
+        #: ``enqueue(item.keys.shard, item)`` is :meth:`append` (bound once, for the hot path)
+        self.enqueue = self._commit.enqueue
         self._session_keys: dict[str, SessionKeys] = {}
         self._idle: list[Connection] = []
         self._conn_slots = asyncio.Semaphore(max(1, min(keys.shards, max_connections)))
