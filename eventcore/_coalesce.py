@@ -46,7 +46,9 @@ class ShardCoalescer(Generic[I, R]):
     def __init__(self, send: Send[I, R], *, max_batch: int) -> None:
         self._send = send
         self._max_batch = max_batch
-        self._pending: dict[int, list[tuple[I, asyncio.Future[R]]]] = {}
+        # per shard: the queued items and, at the same positions, their callers' futures (two
+        # lists: no pair to allocate, and to track for the garbage collector, per item)
+        self._pending: dict[int, tuple[list[I], list[asyncio.Future[R]]]] = {}
         self._flushing: set[int] = set()
         # per shard whose flush loop is idle: the future that wakes it for the next batch (a
         # flush loop stays in the task group for the coalescer's lifetime: waking one costs a
@@ -98,8 +100,9 @@ class ShardCoalescer(Generic[I, R]):
         fut: asyncio.Future[R] = _Future(loop=loop)
         queue = self._pending.get(shard)
         if queue is None:
-            queue = self._pending[shard] = []
-        queue.append((item, fut))
+            queue = self._pending[shard] = ([], [])
+        queue[0].append(item)
+        queue[1].append(fut)
         if shard not in self._flushing:
             self._flushing.add(shard)
             wake = self._idle.pop(shard, None)
@@ -110,24 +113,25 @@ class ShardCoalescer(Generic[I, R]):
         return fut
 
     async def _drain(self, shard: int) -> None:
-        queue = self._pending[shard]
+        items, futs = self._pending[shard]
+        most = self._max_batch
         wake: asyncio.Future[None] | None = None
         try:
             while True:
-                while queue:
-                    batch = queue[: self._max_batch]
-                    del queue[: self._max_batch]
+                while items:
+                    batch, waiting = items[:most], futs[:most]
+                    del items[:most], futs[:most]
                     with anyio.CancelScope(shield=True):
                         try:
-                            results = await self._send(shard, [item for item, _ in batch])
+                            results = await self._send(shard, batch)
                         except BaseException as exc:
-                            for _, fut in batch:
+                            for fut in waiting:
                                 if not fut.done():
                                     fut.set_exception(exc)
                             if not isinstance(exc, Exception):
                                 raise
                             continue
-                    for (_, fut), res in zip(batch, results, strict=True):
+                    for fut, res in zip(waiting, results, strict=True):
                         if fut.done():
                             continue
                         if isinstance(res, BaseException):

@@ -9,11 +9,16 @@
 --   ARGV[5] token ttl (s), ARGV[6] the highest write counter this writer has been answered for
 --   the shard, ARGV[7] session count S, ARGV[8] '1' when the caller is a Redis Cluster client
 --   (dispatch entries then ring the doorbell channel, see ec_dispatch), ARGV[9 .. 8+S] the
---   session ids, then per event either
---   6 args: session index (1-based), type, event key ('' when the client generated it), body
---   (the envelope JSON without seq and without its opening brace), host epoch or '', extra;
---   or, for a plain event (generated key, no epoch, extra ''), 3 args: '-' .. session index,
---   type, body (half the arguments to send, parse and convert for the common event)
+--   session ids, ARGV[9+S] the count T of the plain events' types and ARGV[10+S .. 9+S+T]
+--   those types, then ARGV[10+S+T] the events' records, in batch order, then 6 args per full
+--   event (in the records' order): session index (1-based), type, event key ('' when the
+--   client generated it), body (the envelope JSON without seq and without its opening brace),
+--   host epoch or '', extra.
+--   A record is a newline, then two bytes, then for a plain event (generated key, no epoch,
+--   extra '') its body: the bytes are its session index and its type's (1-based, < 256); both
+--   are 0 for a full event, whose fields are its 6 args. The common event thus travels inside
+--   one argument (JSON holds no raw newline): the server parses, allocates and converts one
+--   argument per batch instead of three per event
 -- extra is '' or flags NUL server_data-JSON NUL aux, where flags has 'r' when the payload is a
 --   blob reference, and aux is for session.created a JSON {agent, labels, ttl, at}, for
 --   signal/effect the signal/effect key, and for a host's session.ended (with its epoch)
@@ -61,7 +66,10 @@ for _, k in ipairs({feed, dispatch}) do
     return redis.error_reply('WRONGTYPE shard stream ' .. k .. ' holds a ' .. t)
   end
 end
-local E0 = 9 + nsess  -- first event arg
+local E0 = 9 + nsess  -- the count of the plain events' types
+local TYPES = {}
+for j = 1, tonumber(ARGV[E0]) do TYPES[j] = ARGV[E0 + j] end
+local R = E0 + #TYPES + 1  -- the records, then the full events' args
 local ring = ARGV[8] == '1'
 local CREATED, ENDED, CHECKPOINT = L.SESSION_CREATED, L.SESSION_ENDED,
   L.SESSION_CHECKPOINT
@@ -104,21 +112,15 @@ local function typed(key, want)
 end
 
 -- Pass 1: the caller-chosen event keys of each session, to look them all up in one HMGET
--- (none when every event came in the plain short form: 3 arguments each).
+-- (plain events have none).
 local wanted = {}
-local a = E0
-for _ = 1, (#ARGV == E0 - 1 + 3 * n) and 0 or n do
-  if string.byte(ARGV[a], 1) == 45 then
-    a = a + 3  -- a plain event: no key
-  else
-    local ek = ARGV[a + 2]
-    if ek ~= '' then
-      local sidx = tonumber(ARGV[a])
-      local w = wanted[sidx]
-      if w == nil then w = {}; wanted[sidx] = w end
-      w[#w + 1] = ek
-    end
-    a = a + 6
+for a = R + 1, #ARGV, 6 do  -- the full events (plain ones have no key)
+  local ek = ARGV[a + 2]
+  if ek ~= '' then
+    local sidx = tonumber(ARGV[a])
+    local w = wanted[sidx]
+    if w == nil then w = {}; wanted[sidx] = w end
+    w[#w + 1] = ek
   end
 end
 
@@ -175,19 +177,25 @@ end
 
 local out = {}
 -- a seq as text: '%d' (integer formatting) costs half of tostring's '%.14g' per event
-local argv, byte, fmt = ARGV, string.byte, string.format
-a = E0
+local argv, byte, fmt, find, sub = ARGV, string.byte, string.format, string.find, string.sub
+local records = argv[R]
+local nrec = #records
+local pos = 1  -- the next record's newline
+local a = R + 1  -- the next full event's first arg
 for i = 1, n do
-  local h = argv[a]
-  local typ, ek, body, epoch, extra
-  if byte(h, 1) == 45 then  -- '-<session index>', type, body: a plain event
-    typ, ek, body, epoch, extra = argv[a + 1], '', argv[a + 2], '', ''
-    a = a + 3
-  else
-    typ, ek, body, epoch, extra = argv[a + 1], argv[a + 2], argv[a + 3], argv[a + 4], argv[a + 5]
+  local h, typ, ek, body, epoch, extra
+  local si, ti = byte(records, pos + 1, pos + 2)
+  if si == 0 then  -- a full event
+    h, typ, ek, body, epoch, extra = argv[a], argv[a + 1], argv[a + 2], argv[a + 3],
+      argv[a + 4], argv[a + 5]
     a = a + 6
+    pos = pos + 3
+  else
+    local q = find(records, '\n', pos + 3, true) or nrec + 1
+    h, typ, ek, body, epoch, extra = si, TYPES[ti], '', sub(records, pos + 3, q - 1), '', ''
+    pos = q
   end
-  local m = sessions[h]  -- by the argument as sent, then by index
+  local m = sessions[h]  -- by the index as sent, then as a number
   if m == nil then
     local sidx = math.abs(tonumber(h))
     m = sessions[sidx] or load(sidx)

@@ -295,7 +295,9 @@ async def test_plain_and_full_events_mixed_in_one_script_call(event_log: EventLo
         ap.prepare(env(a, 9)),
     ]
     _, args, _ = ap.script_call(batch, "layout")
-    assert args.count(b"-1") + args.count(b"-2") == 5  # the plain events (a checkpoint too): short
+    # the plain events (a checkpoint too) travel as records, the others as 6 args each
+    assert args[10:13] == [2, "message", "session.checkpoint"]  # the plain events' types
+    assert args[13].count(b"\n\0\0") == 4 and len(args) == 14 + 4 * 6
     first = await ap._send(batch, token="mixed")
     summary = [
         (r.session_id, r.seq, r.duplicate) if not isinstance(r, Exception) else type(r).__name__
@@ -315,6 +317,43 @@ async def test_plain_and_full_events_mixed_in_one_script_call(event_log: EventLo
     assert [e.payload for e in (await read_all(event_log, a))[1:]] == [
         {"n": 1}, {"n": 3}, {"n": 7}, {"n": 9}]
     assert (await event_log.get_session(a)).last_seq == 5
+
+
+async def test_a_batch_past_the_records_byte_indexes_falls_back_to_full_events(
+    event_log: EventLog,
+) -> None:
+    """A plain event's record carries its session and type index as one byte each: a batch of
+    more than 255 sessions or types sends the rest as full events, and every event lands at its
+    seq with its type (spaces and non-ASCII in types, payloads with newlines in strings)."""
+    ap = event_log.appender
+    sids: list[str] = []
+    i = 0
+    while len(sids) < 300:
+        sid = f"wide-{i}"
+        i += 1
+        if ap.session_keys(sid).shard == 0:
+            sids.append(sid)
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for sid in sids:
+                tg.start_soon(lambda s: event_log.create_session(session_id=s), sid)
+    batch = [
+        ap.prepare(Envelope(type=f"custom é {n % 290}", session_id=sids[n % 300],
+                            payload={"n": n, "text": "two\nlines"}))
+        for n in range(600)
+    ]
+    _, args, _ = ap.script_call(batch, "wide")
+    ntypes = args[8 + 300]
+    assert ntypes > 255  # indexes numbered past one byte: their events went as full events
+    assert args[9 + 300 + ntypes].count(b"\n\0\0") == (len(args) - 10 - 300 - ntypes) // 6 > 0
+    results = await ap._send(batch, token="wide")
+    assert [(r.session_id, r.seq) for r in results if not isinstance(r, Exception)] == [
+        (sids[n % 300], 2 + n // 300) for n in range(600)]
+    for n in (0, 299, 300, 599):
+        log = await read_all(event_log, sids[n % 300])
+        check_log(log)
+        assert log[1 + n // 300].type == f"custom é {n % 290}"
+        assert log[1 + n // 300].payload == {"n": n, "text": "two\nlines"}
 
 
 async def test_non_ascii_envelopes_in_one_batch_round_trip(event_log: EventLog) -> None:
