@@ -28,7 +28,15 @@ import random
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -127,6 +135,8 @@ class Persistence(OrderedSubscriber):
     """
 
     name = "persistence"
+    #: the rows keep each envelope's JSON as the feed delivered it: no payload is decoded
+    raw_payloads = True
     #: a connection kept between batches is given back after this long without one (then the
     #: next batch checks out a pinged one: a connection idle that long may have been dropped)
     hold_idle_s = 5.0
@@ -417,10 +427,10 @@ class Persistence(OrderedSubscriber):
         if resets:
             await driver.execute(sql.purge, resets)
         if staged:
-            rows = [_record(e, from_feed.get(id(e))) for run in ok for e in run.envelopes]
+            rows = _rows([run.envelopes for run in ok], from_feed)
         else:  # only what is past the watermark (a run may start below it: duplicates)
-            rows = [_record(e, from_feed.get(id(e))) for run in ok
-                    for e in _past(run, 0 if run.reset else stored[run.session_id][2])]
+            rows = _rows([_past(run, 0 if run.reset else stored[run.session_id][2])
+                          for run in ok], from_feed)
         if rows and staged:
             # COPY's binary records cost a fraction of the CPU of array parameters (asyncpg
             # checks every array element's type through the ABCs) or of SQLAlchemy's
@@ -459,7 +469,7 @@ class Persistence(OrderedSubscriber):
             resets = [r.session_id for r in ok if r.reset]
             for chunk in _chunks(resets):
                 await driver.execute(sql.purge_in(len(chunk)), chunk)
-            rows = [_record(e, from_feed.get(id(e))) for run in ok for e in run.envelopes]
+            rows = _rows([run.envelopes for run in ok], from_feed)
             if rows:
                 await driver.executemany(sql.insert, rows)
             raised = [(r.last, now, r.session_id) for r in ok if not r.reset]
@@ -603,6 +613,26 @@ def _record(env: Envelope, d: Delivery | None) -> tuple[Any, ...]:
     return (env.session_id, env.seq, env.type, env.run_id, env.event_key,
             int(env.ts.timestamp() * 1000), client_json(env).decode(),
             None if env.server_data is None else encode(env.server_data).decode())
+
+
+def _rows(runs: Iterable[Sequence[Envelope]], from_feed: Mapping[int, Delivery]
+          ) -> list[tuple[Any, ...]]:
+    """The events rows of these runs' envelopes, as ``_record`` makes them (the hot path:
+    the common case, an envelope with the feed's JSON, inline)."""
+    out: list[tuple[Any, ...]] = []
+    append = out.append
+    get = from_feed.get
+    for envelopes in runs:
+        for env in envelopes:
+            d = get(id(env))
+            if d is None or not d.body:
+                append(_record(env, d))
+                continue
+            sd = d.server_body
+            append((env.session_id, env.seq, env.type, env.run_id, env.event_key,
+                    int(env.ts.timestamp() * 1000), d.body.decode(),
+                    None if sd is None else sd.decode()))
+    return out
 
 
 def _past(run: Run, watermark: int) -> Sequence[Envelope]:
