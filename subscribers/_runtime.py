@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
@@ -46,6 +47,8 @@ from ._metrics import SubscriberMetrics
 __all__ = ["SubscriberRunner", "default_consumer_name", "is_transient"]
 
 log_ = logging.getLogger("eventcore.subscribers")
+#: entries decoded between two checkpoints of the event loop
+_DECODE_SLICE = 256
 
 
 def default_consumer_name() -> str:
@@ -446,6 +449,10 @@ class SubscriberRunner(Running):
         append = items.append
         raw_payloads = self._raw_payloads
         for n, (shard, entry_id, fields) in enumerate(raw):
+            if n and not n % _DECODE_SLICE:
+                # let the batch in hand go on meanwhile: a read-ahead decodes while that
+                # batch waits for its backend, not while the backend waits for it
+                await anyio.lowlevel.checkpoint()
             attempt = 1 if attempts is None else attempts[n]
             try:
                 env, body, server_body, inc, blob = feed_parts(fields, raw_payloads=raw_payloads)
