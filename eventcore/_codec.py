@@ -221,6 +221,7 @@ def feed_parts(fields: Mapping[bytes, bytes] | list[bytes], *, raw_payloads: boo
         blob = _R in fields
     if sid is None or seq is None or body is None or not seq.isdigit():
         raise CorruptEntry("feed entry has no valid 'sid'/'seq'/envelope fields")
+    env: Envelope
     try:
         if raw_payloads and not blob:
             env = _raw_env_decoder.decode(body)

@@ -40,7 +40,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, NamedTuple, Self, TypeVar
 
 import anyio
 import sqlalchemy as sa
@@ -189,6 +189,10 @@ class Persistence(OrderedSubscriber):
         self._batch_task: int | None = None
         self._held: AsyncConnection | None = None
         self._held_at = 0.0  # when the last batch on it ended (monotonic)
+        # PostgreSQL: the transaction a batch's positions were read in (its sessions' rows
+        # locked), which the batch's write then continues: positions and write in one
+        # transaction, no round trip of their own. Rolled back if the batch writes nothing
+        self._open: _Open | None = None
         self._dialect = sa.engine.make_url(url).get_backend_name()
         if self._dialect not in ("sqlite", "postgresql"):
             raise ConfigError(f"database URL {url!r}: use postgresql+asyncpg:// or sqlite+aiosqlite://")
@@ -316,8 +320,20 @@ class Persistence(OrderedSubscriber):
         try:
             await super().handle(deliveries)
         finally:
+            await self._close_open()
             self._from_feed, self._batch_task = {}, None
             self._held_at = time.monotonic()
+
+    async def _close_open(self) -> None:
+        """Roll back the transaction the batch's positions were read in, if still open."""
+        opened, self._open = self._open, None
+        if opened is not None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await opened.tx.rollback()
+                except Exception as exc:  # the connection is broken: nothing is held on it
+                    log_.debug("persistence: rolling back the positions' transaction: %r",
+                               exc)
 
     async def _release_held(self) -> None:
         """Give the connection kept between batches back to the pool."""
@@ -354,8 +370,22 @@ class Persistence(OrderedSubscriber):
 
     async def _positions(self, session_ids: Sequence[str]) -> dict[str, Position]:
         sql = self.sql
+        await self._close_open()  # a conflict's round: read again, in a new transaction
         async with self._connection() as conn:
             driver = await _driver(conn)
+            if sql.postgres and conn is self._held:  # within a batch: see _open
+                tx = driver.transaction()
+                await tx.start()
+                try:
+                    stored = await self._lock_pg(driver, sorted(session_ids),
+                                                 int(time.time() * 1000))
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await tx.rollback()
+                    raise
+                self._open = _Open(conn, tx, stored)
+                return {sid: Position(last, inc, deleted is not None)
+                        for sid, (inc, deleted, last) in stored.items()}
             if sql.postgres:
                 rows = await driver.fetch(sql.positions, session_ids)
             else:
@@ -375,7 +405,23 @@ class Persistence(OrderedSubscriber):
         async with self._connection() as conn:
             driver = await _driver(conn)
             if self.sql.postgres:
+                opened, self._open = self._open, None
                 try:
+                    if (opened is not None and opened.conn is conn
+                            and opened.stored.keys() >= set(sids)):
+                        # the transaction the positions were read in, its rows locked
+                        try:
+                            conflicts = await self._write_pg(driver, runs, sids, now, from_feed,
+                                                             stored=opened.stored)
+                        except BaseException:
+                            with anyio.CancelScope(shield=True):
+                                await opened.tx.rollback()
+                            raise
+                        await opened.tx.commit()
+                        return conflicts
+                    if opened is not None:
+                        self._open = opened
+                        await self._close_open()
                     async with driver.transaction():
                         return await self._write_pg(driver, runs, sids, now, from_feed)
                 except Exception as exc:
@@ -404,8 +450,26 @@ class Persistence(OrderedSubscriber):
                 conflicts.append(run.session_id)
         return ok, conflicts
 
+    async def _lock_pg(self, driver: Any, sids: list[str], now: int
+                       ) -> dict[str, tuple[str, int | None, int]]:
+        """The sessions' rows (incarnation, deleted_ms, last_seq), locked until the transaction
+        ends; created empty first where missing, so that there is a row to lock. ``sids``
+        sorted: locked in one order everywhere, so no deadlock between two consumers."""
+        sql = self.sql
+        stored: dict[str, tuple[str, int | None, int]] = {
+            sid: (inc, deleted, last) for sid, inc, deleted, last
+            in await driver.fetch(sql.lock, sids)}
+        missing = [sid for sid in sids if sid not in stored]
+        if missing:
+            await driver.execute(sql.ensure, missing, now)
+            stored.update({sid: (inc, deleted, last) for sid, inc, deleted, last
+                           in await driver.fetch(sql.lock, missing)})
+        return stored
+
     async def _write_pg(self, driver: Any, runs: Sequence[Run], sids: list[str], now: int,
-                        from_feed: Mapping[int, Delivery], *, staged: bool = False) -> list[str]:
+                        from_feed: Mapping[int, Delivery], *, staged: bool = False,
+                        stored: Mapping[str, tuple[str, int | None, int]] | None = None,
+                        ) -> list[str]:
         """One transaction: the sessions' rows locked (created empty first where missing, so
         that there is a row to lock; in one order everywhere: no deadlock between two
         consumers), an older incarnation's rows deleted where a run resets, the envelopes
@@ -418,16 +482,13 @@ class Persistence(OrderedSubscriber):
         and only the rows past it are sent. Should one be there anyway (written by hand, or
         by an older version), COPY fails on the primary key and the caller writes the batch
         again ``staged``: COPY into a temporary table, then INSERT ... SELECT ON CONFLICT DO
-        NOTHING (an extra pass over every row in the server)."""
+        NOTHING (an extra pass over every row in the server).
+
+        ``stored``: the rows locked already in this transaction (the batch's positions were
+        read in it), else locked here."""
         sql = self.sql
-        stored: dict[str, tuple[str, int | None, int]] = {
-            sid: (inc, deleted, last) for sid, inc, deleted, last
-            in await driver.fetch(sql.lock, sids)}
-        missing = [sid for sid in sids if sid not in stored]
-        if missing:
-            await driver.execute(sql.ensure, missing, now)
-            stored.update({sid: (inc, deleted, last) for sid, inc, deleted, last
-                           in await driver.fetch(sql.lock, missing)})
+        if stored is None:
+            stored = await self._lock_pg(driver, sids, now)
         ok, conflicts = self._fitting(runs, stored)
         if not ok:
             return conflicts
@@ -603,6 +664,15 @@ class Persistence(OrderedSubscriber):
                 await conn.execute(stmt)
 
         await self._retrying(go, budget_s=self.read_budget_s)
+
+
+class _Open(NamedTuple):
+    """A transaction a batch's positions were read in (PostgreSQL), on the batch's held
+    connection: its sessions' rows, as locked."""
+
+    conn: AsyncConnection
+    tx: Any
+    stored: dict[str, tuple[str, int | None, int]]
 
 
 _ENVELOPE: Final = operator.attrgetter("envelope")
