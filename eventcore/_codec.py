@@ -235,7 +235,8 @@ def feed_parts(fields: Mapping[bytes, bytes] | list[bytes], *, raw_payloads: boo
         raise CorruptEntry(f"feed entry is not a valid envelope: {exc}") from exc
     if env.seq != int(seq) or env.session_id.encode() != sid:
         raise CorruptEntry("feed entry: envelope and fields disagree")
-    return (env, body, sd, "" if inc is None else _incarnation(inc), blob)
+    return (env, body, sd,
+            "" if inc is None else (_incarnations.get(inc) or _incarnation(inc)), blob)
 
 
 _AGENT = b'{"agent":"'

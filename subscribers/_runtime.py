@@ -448,27 +448,30 @@ class SubscriberRunner(Running):
         refs: list[_Item] = []
         append = items.append
         raw_payloads = self._raw_payloads
-        for n, (shard, entry_id, fields) in enumerate(raw):
-            if n and not n % _DECODE_SLICE:
+        for start in range(0, len(raw), _DECODE_SLICE):
+            if start:
                 # let the batch in hand go on meanwhile: a read-ahead decodes while that
                 # batch waits for its backend, not while the backend waits for it
                 await anyio.lowlevel.checkpoint()
-            attempt = 1 if attempts is None else attempts[n]
-            try:
-                env, body, server_body, inc, blob = feed_parts(fields, raw_payloads=raw_payloads)
-            except CorruptEntry:  # again, naming the entry in the error (the rare path)
+            for n, (shard, entry_id, fields) in enumerate(raw[start:start + _DECODE_SLICE],
+                                                          start):
+                attempt = 1 if attempts is None else attempts[n]
                 try:
-                    decode_feed_entry(fields_of(fields),
-                                      f"{self.group_ops.stream(shard)} {entry_id}")
-                    raise AssertionError("decoding a feed entry is deterministic") from None
-                except CorruptEntry as exc:
-                    await self._dead_letter(shard, entry_id, fields, attempt, exc)
-                continue
-            if blob:  # its JSON holds the blob's ref, not the payload
-                refs.append(_Item(Delivery(entry_id, shard, env, attempt, inc), fields))
-                continue
-            append(_Item(Delivery(entry_id, shard, env, attempt, inc, body, server_body),
-                         fields))
+                    env, body, server_body, inc, blob = feed_parts(fields,
+                                                                   raw_payloads=raw_payloads)
+                except CorruptEntry:  # again, naming the entry in the error (the rare path)
+                    try:
+                        decode_feed_entry(fields_of(fields),
+                                          f"{self.group_ops.stream(shard)} {entry_id}")
+                        raise AssertionError("decoding a feed entry is deterministic") from None
+                    except CorruptEntry as exc:
+                        await self._dead_letter(shard, entry_id, fields, attempt, exc)
+                    continue
+                if blob:  # its JSON holds the blob's ref, not the payload
+                    refs.append(_Item(Delivery(entry_id, shard, env, attempt, inc), fields))
+                    continue
+                append(_Item(Delivery(entry_id, shard, env, attempt, inc, body, server_body),
+                             fields))
         for item in refs:  # rare (large payloads): one by one, so a missing blob is isolated
             try:
                 (env,) = await self.log.hydrate([item.delivery.envelope])
