@@ -24,6 +24,7 @@ from .errors import CorruptEntry
 
 __all__ = [
     "DeadLetterRecord",
+    "RawPayloadEnvelope",
     "body_fields",
     "client_json",
     "decode_body",
@@ -156,13 +157,45 @@ def fields_of(fields: Mapping[bytes, bytes] | list[bytes]) -> Mapping[bytes, byt
     return fields
 
 
-def feed_parts(fields: Mapping[bytes, bytes] | list[bytes]
+class RawPayloadEnvelope(Envelope, frozen=True, kw_only=True, omit_defaults=True, gc=False):
+    """An envelope decoded without its payload: ``payload`` is the JSON the entry holds, as
+    it is (:class:`msgspec.Raw`; encoding the envelope writes it back unchanged), and so is
+    ``server_data`` when there is one. What ``feed_parts(..., raw_payloads=True)`` returns,
+    for a subscriber that stores or forwards envelopes and never reads their payloads (no
+    payload objects built, nor tracked by the cyclic collector: these hold no containers)."""
+
+    payload: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_raw_env_decoder = msgspec.json.Decoder(RawPayloadEnvelope)
+# the two flat layouts the append script writes for an envelope with neither server_data nor
+# a blob: sid, seq, [inc,] t, d (every other field name, as a list, at the even positions)
+_FLAT_INC = [_FEED_SID, _FEED_SEQ, _INC, _T, _D]
+_FLAT = [_FEED_SID, _FEED_SEQ, _T, _D]
+# incarnations as text: a few per session, seen in every entry
+_incarnations: dict[bytes, str] = {}
+
+
+def _incarnation(raw: bytes) -> str:
+    text = _incarnations.get(raw)
+    if text is None:
+        if len(_incarnations) >= 4096:
+            _incarnations.clear()
+        text = _incarnations[raw] = raw.decode(errors="replace")
+    return text
+
+
+def feed_parts(fields: Mapping[bytes, bytes] | list[bytes], *, raw_payloads: bool = False
                ) -> tuple[Envelope, bytes, bytes | None, str, bool]:
     """A feed entry in one pass (the subscribers' hot path): its envelope (checked against its
     ``sid`` and ``seq`` fields, as a subscriber's ``decode_feed_entry`` does), client JSON,
     server_data JSON (None: none), incarnation (``""``: the entry does not say) and whether its
     payload lives in a blob. :class:`CorruptEntry` (not naming the entry) where
     ``decode_feed_entry`` raises it.
+
+    ``raw_payloads``: the envelope is a :class:`RawPayloadEnvelope` (payload and server_data
+    left as JSON), except where the payload lives in a blob (decoded in full: hydrating
+    replaces it).
 
     ``fields`` may be Redis's flat ``[field, value, ...]`` list: the two layouts the append
     script writes for an envelope with neither server_data nor a blob (sid, seq, [inc,] t, d)
@@ -173,31 +206,37 @@ def feed_parts(fields: Mapping[bytes, bytes] | list[bytes]
     sd: bytes | None
     inc: bytes | None
     if isinstance(fields, list):
-        n = len(fields)
-        if (n == 10 and fields[0] == _FEED_SID and fields[2] == _FEED_SEQ
-                and fields[4] == _INC and fields[6] == _T and fields[8] == _D):
-            sid, seq, inc, body, sd, blob = (fields[1], fields[3], fields[5], fields[9],
-                                             None, False)
-        elif (n == 8 and fields[0] == _FEED_SID and fields[2] == _FEED_SEQ
-                and fields[4] == _T and fields[6] == _D):
-            sid, seq, inc, body, sd, blob = fields[1], fields[3], None, fields[7], None, False
+        names = fields[::2]
+        if names == _FLAT_INC:
+            _, sid, _, seq, _, inc, _, _, _, body = fields
+        elif names == _FLAT:
+            _, sid, _, seq, _, _, _, body = fields
+            inc = None
         else:
-            return feed_parts(fields_of(fields))
+            return feed_parts(fields_of(fields), raw_payloads=raw_payloads)
+        sd, blob = None, False
     else:
         get = fields.get
         sid, seq, body, sd, inc = get(_FEED_SID), get(_FEED_SEQ), get(_D), get(_SD), get(_INC)
         blob = _R in fields
     if sid is None or seq is None or body is None or not seq.isdigit():
         raise CorruptEntry("feed entry has no valid 'sid'/'seq'/envelope fields")
+    env: Envelope
     try:
-        env = _env_decoder.decode(body)
-        if sd is not None:
-            env = msgspec.structs.replace(env, server_data=_any_decoder.decode(sd))
+        if raw_payloads and not blob:
+            env = _raw_env_decoder.decode(body)
+            if sd is not None:
+                env = msgspec.structs.replace(env, server_data=msgspec.Raw(sd))
+        else:
+            env = _env_decoder.decode(body)
+            if sd is not None:
+                env = msgspec.structs.replace(env, server_data=_any_decoder.decode(sd))
     except (msgspec.DecodeError, RecursionError) as exc:
         raise CorruptEntry(f"feed entry is not a valid envelope: {exc}") from exc
     if env.seq != int(seq) or env.session_id.encode() != sid:
         raise CorruptEntry("feed entry: envelope and fields disagree")
-    return (env, body, sd, "" if inc is None else inc.decode(errors="replace"), blob)
+    return (env, body, sd,
+            "" if inc is None else (_incarnations.get(inc) or _incarnation(inc)), blob)
 
 
 _AGENT = b'{"agent":"'

@@ -56,6 +56,12 @@ class Subscriber(Protocol):
     and must raise if any of it failed; the runtime then retries the entries one by one, so one
     poison entry does not hold back the rest. Deliveries are at least once: use
     :class:`~subscribers.OrderedSubscriber` for in-order, exactly-once application per session.
+
+    A subscriber that never reads payloads (it stores or forwards each envelope's JSON, as
+    :class:`~subscribers.Persistence` does) may set a class attribute ``raw_payloads = True``:
+    its deliveries' envelopes then carry ``payload`` and ``server_data`` as the JSON the entry
+    holds (``msgspec.Raw``, a :class:`~eventcore._codec.RawPayloadEnvelope`), not decoded. An
+    envelope whose payload lives in a blob is decoded and hydrated in full all the same.
     """
 
     name: str

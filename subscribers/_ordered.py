@@ -202,13 +202,15 @@ class OrderedSubscriber(ABC):
             return None
         reset = inc != pos.incarnation
         position = 0 if reset else pos.seq
-        seqs = sorted(s for s in envs if s > position)
-        self.stats.duplicates += len(envs) - len(seqs)
-        if not seqs:
-            return None
+        seqs = sorted(envs)
+        if seqs[0] <= position:  # duplicates of what is applied already
+            seqs = [s for s in seqs if s > position]
+            self.stats.duplicates += len(envs) - len(seqs)
+            if not seqs:
+                return None
         top = seqs[-1]
         if len(seqs) == top - position:  # contiguous from position + 1: nothing to fill
-            return Run(sid, position, tuple(envs[s] for s in seqs), inc, reset)
+            return Run(sid, position, tuple(map(envs.__getitem__, seqs)), inc, reset)
         filled = await self._fill(sid, inc, position, top)
         if filled is None:
             self.stats.gone += len(seqs)

@@ -28,11 +28,19 @@ import random
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, NamedTuple, Self, TypeVar
 
 import anyio
 import sqlalchemy as sa
@@ -75,12 +83,20 @@ def _asyncpg_unavailable(exc: BaseException) -> bool:
                             asyncpg.exceptions.OperatorInterventionError))
 
 
+# Session ids compare bytewise on PostgreSQL (COLLATE "C"): the key of both tables' primary
+# keys, compared in every index insert, where a linguistic collation (even C.UTF-8) costs a
+# third of COPY's work per row. Equality is the same under any deterministic collation, and
+# every consumer of one database orders its locks by the same column's collation. Tables
+# created before keep their collation (nothing is altered).
+_SESSION_ID = sa.String(128).with_variant(sa.String(128, collation="C"), "postgresql")
+
+
 def _tables(prefix: str, schema: str | None) -> tuple[sa.MetaData, dict[str, sa.Table]]:
     md = sa.MetaData(schema=schema)
     t = {
         "events": sa.Table(
             f"{prefix}events", md,
-            sa.Column("session_id", sa.String(128), primary_key=True),
+            sa.Column("session_id", _SESSION_ID, primary_key=True),
             sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
             sa.Column("type", sa.String(128), nullable=False),
             sa.Column("run_id", sa.Text),
@@ -91,7 +107,7 @@ def _tables(prefix: str, schema: str | None) -> tuple[sa.MetaData, dict[str, sa.
         ),
         "sessions": sa.Table(
             f"{prefix}sessions", md,
-            sa.Column("session_id", sa.String(128), primary_key=True),
+            sa.Column("session_id", _SESSION_ID, primary_key=True),
             sa.Column("last_seq", sa.BigInteger, nullable=False),
             sa.Column("updated_ms", sa.BigInteger, nullable=False),
             sa.Column("incarnation", sa.String(32), nullable=False, server_default=""),
@@ -127,6 +143,8 @@ class Persistence(OrderedSubscriber):
     """
 
     name = "persistence"
+    #: the rows keep each envelope's JSON as the feed delivered it: no payload is decoded
+    raw_payloads = True
     #: a connection kept between batches is given back after this long without one (then the
     #: next batch checks out a pinged one: a connection idle that long may have been dropped)
     hold_idle_s = 5.0
@@ -171,6 +189,10 @@ class Persistence(OrderedSubscriber):
         self._batch_task: int | None = None
         self._held: AsyncConnection | None = None
         self._held_at = 0.0  # when the last batch on it ended (monotonic)
+        # PostgreSQL: the transaction a batch's positions were read in (its sessions' rows
+        # locked), which the batch's write then continues: positions and write in one
+        # transaction, no round trip of their own. Rolled back if the batch writes nothing
+        self._open: _Open | None = None
         self._dialect = sa.engine.make_url(url).get_backend_name()
         if self._dialect not in ("sqlite", "postgresql"):
             raise ConfigError(f"database URL {url!r}: use postgresql+asyncpg:// or sqlite+aiosqlite://")
@@ -298,8 +320,20 @@ class Persistence(OrderedSubscriber):
         try:
             await super().handle(deliveries)
         finally:
+            await self._close_open()
             self._from_feed, self._batch_task = {}, None
             self._held_at = time.monotonic()
+
+    async def _close_open(self) -> None:
+        """Roll back the transaction the batch's positions were read in, if still open."""
+        opened, self._open = self._open, None
+        if opened is not None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await opened.tx.rollback()
+                except Exception as exc:  # the connection is broken: nothing is held on it
+                    log_.debug("persistence: rolling back the positions' transaction: %r",
+                               exc)
 
     async def _release_held(self) -> None:
         """Give the connection kept between batches back to the pool."""
@@ -336,8 +370,22 @@ class Persistence(OrderedSubscriber):
 
     async def _positions(self, session_ids: Sequence[str]) -> dict[str, Position]:
         sql = self.sql
+        await self._close_open()  # a conflict's round: read again, in a new transaction
         async with self._connection() as conn:
             driver = await _driver(conn)
+            if sql.postgres and conn is self._held:  # within a batch: see _open
+                tx = driver.transaction()
+                await tx.start()
+                try:
+                    stored = await self._lock_pg(driver, sorted(session_ids),
+                                                 int(time.time() * 1000))
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await tx.rollback()
+                    raise
+                self._open = _Open(conn, tx, stored)
+                return {sid: Position(last, inc, deleted is not None)
+                        for sid, (inc, deleted, last) in stored.items()}
             if sql.postgres:
                 rows = await driver.fetch(sql.positions, session_ids)
             else:
@@ -357,7 +405,23 @@ class Persistence(OrderedSubscriber):
         async with self._connection() as conn:
             driver = await _driver(conn)
             if self.sql.postgres:
+                opened, self._open = self._open, None
                 try:
+                    if (opened is not None and opened.conn is conn
+                            and opened.stored.keys() >= set(sids)):
+                        # the transaction the positions were read in, its rows locked
+                        try:
+                            conflicts = await self._write_pg(driver, runs, sids, now, from_feed,
+                                                             stored=opened.stored)
+                        except BaseException:
+                            with anyio.CancelScope(shield=True):
+                                await opened.tx.rollback()
+                            raise
+                        await opened.tx.commit()
+                        return conflicts
+                    if opened is not None:
+                        self._open = opened
+                        await self._close_open()
                     async with driver.transaction():
                         return await self._write_pg(driver, runs, sids, now, from_feed)
                 except Exception as exc:
@@ -386,8 +450,26 @@ class Persistence(OrderedSubscriber):
                 conflicts.append(run.session_id)
         return ok, conflicts
 
+    async def _lock_pg(self, driver: Any, sids: list[str], now: int
+                       ) -> dict[str, tuple[str, int | None, int]]:
+        """The sessions' rows (incarnation, deleted_ms, last_seq), locked until the transaction
+        ends; created empty first where missing, so that there is a row to lock. ``sids``
+        sorted: locked in one order everywhere, so no deadlock between two consumers."""
+        sql = self.sql
+        stored: dict[str, tuple[str, int | None, int]] = {
+            sid: (inc, deleted, last) for sid, inc, deleted, last
+            in await driver.fetch(sql.lock, sids)}
+        missing = [sid for sid in sids if sid not in stored]
+        if missing:
+            await driver.execute(sql.ensure, missing, now)
+            stored.update({sid: (inc, deleted, last) for sid, inc, deleted, last
+                           in await driver.fetch(sql.lock, missing)})
+        return stored
+
     async def _write_pg(self, driver: Any, runs: Sequence[Run], sids: list[str], now: int,
-                        from_feed: Mapping[int, Delivery], *, staged: bool = False) -> list[str]:
+                        from_feed: Mapping[int, Delivery], *, staged: bool = False,
+                        stored: Mapping[str, tuple[str, int | None, int]] | None = None,
+                        ) -> list[str]:
         """One transaction: the sessions' rows locked (created empty first where missing, so
         that there is a row to lock; in one order everywhere: no deadlock between two
         consumers), an older incarnation's rows deleted where a run resets, the envelopes
@@ -400,16 +482,13 @@ class Persistence(OrderedSubscriber):
         and only the rows past it are sent. Should one be there anyway (written by hand, or
         by an older version), COPY fails on the primary key and the caller writes the batch
         again ``staged``: COPY into a temporary table, then INSERT ... SELECT ON CONFLICT DO
-        NOTHING (an extra pass over every row in the server)."""
+        NOTHING (an extra pass over every row in the server).
+
+        ``stored``: the rows locked already in this transaction (the batch's positions were
+        read in it), else locked here."""
         sql = self.sql
-        stored: dict[str, tuple[str, int | None, int]] = {
-            sid: (inc, deleted, last) for sid, inc, deleted, last
-            in await driver.fetch(sql.lock, sids)}
-        missing = [sid for sid in sids if sid not in stored]
-        if missing:
-            await driver.execute(sql.ensure, missing, now)
-            stored.update({sid: (inc, deleted, last) for sid, inc, deleted, last
-                           in await driver.fetch(sql.lock, missing)})
+        if stored is None:
+            stored = await self._lock_pg(driver, sids, now)
         ok, conflicts = self._fitting(runs, stored)
         if not ok:
             return conflicts
@@ -417,10 +496,10 @@ class Persistence(OrderedSubscriber):
         if resets:
             await driver.execute(sql.purge, resets)
         if staged:
-            rows = [_record(e, from_feed.get(id(e))) for run in ok for e in run.envelopes]
+            rows = _rows([run.envelopes for run in ok], from_feed)
         else:  # only what is past the watermark (a run may start below it: duplicates)
-            rows = [_record(e, from_feed.get(id(e))) for run in ok
-                    for e in _past(run, 0 if run.reset else stored[run.session_id][2])]
+            rows = _rows([_past(run, 0 if run.reset else stored[run.session_id][2])
+                          for run in ok], from_feed)
         if rows and staged:
             # COPY's binary records cost a fraction of the CPU of array parameters (asyncpg
             # checks every array element's type through the ABCs) or of SQLAlchemy's
@@ -459,7 +538,7 @@ class Persistence(OrderedSubscriber):
             resets = [r.session_id for r in ok if r.reset]
             for chunk in _chunks(resets):
                 await driver.execute(sql.purge_in(len(chunk)), chunk)
-            rows = [_record(e, from_feed.get(id(e))) for run in ok for e in run.envelopes]
+            rows = _rows([run.envelopes for run in ok], from_feed)
             if rows:
                 await driver.executemany(sql.insert, rows)
             raised = [(r.last, now, r.session_id) for r in ok if not r.reset]
@@ -587,6 +666,15 @@ class Persistence(OrderedSubscriber):
         await self._retrying(go, budget_s=self.read_budget_s)
 
 
+class _Open(NamedTuple):
+    """A transaction a batch's positions were read in (PostgreSQL), on the batch's held
+    connection: its sessions' rows, as locked."""
+
+    conn: AsyncConnection
+    tx: Any
+    stored: dict[str, tuple[str, int | None, int]]
+
+
 _ENVELOPE: Final = operator.attrgetter("envelope")
 _COLUMNS: Final = ("session_id", "seq", "type", "run_id", "event_key", "ts_ms", "envelope",
                    "server_data")
@@ -603,6 +691,26 @@ def _record(env: Envelope, d: Delivery | None) -> tuple[Any, ...]:
     return (env.session_id, env.seq, env.type, env.run_id, env.event_key,
             int(env.ts.timestamp() * 1000), client_json(env).decode(),
             None if env.server_data is None else encode(env.server_data).decode())
+
+
+def _rows(runs: Iterable[Sequence[Envelope]], from_feed: Mapping[int, Delivery]
+          ) -> list[tuple[Any, ...]]:
+    """The events rows of these runs' envelopes, as ``_record`` makes them (the hot path:
+    the common case, an envelope with the feed's JSON, inline)."""
+    out: list[tuple[Any, ...]] = []
+    append = out.append
+    get = from_feed.get
+    for envelopes in runs:
+        for env in envelopes:
+            d = get(id(env))
+            if d is None or not d.body:
+                append(_record(env, d))
+                continue
+            sd = d.server_body
+            append((env.session_id, env.seq, env.type, env.run_id, env.event_key,
+                    int(env.ts.timestamp() * 1000), d.body.decode(),
+                    None if sd is None else sd.decode()))
+    return out
 
 
 def _past(run: Run, watermark: int) -> Sequence[Envelope]:

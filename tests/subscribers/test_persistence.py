@@ -405,3 +405,48 @@ async def test_a_batch_mixing_incarnations_keeps_only_the_newest(persistence: Pe
     assert await persistence.count(sid) == 0
     assert persistence.stats.stale == 5 + 2 and persistence.stats.deleted == 1
     assert persistence.stats.applied == 2
+
+
+async def test_deliveries_carry_raw_payloads_and_rows_keep_the_feeds_json(
+    event_log: EventLog, persistence: Persistence
+) -> None:
+    from eventcore._codec import RawPayloadEnvelope
+
+    s = await event_log.create_session("a")
+    await event_log.append(Envelope(type="message", session_id=s.session_id,
+                                    payload={"text": "é\\n", "n": [1, {"x": None}]},
+                                    server_data={"secret": 1}))
+    seen: list[Delivery] = []
+    handle = persistence.handle
+
+    async def spy(deliveries: list[Delivery]) -> None:
+        seen.extend(deliveries)
+        await handle(deliveries)
+
+    persistence.handle = spy  # type: ignore[method-assign]
+    await SubscriberRunner(event_log, persistence, **fast()).drain()
+    msg = next(d for d in seen if d.envelope.type == "message")
+    assert isinstance(msg.envelope, RawPayloadEnvelope)  # nothing of the payload decoded
+    assert bytes(msg.envelope.payload) == b'{"text":"\xc3\xa9\\\\n","n":[1,{"x":null}]}'
+    assert await stored(persistence, s.session_id) == await read_all(event_log, s.session_id)
+
+
+async def test_a_batch_with_nothing_to_write_leaves_no_session_locked(
+    event_log: EventLog, persistence: Persistence
+) -> None:
+    """Within a batch the positions are read in the write's transaction (PostgreSQL: the
+    sessions' rows locked): when there is nothing to write (all duplicates), it is rolled
+    back, so another writer of the session is not held up."""
+    (sid, _top), = (await populate(event_log, 1, 5)).items()
+    await SubscriberRunner(event_log, persistence, **fast()).drain()
+    log = await read_all(event_log, sid)
+    await persistence.handle([Delivery("0-1", 0, e) for e in log])  # duplicates only
+    assert persistence.stats.duplicates == len(log)
+    # another consumer's transaction writes the session at once (a lock left behind would
+    # make it wait: NOWAIT fails instead)
+    t = persistence.tables["sessions"]
+    async with persistence.engine.begin() as conn:
+        q = sa.select(t.c.last_seq).where(t.c.session_id == sid).with_for_update(nowait=True)
+        assert (await conn.execute(q)).scalar_one() == len(log)
+    await persistence.handle([Delivery("0-1", 0, e) for e in log])  # and once more
+    assert await stored(persistence, sid) == log
