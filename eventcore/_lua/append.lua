@@ -381,6 +381,7 @@ for _, m in ipairs(order) do
     end
   end
 end
+ec_notify_flush(ARGV[3])
 -- written even when nothing was appended (all duplicates): a WAIT after it then covers the
 -- writes of the first copies too
 if last_inc ~= nil then redis.call('SET', KEYS[4], string.format('%016.0f', last_inc)) end

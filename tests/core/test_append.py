@@ -375,3 +375,25 @@ async def test_creation_and_end_keys_answer_from_session_state(event_log: EventL
                  event_key="session.ended")])
     assert [(r.seq, r.duplicate) for r in res] == [(1, True), (2, False), (3, False), (3, True)]
     assert await event_log.redis.exists(event_log.keys.session(t).dedupe) == 0
+
+
+async def test_one_notify_message_per_script_call(event_log: EventLog) -> None:
+    """The notes of one append script call (one batch, one shard) go out as one message on the
+    shard's notify channel, one ``"<sid> <last seq>"`` a line: one PUBLISH per call."""
+    log = event_log
+    a = (await log.create_session()).session_id
+    shard = log.keys.shard_of(a)
+    b = next(sid for sid in (f"n{i}" for i in range(10_000)) if log.keys.shard_of(sid) == shard
+             and sid != a)
+    await log.create_session(session_id=b)
+    channel = log.keys.notify(shard)
+    async with Channels(log.redis, [channel]) as listener:
+        assert listener.connected
+        await log.append_many([Envelope(type="message", session_id=a),
+                               Envelope(type="message", session_id=b),
+                               Envelope(type="message", session_id=a)])
+        with anyio.fail_after(5):
+            async for event in listener:
+                if isinstance(event, Message):
+                    assert event.data.decode() == f"{a} 3\n{b} 2"
+                    break
