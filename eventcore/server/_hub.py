@@ -8,9 +8,9 @@ Not a consumer group (a group would split events between clients instead of copy
 - **Live** is one path for the whole process: either one multiplexed XREAD over all watched
   streams (the default), or the pub/sub notifications the append script publishes
   (``"<sid> <last_seq>"`` lines on each shard's ``notify`` channel), after which the hub
-  XRANGEs every dirty session once in one pipelined round trip. ``benchmarks/sse.py`` measures both: equal up
-  to 1,000 clients, XREAD ahead beyond (pub/sub pays a second round trip per event, and
-  redis-py's pub/sub parsing). A session watched while the XREAD blocks joins on the next call
+  XRANGEs every dirty session once in one pipelined round trip. ``benchmarks/sse.py`` measures
+  both: equal up to 1,000 clients, XREAD ahead beyond (pub/sub pays a second round trip per
+  event, and redis-py's pub/sub parsing). A session watched while the XREAD blocks joins on the next call
   (at most ``xread_block_ms``); its clients catch up by themselves meanwhile.
 - **The seam is exact**: each client is a :class:`~eventcore._follow.Follower` (the one follower
   of the project) whose live source is its buffer here. It takes an event only if it is
