@@ -35,7 +35,8 @@ Layout (``ns`` is the namespace, ``{N}`` the shard hash tag)::
     ns:{presence}:hosts      hash: worker id -> "<run id> <client id> <server run id>
                              <expires ms> alive|evicted": each worker's presence connection
                              (workers._presence), in one slot of its own
-    ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" after each append
+    ns:{N}:notify            pub/sub channel: "<session_id> <last_seq>" per session appended
+                             to, one message per script call (one note a line)
     ns:{N}:wake              pub/sub channel: the same, only after appends made without a host
                              epoch (inputs, signals, control, ends from outside) to a session
                              that has a host: what a host must react to, without hearing of its

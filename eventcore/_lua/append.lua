@@ -27,6 +27,11 @@
 -- A generated event key is already inside the body and nobody can retry with it except a resend
 -- of this very batch, which the token catches: so generated keys skip the dedupe map, saving
 -- its commands and memory. Caller-chosen keys are looked up with one HMGET per session.
+-- The creation's and the end's own keys ('session.created' on session.created, 'session.ended'
+--   on session.ended, as create_session/end_session send them) skip the map too: the session's
+--   state answers for them (it exists: its creation is seq 1; it has ended: its end is its last
+--   seq, nothing is appended after it), saving a lookup and a write per creation and per end.
+--   Another event under one of those keys is a duplicate of that creation / end as before.
 --
 -- Returns one value per event, then the shard's write counter after the batch. Per event:
 --   seq > 0 appended ({seq, incarnation} for a session.created that was appended); -seq
@@ -111,12 +116,15 @@ local function typed(key, want)
   return t == 'none' or t == want
 end
 
+-- the event keys that the session's state answers for, when the event is of that type
+local STATE_KEYS = {[CREATED] = true, [ENDED] = true}
+
 -- Pass 1: the caller-chosen event keys of each session, to look them all up in one HMGET
 -- (plain events have none).
 local wanted = {}
 for a = R + 1, #ARGV, 6 do  -- the full events (plain ones have no key)
   local ek = ARGV[a + 2]
-  if ek ~= '' then
+  if ek ~= '' and not (ek == ARGV[a + 1] and STATE_KEYS[ek]) then
     local sidx = tonumber(ARGV[a])
     local w = wanted[sidx]
     if w == nil then w = {}; wanted[sidx] = w end
@@ -238,6 +246,14 @@ for i = 1, n do
     if ok and type(c) == 'table' then created = c else created = false end
   end
   local dup = ek ~= '' and m.seen and m.seen[ek]
+  if not dup and m.seq ~= nil and m.corrupt == nil then
+    -- the state's keys (see the header); a duplicate's answer is the first one's seq
+    if ek == CREATED and typ ~= CREATED then
+      dup = 1
+    elseif ek == ENDED and m.state == L.STATE_ENDED then
+      dup = m.seq
+    end
+  end
   if m.corrupt ~= nil then
     out[i] = '5:' .. m.corrupt
   elseif dup then
@@ -278,7 +294,7 @@ for i = 1, n do
       m.seq = seq
       m.dirty = true
       if epoch == '' then m.outside = true end
-      if ek ~= '' then
+      if ek ~= '' and not (ek == typ and STATE_KEYS[ek]) then
         if m.seen == nil then m.seen = {} end
         m.seen[ek] = seq
         local nk = m.newkeys
@@ -373,6 +389,7 @@ for _, m in ipairs(order) do
     end
   end
 end
+ec_notify_flush(ARGV[3])
 -- written even when nothing was appended (all duplicates): a WAIT after it then covers the
 -- writes of the first copies too
 if last_inc ~= nil then redis.call('SET', KEYS[4], string.format('%016.0f', last_inc)) end

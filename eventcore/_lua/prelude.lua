@@ -103,11 +103,22 @@ local function ec_set(kmeta, ...)
 end
 
 -- The live notification after appends: "<sid> <last seq>" on notify, and on wake too when
--- they were made without a host epoch (what a host must react to).
+-- they were made without a host epoch (what a host must react to). The notify notes of one
+-- script call go out as one message, one note a line (ec_notify_flush, at the script's end:
+-- one PUBLISH per call instead of one per session; a session id has no space or newline).
+local EC_NOTES = {}
 local function ec_publish(notify, wake, sid, sseq, outside)
   local note = sid .. ' ' .. sseq
-  redis.call(EC_PUBLISH, notify, note)
+  EC_NOTES[#EC_NOTES + 1] = note
   if outside then redis.call(EC_PUBLISH, wake, note) end
+end
+
+-- Publishes the notes ec_publish gathered (if any) on notify, as one message.
+local function ec_notify_flush(notify)
+  if #EC_NOTES > 0 then
+    redis.call(EC_PUBLISH, notify, table.concat(EC_NOTES, '\n'))
+    EC_NOTES = {}
+  end
 end
 
 -- A worker's dead letter of a session (kind session), and the session marked dead with the

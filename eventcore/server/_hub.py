@@ -5,13 +5,13 @@ Not a consumer group (a group would split events between clients instead of copy
 - **Catch-up** is a client's own pages from its cursor (:class:`~eventcore._follow.PageReader`:
   bounded in entries and bytes, raw entries forwarded undecoded, the archive where Redis was
   trimmed), so a client resuming from seq 0 never slows anyone else.
-- **Live** is one path for the whole process: either one multiplexed XREAD over all watched
-  streams (the default), or the pub/sub notifications the append script publishes
-  (``"<sid> <last_seq>"`` on each shard's ``notify`` channel), after which the hub XRANGEs every
-  dirty session once in one pipelined round trip. ``benchmarks/sse.py`` measures both: equal up
-  to 1,000 clients, XREAD ahead beyond (pub/sub pays a second round trip per event, and
-  redis-py's pub/sub parsing). A session watched while the XREAD blocks joins on the next call
-  (at most ``xread_block_ms``); its clients catch up by themselves meanwhile.
+- **Live** is one path for the whole process: either one multiplexed XREAD over all watched streams
+  (the default), or the pub/sub notifications the append script publishes (``"<sid> <last_seq>"``
+  lines on each shard's ``notify`` channel), after which the hub XRANGEs every dirty session once in
+  one pipelined round trip. ``benchmarks/sse.py`` measures both: equal up to 1,000 clients, XREAD
+  ahead beyond (pub/sub pays a second round trip per event, and redis-py's pub/sub parsing). A
+  session watched while the XREAD blocks joins on the next call (at most ``xread_block_ms``); its
+  clients catch up by themselves meanwhile.
 - **The seam is exact**: each client is a :class:`~eventcore._follow.Follower` (the one follower
   of the project) whose live source is its buffer here. It takes an event only if it is
   exactly ``cursor + 1``; a gap (a missed notification, a buffer overflow) sends it back to
@@ -576,16 +576,19 @@ class Hub:
                     log_.warning("hub notifications lost (%s); reconnecting", event.error)
 
     def _on_notify(self, data: bytes) -> None:
+        """One script call's notes: ``"<sid> <last_seq>"``, one a line."""
         self.stats.notifications += 1
-        sid, _, seq = data.partition(b" ")
-        w = self._watches.get(sid.decode())
-        if w is None:
-            return
-        n = int(seq)
-        if n > w.head:
-            w.head = n
-        if w.cursor is None or n > w.cursor:
-            self._mark(w)
+        watches = self._watches
+        for note in data.split(b"\n"):
+            sid, _, seq = note.partition(b" ")
+            w = watches.get(sid.decode())
+            if w is None:
+                continue
+            n = int(seq)
+            if n > w.head:
+                w.head = n
+            if w.cursor is None or n > w.cursor:
+                self._mark(w)
 
     async def _fetch_loop(self, *, task_status: TaskStatus[None]) -> None:
         """XRANGE every dirty session after its cursor, many per round trip."""

@@ -378,3 +378,61 @@ async def test_non_ascii_envelopes_in_one_batch_round_trip(event_log: EventLog) 
         ({"key": "sïg-🎉", "v": text}, got[3].event_key, None)]
     again = await event_log.append(envs[1])  # the non-ASCII key dedupes
     assert (again.seq, again.duplicate) == (3, True)
+
+
+async def test_creation_and_end_keys_answer_from_session_state(event_log: EventLog) -> None:
+    """session.created and session.ended under their own keys (as create_session and
+    end_session send them) dedupe by the session's state, not the dedupe map (a lookup and a
+    write less per creation and per end); every other event under those keys is still a
+    duplicate of that creation / end."""
+    s = await event_log.create_session()
+    sid = s.session_id
+    keys = event_log.keys.session(sid)
+    again = await event_log.create_session(session_id=sid)
+    assert again.session_id == sid and again.incarnation == s.incarnation
+    assert (await event_log.append(env(sid, 1, key="session.created"))).duplicate
+    await event_log.append(env(sid, 2, key="k"))
+    end = await event_log.end_session(sid)
+    assert (end.seq, end.duplicate) == (3, False)
+    for res in (await event_log.end_session(sid),
+                await event_log.end_session(sid, "failed"),
+                await event_log.append(env(sid, 3, key="session.ended"))):
+        assert (res.seq, res.duplicate) == (3, True)
+    with pytest.raises(SessionEnded):
+        await event_log.append(env(sid, 4, key="other"))
+    assert set(await event_log.redis.hkeys(keys.dedupe)) == {b"k"}
+    log = await read_all(event_log, sid)
+    check_log(log)
+    assert [e.type for e in log] == ["session.created", "message", "session.ended"]
+    # in one batch: the creation's repeat, an event under its key, the end and its repeat
+    t = (await event_log.create_session()).session_id
+    res = await event_log.append_many([
+        env(t, 5, key="session.created"), env(t, 6),
+        Envelope(type="session.ended", session_id=t, payload={"reason": "completed"},
+                 event_key="session.ended"),
+        Envelope(type="session.ended", session_id=t, payload={"reason": "failed"},
+                 event_key="session.ended")])
+    assert [(r.seq, r.duplicate) for r in res] == [(1, True), (2, False), (3, False), (3, True)]
+    assert await event_log.redis.exists(event_log.keys.session(t).dedupe) == 0
+
+
+async def test_one_notify_message_per_script_call(event_log: EventLog) -> None:
+    """The notes of one append script call (one batch, one shard) go out as one message on the
+    shard's notify channel, one ``"<sid> <last seq>"`` a line: one PUBLISH per call."""
+    log = event_log
+    a = (await log.create_session()).session_id
+    shard = log.keys.shard_of(a)
+    b = next(sid for sid in (f"n{i}" for i in range(10_000)) if log.keys.shard_of(sid) == shard
+             and sid != a)
+    await log.create_session(session_id=b)
+    channel = log.keys.notify(shard)
+    async with Channels(log.redis, [channel]) as listener:
+        assert listener.connected
+        await log.append_many([Envelope(type="message", session_id=a),
+                               Envelope(type="message", session_id=b),
+                               Envelope(type="message", session_id=a)])
+        with anyio.fail_after(5):
+            async for event in listener:
+                if isinstance(event, Message):
+                    assert event.data.decode() == f"{a} 3\n{b} 2"
+                    break

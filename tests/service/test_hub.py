@@ -640,3 +640,20 @@ async def test_the_live_xread_follows_streams_joining_and_leaving(event_log: Eve
                 last[anchor] += 1
             outer.cancel_scope.cancel()
     assert anchor_seen == list(range(2, last[anchor] + 1))
+
+
+async def test_pubsub_live_path_reads_every_note_of_one_message(event_log: EventLog) -> None:
+    """One append script call notifies once for all its sessions (one note a line): no sweep
+    to help (resync_s of an hour), each watched session of the batch is fetched live."""
+    a = (await event_log.create_session("echo")).session_id
+    shard = event_log.keys.shard_of(a)
+    b = next(sid for sid in (f"hub{i}" for i in range(10_000))
+             if event_log.keys.shard_of(sid) == shard)
+    await event_log.create_session("echo", session_id=b)
+    async with Hub(event_log, live="pubsub", resync_s=3600) as hub, \
+            hub.subscribe(a, after=1) as sa, hub.subscribe(b, after=1) as sb:
+        await event_log.append_many([Envelope(type="input", session_id=sid, payload={"i": i})
+                                     for sid in (a, b) for i in range(2)])
+        with anyio.fail_after(10):
+            assert await collect(sa, 3) == [2, 3]
+            assert await collect(sb, 3) == [2, 3]

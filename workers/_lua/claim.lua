@@ -178,4 +178,5 @@ for i = 1, nitems do
   out[i] = claim(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a], ARGV[a + 1],
     ARGV[a + 2], counts, exact)
 end
+ec_notify_flush(notify)
 return out
