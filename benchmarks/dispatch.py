@@ -299,6 +299,32 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
+STALL_S = 60.0  # no job completed for this long: the run fails instead of waiting for ever
+
+
+async def watched(system: System, proc: Any, want: int, done: dict[Any, float]) -> None:
+    """``system.watch(want, done)``, failing loudly when the worker process exits or no job
+    completes for ``STALL_S`` (a dead worker, or a worker's child dead under a live parent)."""
+    async def watchdog() -> None:
+        seen, since = len(done), time.monotonic()
+        while True:
+            await anyio.sleep(0.5)  # polling a process and a counter: nothing to await
+            code = proc.poll()
+            if code is not None:
+                raise RuntimeError(f"{system.name} worker exited with code {code} "
+                                   f"({len(done)} of {want} jobs done)")
+            if len(done) != seen:
+                seen, since = len(done), time.monotonic()
+            elif time.monotonic() - since > STALL_S:
+                raise TimeoutError(f"{system.name}: no job completed for {STALL_S:.0f} s "
+                                   f"({len(done)} of {want} done)")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watchdog)
+        await system.watch(want, done)
+        tg.cancel_scope.cancel()
+
+
 async def run_one(system: System, url: str, n: int, conc: int, mode: str, run: int,
                   warmup: int = 1) -> Result:
     await system.setup(url, run, mode)
@@ -315,7 +341,7 @@ async def run_one(system: System, url: str, n: int, conc: int, mode: str, run: i
             await limited(n, 256, submit_one)
             proc = system.start_worker(conc)
             t_start = time.time()
-            await system.watch(n, done)
+            await watched(system, proc, n, done)
         else:
             proc = system.start_worker(conc)
             # warm up: the worker process is up and consuming, its connections open and its
@@ -323,14 +349,14 @@ async def run_one(system: System, url: str, n: int, conc: int, mode: str, run: i
             # same way; the watchers read from the start, so they count them again below)
             warm = max(1, warmup)
             await limited(warm, 256, lambda i: submit_one(n + i))
-            await system.watch(warm, done)
+            await watched(system, proc, warm, done)
             done.clear()
             submit.clear()
             t_start = time.time()
             cmd0 = await commandstats(url)
             cpu0 = (tree_cpu_s(proc.pid), tree_cpu_s(REDIS_PID[0]), time.process_time())
             async with anyio.create_task_group() as tg:
-                tg.start_soon(system.watch, n + warm, done)
+                tg.start_soon(watched, system, proc, n + warm, done)
                 await limited(n, 256, submit_one)
             cpu1 = (tree_cpu_s(proc.pid), tree_cpu_s(REDIS_PID[0]), time.process_time())
             cmd1 = await commandstats(url)
