@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -268,20 +269,22 @@ async def test_a_dispatch_rings_no_channel_on_one_node(event_log: EventLog) -> N
     assert heard == [(bell, "marker")]
 
 
+def _on_shard_0(event_log: EventLog, prefix: str, n: int) -> list[str]:
+    """``n`` session ids of shard 0 (so their events go in one script call)."""
+    ids = (f"{prefix}-{i}" for i in itertools.count())
+    return list(itertools.islice(
+        (sid for sid in ids if event_log.appender.session_keys(sid).shard == 0), n))
+
+
 async def test_plain_and_full_events_mixed_in_one_script_call(event_log: EventLog) -> None:
     """Plain events (generated key, no epoch, no extra) travel in the script's short form; one
     batch mixing them with keyed, fenced and side-effect events over two sessions of one shard
     keeps seq gap-free per session, dedupes, fences, refuses per event, and a resend of it is
     answered from its token."""
     ap = event_log.appender
-    sids: list[str] = []
-    i = 0
-    while len(sids) < 2:
-        sid = f"mixed-{i}"
-        i += 1
-        if ap.session_keys(sid).shard == 0:
-            await event_log.create_session(session_id=sid)
-            sids.append(sid)
+    sids = _on_shard_0(event_log, "mixed", 2)
+    for sid in sids:
+        await event_log.create_session(session_id=sid)
     a, b = sids
     batch = [
         ap.prepare(env(a, 1)),
@@ -326,13 +329,7 @@ async def test_a_batch_past_the_records_byte_indexes_falls_back_to_full_events(
     more than 255 sessions or types sends the rest as full events, and every event lands at its
     seq with its type (spaces and non-ASCII in types, payloads with newlines in strings)."""
     ap = event_log.appender
-    sids: list[str] = []
-    i = 0
-    while len(sids) < 300:
-        sid = f"wide-{i}"
-        i += 1
-        if ap.session_keys(sid).shard == 0:
-            sids.append(sid)
+    sids = _on_shard_0(event_log, "wide", 300)
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             for sid in sids:
