@@ -61,6 +61,9 @@ SCHEMA_VERSION: Final = 2  # 2: sessions.incarnation and sessions.deleted_ms
 log_ = logging.getLogger("eventcore.persistence")
 T = TypeVar("T")
 _CHUNK = 500
+# SQLite: events rows per INSERT statement (8 parameters each; SQLite allows 32766 per
+# statement since 3.32, 999 before: 124 rows)
+_INSERT_ROWS = 256 if sqlite3.sqlite_version_info >= (3, 32) else 64
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -388,10 +391,8 @@ class Persistence(OrderedSubscriber):
                         for sid, (inc, deleted, last) in stored.items()}
             if sql.postgres:
                 rows = await driver.fetch(sql.positions, session_ids)
-            else:
-                rows = []
-                for chunk in _chunks(session_ids):
-                    rows += await driver.execute_fetchall(sql.positions_in(len(chunk)), chunk)
+            else:  # every chunk in one call on the connection's thread
+                rows = await _in_sqlite_thread(driver, _positions_sqlite, sql, session_ids)
         return {sid: Position(int(seq), inc, deleted is not None)
                 for sid, seq, inc, deleted in rows}
 
@@ -521,38 +522,12 @@ class Persistence(OrderedSubscriber):
     async def _write_sqlite(self, driver: Any, runs: Sequence[Run], sids: list[str], now: int,
                             from_feed: Mapping[int, Delivery]) -> list[str]:
         """The same steps in one SQLite transaction, begun IMMEDIATE (the write lock taken
-        before the sessions rows are read, as FOR UPDATE does on PostgreSQL); each step one
-        statement, or one executemany, on the transaction's connection."""
-        sql = self.sql
-        await driver.execute("BEGIN IMMEDIATE")
-        try:
-            stored: dict[str, tuple[str, int | None, int]] = {}
-            for chunk in _chunks(sids):
-                stored.update({sid: (inc, deleted, last) for sid, inc, deleted, last
-                               in await driver.execute_fetchall(sql.lock_in(len(chunk)), chunk)})
-            missing = [sid for sid in sids if sid not in stored]
-            if missing:
-                await driver.executemany(sql.ensure, [(sid, now) for sid in missing])
-                stored.update(dict.fromkeys(missing, ("", None, 0)))
-            ok, conflicts = self._fitting(runs, stored)
-            resets = [r.session_id for r in ok if r.reset]
-            for chunk in _chunks(resets):
-                await driver.execute(sql.purge_in(len(chunk)), chunk)
-            rows = _rows([run.envelopes for run in ok], from_feed)
-            if rows:
-                await driver.executemany(sql.insert, rows)
-            raised = [(r.last, now, r.session_id) for r in ok if not r.reset]
-            if raised:
-                await driver.executemany(sql.raise_mark, raised)
-            restarted = [(r.last, r.incarnation, now, r.session_id) for r in ok if r.reset]
-            if restarted:
-                await driver.executemany(sql.restart_mark, restarted)
-            await driver.commit()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await driver.rollback()
-            raise
-        return conflicts
+        before the sessions rows are read, as FOR UPDATE does on PostgreSQL), all in one call
+        on the connection's thread (see ``_write_sqlite_sync``). The rows are made here, on
+        the loop, before: every run could fit."""
+        rows = _rows([run.envelopes for run in runs], from_feed)
+        return await _in_sqlite_thread(driver, _write_sqlite_sync, self.sql, runs, sids, now,
+                                       rows)
 
     async def deleted(self, session_id: str, incarnation: str) -> None:
         """Purge the deleted incarnation's rows (and an older one's), leaving the sessions row
@@ -713,6 +688,78 @@ def _rows(runs: Iterable[Sequence[Envelope]], from_feed: Mapping[int, Delivery]
     return out
 
 
+async def _in_sqlite_thread(driver: Any, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(connection, *args)`` on the aiosqlite connection's own thread, on its sqlite3
+    connection: one hand-over to that thread (and back) for all the statements in ``fn``,
+    rather than one per statement. (aiosqlite has no public call for this: its ``_execute``
+    queues a function for the thread, and ``_conn`` is the sqlite3 connection there.)"""
+    result: T = await driver._execute(fn, driver._conn, *args)
+    return result
+
+
+def _positions_sqlite(conn: sqlite3.Connection, sql: _Sql, session_ids: Sequence[str]
+                      ) -> list[tuple[str, int, str, int | None]]:
+    rows: list[tuple[str, int, str, int | None]] = []
+    for chunk in _chunks(session_ids):
+        rows += conn.execute(sql.positions_in(len(chunk)), chunk).fetchall()
+    return rows
+
+
+def _write_sqlite_sync(conn: sqlite3.Connection, sql: _Sql, runs: Sequence[Run],
+                       sids: list[str], now: int, rows: list[tuple[Any, ...]]) -> list[str]:
+    """A batch's write on the SQLite connection's thread, in one transaction begun IMMEDIATE:
+    the sessions' rows read (created empty where missing), an older incarnation's rows deleted
+    where a run resets, the rows inserted (idempotent on (session_id, seq)), the watermarks
+    raised, committed; rolled back on any failure. ``rows``: the runs' envelopes' rows, run
+    after run (the rows of a run that does not fit are left out).
+
+    The rows go in by multi-row INSERTs (``_Sql.insert_rows``), not executemany: the sqlite3
+    module binds all of a statement's parameters, then steps it once without the GIL, where
+    executemany takes the GIL back for every row (against the event loop's thread)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        stored: dict[str, tuple[str, int | None, int]] = {}
+        for chunk in _chunks(sids):
+            stored.update({sid: (inc, deleted, last) for sid, inc, deleted, last
+                           in conn.execute(sql.lock_in(len(chunk)), chunk)})
+        missing = [sid for sid in sids if sid not in stored]
+        if missing:
+            conn.executemany(sql.ensure, [(sid, now) for sid in missing])
+            stored.update(dict.fromkeys(missing, ("", None, 0)))
+        ok, conflicts = Persistence._fitting(runs, stored)
+        if conflicts:
+            kept: list[tuple[Any, ...]] = []
+            at = 0
+            fits = set(map(id, ok))
+            for run in runs:
+                n = len(run.envelopes)
+                if id(run) in fits:
+                    kept += rows[at : at + n]
+                at += n
+            rows = kept
+        resets = [r.session_id for r in ok if r.reset]
+        for chunk in _chunks(resets):
+            conn.execute(sql.purge_in(len(chunk)), chunk)
+        at, total = 0, len(rows)
+        while at < total:
+            # full statements of _INSERT_ROWS rows, then the rest in powers of two: a few
+            # statements' texts, each prepared once (the connection's statement cache)
+            n = _INSERT_ROWS if total - at >= _INSERT_ROWS else 1 << ((total - at).bit_length() - 1)
+            conn.execute(sql.insert_rows(n), [v for row in rows[at : at + n] for v in row])
+            at += n
+        raised = [(r.last, now, r.session_id) for r in ok if not r.reset]
+        if raised:
+            conn.executemany(sql.raise_mark, raised)
+        restarted = [(r.last, r.incarnation, now, r.session_id) for r in ok if r.reset]
+        if restarted:
+            conn.executemany(sql.restart_mark, restarted)
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return conflicts
+
+
 def _past(run: Run, watermark: int) -> Sequence[Envelope]:
     """The run's envelopes with seq past ``watermark`` (a run is contiguous from after + 1)."""
     skip = watermark - run.after
@@ -768,12 +815,20 @@ class _Sql:
         else:
             self.ensure = (f"INSERT OR IGNORE INTO {sessions} (session_id, last_seq, "
                            f"updated_ms, incarnation) VALUES (?, 0, ?, '')")
-            marks = ", ".join("?" * len(_COLUMNS))
-            self.insert = f"INSERT OR IGNORE INTO {events} ({cols}) VALUES ({marks})"
+            self._insert_head = f"INSERT OR IGNORE INTO {events} ({cols}) VALUES "
+            self._insert_rows: dict[int, str] = {}
             self.raise_mark = (f"UPDATE {sessions} SET last_seq = MAX(last_seq, ?), "
                                f"updated_ms = ? WHERE session_id = ?")
             self.restart_mark = (f"UPDATE {sessions} SET last_seq = ?, incarnation = ?, "
                                  f"deleted_ms = NULL, updated_ms = ? WHERE session_id = ?")
+
+    def insert_rows(self, n: int) -> str:
+        """SQLite: one INSERT of ``n`` events rows (``n * len(_COLUMNS)`` parameters)."""
+        text = self._insert_rows.get(n)
+        if text is None:
+            row = f"({', '.join('?' * len(_COLUMNS))})"
+            text = self._insert_rows[n] = self._insert_head + ", ".join([row] * n)
+        return text
 
     def positions_in(self, n: int) -> str:
         return (f"SELECT session_id, last_seq, incarnation, deleted_ms FROM {self.sessions} "

@@ -450,3 +450,34 @@ async def test_a_batch_with_nothing_to_write_leaves_no_session_locked(
         assert (await conn.execute(q)).scalar_one() == len(log)
     await persistence.handle([Delivery("0-1", 0, e) for e in log])  # and once more
     assert await stored(persistence, sid) == log
+
+
+async def test_a_write_keeps_every_row_of_the_runs_that_fit_and_none_of_the_others(
+    persistence: Persistence,
+) -> None:
+    """One write of runs of several sizes (more rows than one statement of the write takes,
+    and remainders of every size) where one run's session is stored at another incarnation:
+    that run is a conflict and leaves nothing; every other run is stored whole, each
+    (session, seq) once, its watermark at its last seq."""
+    from eventcore.subscribers._ordered import Run
+
+    def envs(sid: str, n: int, inc: str) -> tuple[Envelope, ...]:
+        return tuple(Envelope(type="message", session_id=sid, seq=s, payload={"inc": inc})
+                     for s in range(1, n + 1))
+
+    await persistence.apply([Run("s_taken", 0, envs("s_taken", 2, "z"), "z", True)])
+    sizes = {"s_big": 300, "s_one": 1, "s_odd": 127}
+    runs = [Run("s_big", 0, envs("s_big", 300, "a"), "a", True),
+            Run("s_taken", 2, envs("s_taken", 5, "a")[2:], "a"),
+            Run("s_one", 0, envs("s_one", 1, "a"), "a", True),
+            Run("s_odd", 0, envs("s_odd", 127, "a"), "a", True)]
+    assert list(await persistence.apply(runs)) == ["s_taken"]
+    for sid, n in sizes.items():
+        assert [(e.seq, e.payload) for e in await stored(persistence, sid)] == [
+            (s, {"inc": "a"}) for s in range(1, n + 1)]
+    assert [(e.seq, e.payload) for e in await stored(persistence, "s_taken")] == [
+        (1, {"inc": "z"}), (2, {"inc": "z"})]
+    assert await persistence.watermarks([*sizes, "s_taken"]) == {**sizes, "s_taken": 2}
+    again = [Run("s_big", 0, envs("s_big", 300, "a"), "a")]  # delivered twice: kept once
+    assert list(await persistence.apply(again)) == []
+    assert await persistence.count("s_big") == 300
