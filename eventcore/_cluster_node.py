@@ -1,6 +1,6 @@
-"""Three fixes of redis-py 5.3's cluster client: a node that gives its connection back whatever
-happens to a command, a slot map that stays right when one slot is redirected twice, and a
-connect that works while the slot map's first master is down.
+"""Four fixes of redis-py 5.3's cluster client: a node that gives its connection back whatever
+happens to a command, a slot map that stays right when one slot is redirected twice, a
+connect that works while the slot map's first master is down, and seeds that never run out.
 
 redis-py 5.3's ``ClusterNode`` returns a connection to its free list only after a command's
 reply was read (and a pipeline's only after every reply): a command cancelled while its
@@ -22,7 +22,7 @@ from redis._parsers import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, NodesManager, PipelineCommand
 from redis.cluster import PRIMARY
 
-__all__ = ["AnyNodeCommands", "LeakFreeNode", "RedirectSafeNodes", "adopt"]
+__all__ = ["AnyNodeCommands", "LeakFreeNode", "RedirectSafeNodes", "Seeds", "adopt"]
 
 
 class LeakFreeNode(ClusterNode):
@@ -111,3 +111,23 @@ class AnyNodeCommands(AsyncCommandsParser):
                 continue
             return
         raise error or rexc.ConnectionError("no cluster node answered COMMAND")
+
+
+class Seeds(dict[str, ClusterNode]):
+    """The startup nodes (``NodesManager.startup_nodes``), of which none is ever dropped.
+
+    redis-py drops a node from them whenever a command on it loses its connection. Many
+    commands failing at once (a burst across a master's restart) dropped them all, and the
+    next slot-map read, under redis-py's own lock, had no node left to ask ("Redis Cluster
+    cannot be connected ... None"). Here a dropped node is only moved last: the others are
+    asked first. (A node gone from the slot map is still removed when the map is read.)
+    """
+
+    __slots__ = ()
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self and default:  # redis-py's drop: pop(name, None)
+            node = super().pop(key)
+            self[key] = node
+            return node
+        return super().pop(key, *default)

@@ -17,7 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE
 
-from ._cluster_node import AnyNodeCommands, LeakFreeNode, RedirectSafeNodes, adopt
+from ._cluster_node import AnyNodeCommands, LeakFreeNode, RedirectSafeNodes, Seeds, adopt
 from ._scripts import sharded
 from .errors import ConfigError, CorruptEntry, RedisError, RedisUnavailable
 
@@ -389,6 +389,7 @@ class _ClusterClient(RedisCluster):
         super().__init__(*args, **kwargs)
         self.nodes_manager.__class__ = RedirectSafeNodes
         self.commands_parser = AnyNodeCommands(self.nodes_manager)
+        self.nodes_manager.startup_nodes = Seeds(self.nodes_manager.startup_nodes)
         self.retry_budget_s = retry_budget_s
         self._seeds = {n.name: (n.host, n.port) for n in self.nodes_manager.startup_nodes.values()}
 
