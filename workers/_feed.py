@@ -138,8 +138,9 @@ class Feed:
                 bell.silence()
 
     def _notified(self, data: Any) -> None:
-        sid, _, seq = (data.decode() if isinstance(data, bytes) else str(data)).rpartition(" ")
-        if not seq.isdigit():
+        text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+        sid, _, seq = text.rpartition(" ")
+        if not (seq.isascii() and seq.isdigit()):  # not a note (anything else published there)
             return
         s = self._hosts.get(sid)
         if s is None:

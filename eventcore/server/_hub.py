@@ -576,13 +576,14 @@ class Hub:
                     log_.warning("hub notifications lost (%s); reconnecting", event.error)
 
     def _on_notify(self, data: bytes) -> None:
-        """One script call's notes: ``"<sid> <last_seq>"``, one a line."""
+        """One script call's notes: ``"<sid> <last_seq>"``, one a line. A note that is not
+        one (anything another client published on the channel) is skipped."""
         self.stats.notifications += 1
         watches = self._watches
         for note in data.split(b"\n"):
             sid, _, seq = note.partition(b" ")
-            w = watches.get(sid.decode())
-            if w is None:
+            w = watches.get(sid.decode(errors="replace"))
+            if w is None or not seq.isdigit():
                 continue
             n = int(seq)
             if n > w.head:

@@ -657,3 +657,19 @@ async def test_pubsub_live_path_reads_every_note_of_one_message(event_log: Event
         with anyio.fail_after(10):
             assert await collect(sa, 3) == [2, 3]
             assert await collect(sb, 3) == [2, 3]
+
+
+async def test_pubsub_live_path_skips_malformed_notes(event_log: EventLog) -> None:
+    """Anything published on a notify channel that is not ``"<sid> <seq>"`` lines (another
+    client of the same Redis, a foreign version) is skipped note by note: the hub goes on."""
+    sid = (await event_log.create_session("echo")).session_id
+    channel = event_log.keys.notify(event_log.keys.shard_of(sid))
+    async with Hub(event_log, live="pubsub", resync_s=3600) as hub, \
+            hub.subscribe(sid, after=1) as sub:
+        for junk in (b"", b"garbage", f"{sid} x".encode(), f"{sid}\n\n{sid} -3".encode(),
+                     b"\xff\xfe 1"):
+            await event_log.redis.publish(channel, junk)
+        await event_log.append(Envelope(type="input", session_id=sid, payload={"i": 1}))
+        with anyio.fail_after(10):
+            assert await collect(sub, 2) == [2]
+        assert hub.live_connected

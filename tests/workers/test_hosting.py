@@ -489,3 +489,19 @@ async def test_workers_register_while_running(event_log: EventLog, hosting: Host
         assert await log.redis.zscore(log.keys.workers(), w.id) is not None
     assert not await log.redis.exists(log.keys.worker(w.id))
     assert await log.redis.zscore(log.keys.workers(), w.id) is None
+
+
+async def test_junk_on_the_wake_channel_is_skipped(event_log: EventLog, hosting: Hosting) -> None:
+    """Anything published on a wake channel that is not ``"<sid> <seq>"`` (another client of
+    the same Redis) is skipped: the feed goes on waking its sessions (the poll an hour away)."""
+    log = event_log
+    async with hosting(log, poll_interval_s=3600.0) as w, watching(log) as feed:
+        s = await log.create_session("echo", input="hello")
+        await feed.until(lambda: feed.count(s.session_id, "run.completed") == 1)
+        channel = log.keys.wake(log.keys.shard_of(s.session_id))
+        for junk in (b"", b"garbage", f"{s.session_id} x".encode(),
+                     f"{s.session_id} \xb2".encode(), b"\xff\xfe 1"):
+            await log.redis.publish(channel, junk)
+        await log.append(Envelope(type="input", session_id=s.session_id, payload="again"))
+        await feed.until(lambda: feed.count(s.session_id, "run.completed") == 2)
+        assert w.active == 1  # still hosted: the feed did not fail
