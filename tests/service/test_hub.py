@@ -9,6 +9,8 @@ from typing import Literal
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eventcore import Envelope, EventLog, HistoryGone, SessionNotFound
 from eventcore._follow import Event
@@ -669,6 +671,16 @@ async def test_pubsub_live_path_skips_malformed_notes(event_log: EventLog) -> No
         for junk in (b"", b"garbage", f"{sid} x".encode(), f"{sid}\n\n{sid} -3".encode(),
                      b"\xff\xfe 1"):
             await event_log.redis.publish(channel, junk)
+        notes = st.binary(max_size=40) | st.builds(
+            lambda s, seq: f"{s} {seq}".encode(errors="surrogatepass"),
+            st.sampled_from([sid, "", "x"]) | st.text(max_size=8), st.text(max_size=8))
+
+        @settings(max_examples=300, deadline=None)
+        @given(st.lists(notes, max_size=4).map(b"\n".join))
+        def parse(message: bytes) -> None:  # the parser itself, fuzzed (no round trip each)
+            hub._on_notify(message)
+
+        parse()
         await event_log.append(Envelope(type="input", session_id=sid, payload={"i": 1}))
         with anyio.fail_after(10):
             assert await collect(sub, 2) == [2]

@@ -8,6 +8,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from workers_support import ended_reason, eventually, watching
 
 from eventcore import Envelope, EventLog, decode_payload
@@ -502,6 +504,16 @@ async def test_junk_on_the_wake_channel_is_skipped(event_log: EventLog, hosting:
         for junk in (b"", b"garbage", f"{s.session_id} x".encode(),
                      f"{s.session_id} \xb2".encode(), b"\xff\xfe 1"):
             await log.redis.publish(channel, junk)
+        notes = st.binary(max_size=40) | st.builds(
+            lambda sid, seq: f"{sid} {seq}".encode(errors="surrogatepass"),
+            st.sampled_from([s.session_id, ""]) | st.text(max_size=8), st.text(max_size=8))
+
+        @settings(max_examples=300, deadline=None)
+        @given(notes)
+        def parse(note: bytes) -> None:  # the parser itself, fuzzed (no round trip each)
+            w.feed._notified(note)
+
+        parse()
         await log.append(Envelope(type="input", session_id=s.session_id, payload="again"))
         await feed.until(lambda: feed.count(s.session_id, "run.completed") == 2)
         assert w.active == 1  # still hosted: the feed did not fail
