@@ -661,6 +661,7 @@ async def test_pubsub_live_path_reads_every_note_of_one_message(event_log: Event
             assert await collect(sb, 3) == [2, 3]
 
 
+@pytest.mark.single_node  # its tool is a plain client's PUBLISH
 async def test_pubsub_live_path_skips_malformed_notes(event_log: EventLog) -> None:
     """Anything published on a notify channel that is not ``"<sid> <seq>"`` lines (another
     client of the same Redis, a foreign version) is skipped note by note: the hub goes on."""

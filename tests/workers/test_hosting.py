@@ -493,6 +493,7 @@ async def test_workers_register_while_running(event_log: EventLog, hosting: Host
     assert await log.redis.zscore(log.keys.workers(), w.id) is None
 
 
+@pytest.mark.single_node  # its tool is a plain client's PUBLISH
 async def test_junk_on_the_wake_channel_is_skipped(event_log: EventLog, hosting: Hosting) -> None:
     """Anything published on a wake channel that is not ``"<sid> <seq>"`` (another client of
     the same Redis) is skipped: the feed goes on waking its sessions (the poll an hour away)."""
